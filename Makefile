@@ -1,0 +1,32 @@
+# Two commands on a fresh machine with Python 3.11: `make run` (demo) and `make test`.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+.PHONY: run test lint bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	@rm -f $(VENV)/.installed-*
+	@touch $(STAMP)
+
+run: $(STAMP)   ## emulator + gateway with the demo policy; prints a demo key and examples
+	$(BIN)/tollway demo
+
+test: $(STAMP)  ## lint, then the whole suite
+	$(BIN)/ruff check proxy plugins tests bench
+	$(BIN)/ruff format --check proxy plugins tests bench
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check proxy plugins tests bench
+	$(BIN)/mypy
+
+bench: $(STAMP)  ## overhead of the gateway vs direct and a bare proxy; writes bench/results.md
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache data

@@ -1,0 +1,114 @@
+"""The admin API: keys and policy reload, behind the admin key.
+
+Every route compares the bearer token with ``admin.key`` in constant time; without an admin
+key in the policy the admin API is disabled (403), never open.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+
+import orjson
+from aiohttp import web
+
+from proxy.appkeys import GATEWAY
+from proxy.errors import Reject, reject_body
+from proxy.policy import PolicyError
+
+AdminHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(data: object, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def _error(exc: Reject) -> web.Response:
+    return web.Response(
+        status=exc.status,
+        body=reject_body(exc, "openai"),
+        content_type="application/json",
+        headers=exc.headers,
+    )
+
+
+def admin_only(fn: AdminHandler) -> AdminHandler:
+    """Refuse unless ``Authorization: Bearer <admin.key>``; turn Reject into an error body."""
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        secret = request.app[GATEWAY].runtime.loaded.policy.admin.key
+        try:
+            if secret is None:
+                raise Reject(
+                    403,
+                    "the admin API is disabled: set admin.key in the policy",
+                    code="admin_disabled",
+                )
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                token.strip().encode(), secret.get_secret_value().encode()
+            ):
+                raise Reject(401, "a valid admin key is required", code="invalid_admin_key")
+            return await fn(request)
+        except Reject as e:
+            return _error(e)
+
+    return wrapped
+
+
+async def _body(request: web.Request) -> dict[str, object]:
+    try:
+        data = orjson.loads(await request.read() or b"{}")
+    except orjson.JSONDecodeError:
+        raise Reject(400, "request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise Reject(400, "request body must be a JSON object", code="invalid_json")
+    return data
+
+
+@admin_only
+async def create_key(request: web.Request) -> web.StreamResponse:
+    gw = request.app[GATEWAY]
+    data = await _body(request)
+    user, tier = data.get("user"), data.get("tier")
+    if not isinstance(user, str) or not user.strip():
+        raise Reject(400, "'user' is required", code="invalid_request", param="user")
+    tiers = gw.runtime.loaded.policy.tiers
+    if not isinstance(tier, str) or (tiers and tier not in tiers):
+        raise Reject(
+            400,
+            f"'tier' must be one of: {', '.join(tiers) or 'any string'}",
+            code="invalid_request",
+            param="tier",
+        )
+    rec, key = gw.keystore.create(user.strip(), tier)
+    return _json({"id": rec.id, "key": key, "user": rec.user, "tier": rec.tier}, status=201)
+
+
+@admin_only
+async def list_keys(request: web.Request) -> web.StreamResponse:
+    return _json({"data": [r.public() for r in request.app[GATEWAY].keystore.list()]})
+
+
+@admin_only
+async def revoke_key(request: web.Request) -> web.StreamResponse:
+    key_id = request.match_info["key_id"]
+    if not request.app[GATEWAY].keystore.revoke(key_id):
+        raise Reject(404, f"no key with id {key_id}", code="not_found")
+    return _json({"id": key_id, "revoked": True})
+
+
+@admin_only
+async def reload_policy(request: web.Request) -> web.StreamResponse:
+    try:
+        rt = await request.app[GATEWAY].reload()
+    except PolicyError as e:
+        return _json({"status": "refused", "errors": e.errors}, status=400)
+    return _json({"status": "reloaded", "plugins": list(rt.chain.names)})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/admin/keys", create_key)
+    app.router.add_get("/admin/keys", list_keys)
+    app.router.add_delete("/admin/keys/{key_id}", revoke_key)
+    app.router.add_post("/admin/reload", reload_policy)

@@ -1,0 +1,158 @@
+"""create_app(policy) -> web.Application: routes, shared resources, lifecycle.
+
+Resources are opened with aiohttp's ``cleanup_ctx`` (open, yield, close): the pooled upstream
+session first, then the chain's plugin lifespans, closed in reverse on shutdown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from proxy import admin
+from proxy.appkeys import GATEWAY, KEYSTORE
+from proxy.chain import compile_chain
+from proxy.errors import Reject, reject_body
+from proxy.gateway import Gateway
+from proxy.handler import authenticate, make_handler, new_request_id
+from proxy.keystore import KeyStore
+from proxy.policy import LoadedPolicy
+from proxy.runtime import Runtime
+
+CLIENT_ENDPOINTS = {
+    "/v1/chat/completions": ("chat", "openai"),
+    "/v1/completions": ("completions", "openai"),
+    "/v1/embeddings": ("embeddings", "openai"),
+    "/v1/messages": ("messages", "anthropic"),
+}
+
+
+def create_app(
+    loaded: LoadedPolicy,
+    *,
+    extra_plugins: dict[str, Callable[..., Any]] | None = None,
+    keystore: KeyStore | None = None,
+) -> web.Application:
+    """Build the gateway application; raises PolicyError if the chain does not compile."""
+    chain = compile_chain(loaded, extra_plugins=extra_plugins)
+    if keystore is None:
+        state_dir = loaded.policy.state.dir
+        keystore = KeyStore(Path(state_dir) / "keys.json" if state_dir else None)
+    gw = Gateway(Runtime.build(loaded, chain), keystore, extra_plugins)
+    app = web.Application(client_max_size=1 << 31)
+    app[GATEWAY] = gw
+    app[KEYSTORE] = keystore
+    gw.app = app
+    app.cleanup_ctx.append(_upstream_session)
+    app.cleanup_ctx.append(_chain_lifespan)
+    for path, (endpoint, dialect) in CLIENT_ENDPOINTS.items():
+        app.router.add_post(path, make_handler(endpoint, dialect))  # type: ignore[arg-type]
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    admin.add_routes(app)
+    app.router.add_route("*", "/{tail:.*}", not_found)
+    return app
+
+
+async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
+    gw = app[GATEWAY]
+    # No connection cap here: admission control is the limits plugin's job, not the pool's.
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
+    gw.session = aiohttp.ClientSession(connector=connector, skip_auto_headers=("User-Agent",))
+    yield
+    await gw.session.close()
+
+
+async def _chain_lifespan(app: web.Application) -> AsyncIterator[None]:
+    gw = app[GATEWAY]
+    await gw.runtime.chain.start(app)
+    gw.ready = True
+    yield
+    gw.ready = False
+    await gw.close()
+
+
+def _dialect_of(request: web.Request) -> str:
+    if request.path.startswith("/v1/messages") or "anthropic-version" in request.headers:
+        return "anthropic"
+    return "openai"
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """The policy's models, in the OpenAI list shape or, for Anthropic clients, theirs."""
+    gw = request.app[GATEWAY]
+    rt = gw.runtime
+    dialect = _dialect_of(request)
+    if rt.chain.authenticate:
+        from proxy.context import RequestContext
+
+        ctx = RequestContext(
+            request_id=new_request_id(),
+            endpoint="chat",
+            dialect=dialect,  # type: ignore[arg-type]
+            request=request,
+            client_ip=request.remote or "",
+        )
+        try:
+            await authenticate(rt, ctx)
+        except Reject as e:
+            return web.Response(
+                status=e.status, body=reject_body(e, ctx.dialect), content_type="application/json"
+            )
+    names = list(rt.routes)
+    if dialect == "anthropic":
+        data: dict[str, Any] = {
+            "data": [
+                {"type": "model", "id": n, "display_name": n, "created_at": "2025-01-01T00:00:00Z"}
+                for n in names
+            ],
+            "has_more": False,
+            "first_id": names[0] if names else None,
+            "last_id": names[-1] if names else None,
+        }
+    else:
+        data = {
+            "object": "list",
+            "data": [
+                {"id": n, "object": "model", "created": 0, "owned_by": rt.routes[n].provider}
+                for n in names
+            ],
+        }
+    return web.Response(body=orjson.dumps(data), content_type="application/json")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process serves HTTP."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: plugins started and not shutting down (a load balancer may route here)."""
+    gw = request.app[GATEWAY]
+    if not gw.ready:
+        return web.json_response({"status": "starting"}, status=503)
+    return web.json_response({"status": "ready", "reloads": gw.reloads})
+
+
+async def not_found(request: web.Request) -> web.Response:
+    """Unknown path (404) or wrong method on a known one (405), in the route's error shape."""
+    dialect = _dialect_of(request)
+    if request.path in CLIENT_ENDPOINTS or request.path == "/v1/models":
+        exc = Reject(
+            405,
+            f"method {request.method} is not allowed on {request.path}",
+            code="method_not_allowed",
+        )
+    else:
+        exc = Reject(404, f"unknown path {request.path}", code="not_found")
+    return web.Response(
+        status=exc.status,
+        body=reject_body(exc, dialect),  # type: ignore[arg-type]
+        content_type="application/json",
+    )

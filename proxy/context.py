@@ -1,0 +1,192 @@
+"""The shared vocabulary of a request: RequestContext and its small value types.
+
+Every plugin reads and writes the same slotted objects, so the hot path never builds dicts of
+strings to pass state around. Private per-plugin state goes in ``ctx.stash`` under a typed
+``StashKey`` (the pattern pytest uses), so two plugins can never collide on a string key.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+T = TypeVar("T")
+
+Dialect = Literal["openai", "anthropic"]
+"""Which provider API shape a client speaks or a provider serves."""
+
+Endpoint = Literal["chat", "completions", "embeddings", "messages"]
+
+
+class StashKey(Generic[T]):
+    """A typed key for ``Stash``; create one per plugin at module level."""
+
+    __slots__ = ()
+
+
+class Stash:
+    """Typed per-request private state for plugins (no string keys, no collisions)."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self) -> None:
+        self._data: dict[StashKey[Any], Any] = {}
+
+    def __setitem__(self, key: StashKey[T], value: T) -> None:
+        self._data[key] = value
+
+    def __getitem__(self, key: StashKey[T]) -> T:
+        return self._data[key]  # type: ignore[no-any-return]
+
+    def get(self, key: StashKey[T], default: T | None = None) -> T | None:
+        return self._data.get(key, default)
+
+    def __contains__(self, key: StashKey[Any]) -> bool:
+        return key in self._data
+
+
+@dataclass(slots=True)
+class Principal:
+    """Who is calling: the user a gateway key belongs to and that user's plan (tier)."""
+
+    user_id: str
+    key_id: str | None = None
+    tier: str | None = None
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True, frozen=True)
+class Route:
+    """Where a request goes: the policy's model name resolved to a provider and its model.
+
+    ``model`` is the name clients use (and ``X-Tollway-Model`` reports); ``upstream_model`` is
+    what the provider is asked for. Prices are USD per million tokens; ``None`` means unknown.
+    """
+
+    model: str
+    provider: str
+    upstream_model: str
+    kind: Dialect
+    input_per_mtok: float | None = None
+    output_per_mtok: float | None = None
+
+
+@dataclass(slots=True)
+class Usage:
+    """Tokens the provider reported for this request (streams included)."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    reported: bool = False
+
+
+@dataclass(slots=True)
+class Reply:
+    """A local answer: returned by an ``access`` hook (a cache hit) or built from a Reject.
+
+    ``body`` is a JSON-able object (serialised once) or raw bytes. ``events`` replays a stream:
+    each item is a ready SSE frame (``b"data: ...\\n\\n"``); when set, the reply is streamed.
+    """
+
+    status: int = 200
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+    events: list[bytes] | None = None
+
+
+@dataclass(slots=True)
+class StreamEvent:
+    """One server-sent event of a provider stream, in the client's dialect.
+
+    ``response_chunk`` hooks may edit ``data`` in place or set ``drop`` to withhold the event.
+    """
+
+    name: str | None
+    data: dict[str, Any]
+    drop: bool = False
+
+
+@dataclass(slots=True)
+class Timings:
+    """Monotonic timestamps (``time.perf_counter``) of the request's milestones."""
+
+    start: float = 0.0
+    upstream_start: float = 0.0
+    first_byte: float = 0.0
+    end: float = 0.0
+
+    def latency_ms(self) -> float:
+        end = self.end or time.perf_counter()
+        return (end - self.start) * 1000.0
+
+    def ttfb_ms(self) -> float | None:
+        if not self.first_byte:
+            return None
+        return (self.first_byte - self.start) * 1000.0
+
+
+@dataclass(slots=True)
+class UpstreamRequest:
+    """The outgoing provider call; ``upstream_request`` hooks may edit it before it is sent.
+
+    ``body`` is already in the provider's dialect. ``provider`` names the policy provider.
+    """
+
+    method: str
+    url: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+    provider: str
+    kind: Dialect
+    stream: bool
+
+
+@dataclass(slots=True)
+class UpstreamResponse:
+    """What came back from a provider (or from a plugin that took over the call).
+
+    Exactly one of ``body`` (the whole non-streamed body) and ``chunks`` (raw SSE bytes as they
+    arrive) is set. ``release`` frees the connection; the core always calls it.
+    """
+
+    status: int
+    headers: dict[str, str]
+    body: bytes | None = None
+    chunks: AsyncIterator[bytes] | None = None
+    release: Callable[[], None] | None = None
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """Everything known about one request, shared by every phase and plugin.
+
+    The core fills the request fields before ``authenticate``; plugins fill what they own
+    (``principal``, ``feature``, ``route`` changes, ``cache``); the core fills ``usage``,
+    ``status`` and ``timings`` as the reply goes out, so ``log`` hooks see the whole story.
+    """
+
+    request_id: str
+    endpoint: Endpoint
+    dialect: Dialect
+    request: web.Request
+    client_ip: str
+    body: dict[str, Any] = field(default_factory=dict)
+    stream: bool = False
+    model: str = ""
+    principal: Principal | None = None
+    feature: str | None = None
+    route: Route | None = None
+    usage: Usage = field(default_factory=Usage)
+    cache: str | None = None
+    status: int = 0
+    error_code: str | None = None
+    error_message: str | None = None
+    retries: int = 0
+    timings: Timings = field(default_factory=Timings)
+    response_headers: dict[str, str] = field(default_factory=dict)
+    stash: Stash = field(default_factory=Stash)

@@ -1,0 +1,120 @@
+"""Gateway-issued API keys: generated once, stored only as a hash, looked up from memory.
+
+The key store is a shared resource like the state backend: the ``auth`` plugin reads it on
+every request (one SHA-256 and one dict lookup), the admin API and CLI write it. Writes go to a
+small JSON file (atomic replace) so keys survive a restart; reads never touch disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import orjson
+
+KEY_PREFIX = "tw_"
+
+
+def hash_key(key: str) -> str:
+    """SHA-256 hex of a key: keys are long random tokens, so a fast unsalted hash is safe."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(slots=True, frozen=True)
+class KeyRecord:
+    id: str
+    user: str
+    tier: str
+    sha256: str
+    created: float
+    source: str = "api"  # "api" (admin API/CLI) or "policy" (declared by hash)
+
+    def public(self) -> dict[str, object]:
+        """What the admin API may show: never the hash."""
+        return {
+            "id": self.id,
+            "user": self.user,
+            "tier": self.tier,
+            "created": self.created,
+            "source": self.source,
+        }
+
+
+class KeyStore:
+    """Keys by hash, in memory, persisted to ``path`` (None keeps them in memory only)."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path
+        self._by_hash: dict[str, KeyRecord] = {}
+        self._by_id: dict[str, KeyRecord] = {}
+        if path is not None and path.exists():
+            for item in orjson.loads(path.read_bytes()):
+                self._add(KeyRecord(**item))
+
+    def _add(self, rec: KeyRecord) -> None:
+        self._by_hash[rec.sha256] = rec
+        self._by_id[rec.id] = rec
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        items = [asdict(r) for r in self._by_id.values() if r.source == "api"]
+        tmp.write_bytes(orjson.dumps(items, option=orjson.OPT_INDENT_2))
+        os.chmod(tmp, 0o600)
+        tmp.replace(self.path)
+
+    def create(self, user: str, tier: str) -> tuple[KeyRecord, str]:
+        """A new key for ``user`` on ``tier``; the secret is returned here and never again."""
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        rec = KeyRecord(
+            id="key_" + secrets.token_hex(6),
+            user=user,
+            tier=tier,
+            sha256=hash_key(key),
+            created=time.time(),
+        )
+        self._add(rec)
+        self._save()
+        return rec, key
+
+    def declare(self, id: str, user: str, tier: str, sha256: str) -> None:
+        """A key managed as code (the policy lists its hash); not written to the file."""
+        self._add(
+            KeyRecord(
+                id=id, user=user, tier=tier, sha256=sha256.lower(), created=0.0, source="policy"
+            )
+        )
+
+    def revoke(self, key_id: str) -> bool:
+        rec = self._by_id.pop(key_id, None)
+        if rec is None:
+            return False
+        self._by_hash.pop(rec.sha256, None)
+        self._save()
+        return True
+
+    def lookup(self, key: str) -> KeyRecord | None:
+        """The record of a presented key; the digest is compared in constant time."""
+        digest = hash_key(key)
+        rec = self._by_hash.get(digest)
+        if rec is None or not hmac.compare_digest(rec.sha256, digest):
+            return None
+        return rec
+
+    def set_declared(self, records: list[tuple[str, str, str, str]]) -> None:
+        """Replace the policy-declared keys (id, user, tier, sha256) after a policy load."""
+        for rec in [r for r in self._by_id.values() if r.source == "policy"]:
+            self._by_id.pop(rec.id, None)
+            self._by_hash.pop(rec.sha256, None)
+        for id, user, tier, sha256 in records:
+            self.declare(id, user, tier, sha256)
+
+    def list(self) -> list[KeyRecord]:
+        return sorted(self._by_id.values(), key=lambda r: (r.created, r.id))

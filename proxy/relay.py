@@ -1,0 +1,276 @@
+"""The response side: relay a provider reply (whole or streamed), a local Reply, or an error.
+
+Streams are relayed event by event as they arrive (one socket write per upstream read); JSON is
+parsed only where needed: the few events carrying usage, every event when translating between
+dialects, and every event only if some plugin implements ``response_chunk``. Responses are
+written and finished here, before ``log`` hooks run, so logging never delays a reply.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from proxy import sse, translate
+from proxy.chain import Chain
+from proxy.context import Reply, RequestContext, Route, StreamEvent, UpstreamResponse
+from proxy.errors import Reject, convert_error, error_body, reject_body
+
+_JSON = "application/json"
+_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+
+
+def base_headers(ctx: RequestContext) -> dict[str, str]:
+    headers = {"X-Request-Id": ctx.request_id}
+    if ctx.route is not None:
+        headers["X-Tollway-Model"] = ctx.route.model
+    if ctx.cache is not None:
+        headers["X-Tollway-Cache"] = ctx.cache
+    if ctx.response_headers:
+        headers.update(ctx.response_headers)
+    return headers
+
+
+async def _run_header_hooks(
+    chain: Chain, ctx: RequestContext, headers: dict[str, str], stop_at: int
+) -> None:
+    for position, hook in chain.response_headers:
+        if position < stop_at:
+            await hook(ctx, headers)
+
+
+async def _finish(
+    ctx: RequestContext, status: int, body: bytes, headers: dict[str, str]
+) -> web.Response:
+    headers["Content-Type"] = _JSON
+    resp = web.Response(body=body, status=status, headers=headers)
+    await resp.prepare(ctx.request)
+    ctx.timings.first_byte = time.perf_counter()
+    await resp.write_eof()
+    return resp
+
+
+async def send_error(chain: Chain, ctx: RequestContext, exc: Reject) -> web.StreamResponse:
+    """A provider-shaped error reply; headers of the Reject (Retry-After) are kept."""
+    ctx.status = exc.status
+    ctx.error_code = exc.code or ctx.error_code or f"http_{exc.status}"
+    ctx.error_message = exc.message
+    headers = base_headers(ctx)
+    headers.update(exc.headers)
+    await _run_header_hooks(chain, ctx, headers, len(chain.plugins))
+    return await _finish(ctx, exc.status, reject_body(exc, ctx.dialect), headers)
+
+
+def usage_from_body(kind: str, data: dict[str, Any]) -> tuple[int, int] | None:
+    """(input, output) tokens of a whole provider reply in the provider's dialect."""
+    usage = data.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    if kind == "anthropic":
+        inp = int(usage.get("input_tokens") or 0)
+        inp += int(usage.get("cache_creation_input_tokens") or 0)
+        inp += int(usage.get("cache_read_input_tokens") or 0)
+        return inp, int(usage.get("output_tokens") or 0)
+    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+
+
+def _set_usage(ctx: RequestContext, tokens: tuple[int, int] | None) -> None:
+    if tokens is not None:
+        ctx.usage.input_tokens, ctx.usage.output_tokens = tokens
+        ctx.usage.reported = True
+
+
+async def relay_body(
+    chain: Chain, ctx: RequestContext, route: Route, resp: UpstreamResponse
+) -> web.Response:
+    """A whole provider reply: usage read, translated if needed, hooks run, sent once."""
+    raw = resp.body or b""
+    status = resp.status
+    headers = base_headers(ctx)
+    headers.update(resp.headers)
+    headers.pop("content-type", None)
+    if status >= 300:
+        ctx.error_code = f"upstream_{status}"
+        raw = convert_error(raw, status, route.kind, ctx.dialect)
+        if status < 400:
+            status = 502
+    else:
+        headers.pop("retry-after", None)
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            data = None
+        if not isinstance(data, dict):
+            raise Reject(
+                502, "upstream provider returned a malformed reply", code="upstream_invalid"
+            )
+        _set_usage(ctx, usage_from_body(route.kind, data))
+        changed = False
+        if route.kind != ctx.dialect:
+            if ctx.dialect == "openai":
+                data = translate.messages_response_to_chat(data, ctx.model)
+            else:
+                data = translate.chat_response_to_messages(data, ctx.model)
+            changed = True
+        for _, hook in chain.response_body:
+            new = await hook(ctx, data)
+            if new is not None:
+                data, changed = new, True
+        if changed:
+            raw = orjson.dumps(data)
+    ctx.status = status
+    await _run_header_hooks(chain, ctx, headers, len(chain.plugins))
+    return await _finish(ctx, status, raw, headers)
+
+
+async def send_reply(
+    chain: Chain, ctx: RequestContext, reply: Reply, stop_at: int
+) -> web.StreamResponse:
+    """A local answer from ``access`` at position ``stop_at`` (a cache hit, a plugin's reply).
+
+    Only plugins above ``stop_at`` see the response side, as if the plugin were the provider.
+    """
+    ctx.status = reply.status
+    headers = base_headers(ctx)
+    headers.update(reply.headers)
+    await _run_header_hooks(chain, ctx, headers, stop_at)
+    if reply.events is not None and ctx.stream:
+        resp = web.StreamResponse(status=reply.status, headers={**headers, **_SSE_HEADERS})
+        await resp.prepare(ctx.request)
+        ctx.timings.first_byte = time.perf_counter()
+        await resp.write(b"".join(reply.events))
+        await resp.write_eof()
+        return resp
+    body = reply.body
+    if isinstance(body, dict):
+        for position, hook in chain.response_body:
+            if position < stop_at:
+                new = await hook(ctx, body)
+                if new is not None:
+                    body = new
+    raw = body if isinstance(body, bytes) else orjson.dumps(body)
+    return await _finish(ctx, reply.status, raw, headers)
+
+
+class _StreamState:
+    """Per-stream translation and usage bookkeeping, chosen once per stream."""
+
+    __slots__ = ("ctx", "hooks", "route", "to_chat", "to_messages", "wants_usage")
+
+    def __init__(self, chain: Chain, ctx: RequestContext, route: Route, wants_usage: bool) -> None:
+        self.ctx = ctx
+        self.route = route
+        self.wants_usage = wants_usage
+        self.hooks = chain.response_chunk
+        self.to_chat = (
+            translate.MessagesStreamToChat(ctx.model, wants_usage)
+            if route.kind == "anthropic" and ctx.dialect == "openai"
+            else None
+        )
+        self.to_messages = (
+            translate.ChatStreamToMessages(ctx.model)
+            if route.kind == "openai" and ctx.dialect == "anthropic"
+            else None
+        )
+
+    def _emit(self, data: Any, name: str | None, out: list[bytes]) -> None:
+        if self.hooks:
+            ev = StreamEvent(name=name, data=data)
+            for _, hook in self.hooks:
+                hook(self.ctx, ev)
+            if ev.drop:
+                return
+            data = ev.data
+        out.append(sse.frame_json(data, name))
+
+    def process(self, raw: bytes, out: list[bytes]) -> None:
+        """Turn one provider event into zero or more client frames appended to ``out``."""
+        name, data = sse.parse_event(raw)
+        ctx = self.ctx
+        if self.to_chat is not None:
+            if name is None and not data:
+                return
+            for chunk in self.to_chat.feed(name, orjson.loads(data)):
+                self._emit(chunk, None, out)
+            _set_usage(ctx, self.to_chat.usage)
+            return
+        if self.to_messages is not None:
+            if data == sse.DONE:
+                for ev_name, ev in self.to_messages.finish():
+                    self._emit(ev, ev_name, out)
+            elif data:
+                for ev_name, ev in self.to_messages.feed(orjson.loads(data)):
+                    self._emit(ev, ev_name, out)
+            _set_usage(ctx, self.to_messages.usage)
+            return
+        if self.route.kind == "anthropic":
+            if name in ("message_start", "message_delta"):
+                obj = orjson.loads(data)
+                usage = (
+                    (obj.get("message") or {}).get("usage")
+                    if name == "message_start"
+                    else obj.get("usage")
+                )
+                if isinstance(usage, dict):
+                    if usage.get("input_tokens") is not None:
+                        ctx.usage.input_tokens = (
+                            int(usage.get("input_tokens") or 0)
+                            + int(usage.get("cache_creation_input_tokens") or 0)
+                            + int(usage.get("cache_read_input_tokens") or 0)
+                        )
+                    ctx.usage.output_tokens = int(usage.get("output_tokens") or 0)
+                    ctx.usage.reported = True
+        elif data != sse.DONE:
+            tokens = sse.openai_usage(data)
+            if tokens is not None:
+                _set_usage(ctx, tokens)
+                if not self.wants_usage and sse.is_usage_only_chunk(data):
+                    return
+        if self.hooks and data != sse.DONE and data:
+            self._emit(orjson.loads(data), name, out)
+        else:
+            out.append(raw + b"\n\n")
+
+
+async def relay_stream(
+    chain: Chain, ctx: RequestContext, route: Route, resp: UpstreamResponse, wants_usage: bool
+) -> web.StreamResponse:
+    """Relay a provider stream event by event; a failure mid-stream becomes an error event."""
+    assert resp.chunks is not None
+    ctx.status = resp.status
+    headers = base_headers(ctx)
+    headers.update(_SSE_HEADERS)
+    await _run_header_hooks(chain, ctx, headers, len(chain.plugins))
+    out = web.StreamResponse(status=resp.status, headers=headers)
+    await out.prepare(ctx.request)
+    state = _StreamState(chain, ctx, route, wants_usage)
+    splitter = sse.EventSplitter()
+    frames: list[bytes] = []
+    try:
+        async for chunk in resp.chunks:
+            for raw in splitter.feed(chunk):
+                state.process(raw, frames)
+            if frames:
+                if not ctx.timings.first_byte:
+                    ctx.timings.first_byte = time.perf_counter()
+                await out.write(b"".join(frames))
+                frames.clear()
+        tail = splitter.rest().strip()
+        if tail:
+            state.process(tail, frames)
+        if state.to_chat is not None:
+            frames.append(sse.frame(sse.DONE))
+        if frames:
+            await out.write(b"".join(frames))
+    except (Reject, translate.StreamError, orjson.JSONDecodeError) as e:
+        status = e.status if isinstance(e, Reject) else 502
+        message = e.message if isinstance(e, Reject | translate.StreamError) else "malformed stream"
+        ctx.error_code = e.code if isinstance(e, Reject) and e.code else "upstream_stream_error"
+        ctx.error_message = message
+        body = error_body(ctx.dialect, status, message, code=ctx.error_code)
+        await out.write(sse.frame_json(body, "error" if ctx.dialect == "anthropic" else None))
+    await out.write_eof()
+    return out

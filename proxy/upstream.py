@@ -1,0 +1,229 @@
+"""Provider calls: one pooled ClientSession, timeouts, retries before the first byte.
+
+Retries cover what a provider can fail on without having done the work: connection errors,
+429 and 5xx. They wait with exponential backoff and full jitter, honour ``Retry-After`` up to
+the policy's cap, and happen only before any byte reached the client (a stream already
+relaying is never replayed). A read timeout is not retried: the provider may be generating,
+and billing, the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+
+from proxy.context import Dialect, RequestContext, UpstreamRequest, UpstreamResponse
+from proxy.errors import Reject
+from proxy.policy import Provider
+
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
+
+_NOT_FORWARDED = frozenset(
+    {
+        # hop-by-hop (RFC 9110 7.6.1) and framing that aiohttp sets itself
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "accept-encoding",
+        # the client's credentials belong to Tollway, never to the provider
+        "authorization",
+        "x-api-key",
+        "cookie",
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-real-ip",
+    }
+)
+
+_RELAYED_BACK = ("content-type", "openai-processing-ms", "retry-after")
+
+
+@dataclass(slots=True, frozen=True)
+class ProviderClient:
+    """A provider's precomputed URLs, credentials and timeouts."""
+
+    name: str
+    kind: Dialect
+    base_url: str
+    auth_headers: tuple[tuple[str, str], ...]
+    timeout: aiohttp.ClientTimeout
+    attempts: int
+    backoff: float
+    max_backoff: float
+    default_max_tokens: int
+
+    @classmethod
+    def build(cls, name: str, p: Provider) -> ProviderClient:
+        key = p.api_key.get_secret_value() if p.api_key else None
+        if p.kind == "anthropic":
+            auth: list[tuple[str, str]] = [("anthropic-version", p.anthropic_version)]
+            if key:
+                auth.append(("x-api-key", key))
+        else:
+            auth = [("authorization", f"Bearer {key}")] if key else []
+        return cls(
+            name=name,
+            kind=p.kind,
+            base_url=p.base_url.rstrip("/"),
+            auth_headers=tuple(auth),
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=p.timeout.connect, sock_read=p.timeout.read
+            ),
+            attempts=p.retries.attempts,
+            backoff=p.retries.backoff,
+            max_backoff=p.retries.max_backoff,
+            default_max_tokens=p.default_max_tokens,
+        )
+
+    def url(self, endpoint: str) -> str:
+        """The provider URL of a client endpoint, in the provider's dialect."""
+        if self.kind == "anthropic":
+            return f"{self.base_url}/v1/messages"
+        path = {"chat": "/chat/completions", "messages": "/chat/completions"}.get(
+            endpoint, f"/{endpoint}"
+        )
+        return self.base_url + path
+
+    def headers(self, client_headers: aiohttp.typedefs.LooseHeaders) -> dict[str, str]:
+        """Client headers minus hop-by-hop, credentials and Tollway's own; plus the provider's."""
+        out: dict[str, str] = {}
+        for k, v in client_headers.items():  # type: ignore[union-attr]
+            lk = k.lower()
+            if lk in _NOT_FORWARDED or lk.startswith("x-tollway-"):
+                continue
+            if self.kind == "openai" and lk.startswith("anthropic-"):
+                continue
+            out[lk] = v
+        for k, v in self.auth_headers:
+            if k == "anthropic-version" and k in out:
+                continue  # the client may pin its own API version
+            out[k] = v
+        out["content-type"] = "application/json"
+        return out
+
+
+def _retry_after(headers: aiohttp.typedefs.LooseHeaders) -> float | None:
+    value = headers.get("retry-after")  # type: ignore[union-attr]
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+def _backoff(attempt: int, base: float, cap: float) -> float:
+    return random.uniform(0, min(cap, base * (2**attempt)))
+
+
+def relay_headers(upstream: aiohttp.typedefs.LooseHeaders) -> dict[str, str]:
+    """The few provider reply headers worth passing to the client."""
+    out = {}
+    for k in _RELAYED_BACK:
+        v = upstream.get(k)  # type: ignore[union-attr]
+        if v is not None:
+            out[k] = v
+    rid = upstream.get("x-request-id") or upstream.get("request-id")  # type: ignore[union-attr]
+    if rid:
+        out["x-upstream-request-id"] = rid
+    return out
+
+
+async def send(
+    session: aiohttp.ClientSession,
+    client: ProviderClient,
+    ctx: RequestContext,
+    req: UpstreamRequest,
+    payload: bytes,
+) -> UpstreamResponse:
+    """Send ``payload`` to the provider with retries; return a body or a live chunk iterator.
+
+    Raises Reject(502) when the provider cannot be reached and Reject(504) on a timeout.
+    """
+    attempt = 0
+    while True:
+        try:
+            resp = await session.request(
+                req.method, req.url, data=payload, headers=req.headers, timeout=client.timeout
+            )
+        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as e:
+            if attempt < client.attempts:
+                await asyncio.sleep(_backoff(attempt, client.backoff, client.max_backoff))
+                attempt += 1
+                ctx.retries = attempt
+                continue
+            raise Reject(
+                502, f"upstream provider {client.name} is unreachable", code="upstream_unreachable"
+            ) from e
+        except TimeoutError as e:
+            raise Reject(
+                504, f"upstream provider {client.name} timed out", code="upstream_timeout"
+            ) from e
+        except aiohttp.ClientError as e:
+            raise Reject(
+                502,
+                f"upstream provider {client.name} failed: {type(e).__name__}",
+                code="upstream_error",
+            ) from e
+        if resp.status in RETRY_STATUSES and attempt < client.attempts:
+            wait = _retry_after(resp.headers)
+            if wait is None:
+                wait = _backoff(attempt, client.backoff, client.max_backoff)
+            if wait <= client.max_backoff:
+                resp.release()
+                await asyncio.sleep(wait)
+                attempt += 1
+                ctx.retries = attempt
+                continue
+        if req.stream and resp.status == 200:
+            return UpstreamResponse(
+                status=resp.status,
+                headers=relay_headers(resp.headers),
+                chunks=_chunks(resp, client),
+                release=resp.close,
+            )
+        try:
+            body = await resp.read()
+        except TimeoutError as e:
+            resp.close()
+            raise Reject(
+                504, f"upstream provider {client.name} timed out", code="upstream_timeout"
+            ) from e
+        except aiohttp.ClientError as e:
+            resp.close()
+            raise Reject(
+                502, f"upstream provider {client.name} closed the connection", code="upstream_error"
+            ) from e
+        resp.release()
+        return UpstreamResponse(status=resp.status, headers=relay_headers(resp.headers), body=body)
+
+
+async def _chunks(resp: aiohttp.ClientResponse, client: ProviderClient) -> AsyncIterator[bytes]:
+    """The provider's bytes as they arrive; errors become Reject (the relay turns them into an
+    error event, since headers are already sent)."""
+    try:
+        async for chunk in resp.content.iter_any():
+            yield chunk
+    except TimeoutError as e:
+        raise Reject(
+            504, f"upstream provider {client.name} timed out", code="upstream_timeout"
+        ) from e
+    except aiohttp.ClientError as e:
+        raise Reject(
+            502, f"upstream provider {client.name} broke the stream", code="upstream_error"
+        ) from e
+    finally:
+        resp.close()
