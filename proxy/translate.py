@@ -138,8 +138,8 @@ def _chat_part_to_block(part: dict[str, Any]) -> dict[str, Any] | None:
         source = _data_url_source(url) or {"type": "url", "url": url}
         return {"type": "image", "source": source}
     if kind == "file":
-        source = _data_url_source((part.get("file") or {}).get("file_data", ""))
-        return {"type": "document", "source": source} if source else None
+        data = _data_url_source((part.get("file") or {}).get("file_data", ""))
+        return {"type": "document", "source": data} if data else None
     return None
 
 
@@ -210,11 +210,8 @@ def chat_to_messages_request(
             if blocks:
                 _append_message(messages, "assistant", blocks)
         elif role == "user":
-            _append_message(
-                messages,
-                "user",
-                content if isinstance(content, str) else _chat_content_to_blocks(content),
-            )
+            user: Any = content if isinstance(content, str) else _chat_content_to_blocks(content)
+            _append_message(messages, "user", user)
 
     out: dict[str, Any] = {"model": upstream_model, "messages": messages}
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
@@ -299,25 +296,16 @@ def messages_response_to_chat(resp: dict[str, Any], model: str) -> dict[str, Any
     if message["content"] is None and "tool_calls" not in message:
         message["content"] = ""
     message["refusal"] = None
+    finish = stop_to_chat_finish(resp.get("stop_reason")) or "stop"
     usage = resp.get("usage") or {}
+    prompt, cached = _anthropic_prompt_tokens(usage), usage.get("cache_read_input_tokens")
     return {
         "id": resp.get("id") or f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": message,
-                "logprobs": None,
-                "finish_reason": stop_to_chat_finish(resp.get("stop_reason")) or "stop",
-            }
-        ],
-        "usage": _chat_usage(
-            _anthropic_prompt_tokens(usage),
-            usage.get("output_tokens") or 0,
-            usage.get("cache_read_input_tokens"),
-        ),
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+        "usage": _chat_usage(prompt, usage.get("output_tokens") or 0, cached),
     }
 
 

@@ -97,6 +97,7 @@ class Gw:
     url: str
     app: web.Application
     http: aiohttp.ClientSession
+    clients: list[Any]
 
     @property
     def gateway(self) -> Gateway:
@@ -113,25 +114,28 @@ class Gw:
 
     def openai(self, key: str, **kw: Any) -> openai.AsyncOpenAI:
         kw.setdefault("max_retries", 0)
-        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=key, **kw)
+        client = openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=key, **kw)
+        self.clients.append(client)
+        return client
 
     def anthropic(self, key: str, **kw: Any) -> anthropic.AsyncAnthropic:
         kw.setdefault("max_retries", 0)
-        return anthropic.AsyncAnthropic(base_url=self.url, api_key=key, **kw)
+        client = anthropic.AsyncAnthropic(base_url=self.url, api_key=key, **kw)
+        self.clients.append(client)
+        return client
 
 
 GatewayFactory = Callable[..., Any]
 
 
 @pytest.fixture
-async def make_gateway(
-    emulator: Emulator, tmp_path: Path
-) -> AsyncIterator[Callable[..., Any]]:
+async def make_gateway(emulator: Emulator, tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     """Start gateways from policy text: ``await make_gateway(chain_yaml, extra_yaml=...)``.
 
     ``{emu}`` in the text is the emulator URL; the base policy supplies providers and models.
     """
     runners: list[web.AppRunner] = []
+    clients: list[Any] = []
     http = aiohttp.ClientSession()
 
     async def start(
@@ -149,9 +153,11 @@ async def make_gateway(
         app = create_app(loaded, extra_plugins=extra_plugins)
         runner, url = await start_site(app)
         runners.append(runner)
-        return Gw(url, app, http)
+        return Gw(url, app, http, clients)
 
     yield start
+    for c in clients:
+        await c.close()
     for r in runners:
         await r.cleanup()
     await http.close()

@@ -56,7 +56,10 @@ def test_nested_error_path_and_line() -> None:
 
 
 def test_plugin_config_error_names_chain_index_and_plugin() -> None:
-    text = MINIMAL + "chain:\n  - name: auth\n    config:\n      keys:\n        - {id: k1, user: u, tier: t, sha256: nothex}\n"
+    text = (
+        MINIMAL
+        + "chain:\n  - name: auth\n    config:\n      keys:\n        - {id: k1, user: u, tier: t, sha256: nothex}\n"
+    )
     errs = errors_of(text)
     assert len(errs) == 1
     assert errs[0].startswith("chain[0] (auth).config.keys[0].sha256: ")
@@ -76,7 +79,10 @@ def test_model_with_unknown_provider() -> None:
 def test_env_and_file_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TW_TEST_ADMIN", "from-env")
     (tmp_path / "key.txt").write_text("from-file\n")
-    text = MINIMAL.replace("api_key: k", "api_key: {$file: key.txt}") + "admin: {key: {$env: TW_TEST_ADMIN}}\n"
+    text = (
+        MINIMAL.replace("api_key: k", "api_key: {$file: key.txt}")
+        + "admin: {key: {$env: TW_TEST_ADMIN}}\n"
+    )
     loaded = load_text(text, base=tmp_path)
     assert loaded.policy.admin.key is not None
     assert loaded.policy.admin.key.get_secret_value() == "from-env"
@@ -97,7 +103,8 @@ def test_invalid_yaml_reports_line() -> None:
 
 
 @pytest.mark.parametrize(
-    ("value", "seconds"), [(30, 30.0), ("100ms", 0.1), ("1h", 3600.0), ("7d", 604800.0), ("2.5s", 2.5)]
+    ("value", "seconds"),
+    [(30, 30.0), ("100ms", 0.1), ("1h", 3600.0), ("7d", 604800.0), ("2.5s", 2.5)],
 )
 def test_durations(value: object, seconds: float) -> None:
     assert parse_duration(value) == pytest.approx(seconds)
@@ -119,12 +126,14 @@ def test_check_command_exit_codes(tmp_path: Path) -> None:
     good.write_text(MINIMAL + "chain:\n  - name: auth\n")
     bad = tmp_path / "bad.yaml"
     bad.write_text(MINIMAL + "chain:\n  - name: auth\n    config: {kyes: []}\n")
-    ok = subprocess.run([sys.executable, "-m", "proxy.cli", "check", str(good)],
-                        capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "check", str(good)], capture_output=True, text=True
+    )
     assert ok.returncode == 0, ok.stderr
     assert "ok" in ok.stdout
-    ko = subprocess.run([sys.executable, "-m", "proxy.cli", "check", str(bad)],
-                        capture_output=True, text=True)
+    ko = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "check", str(bad)], capture_output=True, text=True
+    )
     assert ko.returncode == 1
     assert "chain[0] (auth).config.kyes: unknown key (line 8)" in ko.stderr
     assert "Traceback" not in ko.stderr

@@ -1,0 +1,275 @@
+"""The plugin chain: registration checks, order, short-circuit, every phase through HTTP."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict
+
+from proxy.chain import compile_chain
+from proxy.context import (
+    Reply,
+    RequestContext,
+    StreamEvent,
+    UpstreamRequest,
+    UpstreamResponse,
+)
+from proxy.hookspecs import hookimpl
+from proxy.policy import PolicyError, load_text
+from tests.conftest import Emulator
+
+CHAT = {"model": "gpt-5.4-mini", "messages": [{"role": "user", "content": "hello chain"}]}
+
+
+def recorder(name: str, calls: list[str], *, reply: bool = False) -> type:
+    """A throwaway plugin class that records each phase it sees."""
+
+    class Recorder:
+        def __init__(self, config: Any, policy: Any) -> None:
+            pass
+
+        @hookimpl
+        async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
+            calls.append(f"{name}.start")
+            yield
+            calls.append(f"{name}.stop")
+
+        @hookimpl
+        async def access(self, ctx: RequestContext) -> Reply | None:
+            calls.append(f"{name}.access")
+            if reply:
+                return Reply(body={"local": name})
+            return None
+
+        @hookimpl
+        async def upstream_request(self, ctx: RequestContext, req: UpstreamRequest) -> None:
+            calls.append(f"{name}.upstream_request")
+
+        @hookimpl
+        async def response_headers(self, ctx: RequestContext, headers: dict[str, str]) -> None:
+            calls.append(f"{name}.response_headers")
+
+        @hookimpl
+        async def log(self, ctx: RequestContext) -> None:
+            calls.append(f"{name}.log")
+
+    return Recorder
+
+
+def policy(chain: str) -> Any:
+    return load_text(
+        "version: 1\nproviders: {p: {kind: openai, base_url: 'http://x/v1'}}\n"
+        "models: {m: {provider: p}}\n" + chain
+    )
+
+
+async def test_request_side_in_order_response_side_reversed(make_gateway: Any) -> None:
+    calls: list[str] = []
+    plugins = {n: recorder(n, calls) for n in ("a", "b", "c")}
+    gw = await make_gateway(
+        "chain:\n  - name: a\n  - name: b\n  - name: c\n", extra_plugins=plugins
+    )
+    assert calls == ["a.start", "b.start", "c.start"]
+    calls.clear()
+    async with gw.http.post(f"{gw.url}/v1/chat/completions", json=CHAT) as r:
+        assert r.status == 200
+        assert r.headers["X-Tollway-Model"] == "gpt-5.4-mini"
+        assert r.headers["X-Request-Id"].startswith("req_")
+    assert calls == [
+        "a.access",
+        "b.access",
+        "c.access",
+        "a.upstream_request",
+        "b.upstream_request",
+        "c.upstream_request",
+        "c.response_headers",
+        "b.response_headers",
+        "a.response_headers",
+        "a.log",
+        "b.log",
+        "c.log",
+    ]
+
+
+async def test_reply_from_access_short_circuits(make_gateway: Any, emulator: Emulator) -> None:
+    calls: list[str] = []
+    plugins = {
+        "a": recorder("a", calls),
+        "b": recorder("b", calls, reply=True),
+        "c": recorder("c", calls),
+    }
+    gw = await make_gateway(
+        "chain:\n  - name: a\n  - name: b\n  - name: c\n", extra_plugins=plugins
+    )
+    before = (await emulator.stats())["requests"]
+    calls.clear()
+    async with gw.http.post(f"{gw.url}/v1/chat/completions", json=CHAT) as r:
+        assert r.status == 200
+        assert await r.json() == {"local": "b"}
+    # c never saw the request; only a (above b) sees the response side; log runs for all
+    assert calls == ["a.access", "b.access", "a.response_headers", "a.log", "b.log", "c.log"]
+    assert (await emulator.stats())["requests"] == before
+
+
+def test_unknown_hook_name_is_refused() -> None:
+    class Typo:
+        def __init__(self, config: Any, policy: Any) -> None:
+            pass
+
+        @hookimpl
+        async def acess(self, ctx: RequestContext) -> None:
+            pass
+
+    with pytest.raises(PolicyError) as info:
+        compile_chain(policy("chain:\n  - name: typo\n"), extra_plugins={"typo": Typo})
+    assert info.value.errors[0].startswith("chain[0] (typo): ")
+    assert "acess" in info.value.errors[0]
+
+
+def test_sync_impl_of_async_hook_is_refused() -> None:
+    class Sync:
+        def __init__(self, config: Any, policy: Any) -> None:
+            pass
+
+        @hookimpl
+        def access(self, ctx: RequestContext) -> None:
+            pass
+
+    with pytest.raises(PolicyError) as info:
+        compile_chain(policy("chain:\n  - name: sync\n"), extra_plugins={"sync": Sync})
+    assert info.value.errors == ["chain[0] (sync): hook access must be 'async def'"]
+
+
+def test_wrong_argument_name_is_refused() -> None:
+    class BadArgs:
+        def __init__(self, config: Any, policy: Any) -> None:
+            pass
+
+        @hookimpl
+        async def access(self, context: RequestContext) -> None:
+            pass
+
+    with pytest.raises(PolicyError) as info:
+        compile_chain(policy("chain:\n  - name: badargs\n"), extra_plugins={"badargs": BadArgs})
+    assert info.value.errors[0].startswith("chain[0] (badargs): ")
+    assert "context" in info.value.errors[0]
+
+
+def test_invalid_config_is_refused_with_plugin_name() -> None:
+    class Cfg(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        window: int
+
+    class WithConfig:
+        Config = Cfg
+
+        def __init__(self, config: Cfg, policy: Any) -> None:
+            self.config = config
+
+    with pytest.raises(PolicyError) as info:
+        compile_chain(
+            policy("chain:\n  - name: wc\n    config: {window: soon}\n"),
+            extra_plugins={"wc": WithConfig},
+        )
+    assert info.value.errors[0].startswith("chain[0] (wc).config.window: ")
+    assert info.value.errors[0].endswith("(line 6)")
+
+
+def test_unused_phases_compile_to_nothing() -> None:
+    chain = compile_chain(policy("chain:\n  - name: auth\n"))
+    assert chain.names == ("auth",)
+    assert len(chain.authenticate) == 1
+    assert chain.access == () and chain.response_chunk == () and chain.send_upstream == ()
+
+
+def test_disabled_plugin_is_skipped() -> None:
+    chain = compile_chain(policy("chain:\n  - name: auth\n    enabled: false\n"))
+    assert chain.names == ()
+
+
+async def test_every_phase_can_edit(make_gateway: Any, emulator: Emulator) -> None:
+    class Editor:
+        def __init__(self, config: Any, policy: Any) -> None:
+            pass
+
+        @hookimpl
+        async def access(self, ctx: RequestContext) -> None:
+            ctx.body["messages"][0]["content"] = "edited by access"
+
+        @hookimpl
+        async def upstream_request(self, ctx: RequestContext, req: UpstreamRequest) -> None:
+            req.headers["x-plugin-added"] = "yes"
+
+        @hookimpl
+        async def response_headers(self, ctx: RequestContext, headers: dict[str, str]) -> None:
+            headers["X-Edited"] = str(ctx.status)
+
+        @hookimpl
+        def response_chunk(self, ctx: RequestContext, event: StreamEvent) -> None:
+            for choice in event.data.get("choices", []):
+                content = choice.get("delta", {}).get("content")
+                if content:
+                    choice["delta"]["content"] = content.upper()
+
+        @hookimpl
+        async def response_body(self, ctx: RequestContext, body: dict[str, Any]) -> dict[str, Any]:
+            body["edited"] = True
+            return body
+
+    gw = await make_gateway("chain:\n  - name: editor\n", extra_plugins={"editor": Editor})
+    async with gw.http.post(f"{gw.url}/v1/chat/completions", json=CHAT) as r:
+        data = await r.json()
+        assert r.headers["X-Edited"] == "200"
+    assert data["edited"] is True
+    assert "edited by access" in data["choices"][0]["message"]["content"]
+    last = await emulator.last()
+    assert last["headers"]["x-plugin-added"] == "yes"
+    assert last["body"]["messages"][0]["content"] == "edited by access"
+
+    async with gw.http.post(f"{gw.url}/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+        text = (await r.read()).decode()
+    assert text.rstrip().endswith("data: [DONE]")
+    events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+    content = "".join(c["choices"][0]["delta"].get("content") or "" for c in events if c["choices"])
+    assert "EDITED BY ACCESS" in content
+
+
+async def test_send_upstream_takes_over(make_gateway: Any, emulator: Emulator) -> None:
+    class Takeover:
+        def __init__(self, config: Any, policy: Any) -> None:
+            pass
+
+        @hookimpl
+        async def send_upstream(
+            self, ctx: RequestContext, req: UpstreamRequest
+        ) -> UpstreamResponse:
+            body = (
+                b'{"id":"x","object":"chat.completion","created":0,"model":"m","choices":[{"index":0,'
+                b'"message":{"role":"assistant","content":"from plugin"},"finish_reason":"stop"}],'
+                b'"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}'
+            )
+            return UpstreamResponse(status=200, headers={}, body=body)
+
+    seen: list[tuple[int, int]] = []
+
+    class Logger:
+        def __init__(self, config: Any, policy: Any) -> None:
+            pass
+
+        @hookimpl
+        async def log(self, ctx: RequestContext) -> None:
+            seen.append((ctx.usage.input_tokens, ctx.usage.output_tokens))
+
+    gw = await make_gateway(
+        "chain:\n  - name: logger\n  - name: takeover\n",
+        extra_plugins={"takeover": Takeover, "logger": Logger},
+    )
+    before = (await emulator.stats())["requests"]
+    async with gw.http.post(f"{gw.url}/v1/chat/completions", json=CHAT) as r:
+        assert (await r.json())["choices"][0]["message"]["content"] == "from plugin"
+    assert (await emulator.stats())["requests"] == before
+    assert seen == [(3, 2)]

@@ -1,0 +1,543 @@
+"""The upstream emulator, driven by the real openai and anthropic SDKs.
+
+The gateway's tests and benchmarks trust the emulator to speak the providers' wire formats, so
+these tests use the official clients unchanged: if an SDK parses a reply, the format is right.
+Raw aiohttp requests check what the SDKs hide (exact SSE framing, error bodies).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import math
+import struct
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import anthropic
+import openai
+import orjson
+import pytest
+import pytest_asyncio
+from aiohttp import web
+
+from proxy.emulator import create_emulator_app
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+CHAT = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "hello there"},
+]
+TOOLS: list[Any] = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"location": {"type": "string"}}},
+        },
+    }
+]
+
+
+async def _start(app: web.Application) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def url() -> AsyncIterator[str]:
+    runner, base = await _start(create_emulator_app())
+    yield base
+    await runner.cleanup()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def oai(url: str) -> AsyncIterator[openai.AsyncOpenAI]:
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    yield client
+    await client.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def ant(url: str) -> AsyncIterator[anthropic.AsyncAnthropic]:
+    client = anthropic.AsyncAnthropic(base_url=url, api_key="x", max_retries=0)
+    yield client
+    await client.close()
+
+
+async def _get(http: aiohttp.ClientSession, url: str) -> Any:
+    async with http.get(url) as resp:
+        assert resp.status == 200
+        return await resp.json()
+
+
+async def _post_raw(
+    http: aiohttp.ClientSession, url: str, body: bytes, **headers: str
+) -> tuple[int, bytes]:
+    async with http.post(url, data=body, headers=headers) as resp:
+        return resp.status, await resp.read()
+
+
+def _events(raw: bytes) -> list[tuple[str | None, bytes]]:
+    """Split an SSE body into (event name, data) pairs."""
+    out = []
+    for block in raw.decode().split("\n\n"):
+        if not block:
+            continue
+        name, data = None, b""
+        for line in block.split("\n"):
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                data = line[6:].encode()
+        out.append((name, data))
+    return out
+
+
+# ---- OpenAI chat -------------------------------------------------------------------------------
+
+
+async def test_chat_non_stream(oai: openai.AsyncOpenAI, http: aiohttp.ClientSession, url: str):
+    resp = await oai.chat.completions.create(model="gpt-4o-mini", messages=CHAT)  # type: ignore[arg-type]
+    assert resp.object == "chat.completion" and resp.model == "gpt-4o-mini"
+    assert resp.id.startswith("chatcmpl-") and resp.created > 0
+    choice = resp.choices[0]
+    assert (choice.message.role, choice.message.content) == ("assistant", "Echo: hello there")
+    assert choice.finish_reason == "stop"
+    assert resp.usage is not None
+    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens) == (4, 3)
+    assert resp.usage.total_tokens == 7
+    again = await oai.chat.completions.create(model="gpt-4o-mini", messages=CHAT)  # type: ignore[arg-type]
+    assert again.choices[0].message.content == choice.message.content
+    last = await _get(http, f"{url}/_emulator/last")
+    assert last["path"] == "/v1/chat/completions"
+    assert last["headers"]["authorization"] == "Bearer x"
+    assert last["body"]["messages"] == CHAT
+
+
+async def test_chat_length_controls(oai: openai.AsyncOpenAI):
+    long = await oai.chat.completions.create(
+        model="m",
+        messages=CHAT,
+        extra_headers={"x-emulator-words": "50"},  # type: ignore[arg-type]
+    )
+    text = long.choices[0].message.content or ""
+    assert len(text.split()) == 50 and text.startswith("Echo: hello there ")
+    assert long.usage is not None and long.usage.completion_tokens == 50
+    cut = await oai.chat.completions.create(model="m", messages=CHAT, max_tokens=2)  # type: ignore[arg-type]
+    assert cut.choices[0].message.content == "Echo: hello"
+    assert cut.choices[0].finish_reason == "length"
+    assert cut.usage is not None and cut.usage.completion_tokens == 2
+    cut2 = await oai.chat.completions.create(model="m", messages=CHAT, max_completion_tokens=1)  # type: ignore[arg-type]
+    assert cut2.choices[0].message.content == "Echo:"
+    assert cut2.choices[0].finish_reason == "length"
+
+
+async def test_chat_stream_without_usage(oai: openai.AsyncOpenAI):
+    stream = await oai.chat.completions.create(model="gpt-4o", messages=CHAT, stream=True)  # type: ignore[arg-type]
+    chunks = [c async for c in stream]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Echo: hello there"
+    assert [c.choices[0].finish_reason for c in chunks][-2:] == [None, "stop"]
+    assert all(c.usage is None and c.object == "chat.completion.chunk" for c in chunks)
+    assert len({c.id for c in chunks}) == 1 and chunks[0].model == "gpt-4o"
+
+
+async def test_chat_stream_include_usage(
+    oai: openai.AsyncOpenAI, http: aiohttp.ClientSession, url: str
+):
+    stream = await oai.chat.completions.create(
+        model="gpt-4o",
+        messages=CHAT,  # type: ignore[arg-type]
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [c async for c in stream]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == "Echo: hello there"
+    final = chunks[-1]
+    assert final.choices == [] and final.usage is not None
+    assert (final.usage.prompt_tokens, final.usage.completion_tokens) == (4, 3)
+    assert all(c.usage is None for c in chunks[:-1])
+    # On the wire every chunk carries an explicit "usage": null, and the stream ends in [DONE].
+    body = orjson.dumps(
+        {"model": "m", "messages": CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    )
+    status, raw = await _post_raw(http, f"{url}/v1/chat/completions", body)
+    assert status == 200 and raw.endswith(b"data: [DONE]\n\n")
+    payloads = [orjson.loads(d) for _, d in _events(raw)[:-1]]
+    assert all("usage" in p for p in payloads)
+    assert [p["usage"] is None for p in payloads] == [True] * (len(payloads) - 1) + [False]
+
+
+async def test_chat_tool_call(oai: openai.AsyncOpenAI):
+    ask = [{"role": "user", "content": "What's the weather in Tokyo?"}]
+    resp = await oai.chat.completions.create(model="m", messages=ask, tools=TOOLS)  # type: ignore[arg-type]
+    choice = resp.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    call = (choice.message.tool_calls or [])[0]
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name == "get_weather"  # type: ignore[union-attr]
+    assert orjson.loads(call.function.arguments) == {"location": "Tokyo"}  # type: ignore[union-attr]
+    # Streamed: the id and name come first, then the arguments in pieces.
+    stream = await oai.chat.completions.create(model="m", messages=ask, tools=TOOLS, stream=True)  # type: ignore[arg-type]
+    deltas = [c.choices[0] async for c in stream]
+    first = (deltas[0].delta.tool_calls or [])[0]
+    assert first.id == first.id and first.function and first.function.name == "get_weather"
+    args = "".join(
+        (tc.function.arguments or "") if tc.function else ""
+        for d in deltas
+        for tc in d.delta.tool_calls or []
+    )
+    assert orjson.loads(args) == {"location": "Tokyo"} and len(deltas) > 3
+    assert deltas[-1].finish_reason == "tool_calls"
+    # Without the trigger word, or once the tool has answered, the reply is text.
+    plain = await oai.chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": "hi"}],
+        tools=TOOLS,  # type: ignore[arg-type]
+    )
+    assert plain.choices[0].message.content == "Echo: hi"
+    followup = [
+        *ask,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny"},
+    ]
+    done = await oai.chat.completions.create(model="m", messages=followup, tools=TOOLS)  # type: ignore[arg-type]
+    assert done.choices[0].finish_reason == "stop"
+
+
+# ---- OpenAI completions, embeddings, models ----------------------------------------------------
+
+
+async def test_completions(oai: openai.AsyncOpenAI):
+    resp = await oai.completions.create(model="davinci", prompt="say hi")
+    assert resp.object == "text_completion" and resp.choices[0].text == "Echo: say hi"
+    assert resp.usage is not None and resp.usage.total_tokens == 2 + 3
+    multi = await oai.completions.create(model="davinci", prompt=["a", "b c"], max_tokens=2)
+    assert [(c.index, c.text, c.finish_reason) for c in multi.choices] == [
+        (0, "Echo: a", "stop"),
+        (1, "Echo: b", "length"),
+    ]
+    stream = await oai.completions.create(
+        model="davinci", prompt="say hi", stream=True, stream_options={"include_usage": True}
+    )
+    chunks = [c async for c in stream]
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "Echo: say hi"
+    assert chunks[-2].choices[0].finish_reason == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 3
+
+
+async def test_embeddings(oai: openai.AsyncOpenAI, http: aiohttp.ClientSession, url: str):
+    texts = ["alpha", "beta gamma", "alpha"]
+    batch = await oai.embeddings.create(model="text-embedding-3-small", input=texts)
+    vectors = [d.embedding for d in batch.data]
+    assert [d.index for d in batch.data] == [0, 1, 2] and batch.model == "text-embedding-3-small"
+    assert all(len(v) == 8 and math.isclose(math.hypot(*v), 1.0, rel_tol=1e-6) for v in vectors)
+    assert vectors[0] == vectors[2] and vectors[0] != vectors[1]
+    assert batch.usage.prompt_tokens == 4 and batch.usage.total_tokens == 4
+    last = await _get(http, f"{url}/_emulator/last")
+    assert last["body"]["encoding_format"] == "base64"  # the SDK's default, decoded for us
+    for text, vector in zip(texts, vectors, strict=True):
+        single = await oai.embeddings.create(model="e", input=text, encoding_format="float")
+        assert single.data[0].embedding == vector  # float and base64 decode identically
+    wide = await oai.embeddings.create(model="e", input=[[1, 2, 3], [4]], dimensions=16)
+    assert [len(d.embedding) for d in wide.data] == [16, 16] and wide.usage.prompt_tokens == 4
+    # The wire format really is little-endian float32 base64.
+    body = orjson.dumps({"model": "e", "input": "alpha", "encoding_format": "base64"})
+    status, raw = await _post_raw(http, f"{url}/v1/embeddings", body)
+    encoded = orjson.loads(raw)["data"][0]["embedding"]
+    assert status == 200 and isinstance(encoded, str)
+    assert list(struct.unpack("<8f", base64.b64decode(encoded))) == vectors[0]
+
+
+async def test_models(oai: openai.AsyncOpenAI, ant: anthropic.AsyncAnthropic):
+    ids = [m.id async for m in oai.models.list()]
+    assert "gpt-4o-mini" in ids and "text-embedding-3-small" in ids
+    claude = [m.id async for m in ant.models.list()]
+    assert claude and all(i.startswith("claude") for i in claude)
+
+
+# ---- Anthropic messages ------------------------------------------------------------------------
+
+
+async def test_messages_non_stream(
+    ant: anthropic.AsyncAnthropic, http: aiohttp.ClientSession, url: str
+):
+    msg = await ant.messages.create(
+        model="claude-sonnet-4-5",
+        max_tokens=100,
+        system=[{"type": "text", "text": "be brief"}],
+        messages=[{"role": "user", "content": [{"type": "text", "text": "hello there"}]}],
+    )
+    assert msg.id.startswith("msg_") and msg.model == "claude-sonnet-4-5"
+    assert msg.content[0].type == "text" and msg.content[0].text == "Echo: hello there"
+    assert (msg.stop_reason, msg.stop_sequence) == ("end_turn", None)
+    assert (msg.usage.input_tokens, msg.usage.output_tokens) == (4, 3)
+    last = await _get(http, f"{url}/_emulator/last")
+    assert last["headers"]["x-api-key"] == "x" and "anthropic-version" in last["headers"]
+    cut = await ant.messages.create(
+        model="c", max_tokens=2, system="sys", messages=[{"role": "user", "content": "hello there"}]
+    )
+    assert cut.content[0].text == "Echo: hello" and cut.stop_reason == "max_tokens"  # type: ignore[union-attr]
+    assert (cut.usage.input_tokens, cut.usage.output_tokens) == (3, 2)
+
+
+async def test_messages_stream(
+    ant: anthropic.AsyncAnthropic, http: aiohttp.ClientSession, url: str
+):
+    async with ant.messages.stream(
+        model="claude-haiku-4-5",
+        max_tokens=100,
+        messages=[{"role": "user", "content": "hello there"}],
+        extra_headers={"x-emulator-words": "20"},
+    ) as stream:
+        pieces = [t async for t in stream.text_stream]
+        final = await stream.get_final_message()
+    assert len(pieces) == 20 and "".join(pieces) == final.content[0].text  # type: ignore[union-attr]
+    assert final.stop_reason == "end_turn" and final.model == "claude-haiku-4-5"
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (2, 20)
+    # The raw event sequence is Anthropic's.
+    body = orjson.dumps(
+        {
+            "model": "c",
+            "max_tokens": 9,
+            "stream": True,
+            "messages": [{"role": "user", "content": "a b"}],
+        }
+    )
+    status, raw = await _post_raw(http, f"{url}/v1/messages", body)
+    events = _events(raw)
+    assert status == 200
+    assert [name for name, _ in events] == [
+        "message_start",
+        "content_block_start",
+        "ping",
+        *["content_block_delta"] * 3,
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    assert all(orjson.loads(data)["type"] == name for name, data in events)
+    start = orjson.loads(events[0][1])["message"]
+    assert start["usage"]["input_tokens"] == 2 and start["usage"]["output_tokens"] == 1
+    assert orjson.loads(events[-2][1])["usage"]["output_tokens"] == 3
+
+
+async def test_messages_tool_use(ant: anthropic.AsyncAnthropic):
+    tools: Any = [{"name": "lookup_weather", "input_schema": {"type": "object"}}]
+    ask: Any = [{"role": "user", "content": "Weather for Rome please"}]
+    msg = await ant.messages.create(model="c", max_tokens=50, messages=ask, tools=tools)
+    block = msg.content[0]
+    assert msg.stop_reason == "tool_use" and block.type == "tool_use"
+    assert block.name == "lookup_weather" and block.input == {"location": "Rome"}
+    assert block.id.startswith("toolu_")
+    async with ant.messages.stream(model="c", max_tokens=50, messages=ask, tools=tools) as stream:
+        final = await stream.get_final_message()
+    streamed = final.content[0]
+    assert final.stop_reason == "tool_use" and streamed.type == "tool_use"
+    assert streamed.input == {"location": "Rome"}
+    result: Any = [
+        *ask,
+        {"role": "assistant", "content": [block.model_dump()]},
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": block.id, "content": "hot"}],
+        },
+    ]
+    answer = await ant.messages.create(model="c", max_tokens=50, messages=result, tools=tools)
+    assert answer.stop_reason == "end_turn" and answer.content[0].type == "text"
+
+
+# ---- errors and fault injection ----------------------------------------------------------------
+
+
+async def test_bad_requests_use_the_route_error_shape(http: aiohttp.ClientSession, url: str):
+    status, raw = await _post_raw(http, f"{url}/v1/chat/completions", b"{nope")
+    err = orjson.loads(raw)["error"]
+    assert (
+        status == 400
+        and err["type"] == "invalid_request_error"
+        and set(err)
+        == {
+            "message",
+            "type",
+            "param",
+            "code",
+        }
+    )
+    status, raw = await _post_raw(http, f"{url}/v1/messages", b"[1, 2]")
+    assert status == 400 and orjson.loads(raw)["type"] == "error"
+    no_max = orjson.dumps({"model": "c", "messages": [{"role": "user", "content": "x"}]})
+    status, raw = await _post_raw(http, f"{url}/v1/messages", no_max)
+    err = orjson.loads(raw)
+    assert status == 400 and err["error"]["type"] == "invalid_request_error"
+    assert "max_tokens" in err["error"]["message"]
+    status, raw = await _post_raw(http, f"{url}/v1/nowhere", b"{}")
+    assert status == 404 and "error" in orjson.loads(raw)
+
+
+async def test_injected_errors_are_typed(oai: openai.AsyncOpenAI, ant: anthropic.AsyncAnthropic):
+    headers = {"x-emulator-status": "429", "x-emulator-retry-after": "7"}
+    with pytest.raises(openai.RateLimitError) as exc_info:
+        await oai.chat.completions.create(model="m", messages=CHAT, extra_headers=headers)  # type: ignore[arg-type]
+    assert exc_info.value.response.headers["retry-after"] == "7"
+    assert exc_info.value.code == "rate_limit_exceeded"
+    with pytest.raises(openai.InternalServerError):
+        await oai.embeddings.create(
+            model="e", input="x", extra_headers={"x-emulator-status": "503"}
+        )
+    ask: Any = [{"role": "user", "content": "hi"}]
+    with pytest.raises(anthropic.RateLimitError) as ant_info:
+        await ant.messages.create(model="c", max_tokens=5, messages=ask, extra_headers=headers)
+    assert ant_info.value.response.headers["retry-after"] == "7"
+    assert ant_info.value.body["error"]["type"] == "rate_limit_error"  # type: ignore[index]
+    with pytest.raises(anthropic.OverloadedError) as overloaded:
+        await ant.messages.create(
+            model="c", max_tokens=5, messages=ask, extra_headers={"x-emulator-status": "529"}
+        )
+    assert overloaded.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
+
+
+async def test_fail_times_then_success(oai: openai.AsyncOpenAI):
+    def headers(key: str) -> dict[str, str]:
+        return {"x-emulator-fail-times": "2", "x-emulator-key": key, "x-emulator-status": "503"}
+
+    for _ in range(2):
+        with pytest.raises(openai.InternalServerError) as exc_info:
+            await oai.chat.completions.create(model="m", messages=CHAT, extra_headers=headers("k1"))  # type: ignore[arg-type]
+        assert exc_info.value.status_code == 503
+    ok = await oai.chat.completions.create(model="m", messages=CHAT, extra_headers=headers("k1"))  # type: ignore[arg-type]
+    assert ok.choices[0].message.content == "Echo: hello there"
+    with pytest.raises(openai.InternalServerError):  # another key has its own budget
+        await oai.chat.completions.create(model="m", messages=CHAT, extra_headers=headers("k2"))  # type: ignore[arg-type]
+
+
+async def test_stats_and_reset(oai: openai.AsyncOpenAI, http: aiohttp.ClientSession, url: str):
+    async with http.post(f"{url}/_emulator/reset") as resp:
+        assert resp.status == 200
+    assert await _get(http, f"{url}/_emulator/stats") == {
+        "requests": 0,
+        "by_path": {},
+        "in_flight": 0,
+    }
+    await oai.chat.completions.create(model="m", messages=CHAT)  # type: ignore[arg-type]
+    await oai.chat.completions.create(model="m", messages=CHAT)  # type: ignore[arg-type]
+    await oai.embeddings.create(model="e", input="x")
+    stats = await _get(http, f"{url}/_emulator/stats")
+    assert stats["requests"] == 3 and stats["in_flight"] == 0
+    assert stats["by_path"] == {"/v1/chat/completions": 2, "/v1/embeddings": 1}
+    async with http.post(f"{url}/_emulator/reset") as resp:
+        assert resp.status == 200
+    assert (await _get(http, f"{url}/_emulator/stats"))["requests"] == 0
+
+
+async def test_hang_cancelled_by_client_timeout(
+    oai: openai.AsyncOpenAI, http: aiohttp.ClientSession, url: str
+):
+    hung = asyncio.create_task(
+        oai.with_options(timeout=0.4).chat.completions.create(
+            model="m",
+            messages=CHAT,  # type: ignore[arg-type]
+            extra_headers={"x-emulator-hang": "1"},
+        )
+    )
+    await asyncio.sleep(0.15)
+    assert (await _get(http, f"{url}/_emulator/stats"))["in_flight"] == 1
+    with pytest.raises(openai.APITimeoutError):
+        await hung
+    deadline = time.monotonic() + 2
+    while (await _get(http, f"{url}/_emulator/stats"))["in_flight"] and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert (await _get(http, f"{url}/_emulator/stats"))["in_flight"] == 0
+
+
+async def test_latency_and_slow_model(oai: openai.AsyncOpenAI):
+    started = time.monotonic()
+    await oai.chat.completions.create(
+        model="m",
+        messages=CHAT,
+        extra_headers={"x-emulator-latency-ms": "150"},  # type: ignore[arg-type]
+    )
+    assert time.monotonic() - started >= 0.15
+    started = time.monotonic()
+    resp = await oai.chat.completions.create(model="emu-slow-150", messages=CHAT)  # type: ignore[arg-type]
+    assert time.monotonic() - started >= 0.15 and resp.model == "emu-slow-150"
+    started = time.monotonic()
+    await oai.chat.completions.create(model="m", messages=CHAT)  # type: ignore[arg-type]
+    assert time.monotonic() - started < 0.15
+
+
+async def test_chunk_delay_spreads_the_stream(oai: openai.AsyncOpenAI):
+    stream = await oai.chat.completions.create(
+        model="m",
+        messages=CHAT,  # type: ignore[arg-type]
+        stream=True,
+        extra_headers={"x-emulator-chunk-delay-ms": "40", "x-emulator-words": "4"},
+    )
+    arrivals = [time.monotonic() async for _ in stream]
+    assert len(arrivals) == 6  # role, 4 words, finish
+    assert arrivals[-1] - arrivals[0] >= 0.15
+
+
+async def test_stream_abort(oai: openai.AsyncOpenAI, ant: anthropic.AsyncAnthropic):
+    headers = {"x-emulator-stream-abort-after": "3", "x-emulator-words": "30"}
+    received = []
+    with pytest.raises(openai.APIConnectionError):
+        stream = await oai.chat.completions.create(
+            model="m",
+            messages=CHAT,  # type: ignore[arg-type]
+            stream=True,
+            extra_headers=headers,
+        )
+        async for chunk in stream:
+            received.append(chunk)
+    assert len(received) == 3
+    with pytest.raises(anthropic.APIConnectionError):
+        async with ant.messages.stream(
+            model="c",
+            max_tokens=50,
+            messages=[{"role": "user", "content": "x"}],
+            extra_headers=headers,
+        ) as ant_stream:
+            await ant_stream.get_final_message()
+
+
+async def test_api_key_is_enforced():
+    runner, base = await _start(create_emulator_app(api_key="sekrit"))
+    try:
+        for key, ok in (("wrong", False), ("sekrit", True)):
+            oai = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
+            ant = anthropic.AsyncAnthropic(base_url=base, api_key=key, max_retries=0)
+            try:
+                if ok:
+                    resp = await oai.chat.completions.create(model="m", messages=CHAT)  # type: ignore[arg-type]
+                    assert resp.choices[0].message.content == "Echo: hello there"
+                    msg = await ant.messages.create(
+                        model="c", max_tokens=5, messages=[{"role": "user", "content": "hi"}]
+                    )
+                    assert msg.content[0].text == "Echo: hi"  # type: ignore[union-attr]
+                else:
+                    with pytest.raises(openai.AuthenticationError):
+                        await oai.chat.completions.create(model="m", messages=CHAT)  # type: ignore[arg-type]
+                    with pytest.raises(anthropic.AuthenticationError) as exc_info:
+                        await ant.messages.create(
+                            model="c", max_tokens=5, messages=[{"role": "user", "content": "hi"}]
+                        )
+                    assert exc_info.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
+            finally:
+                await oai.close()
+                await ant.close()
+    finally:
+        await runner.cleanup()
