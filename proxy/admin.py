@@ -7,6 +7,7 @@ key in the policy the admin API is disabled (403), never open.
 from __future__ import annotations
 
 import hmac
+import logging
 from collections.abc import Awaitable, Callable
 
 import orjson
@@ -15,6 +16,8 @@ from aiohttp import web
 from proxy.appkeys import GATEWAY
 from proxy.errors import Reject, reject_body
 from proxy.policy import PolicyError
+
+log = logging.getLogger("tollway")
 
 AdminHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -52,6 +55,9 @@ def admin_only(fn: AdminHandler) -> AdminHandler:
             return await fn(request)
         except Reject as e:
             return _error(e)
+        except Exception:
+            log.exception("admin request %s %s failed", request.method, request.path)
+            return _error(Reject(500, "internal gateway error", code="internal_error"))
 
     return wrapped
 

@@ -51,7 +51,7 @@ class EmptyConfig(BaseModel):
 Hook = Callable[..., Any]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Chain:
     """The compiled chain of one policy load; swapped atomically on reload.
 

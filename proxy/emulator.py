@@ -1,17 +1,17 @@
 """An OpenAI- and Anthropic-compatible upstream emulator for the demo, the tests and benchmarks.
 
 There is no internet here, yet the gateway must be exercised against something that speaks the
-providers' real wire formats closely enough that the official ``openai`` and ``anthropic`` SDKs
-work against it unchanged. Replies are deterministic (``"Echo: "`` plus the words of the last user
-message) so tests can assert exact output, and token counts follow one simple rule (whitespace
-separated words, at least 1) so usage metering can be checked by hand.
+providers' wire formats closely enough that the official ``openai`` and ``anthropic`` SDKs work
+against it unchanged. Replies are deterministic (``"Echo:"`` plus the words of the last user
+message) so tests can assert exact output, and tokens follow one rule (whitespace-separated
+words, at least 1) so usage metering can be checked by hand.
 
-Because benchmarks use it as the upstream, the hot path avoids needless work: static bodies are
+Benchmarks use it as the upstream, so the hot path avoids needless work: static bodies are
 serialised once, stream events are built from pre-encoded byte templates, and a stream with no
-pacing controls is written in a single call.
+pacing controls goes out in a single write.
 
-Behaviour can be steered per request with ``x-emulator-*`` headers (see ``_Controls``), which the
-gateway forwards untouched, or with a model named ``emu-slow-<ms>`` where headers can't be set.
+Behaviour is steered per request by ``x-emulator-*`` headers (see ``_Controls``), which the
+gateway forwards untouched, or by a model named ``emu-slow-<ms>`` where headers can't be set.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from aiohttp import web
 Json = dict[str, Any]
 Dialect = Literal["openai", "anthropic"]
 Impl = Callable[[web.Request, Json, "_Controls"], Awaitable[web.StreamResponse]]
+Hdrs = Mapping[str, str] | None
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 log = logging.getLogger(__name__)
@@ -46,27 +47,22 @@ _JSON = "application/json"
 _SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
 _DONE = b"data: [DONE]\n\n"
 _FILLER = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit")
-_FINGERPRINT = "fp_emulator"
+_FP = "fp_emulator"
 _MAX_WORDS = 1_000_000  # cap on x-emulator-words so a typo can't exhaust memory
 _MAX_DIMENSIONS = 8192
 _HANG_SECONDS = 3600.0
 _HANG_POLL = 0.05  # how often a hung request checks whether its client went away
 _CITY = re.compile(r"\b(?:in|for|at)\s+([A-Z][\w'-]*(?:\s+[A-Z][\w'-]*)*)")
 
-_MODEL_IDS = (
-    "gpt-4o-mini",
-    "gpt-4o",
-    "text-embedding-3-small",
-    "claude-sonnet-4-5",
-    "claude-haiku-4-5",
-)
-# /v1/models is served in whichever shape the caller's SDK expects; both bodies are static.
+# /v1/models answers in the shape of whichever SDK asks (Anthropic's sends anthropic-version).
+_MODEL_IDS = ("gpt-4o-mini", "gpt-4o", "text-embedding-3-small")
+_CLAUDE_IDS = ("claude-sonnet-4-6", "claude-haiku-4-5")
 _OPENAI_MODELS = orjson.dumps(
     {
         "object": "list",
         "data": [
             {"id": m, "object": "model", "created": 1_700_000_000, "owned_by": "emulator"}
-            for m in _MODEL_IDS
+            for m in (*_MODEL_IDS, *_CLAUDE_IDS)
         ],
     }
 )
@@ -74,36 +70,23 @@ _ANTHROPIC_MODELS = orjson.dumps(
     {
         "data": [
             {"type": "model", "id": m, "display_name": m, "created_at": "2025-01-01T00:00:00Z"}
-            for m in _MODEL_IDS
-            if m.startswith("claude")
+            for m in _CLAUDE_IDS
         ],
         "has_more": False,
-        "first_id": "claude-sonnet-4-5",
-        "last_id": "claude-haiku-4-5",
+        "first_id": _CLAUDE_IDS[0],
+        "last_id": _CLAUDE_IDS[-1],
     }
 )
 
-_ANTHROPIC_ERRORS = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    500: "api_error",
-    503: "overloaded_error",
-    529: "overloaded_error",
-}
+_ANTHROPIC_ERRORS = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}
+_ANTHROPIC_ERRORS |= {413: "request_too_large", 429: "rate_limit_error", 500: "api_error"}
+_ANTHROPIC_ERRORS |= {503: "overloaded_error", 529: "overloaded_error"}
 
 # Anthropic stream templates: only the delta text varies per event.
-_A_TEXT_PRE = (
-    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
-    b'"delta":{"type":"text_delta","text":'
-)
-_A_JSON_PRE = (
-    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
-    b'"delta":{"type":"input_json_delta","partial_json":'
-)
+_NO_CACHE = {"cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+_A_DELTA = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":'
+_A_TEXT_PRE = _A_DELTA + b'{"type":"text_delta","text":'
+_A_JSON_PRE = _A_DELTA + b'{"type":"input_json_delta","partial_json":'
 _A_DELTA_POST = b"}}\n\n"
 _A_PING = b'event: ping\ndata: {"type":"ping"}\n\n'
 _A_BLOCK_STOP = b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n'
@@ -123,7 +106,7 @@ class _BadRequest(Exception):
 class _Controls:
     """Per-request behaviour asked for by ``x-emulator-*`` headers or an ``emu-slow-N`` model.
 
-    Headers win over the model name. Unparsable values are ignored rather than refused, so a
+    Headers win over the model name. Garbled values are ignored rather than refused, so a
     control can never turn into an unexpected error.
     """
 
@@ -133,7 +116,7 @@ class _Controls:
     status: int | None = None  # x-emulator-status: answer with this error status
     retry_after: str | None = None  # x-emulator-retry-after: Retry-After on that error
     fail_times: int | None = None  # x-emulator-fail-times: fail only the first N per key
-    key: str = ""  # x-emulator-key: the counter fail_times uses
+    key: str = ""  # x-emulator-key: whose fail_times budget this request spends
     hang: bool = False  # x-emulator-hang: never answer
     abort_after: int | None = None  # x-emulator-stream-abort-after: drop the stream after N
 
@@ -162,10 +145,8 @@ class _Controls:
 
 def _int(value: str | None) -> int | None:
     """A non-negative integer header value, or None when absent or garbled."""
-    if value is None:
-        return None
     try:
-        n = int(value)
+        n = int(value) if value is not None else -1
     except ValueError:
         return None
     return n if n >= 0 else None
@@ -188,10 +169,8 @@ def _text(content: Any) -> str:
     """The plain text of a message content: a string or a list of text/tool_result blocks."""
     if isinstance(content, str):
         return content
-    if not isinstance(content, list):
-        return ""
     parts: list[str] = []
-    for block in content:
+    for block in content if isinstance(content, list) else ():
         if isinstance(block, str):
             parts.append(block)
         elif isinstance(block, dict):
@@ -219,16 +198,33 @@ def _messages(body: Json) -> list[Json]:
     return messages
 
 
-def _limit(body: Json, *names: str) -> int | None:
-    """The first output-length limit present among ``names`` (a positive integer)."""
-    for name in names:
-        value = body.get(name)
-        if value is None:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise _BadRequest(f"'{name}' must be a positive integer", name)
-        return value
-    return None
+def _last_user_text(messages: list[Json]) -> str:
+    return next(
+        (_text(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), ""
+    )
+
+
+def _prompts(raw: Any, param: str) -> list[str]:
+    """Strings, or token-id arrays rendered as text (so each id counts as one token)."""
+    if isinstance(raw, str):
+        return [raw]
+    if isinstance(raw, list) and raw:
+        if all(isinstance(x, str) for x in raw):
+            return raw
+        if all(isinstance(x, int) for x in raw):
+            return [" ".join(map(str, raw))]
+        if all(isinstance(x, list) and all(isinstance(t, int) for t in x) for x in raw):
+            return [" ".join(map(str, x)) for x in raw]
+    raise _BadRequest(f"'{param}' must be a string, or an array of strings or tokens", param)
+
+
+def _positive(body: Json, name: str, default: int | None = None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise _BadRequest(f"'{name}' must be a positive integer", name)
+    return value
 
 
 def _reply(prompt: str, words: int | None, limit: int | None) -> tuple[list[str], bool]:
@@ -237,8 +233,7 @@ def _reply(prompt: str, words: int | None, limit: int | None) -> tuple[list[str]
     if words is not None:
         if len(out) < words:
             out.extend(itertools.islice(itertools.cycle(_FILLER), words - len(out)))
-        else:
-            del out[words:]
+        del out[words:]
     if limit is not None and len(out) > limit:
         del out[limit:]
         return out, True
@@ -274,55 +269,78 @@ def _split(text: str, size: int = 8) -> list[str]:
 
 
 @lru_cache(maxsize=8192)
-def _vector(key: str, dim: int) -> tuple[list[float], str]:
-    """A unit vector derived from the input alone, as float32 values and as base64.
+def _vector(text: str, dim: int) -> tuple[list[float], str]:
+    """A unit vector derived from one input alone, as float32 values and as base64.
 
-    Hashing makes it deterministic and independent of the other inputs of a batch; the floats
-    are round-tripped through float32 so the float and base64 encodings decode identically.
-    Cached because benchmarks embed the same texts over and over.
+    Hashing makes it deterministic and independent of the rest of a batch; the floats are
+    round-tripped through float32 so both encodings decode to the same numbers. Cached because
+    benchmarks embed the same texts over and over.
     """
-    raw = struct.unpack(f"<{dim}h", hashlib.shake_256(key.encode()).digest(2 * dim))
+    raw = struct.unpack(f"<{dim}h", hashlib.shake_256(text.encode()).digest(2 * dim))
     norm = math.sqrt(sum(x * x for x in raw))
     vec = [x / norm for x in raw] if norm else [1.0] + [0.0] * (dim - 1)
     packed = struct.pack(f"<{dim}f", *vec)
     return list(struct.unpack(f"<{dim}f", packed)), base64.b64encode(packed).decode("ascii")
 
 
-def _openai_error_kind(status: int) -> tuple[str, str | None]:
-    """OpenAI's (type, code) for a status, as the real API sends them."""
-    if status == 429:
-        return "requests", "rate_limit_exceeded"
-    if status == 401:
-        return "invalid_request_error", "invalid_api_key"
-    if status >= 500:
-        return "server_error", None
-    return "invalid_request_error", None
-
-
 def _error(
-    dialect: Dialect,
-    status: int,
-    message: str,
-    *,
-    param: str | None = None,
-    headers: dict[str, str] | None = None,
+    dialect: Dialect, status: int, message: str, param: str | None = None, headers: Hdrs = None
 ) -> web.Response:
     """An error in the dialect's shape, so the SDKs raise their typed exceptions."""
     if dialect == "anthropic":
-        etype = _ANTHROPIC_ERRORS.get(
+        kind = _ANTHROPIC_ERRORS.get(
             status, "api_error" if status >= 500 else "invalid_request_error"
         )
-        payload: Json = {"type": "error", "error": {"type": etype, "message": message}}
-    else:
-        etype, code = _openai_error_kind(status)
-        payload = {"error": {"message": message, "type": etype, "param": param, "code": code}}
-    return web.Response(
-        body=orjson.dumps(payload), status=status, content_type=_JSON, headers=headers
-    )
+        payload: Json = {"type": "error", "error": {"type": kind, "message": message}}
+    else:  # OpenAI's real (type, code) pairs
+        kind, code = "invalid_request_error", None
+        if status == 429:
+            kind, code = "requests", "rate_limit_exceeded"
+        elif status == 401:
+            code = "invalid_api_key"
+        elif status >= 500:
+            kind = "server_error"
+        payload = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    body = orjson.dumps(payload)
+    return web.Response(body=body, status=status, content_type=_JSON, headers=headers)
 
 
 def _json(payload: Any) -> web.Response:
     return web.Response(body=orjson.dumps(payload), content_type=_JSON)
+
+
+def _sse(event: bytes, data: Json) -> bytes:
+    return b"event: " + event + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+def _usage(prompt: int, completion: int) -> Json:
+    return dict(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
+
+
+def _fixed(cid: str, obj: str, model: str) -> Json:
+    """The fields every OpenAI response and stream chunk starts with."""
+    return dict(id=cid, object=obj, created=int(time.time()), model=model, system_fingerprint=_FP)
+
+
+class _OpenAIStream:
+    """Byte templates shared by every chunk of one OpenAI stream (only the choice varies)."""
+
+    def __init__(self, fixed: Json, body: Json) -> None:
+        options = body.get("stream_options")
+        self.include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        self.head = b"data: " + orjson.dumps(fixed)[:-1] + b',"choices":['
+        self.tail = b"]" + (b',"usage":null' if self.include_usage else b"") + b"}\n\n"
+
+    def chunk(self, choice: Json) -> bytes:
+        return self.head + orjson.dumps(choice) + self.tail
+
+    def end(self, usage: Json) -> list[bytes]:
+        """The usage chunk (only if asked for, with empty choices, as OpenAI does) and [DONE]."""
+        if not self.include_usage:
+            return [_DONE]
+        return [self.head + b'],"usage":' + orjson.dumps(usage) + b"}\n\n", _DONE]
 
 
 async def _stream(request: web.Request, events: list[bytes], ctl: _Controls) -> web.StreamResponse:
@@ -356,15 +374,14 @@ async def _hang(request: web.Request) -> bool:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + _HANG_SECONDS
     while loop.time() < deadline:
-        transport = request.transport
-        if transport is None or transport.is_closing():
+        if request.transport is None or request.transport.is_closing():
             return False
         await asyncio.sleep(_HANG_POLL)
     return True
 
 
 class _Emulator:
-    """The emulator's state (counters, last request, failure counts) and its handlers."""
+    """The emulator's state (counters, last request, failure budgets) and its handlers."""
 
     def __init__(self, api_key: str | None) -> None:
         self.api_key = api_key
@@ -378,7 +395,7 @@ class _Emulator:
         self._prefix = secrets.token_hex(6)
 
     def new_id(self, prefix: str) -> str:
-        """A unique id in the provider's style; a counter is cheaper than random per call."""
+        """A unique id in the provider's style; a counter is cheaper than randomness per call."""
         return f"{prefix}{self._prefix}{next(self._ids):08x}"
 
     def route(self, dialect: Dialect | None, impl: Impl, *, needs_body: bool = True) -> Handler:
@@ -433,9 +450,11 @@ class _Emulator:
             self.in_flight -= 1
 
     def _authorised(self, request: web.Request, dialect: Dialect) -> bool:
-        if dialect == "anthropic":
-            return request.headers.get("x-api-key") == self.api_key
-        return request.headers.get("Authorization") == self.bearer
+        """Bearer for OpenAI; Anthropic takes x-api-key or, as its newer SDKs send, Bearer."""
+        headers = request.headers
+        if dialect == "anthropic" and headers.get("x-api-key") == self.api_key:
+            return True
+        return headers.get("Authorization") == self.bearer
 
     def _injected_status(self, ctl: _Controls) -> int | None:
         """The error status to answer with: always, or for the first N requests of a key."""
@@ -447,181 +466,97 @@ class _Emulator:
     # ---- OpenAI ----------------------------------------------------------------------------
 
     async def chat(self, request: web.Request, body: Json, ctl: _Controls) -> web.StreamResponse:
-        model = _model(body)
-        messages = _messages(body)
-        texts = [_text(m.get("content")) for m in messages]
-        prompt_tokens = max(1, sum(len(t.split()) for t in texts))
-        user_text = next(
-            (
-                t
-                for m, t in zip(reversed(messages), reversed(texts), strict=True)
-                if m.get("role") == "user"
-            ),
-            "",
-        )
-        limit = _limit(body, "max_completion_tokens", "max_tokens")
+        model, messages = _model(body), _messages(body)
+        prompt_tokens = max(1, sum(len(_text(m.get("content")).split()) for m in messages))
+        user_text = _last_user_text(messages)
+        limit = _positive(body, "max_completion_tokens") or _positive(body, "max_tokens")
         tool = _tool_name(body, user_text) if messages[-1].get("role") == "user" else None
-        cid, created = self.new_id("chatcmpl-"), int(time.time())
+        cid = self.new_id("chatcmpl-")
+        words: list[str] = []
         if tool:
             arguments = orjson.dumps(_tool_input(user_text)).decode()
-            call_id = self.new_id("call_")
+            call = {"id": self.new_id("call_"), "type": "function"}
             completion_tokens, finish, text = _count(arguments), "tool_calls", None
         else:
             words, cut = _reply(user_text, ctl.words, limit)
-            completion_tokens, finish, text = (
-                len(words),
-                "length" if cut else "stop",
-                " ".join(words),
-            )
-        usage = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        }
+            completion_tokens, text = len(words), " ".join(words)
+            finish = "length" if cut else "stop"
+        usage = _usage(prompt_tokens, completion_tokens)
         if body.get("stream") is not True:
             message: Json = {"role": "assistant", "content": text, "refusal": None}
             if tool:
                 message["tool_calls"] = [
-                    {
-                        "id": call_id,
-                        "type": "function",
-                        "function": {"name": tool, "arguments": arguments},
-                    }
+                    {**call, "function": {"name": tool, "arguments": arguments}}
                 ]
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
             return _json(
-                {
-                    "id": cid,
-                    "object": "chat.completion",
-                    "created": created,
-                    "model": model,
-                    "system_fingerprint": _FINGERPRINT,
-                    "choices": [
-                        {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
-                    ],
-                    "usage": usage,
-                }
+                {**_fixed(cid, "chat.completion", model), "choices": [choice], "usage": usage}
             )
-        include_usage = _include_usage(body)
-        head, tail = _chunk_frame(cid, "chat.completion.chunk", created, model, include_usage)
-        choice_tail = b',"logprobs":null,"finish_reason":null}' + tail
+        out = _OpenAIStream(_fixed(cid, "chat.completion.chunk", model), body)
 
-        def choice(delta: Json) -> bytes:
-            return head + b'{"index":0,"delta":' + orjson.dumps(delta) + choice_tail
+        def delta(d: Json, finish_reason: str | None = None) -> bytes:
+            return out.chunk(
+                {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish_reason}
+            )
 
         if tool:
-            start = {"index": 0, "id": call_id, "type": "function"}
-            events = [
-                choice(
-                    {
-                        "role": "assistant",
-                        "content": None,
-                        "tool_calls": [{**start, "function": {"name": tool, "arguments": ""}}],
-                    }
-                ),
-                *(
-                    choice({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
-                    for piece in _split(arguments)
-                ),
-            ]
+            opening = {"index": 0, **call, "function": {"name": tool, "arguments": ""}}
+            events = [delta({"role": "assistant", "content": None, "tool_calls": [opening]})]
+            events.extend(
+                delta({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+                for piece in _split(arguments)
+            )
         else:
-            pre = head + b'{"index":0,"delta":{"content":'
-            post = b"}" + choice_tail
-            events = [choice({"role": "assistant", "content": "", "refusal": None})]
-            events.extend(pre + orjson.dumps(p) + post for p in _pieces(words))
-        last = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}
-        events.append(head + orjson.dumps(last) + tail)
-        if include_usage:
-            events.append(head + b'],"usage":' + orjson.dumps(usage) + b"}\n\n")
-        events.append(_DONE)
-        return await _stream(request, events, ctl)
+            events = [delta({"role": "assistant", "content": "", "refusal": None})]
+            pre = out.head + b'{"index":0,"delta":{"content":'
+            post = b'},"logprobs":null,"finish_reason":null}' + out.tail
+            events.extend(pre + orjson.dumps(piece) + post for piece in _pieces(words))
+        events.append(delta({}, finish))
+        return await _stream(request, events + out.end(usage), ctl)
 
     async def completions(
         self, request: web.Request, body: Json, ctl: _Controls
     ) -> web.StreamResponse:
-        model = _model(body)
-        prompt = body.get("prompt")
-        if isinstance(prompt, str):
-            prompts = [prompt]
-        elif isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
-            prompts = [" ".join(map(str, prompt))]
-        elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-            prompts = prompt
-        elif isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt):
-            prompts = [" ".join(map(str, p)) for p in prompt]
-        else:
-            raise _BadRequest("'prompt' must be a string, array of strings or tokens", "prompt")
-        limit = _limit(body, "max_tokens")
+        model, prompts = _model(body), _prompts(body.get("prompt"), "prompt")
+        limit = _positive(body, "max_tokens")
         replies = [_reply(p, ctl.words, limit) for p in prompts]
-        prompt_tokens = max(1, sum(len(p.split()) for p in prompts))
         completion_tokens = sum(len(words) for words, _ in replies)
-        usage = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        }
-        cid, created = self.new_id("cmpl-"), int(time.time())
-        finishes = ["length" if cut else "stop" for _, cut in replies]
+        usage = _usage(max(1, sum(len(p.split()) for p in prompts)), completion_tokens)
+        cid = self.new_id("cmpl-")
         if body.get("stream") is not True:
             choices = [
-                {"text": " ".join(w), "index": i, "logprobs": None, "finish_reason": f}
-                for i, ((w, _), f) in enumerate(zip(replies, finishes, strict=True))
+                {"text": " ".join(w), "index": i, "logprobs": None, "finish_reason": _stop(cut)}
+                for i, (w, cut) in enumerate(replies)
             ]
             return _json(
-                {
-                    "id": cid,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": model,
-                    "system_fingerprint": _FINGERPRINT,
-                    "choices": choices,
-                    "usage": usage,
-                }
+                {**_fixed(cid, "text_completion", model), "choices": choices, "usage": usage}
             )
-        include_usage = _include_usage(body)
-        head, tail = _chunk_frame(cid, "text_completion", created, model, include_usage)
+        out = _OpenAIStream(_fixed(cid, "text_completion", model), body)
         events: list[bytes] = []
-        for i, ((words, _), finish) in enumerate(zip(replies, finishes, strict=True)):
-            post = b',"index":%d,"logprobs":null,"finish_reason":null}' % i + tail
-            events.extend(head + b'{"text":' + orjson.dumps(p) + post for p in _pieces(words))
-            last = {"text": "", "index": i, "logprobs": None, "finish_reason": finish}
-            events.append(head + orjson.dumps(last) + tail)
-        if include_usage:
-            events.append(head + b'],"usage":' + orjson.dumps(usage) + b"}\n\n")
-        events.append(_DONE)
-        return await _stream(request, events, ctl)
+        for i, (words, cut) in enumerate(replies):
+            post = b',"index":%d,"logprobs":null,"finish_reason":null}' % i + out.tail
+            events.extend(out.head + b'{"text":' + orjson.dumps(p) + post for p in _pieces(words))
+            events.append(
+                out.chunk({"text": "", "index": i, "logprobs": None, "finish_reason": _stop(cut)})
+            )
+        return await _stream(request, events + out.end(usage), ctl)
 
     async def embeddings(
         self, request: web.Request, body: Json, ctl: _Controls
     ) -> web.StreamResponse:
-        model = _model(body)
-        raw = body.get("input")
-        keys: list[str]
-        if isinstance(raw, str):
-            keys, tokens = [raw], _count(raw)
-        elif isinstance(raw, list) and raw and all(isinstance(x, str) for x in raw):
-            keys, tokens = raw, sum(_count(x) for x in raw)
-        elif isinstance(raw, list) and raw and all(isinstance(x, int) for x in raw):
-            keys, tokens = ["\0tokens:" + ",".join(map(str, raw))], len(raw)
-        elif (
-            isinstance(raw, list)
-            and raw
-            and all(isinstance(x, list) and all(isinstance(t, int) for t in x) for x in raw)
-        ):
-            keys = ["\0tokens:" + ",".join(map(str, x)) for x in raw]
-            tokens = sum(max(1, len(x)) for x in raw)
-        else:
-            raise _BadRequest("'input' must be a string, array of strings or tokens", "input")
-        dim = body.get("dimensions", 8)
-        if not isinstance(dim, int) or isinstance(dim, bool) or not 1 <= dim <= _MAX_DIMENSIONS:
-            raise _BadRequest("'dimensions' must be a positive integer", "dimensions")
+        model, texts = _model(body), _prompts(body.get("input"), "input")
+        dim = _positive(body, "dimensions", 8) or 8
+        if dim > _MAX_DIMENSIONS:
+            raise _BadRequest(f"'dimensions' must be at most {_MAX_DIMENSIONS}", "dimensions")
         fmt = body.get("encoding_format", "float")
         if fmt not in ("float", "base64"):
             raise _BadRequest("'encoding_format' must be 'float' or 'base64'", "encoding_format")
         slot = 1 if fmt == "base64" else 0
         data = [
-            {"object": "embedding", "index": i, "embedding": _vector(key, dim)[slot]}
-            for i, key in enumerate(keys)
+            {"object": "embedding", "index": i, "embedding": _vector(text, dim)[slot]}
+            for i, text in enumerate(texts)
         ]
+        tokens = sum(_count(t) for t in texts)
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         return _json({"object": "list", "data": data, "model": model, "usage": usage})
 
@@ -640,69 +575,46 @@ class _Emulator:
     async def messages(
         self, request: web.Request, body: Json, ctl: _Controls
     ) -> web.StreamResponse:
-        model = _model(body)
-        if body.get("max_tokens") is None:
-            raise _BadRequest("max_tokens: Field required")
-        limit = _limit(body, "max_tokens")
-        messages = _messages(body)
+        model, messages = _model(body), _messages(body)
+        limit = _positive(body, "max_tokens")
+        if limit is None:
+            raise _BadRequest("max_tokens: Field required", "max_tokens")
         texts = [_text(body.get("system")), *(_text(m.get("content")) for m in messages)]
         input_tokens = max(1, sum(len(t.split()) for t in texts))
-        last = messages[-1]
+        last, user_text = messages[-1], _last_user_text(messages)
         content = last.get("content")
-        is_tool_result = isinstance(content, list) and any(
+        answers_tool = isinstance(content, list) and any(
             isinstance(b, dict) and b.get("type") == "tool_result" for b in content
         )
-        user_text = next(
-            (_text(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), ""
-        )
         tool = None
-        if last.get("role") == "user" and not is_tool_result:
+        if last.get("role") == "user" and not answers_tool:
             tool = _tool_name(body, user_text)
-        mid = self.new_id("msg_")
+        words: list[str] = []
         if tool:
             tool_input = _tool_input(user_text)
             partial = orjson.dumps(tool_input).decode()
-            block: Json = {
-                "type": "tool_use",
-                "id": self.new_id("toolu_"),
-                "name": tool,
-                "input": tool_input,
-            }
+            block: Json = dict(
+                type="tool_use", id=self.new_id("toolu_"), name=tool, input=tool_input
+            )
             output_tokens, stop = _count(partial), "tool_use"
         else:
             words, cut = _reply(user_text, ctl.words, limit)
             block = {"type": "text", "text": " ".join(words)}
             output_tokens, stop = len(words), "max_tokens" if cut else "end_turn"
-        usage = {
-            "input_tokens": input_tokens,
-            "output_tokens": output_tokens,
-            "cache_creation_input_tokens": 0,
-            "cache_read_input_tokens": 0,
-        }
-        message: Json = {
-            "id": mid,
-            "type": "message",
-            "role": "assistant",
-            "model": model,
-            "content": [block],
-            "stop_reason": stop,
-            "stop_sequence": None,
-            "usage": usage,
-        }
+        usage = {"input_tokens": input_tokens, "output_tokens": output_tokens, **_NO_CACHE}
+        message: Json = dict(id=self.new_id("msg_"), type="message", role="assistant", model=model)
+        message.update(content=[block], stop_reason=stop, stop_sequence=None, usage=usage)
         if body.get("stream") is not True:
             return _json(message)
-        start = {
-            **message,
-            "content": [],
-            "stop_reason": None,
-            "usage": {**usage, "output_tokens": 1},
-        }
+        start: Json = {**message, "content": [], "stop_reason": None}
+        start["usage"] = {**usage, "output_tokens": 1}
         if tool:
             opening = {**block, "input": {}}
             deltas = [_A_JSON_PRE + orjson.dumps(p) + _A_DELTA_POST for p in ["", *_split(partial)]]
         else:
             opening = {"type": "text", "text": ""}
             deltas = [_A_TEXT_PRE + orjson.dumps(p) + _A_DELTA_POST for p in _pieces(words)]
+        end = {"stop_reason": stop, "stop_sequence": None}
         events = [
             _sse(b"message_start", {"type": "message_start", "message": start}),
             _sse(
@@ -714,11 +626,7 @@ class _Emulator:
             _A_BLOCK_STOP,
             _sse(
                 b"message_delta",
-                {
-                    "type": "message_delta",
-                    "delta": {"stop_reason": stop, "stop_sequence": None},
-                    "usage": {"output_tokens": output_tokens},
-                },
+                {"type": "message_delta", "delta": end, "usage": {"output_tokens": output_tokens}},
             ),
             _A_MESSAGE_STOP,
         ]
@@ -732,7 +640,7 @@ class _Emulator:
         )
 
     async def reset(self, request: web.Request) -> web.Response:
-        """Zero the counters and the fail-times budgets (in_flight tracks live requests)."""
+        """Zero the counters and fail-times budgets; in_flight keeps tracking live requests."""
         self.requests = 0
         self.by_path.clear()
         self.failures.clear()
@@ -743,35 +651,12 @@ class _Emulator:
         if self.last is None:
             return _json({"path": None, "headers": {}, "body": None})
         path, headers, body = self.last
-        return _json(
-            {"path": path, "headers": {k.lower(): v for k, v in headers.items()}, "body": body}
-        )
+        lowered = {k.lower(): v for k, v in headers.items()}
+        return _json({"path": path, "headers": lowered, "body": body})
 
 
-def _include_usage(body: Json) -> bool:
-    options = body.get("stream_options")
-    return isinstance(options, dict) and options.get("include_usage") is True
-
-
-def _chunk_frame(
-    cid: str, obj: str, created: int, model: str, include_usage: bool
-) -> tuple[bytes, bytes]:
-    """The bytes around a chunk's choices, shared by every event of one OpenAI stream."""
-    fixed = orjson.dumps(
-        {
-            "id": cid,
-            "object": obj,
-            "created": created,
-            "model": model,
-            "system_fingerprint": _FINGERPRINT,
-        }
-    )
-    head = b"data: " + fixed[:-1] + b',"choices":['
-    return head, b"]" + (b',"usage":null' if include_usage else b"") + b"}\n\n"
-
-
-def _sse(event: bytes, data: Json) -> bytes:
-    return b"event: " + event + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+def _stop(cut: bool) -> str:
+    return "length" if cut else "stop"
 
 
 def create_emulator_app(*, api_key: str | None = None) -> web.Application:
@@ -809,7 +694,7 @@ async def _run(host: str, port: int, api_key: str | None) -> None:
 
 
 def serve(host: str = "127.0.0.1", port: int = 9100, api_key: str | None = None) -> None:
-    """Run the emulator until interrupted (SIGINT/SIGTERM), on uvloop when available."""
+    """Run the emulator until SIGINT/SIGTERM, on uvloop when it is installed."""
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     try:
         import uvloop
@@ -822,14 +707,3 @@ def serve(host: str = "127.0.0.1", port: int = 9100, api_key: str | None = None)
             runner.run(_run(host, port, api_key))
     except (KeyboardInterrupt, web.GracefulExit):
         pass
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Tollway upstream provider emulator")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=9100)
-    parser.add_argument("--api-key", default=None)
-    args = parser.parse_args()
-    serve(args.host, args.port, args.api_key)
