@@ -81,6 +81,18 @@ async def authenticate(rt: Runtime, ctx: RequestContext) -> Principal:
     raise Reject(401, "missing or invalid API key", code="invalid_api_key")
 
 
+def _translated(fn: Any, *args: Any) -> dict[str, Any]:
+    """Run a request translation; a body of the wrong shape is the client's error (400)."""
+    try:
+        return fn(*args)  # type: ignore[no-any-return]
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+        raise Reject(
+            400,
+            f"the request cannot be translated for this model's provider: {e}",
+            code="invalid_request",
+        ) from None
+
+
 def build_upstream(rt: Runtime, ctx: RequestContext, route: Route) -> tuple[UpstreamRequest, bool]:
     """The provider request in the provider's dialect, and whether the client asked for usage
     chunks (Tollway always asks the provider for usage; it withholds what was not asked)."""
@@ -97,8 +109,11 @@ def build_upstream(rt: Runtime, ctx: RequestContext, route: Route) -> tuple[Upst
             out = dict(body)
             out["model"] = route.upstream_model
         elif endpoint == "chat":
-            out = translate.chat_to_messages_request(
-                body, route.upstream_model, client.default_max_tokens
+            out = _translated(
+                translate.chat_to_messages_request,
+                body,
+                route.upstream_model,
+                client.default_max_tokens,
             )
         else:
             raise Reject(
@@ -109,7 +124,7 @@ def build_upstream(rt: Runtime, ctx: RequestContext, route: Route) -> tuple[Upst
                 param="model",
             )
     elif endpoint == "messages":
-        out = translate.messages_to_chat_request(body, route.upstream_model)
+        out = _translated(translate.messages_to_chat_request, body, route.upstream_model)
     else:
         out = dict(body)
         out["model"] = route.upstream_model

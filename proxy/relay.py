@@ -110,10 +110,19 @@ async def relay_body(
         _set_usage(ctx, usage_from_body(route.kind, data))
         changed = False
         if route.kind != ctx.dialect:
-            if ctx.dialect == "openai":
-                data = translate.messages_response_to_chat(data, ctx.model)
-            else:
-                data = translate.chat_response_to_messages(data, ctx.model)
+            fn = (
+                translate.messages_response_to_chat
+                if ctx.dialect == "openai"
+                else translate.chat_response_to_messages
+            )
+            try:
+                data = fn(data, ctx.model)
+            except (TypeError, ValueError, KeyError, AttributeError, IndexError):
+                raise Reject(
+                    502,
+                    "upstream provider returned a reply that cannot be translated",
+                    code="upstream_invalid",
+                ) from None
             changed = True
         for _, hook in chain.response_body:
             new = await hook(ctx, data)
@@ -265,7 +274,16 @@ async def relay_stream(
             frames.append(sse.frame(sse.DONE))
         if frames:
             await out.write(b"".join(frames))
-    except (Reject, translate.StreamError, orjson.JSONDecodeError) as e:
+    except (
+        Reject,
+        translate.StreamError,
+        orjson.JSONDecodeError,
+        TypeError,
+        ValueError,
+        KeyError,
+        AttributeError,
+        IndexError,
+    ) as e:
         status = e.status if isinstance(e, Reject) else 502
         message = e.message if isinstance(e, Reject | translate.StreamError) else "malformed stream"
         ctx.error_code = e.code if isinstance(e, Reject) and e.code else "upstream_stream_error"

@@ -172,8 +172,8 @@ async def test_upstream_timeout_is_504(bad: tuple[Gw, dict[str, str]]) -> None:
     assert body["error"]["type"] == "timeout_error" or body["type"] == "error"
 
 
-async def wait_idle(emulator: Emulator, timeout: float = 3.0) -> int:
-    deadline = time.monotonic() + timeout
+async def wait_idle(emulator: Emulator, within: float = 3.0) -> int:
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         in_flight = (await emulator.stats())["in_flight"]
         if in_flight == 0:
