@@ -19,6 +19,7 @@ run: $(STAMP)   ## emulator + gateway with the demo policy; prints a demo key an
 test: $(STAMP)  ## lint, then the whole suite
 	$(BIN)/ruff check proxy plugins tests bench
 	$(BIN)/ruff format --check proxy plugins tests bench
+	$(BIN)/mypy
 	$(BIN)/pytest -q
 
 lint: $(STAMP)

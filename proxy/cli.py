@@ -52,7 +52,8 @@ async def _start(app: web.Application, host: str, port: int) -> tuple[web.AppRun
     site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
     await site.start()
     server = site._server
-    bound = server.sockets[0].getsockname()[1] if server and server.sockets else port
+    sockets = getattr(server, "sockets", None)
+    bound = sockets[0].getsockname()[1] if sockets else port
     return runner, bound
 
 

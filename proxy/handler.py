@@ -184,8 +184,10 @@ async def serve(rt: Runtime, ctx: RequestContext) -> web.StreamResponse:
         if resp is not None:
             break
     if resp is None:
+        session = request.app[GATEWAY].session
+        assert session is not None  # opened by the app's cleanup context before serving
         resp = await upstream.send(
-            request.app[GATEWAY].session,
+            session,
             rt.providers[route.provider],
             ctx,
             req,

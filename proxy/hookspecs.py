@@ -46,6 +46,7 @@ def lifespan(app: web.Application) -> AsyncIterator[None]:
     code after it when the chain is retired (shutdown, or after a policy reload once its last
     in-flight request finished). Entered in ``chain:`` order, exited in reverse.
     """
+    raise NotImplementedError  # a spec has no body; plugins implement it
 
 
 @hookspec(firstresult=True)

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
+from multidict import CIMultiDictProxy
 
 from proxy.context import Dialect, RequestContext, UpstreamRequest, UpstreamResponse
 from proxy.errors import Reject
@@ -97,10 +98,10 @@ class ProviderClient:
         )
         return self.base_url + path
 
-    def headers(self, client_headers: aiohttp.typedefs.LooseHeaders) -> dict[str, str]:
+    def headers(self, client_headers: CIMultiDictProxy[str]) -> dict[str, str]:
         """Client headers minus hop-by-hop, credentials and Tollway's own; plus the provider's."""
         out: dict[str, str] = {}
-        for k, v in client_headers.items():  # type: ignore[union-attr]
+        for k, v in client_headers.items():
             lk = k.lower()
             if lk in _NOT_FORWARDED or lk.startswith("x-tollway-"):
                 continue
@@ -115,8 +116,8 @@ class ProviderClient:
         return out
 
 
-def _retry_after(headers: aiohttp.typedefs.LooseHeaders) -> float | None:
-    value = headers.get("retry-after")  # type: ignore[union-attr]
+def _retry_after(headers: CIMultiDictProxy[str]) -> float | None:
+    value = headers.get("retry-after")
     if not value:
         return None
     try:
@@ -129,14 +130,14 @@ def _backoff(attempt: int, base: float, cap: float) -> float:
     return random.uniform(0, min(cap, base * (2**attempt)))
 
 
-def relay_headers(upstream: aiohttp.typedefs.LooseHeaders) -> dict[str, str]:
+def relay_headers(upstream: CIMultiDictProxy[str]) -> dict[str, str]:
     """The few provider reply headers worth passing to the client."""
     out = {}
     for k in _RELAYED_BACK:
-        v = upstream.get(k)  # type: ignore[union-attr]
+        v = upstream.get(k)
         if v is not None:
             out[k] = v
-    rid = upstream.get("x-request-id") or upstream.get("request-id")  # type: ignore[union-attr]
+    rid = upstream.get("x-request-id") or upstream.get("request-id")
     if rid:
         out["x-upstream-request-id"] = rid
     return out

@@ -14,8 +14,7 @@ README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 
 def hook_names() -> list[str]:
-    return [n for n, f in vars(hookspecs).items()
-            if callable(f) and hasattr(f, "tollway_spec")]
+    return [n for n, f in vars(hookspecs).items() if callable(f) and hasattr(f, "tollway_spec")]
 
 
 def test_every_hook_is_in_the_readme_with_its_signature() -> None:
