@@ -22,8 +22,10 @@ import json
 import os
 import platform
 import re
+import resource
 import secrets
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,10 +67,15 @@ class Settings:
     warmup_s: int
     ttfb_requests: int
     ttfb_warmup: int
+    rounds: int  # each phase is split into this many rounds that alternate the targets
 
 
-FULL = Settings(latency_s=10, throughput_s=10, warmup_s=2, ttfb_requests=300, ttfb_warmup=30)
-QUICK = Settings(latency_s=3, throughput_s=3, warmup_s=1, ttfb_requests=100, ttfb_warmup=10)
+FULL = Settings(
+    latency_s=10, throughput_s=10, warmup_s=2, ttfb_requests=300, ttfb_warmup=30, rounds=5
+)
+QUICK = Settings(
+    latency_s=3, throughput_s=3, warmup_s=1, ttfb_requests=99, ttfb_warmup=10, rounds=3
+)
 
 
 class BenchError(Exception):
@@ -138,6 +145,44 @@ def cpu_seconds(pid: int) -> float:
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2 :].split()  # the command name may contain spaces
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True, slots=True)
+class CpuSnapshot:
+    """Machine-wide and own CPU time, to tell how much *other* work shared the machine.
+
+    A shared 2-core box makes throughput swing by tens of percent when something else runs;
+    reporting the foreign load next to the numbers says whether a run can be trusted.
+    """
+
+    wall: float
+    busy: float  # all CPUs, user+nice+system+irq+softirq, seconds
+    steal: float  # time the hypervisor gave to other guests
+    own: float  # the servers under test + finished children (wrk) + this process
+
+    @classmethod
+    def take(cls, pids: list[int]) -> CpuSnapshot:
+        ticks = os.sysconf("SC_CLK_TCK")
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        own = sum(cpu_seconds(p) for p in pids) + children.ru_utime + children.ru_stime
+        return cls(
+            wall=time.monotonic(),
+            busy=(user + nice + system + irq + softirq) / ticks,
+            steal=steal / ticks,
+            own=own + me.ru_utime + me.ru_stime,
+        )
+
+    def background_since(self, start: CpuSnapshot) -> dict[str, float]:
+        wall = self.wall - start.wall
+        other = (self.busy - start.busy) - (self.own - start.own)
+        return {
+            "wall_s": wall,
+            "other_cores": max(0.0, other / wall),
+            "steal_cores": (self.steal - start.steal) / wall,
+        }
 
 
 def memory_mb(pid: int) -> dict[str, float]:
@@ -291,59 +336,6 @@ def run_wrk(
     return result
 
 
-async def _ttfb(url: str, key: str, requests: int, warmup: int) -> dict[str, Any]:
-    """Sequential streamed requests on one keep-alive connection; ms to the first body chunk."""
-    headers = {
-        "Authorization": f"Bearer {key}",
-        "Content-Type": "application/json",
-        "x-emulator-words": str(STREAM_WORDS),
-        "x-emulator-chunk-delay-ms": str(STREAM_CHUNK_DELAY_MS),
-    }
-    payload = json.dumps({**SMALL_BODY, "stream": True, "max_tokens": 64}).encode()
-    samples: list[float] = []
-    events = 0
-    connector = aiohttp.TCPConnector(limit=1)
-    async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
-        for i in range(warmup + requests):
-            t0 = time.perf_counter()
-            async with session.post(url, data=payload, headers=headers) as resp:
-                first = await resp.content.readany()
-                t1 = time.perf_counter()
-                body = first + await resp.read()
-            if resp.status != 200 or not first or not body.rstrip().endswith(b"[DONE]"):
-                raise BenchError(f"{url}: bad stream (HTTP {resp.status}): {body[:300]!r}")
-            if i >= warmup:
-                samples.append((t1 - t0) * 1000)
-                events = body.count(b"\n\n")
-    return {"requests": requests, "events": events, **summarize(samples)}
-
-
-def measure_ttfb(url: str, key: str, settings: Settings) -> dict[str, Any]:
-    """Run the TTFB client on uvloop (as the servers do) so client noise stays small."""
-    coro = _ttfb(url, key, settings.ttfb_requests, settings.ttfb_warmup)
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (no interpolation, like wrk's histogram)."""
-    ordered = sorted(values)
-    rank = max(1, round(q / 100 * len(ordered)))
-    return ordered[min(rank, len(ordered)) - 1]
-
-
-def summarize(samples: list[float]) -> dict[str, float]:
-    return {
-        "p50_ms": percentile(samples, 50),
-        "p90_ms": percentile(samples, 90),
-        "p99_ms": percentile(samples, 99),
-        "mean_ms": sum(samples) / len(samples),
-    }
-
-
 # ---- HTTP helpers --------------------------------------------------------------------------
 
 
@@ -375,7 +367,7 @@ def emulator_requests(emu: str) -> int:
     return int(http("GET", f"{emu}/_emulator/stats")["requests"])
 
 
-# ---- one target ----------------------------------------------------------------------------
+# ---- measuring ------------------------------------------------------------------------------
 
 
 @dataclass(slots=True)
@@ -386,35 +378,173 @@ class Target:
     base: str
     pid: int | None
 
+    @property
+    def url(self) -> str:
+        return self.base + CHAT
+
+
+def rotated(targets: list[Target], k: int) -> list[Target]:
+    """Round k starts at a different target, so no target always runs first or last."""
+    k %= len(targets)
+    return targets[k:] + targets[:k]
+
+
+async def _ttfb(targets: list[Target], key: str, settings: Settings) -> dict[str, Any]:
+    """Sequential streamed requests, one keep-alive connection per target, in interleaved
+    rounds; returns ms from sending a request to its first body chunk, per target."""
+    headers = {
+        "Authorization": f"Bearer {key}",
+        "Content-Type": "application/json",
+        "x-emulator-words": str(STREAM_WORDS),
+        "x-emulator-chunk-delay-ms": str(STREAM_CHUNK_DELAY_MS),
+    }
+    payload = json.dumps({**SMALL_BODY, "stream": True, "max_tokens": 64}).encode()
+    samples: dict[str, list[float]] = {t.name: [] for t in targets}
+    events: dict[str, int] = {}
+
+    async def one(session: aiohttp.ClientSession, target: Target) -> float:
+        t0 = time.perf_counter()
+        async with session.post(target.url, data=payload, headers=headers) as resp:
+            first = await resp.content.readany()
+            t1 = time.perf_counter()
+            body = first + await resp.read()
+        if resp.status != 200 or not first or not body.rstrip().endswith(b"[DONE]"):
+            raise BenchError(f"{target.name}: bad stream (HTTP {resp.status}): {body[:300]!r}")
+        events[target.name] = body.count(b"\n\n")
+        return (t1 - t0) * 1000
+
+    sessions = {
+        t.name: aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=1), auto_decompress=False
+        )
+        for t in targets
+    }
+    try:
+        for t in targets:
+            for _ in range(settings.ttfb_warmup):
+                await one(sessions[t.name], t)
+        per_round = max(1, settings.ttfb_requests // settings.rounds)
+        for k in range(settings.rounds):
+            for t in rotated(targets, k):
+                for _ in range(per_round):
+                    samples[t.name].append(await one(sessions[t.name], t))
+    finally:
+        for session in sessions.values():
+            await session.close()
+    return {
+        n: {"requests": len(s), "events": events[n], **summarize(s)} for n, s in samples.items()
+    }
+
+
+def measure_ttfb(targets: list[Target], key: str, settings: Settings) -> dict[str, Any]:
+    """Run the TTFB client on uvloop (as the servers do) so client noise stays small."""
+    coro = _ttfb(targets, key, settings)
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (no interpolation, like wrk's histogram)."""
+    ordered = sorted(values)
+    rank = max(1, round(q / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def summarize(samples: list[float]) -> dict[str, float]:
+    return {
+        "p50_ms": percentile(samples, 50),
+        "p90_ms": percentile(samples, 90),
+        "p99_ms": percentile(samples, 99),
+        "mean_ms": sum(samples) / len(samples),
+    }
+
+
+def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Merge one target's wrk rounds: counts add up, percentiles are the median of the rounds'.
+
+    wrk only reports percentiles, not its histogram, so rounds cannot be merged exactly; the
+    median of rounds also shrugs off one round spoilt by a noisy neighbour.
+    """
+    requests = sum(r["requests"] for r in runs)
+    duration = sum(r["duration_us"] for r in runs)
+    out: dict[str, Any] = {
+        "requests": requests,
+        "duration_us": duration,
+        "rps": requests / (duration / 1e6),
+        "errors": {k: sum(r["errors"][k] for r in runs) for k in runs[0]["errors"]},
+        "latency_us": {
+            q: statistics.median(r["latency_us"][q] for r in runs) for q in runs[0]["latency_us"]
+        },
+        "rounds": runs,
+    }
+    wall = sum(r["wall_s"] for r in runs if "wall_s" in r)
+    for who in ("proxy", "emulator"):
+        cpu = [r[f"{who}_cpu_s"] for r in runs if f"{who}_cpu_s" in r]
+        if cpu:
+            out[f"{who}_cores"] = sum(cpu) / wall
+            out[f"{who}_cpu_us_per_request"] = sum(cpu) / requests * 1e6
+    upstream = [r["upstream_requests"] for r in runs if "upstream_requests" in r]
+    if upstream:
+        # 1.0 unless the chain answers some requests itself (a cache); in-flight requests
+        # at the end of each wrk run reach the emulator without being counted by wrk.
+        out["upstream_per_request"] = sum(upstream) / requests
+    return out
+
+
+def throughput_round(
+    target: Target, emu: str, emu_pid: int, lua: Path, seconds: int
+) -> dict[str, Any]:
+    """One c=32 wrk run with the CPU the proxy and the emulator spent during it."""
+    pids = {"emulator": emu_pid} | ({"proxy": target.pid} if target.pid else {})
+    upstream0 = emulator_requests(emu)
+    cpu0 = {n: cpu_seconds(p) for n, p in pids.items()}
+    t0 = time.monotonic()
+    result = run_wrk(target.url, lua, 2, 32, seconds)
+    result["wall_s"] = time.monotonic() - t0
+    for n, p in pids.items():
+        result[f"{n}_cpu_s"] = cpu_seconds(p) - cpu0[n]
+    result["upstream_requests"] = emulator_requests(emu) - upstream0
+    return result
+
 
 def measure(
-    target: Target, emu: str, emu_pid: int, key: str, lua: Path, settings: Settings
-) -> dict[str, Any]:
-    """Sanity check, c=1 latency, TTFB, then c=32 throughput with CPU accounting."""
-    url = target.base + CHAT
-    reply = http("POST", url, SMALL_BODY, {"Authorization": f"Bearer {key}"})
-    if not reply.get("choices"):
-        raise BenchError(f"{target.name}: unexpected reply {reply}")
-    out: dict[str, Any] = {}
-    run_wrk(url, lua, 2, 32, settings.warmup_s)  # warm pools, caches and the allocator
-    out["latency_c1"] = run_wrk(url, lua, 1, 1, settings.latency_s)
-    out["ttfb"] = measure_ttfb(url, key, settings)
+    targets: list[Target], emu: str, emu_pid: int, key: str, lua: Path, settings: Settings
+) -> dict[str, dict[str, Any]]:
+    """Sanity and warm-up, then c=1 latency, TTFB and c=32 throughput, each phase in rounds
+    that alternate the targets, so slow drift or a noisy neighbour hits all of them alike."""
+    out: dict[str, dict[str, Any]] = {t.name: {} for t in targets}
+    for t in targets:
+        reply = http("POST", t.url, SMALL_BODY, {"Authorization": f"Bearer {key}"})
+        if not reply.get("choices"):
+            raise BenchError(f"{t.name}: unexpected reply {reply}")
+        run_wrk(t.url, lua, 2, 32, settings.warmup_s)  # warm pools, caches and the allocator
 
-    before_upstream = emulator_requests(emu)
-    cpu0 = {n: cpu_seconds(p) for n, p in (("proxy", target.pid), ("emulator", emu_pid)) if p}
-    t0 = time.monotonic()
-    tp = run_wrk(url, lua, 2, 32, settings.throughput_s)
-    wall = time.monotonic() - t0
-    cpu1 = {n: cpu_seconds(p) for n, p in (("proxy", target.pid), ("emulator", emu_pid)) if p}
-    # Upstream calls per client request: 1.0 unless the chain answers some itself (a cache).
-    tp["upstream_per_request"] = (emulator_requests(emu) - before_upstream) / tp["requests"]
-    tp["emulator_cores"] = (cpu1["emulator"] - cpu0["emulator"]) / wall
-    if "proxy" in cpu1:
-        tp["proxy_cores"] = (cpu1["proxy"] - cpu0["proxy"]) / wall
-        tp["proxy_cpu_us_per_request"] = (cpu1["proxy"] - cpu0["proxy"]) / tp["requests"] * 1e6
-    out["throughput_c32"] = tp
-    if target.pid:
-        out["memory_after_load"] = memory_mb(target.pid)
+    print("  latency at c=1 ...", file=sys.stderr, flush=True)
+    seconds = max(1, round(settings.latency_s / settings.rounds))
+    latency: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
+    for k in range(settings.rounds):
+        for t in rotated(targets, k):
+            latency[t.name].append(run_wrk(t.url, lua, 1, 1, seconds))
+
+    print("  streaming TTFB ...", file=sys.stderr, flush=True)
+    ttfb = measure_ttfb(targets, key, settings)
+
+    print("  throughput at c=32 ...", file=sys.stderr, flush=True)
+    seconds = max(1, round(settings.throughput_s / settings.rounds))
+    throughput: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
+    for k in range(settings.rounds):
+        for t in rotated(targets, k):
+            throughput[t.name].append(throughput_round(t, emu, emu_pid, lua, seconds))
+
+    for t in targets:
+        out[t.name]["latency_c1"] = combine(latency[t.name])
+        out[t.name]["ttfb"] = ttfb[t.name]
+        out[t.name]["throughput_c32"] = combine(throughput[t.name])
+        if t.pid:
+            out[t.name]["memory_after_load"] = memory_mb(t.pid)
     return out
 
 
@@ -498,7 +628,7 @@ def render(r: dict[str, Any]) -> str:
         return lambda n: t[n]["latency_c1"]["latency_us"][q] / 1000
 
     def over(q: str) -> Any:
-        return lambda n: lat(q)(n) - lat(q)("direct")
+        return lambda n: None if n == "direct" else lat(q)(n) - lat(q)("direct")
 
     def tp(k: str) -> Any:
         return lambda n: t[n]["throughput_c32"][k]
@@ -531,9 +661,11 @@ def render(r: dict[str, Any]) -> str:
         f"| chain measured | {', '.join(r['chain']) or '(empty)'} |",
         f"| policy changes | {'; '.join(r['policy_changes'])} |",
         f"| request | POST {CHAT}, model {MODEL}, {r['body_bytes']} B JSON body, non-streaming |",
-        f"| runs | c=1: wrk -t1 -c1 {s['latency_s']}s; c=32: wrk -t2 -c32 {s['throughput_s']}s; "
-        f"TTFB: {s['ttfb_requests']} sequential streams of "
-        f"~{t['gateway']['ttfb']['events']} events, {STREAM_CHUNK_DELAY_MS} ms apart |",
+        f"| runs | per target: c=1 wrk -t1 -c1 {s['latency_s']}s; c=32 wrk -t2 -c32 "
+        f"{s['throughput_s']}s; TTFB {s['ttfb_requests']} sequential streams of "
+        f"~{t['gateway']['ttfb']['events']} events {STREAM_CHUNK_DELAY_MS} ms apart. Each "
+        f"split into {s['rounds']} rounds alternating the targets; wrk percentiles are the "
+        "median of the rounds' |",
         "",
         "| metric | direct | bare proxy | gateway | gateway / bare |",
         "|---|---:|---:|---:|---:|",
@@ -548,7 +680,7 @@ def render(r: dict[str, Any]) -> str:
         row("streaming TTFB p99 (ms)", ttfb("p99_ms"), "{:.3f}"),
         row(
             "TTFB overhead p50 vs direct (ms)",
-            lambda n: ttfb("p50_ms")(n) - ttfb("p50_ms")("direct"),
+            lambda n: None if n == "direct" else ttfb("p50_ms")(n) - ttfb("p50_ms")("direct"),
             "{:+.3f}",
         ),
         row("proxy CPU per request, c=32 (µs)", tp("proxy_cpu_us_per_request"), "{:.0f}", True),
@@ -670,11 +802,12 @@ def _run(
         Target("bare", f"http://127.0.0.1:{bare_port}", bare_proc.pid),
         Target("gateway", gateway, gw_proc.pid),
     ]
-    results: dict[str, Any] = {}
-    for target in targets:
-        print(f"measuring {target.name} ...", file=sys.stderr, flush=True)
-        results[target.name] = measure(target, emu, emu_proc.pid, key, lua, settings)
-        procs.check_alive()
+    print("measuring direct, bare and gateway in alternating rounds ...", file=sys.stderr)
+    servers = [emu_proc.pid, bare_proc.pid, gw_proc.pid]
+    load0 = CpuSnapshot.take(servers)
+    results = measure(targets, emu, emu_proc.pid, key, lua, settings)
+    background = CpuSnapshot.take(servers).background_since(load0)
+    procs.check_alive()
 
     direct_rps = results["direct"]["throughput_c32"]["rps"]
     bare_tp = results["bare"]["throughput_c32"]
@@ -693,6 +826,11 @@ def _run(
             "on ≤2 cores wrk, the proxy and the emulator share the CPUs: c=32 throughput is a "
             "relative number (gateway vs bare), not capacity."
         )
+    notes.append(
+        f"other processes on this machine used {background['other_cores']:.2f} cores on average "
+        f"while measuring (hypervisor steal {background['steal_cores']:.2f} cores)"
+        + ("; expect noisy numbers." if background["other_cores"] > 0.2 else ".")
+    )
     for name, r in results.items():
         errors = {k: v for k, v in r["throughput_c32"]["errors"].items() if v}
         if errors:
@@ -720,8 +858,10 @@ def _run(
             "throughput_s": settings.throughput_s,
             "warmup_s": settings.warmup_s,
             "ttfb_requests": settings.ttfb_requests,
+            "rounds": settings.rounds,
         },
         "memory_idle": idle,
+        "background": background,
         "targets": results,
         "notes": notes,
     }

@@ -15,7 +15,7 @@ import orjson
 from aiohttp import web
 
 from proxy import admin
-from proxy.appkeys import GATEWAY, KEYSTORE
+from proxy.appkeys import GATEWAY, KEYSTORE, SHARED
 from proxy.chain import compile_chain
 from proxy.errors import Reject, reject_body
 from proxy.gateway import Gateway
@@ -23,6 +23,7 @@ from proxy.handler import authenticate, make_handler, new_request_id
 from proxy.keystore import KeyStore
 from proxy.policy import LoadedPolicy
 from proxy.runtime import Runtime
+from proxy.shared import Shared
 
 CLIENT_ENDPOINTS = {
     "/v1/chat/completions": ("chat", "openai"),
@@ -47,6 +48,7 @@ def create_app(
     app = web.Application(client_max_size=1 << 31)
     app[GATEWAY] = gw
     app[KEYSTORE] = keystore
+    app[SHARED] = Shared()
     gw.app = app
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_chain_lifespan)
@@ -76,6 +78,7 @@ async def _chain_lifespan(app: web.Application) -> AsyncIterator[None]:
     yield
     gw.ready = False
     await gw.close()
+    await app[SHARED].close()
 
 
 def _dialect_of(request: web.Request) -> str:

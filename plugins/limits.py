@@ -1,0 +1,365 @@
+"""limits: plans (features, models, monthly quota, per-minute limits) and multi-layer rate limits.
+
+Checked in ``access``, before anything costs money, in this order: the plan's features, the
+monthly quota, then the rate-limit layers (per IP, per user, per plan; optional tokens per
+minute). Every layer is tested first and consumed only when all pass, so a rejected request
+counts against nothing. A request that ends in an error is given back to the monthly quota.
+Model allow-lists and the global admission queue are applied in ``upstream_request``, once the
+route is final (a routing plugin may have changed the model) and just before the provider call.
+
+Windows use the ``limits`` library's moving window, so ``Retry-After`` is the exact time until
+the oldest counted request leaves the window. Counters, quota counts and the admission queue
+are kept across policy reloads (``proxy.shared``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import limits
+from aiohttp import web
+from limits.aio.storage import MemoryStorage, Storage
+from limits.aio.strategies import MovingWindowRateLimiter
+from limits.storage import storage_from_string
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from plugins.admission import Admission, QueueFull, QueueTimeout
+from plugins.quota import MonthlyQuota, month_of, next_month_start
+from proxy.appkeys import SHARED
+from proxy.context import RequestContext, StashKey, UpstreamRequest
+from proxy.errors import Reject
+from proxy.hookspecs import hookimpl
+from proxy.policy import Policy, Tier, parse_duration
+
+STORAGE: StashKey[Storage] = StashKey()
+QUOTA: StashKey[MonthlyQuota] = StashKey()
+ADMISSION: StashKey[Admission] = StashKey()
+_COUNTED: StashKey[str] = StashKey()
+_SLOT: StashKey[bool] = StashKey()
+
+
+def _limit_list(values: list[str]) -> list[str]:
+    for v in values:
+        try:
+            limits.parse(v)
+        except ValueError:
+            raise ValueError(
+                f"{v!r} is not a limit such as '60/minute' or '5 per 2 second'"
+            ) from None
+    return values
+
+
+class GlobalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    concurrent_requests: int = Field(500, ge=1, description="Upstream requests in flight at once.")
+    queue_max_size: int = Field(1000, ge=0, description="Requests that may wait for a slot.")
+    queue_timeout: float = Field(30.0, ge=0, description="Longest wait for a slot (then 503).")
+
+    @field_validator("queue_timeout", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        return parse_duration(v)
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    user: list[str] = Field(default_factory=list, description="Per-user limits, e.g. '60/minute'.")
+    ip: list[str] = Field(
+        default_factory=list, description="Per-client-IP limits, e.g. '100/minute'."
+    )
+    global_: GlobalConfig | None = Field(
+        None, alias="global", description="Global concurrency cap and its wait queue."
+    )
+    plan_period: float = Field(
+        60.0,
+        gt=0,
+        description="Window of a plan's requests_per_minute/tokens_per_minute "
+        "(seconds; 60 in production, shorter only in tests).",
+    )
+    quota_file: str | None = Field(
+        "quota.json", description="File under state.dir keeping monthly counts across restarts."
+    )
+
+    @field_validator("user", "ip")
+    @classmethod
+    def _limits(cls, v: list[str]) -> list[str]:
+        return _limit_list(v)
+
+    @field_validator("plan_period", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        return parse_duration(v)
+
+
+@dataclass(slots=True, frozen=True)
+class PlanRule:
+    """A tier compiled for the hot path."""
+
+    name: str
+    features: frozenset[str]  # empty = every feature
+    models: frozenset[str] | None
+    monthly: int | None
+    per_minute: limits.RateLimitItem | None
+    tokens: limits.RateLimitItem | None
+    priority: int
+
+
+def _window(amount: int, seconds: float) -> limits.RateLimitItem:
+    return limits.RateLimitItemPerSecond(amount, max(1, round(seconds)))
+
+
+def compile_plans(tiers: dict[str, Tier], period: float) -> dict[str, PlanRule]:
+    """Resolve ``includes`` chains into feature sets and build each plan's limit items."""
+    out = {}
+    for name, tier in tiers.items():
+        features: set[str] = set()
+        seen: set[str] = set()
+        cur: str | None = name
+        while cur is not None and cur not in seen:
+            seen.add(cur)
+            features.update(tiers[cur].features)
+            cur = tiers[cur].includes
+        monthly = tier.requests_per_month
+        out[name] = PlanRule(
+            name=name,
+            features=frozenset(features),
+            models=frozenset(tier.models) if tier.models is not None else None,
+            monthly=None if monthly == "unlimited" else int(monthly),
+            per_minute=_window(tier.requests_per_minute, period)
+            if tier.requests_per_minute
+            else None,
+            tokens=_window(tier.tokens_per_minute, period) if tier.tokens_per_minute else None,
+            priority=tier.priority,
+        )
+    return out
+
+
+def reset_string(seconds: float) -> str:
+    """OpenAI's x-ratelimit-reset-* format: '20ms', '1s', '6m0s', '1h2m3s'."""
+    if seconds < 1:
+        return f"{max(0, int(seconds * 1000))}ms"
+    s = math.ceil(seconds)
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    if h:
+        return f"{h}h{m}m{sec}s"
+    if m:
+        return f"{m}m{sec}s"
+    return f"{sec}s"
+
+
+def open_storage(url: str) -> Storage:
+    """The limits library's async storage for ``state.url`` (memory, or Redis via redis-py)."""
+    if url.startswith("memory://"):
+        return MemoryStorage()
+    if url.startswith(("redis://", "rediss://")):
+        return storage_from_string(f"async+{url}", implementation="redispy")  # type: ignore[return-value]
+    raise ValueError(f"unsupported state.url {url!r} (memory:// or redis://)")
+
+
+class LimitsPlugin:
+    """Plans and rate limits; see the module docstring for the order of checks."""
+
+    Config = Config
+
+    def __init__(self, config: Config, policy: Policy) -> None:
+        self.config = config
+        self.user_items = [limits.parse(s) for s in config.user]
+        self.ip_items = [limits.parse(s) for s in config.ip]
+        self.plans = compile_plans(policy.tiers, config.plan_period)
+        self.known_features = set(policy.features).union(
+            *(t.features for t in policy.tiers.values())
+        )
+        if policy.default_feature:
+            self.known_features.add(policy.default_feature)
+        self.state_url = policy.state.url
+        state_dir = policy.state.dir
+        self.quota_path = (
+            Path(state_dir) / config.quota_file if state_dir and config.quota_file else None
+        )
+        self.limiter: MovingWindowRateLimiter | None = None
+        self.quota: MonthlyQuota | None = None
+        self.admission: Admission | None = None
+
+    @hookimpl
+    async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
+        shared = app[SHARED]
+        storage = shared.get(STORAGE, lambda: open_storage(self.state_url))
+        self.limiter = MovingWindowRateLimiter(storage)
+        self.quota = shared.get(QUOTA, lambda: self._open_quota(shared))
+        g = self.config.global_
+        if g is not None:
+            adm = shared.get(
+                ADMISSION,
+                lambda: Admission(g.concurrent_requests, g.queue_max_size, g.queue_timeout),
+            )
+            # a reload may change the numbers; the queue and its in-flight count carry over
+            adm.capacity, adm.queue_max, adm.timeout = (
+                g.concurrent_requests,
+                g.queue_max_size,
+                g.queue_timeout,
+            )
+            self.admission = adm
+        yield
+
+    def _open_quota(self, shared: Any) -> MonthlyQuota:
+        quota = MonthlyQuota(self.quota_path)
+        quota.start()
+        shared.on_close(quota.stop)
+        return quota
+
+    def _layers(
+        self, ctx: RequestContext, rule: PlanRule | None
+    ) -> list[tuple[limits.RateLimitItem, str, str]]:
+        user = ctx.principal.user_id if ctx.principal else "anonymous"
+        layers = [(item, "ip", ctx.client_ip) for item in self.ip_items]
+        layers += [(item, "user", user) for item in self.user_items]
+        if rule is not None and rule.per_minute is not None:
+            layers.append((rule.per_minute, "plan", user))
+        return layers
+
+    async def _limited(self, item: limits.RateLimitItem, layer: str, ident: str) -> Reject:
+        assert self.limiter is not None
+        stats = await self.limiter.get_window_stats(item, layer, ident)
+        wait = max(0.0, stats.reset_time - time.time())
+        retry = max(1, math.ceil(wait))
+        return Reject(
+            429,
+            f"Rate limit reached for requests ({layer}: {item.amount} per "
+            f"{item.multiples} {item.GRANULARITY.name}). Retry after {retry}s.",
+            code=f"{layer}_rate_limit_exceeded",
+            headers={
+                "Retry-After": str(retry),
+                "x-ratelimit-limit-requests": str(item.amount),
+                "x-ratelimit-remaining-requests": "0",
+                "x-ratelimit-reset-requests": reset_string(wait),
+            },
+        )
+
+    @hookimpl
+    async def access(self, ctx: RequestContext) -> None:
+        assert self.limiter is not None and self.quota is not None
+        principal = ctx.principal
+        rule = self.plans.get(principal.tier) if principal and principal.tier else None
+        if principal and principal.tier and rule is None and self.plans:
+            raise Reject(403, f"plan {principal.tier!r} does not exist", code="unknown_plan")
+        feature = ctx.feature
+        if feature is not None and self.known_features and feature not in self.known_features:
+            raise Reject(
+                400, f"unknown feature {feature!r} in X-Tollway-Feature", code="unknown_feature"
+            )
+        if rule is not None and rule.features and feature not in rule.features:
+            raise Reject(
+                403,
+                f"feature {feature!r} is not included in plan {rule.name!r}",
+                code="feature_not_in_plan",
+                param="X-Tollway-Feature",
+            )
+        now = time.time()
+        user = principal.user_id if principal else "anonymous"
+        month = month_of(now)
+        if (
+            rule is not None
+            and rule.monthly is not None
+            and self.quota.used(user, month) >= rule.monthly
+        ):
+            reset = next_month_start(now)
+            raise Reject(
+                429,
+                f"monthly quota of {rule.monthly} requests for plan {rule.name!r} is used up; "
+                f"it resets at {datetime.fromtimestamp(reset, UTC).isoformat()}",
+                code="monthly_quota_exceeded",
+                headers={"Retry-After": str(math.ceil(reset - now))},
+            )
+        layers = self._layers(ctx, rule)
+        limiter = self.limiter
+        for item, layer, ident in layers:
+            if not await limiter.test(item, layer, ident):
+                raise await self._limited(item, layer, ident)
+        for item, layer, ident in layers:
+            if not await limiter.hit(item, layer, ident):
+                raise await self._limited(item, layer, ident)
+        if (
+            rule is not None
+            and rule.tokens is not None
+            and not await limiter.test(rule.tokens, "tokens", user)
+        ):
+            rej = await self._limited(rule.tokens, "tokens", user)
+            rej.code = "plan_token_limit_exceeded"
+            raise rej
+        if rule is not None and rule.monthly is not None:
+            self.quota.add(user, month)
+            ctx.stash[_COUNTED] = month
+        if layers:
+            await self._headers(ctx, layers)
+
+    async def _headers(
+        self, ctx: RequestContext, layers: list[tuple[limits.RateLimitItem, str, str]]
+    ) -> None:
+        """OpenAI's rate-limit headers for the most constraining layer."""
+        assert self.limiter is not None
+        best = None
+        for item, layer, ident in layers:
+            stats = await self.limiter.get_window_stats(item, layer, ident)
+            if best is None or stats.remaining < best[1].remaining:
+                best = (item, stats)
+        assert best is not None
+        item, stats = best
+        h = ctx.response_headers
+        h["x-ratelimit-limit-requests"] = str(item.amount)
+        h["x-ratelimit-remaining-requests"] = str(stats.remaining)
+        h["x-ratelimit-reset-requests"] = reset_string(max(0.0, stats.reset_time - time.time()))
+
+    @hookimpl
+    async def upstream_request(self, ctx: RequestContext, req: UpstreamRequest) -> None:
+        principal = ctx.principal
+        rule = self.plans.get(principal.tier) if principal and principal.tier else None
+        if rule is not None and rule.models is not None and ctx.route is not None:
+            if ctx.route.model not in rule.models:
+                raise Reject(
+                    403,
+                    f"model {ctx.route.model!r} is not included in plan {rule.name!r}",
+                    code="model_not_in_plan",
+                    param="model",
+                )
+        if self.admission is not None:
+            try:
+                await self.admission.acquire(rule.priority if rule else 0)
+            except (QueueFull, QueueTimeout) as e:
+                reason = "queue is full" if isinstance(e, QueueFull) else "queue wait timed out"
+                raise Reject(
+                    503,
+                    f"the gateway is overloaded ({reason}); retry shortly",
+                    code="server_overloaded",
+                    headers={"Retry-After": "1"},
+                ) from None
+            ctx.stash[_SLOT] = True
+
+    @hookimpl
+    async def log(self, ctx: RequestContext) -> None:
+        if ctx.stash.get(_SLOT) and self.admission is not None:
+            self.admission.release()
+        month = ctx.stash.get(_COUNTED)
+        principal = ctx.principal
+        if month is not None and principal is not None and self.quota is not None:
+            if ctx.status >= 400 and ctx.status != 499:
+                self.quota.add(principal.user_id, month, -1)  # failed requests are not billed
+        rule = self.plans.get(principal.tier) if principal and principal.tier else None
+        if rule is not None and rule.tokens is not None and ctx.usage.reported and self.limiter:
+            cost = ctx.usage.input_tokens + ctx.usage.output_tokens
+            if cost > 0 and not await self.limiter.hit(
+                rule.tokens, "tokens", principal.user_id, cost=cost
+            ):
+                stats = await self.limiter.get_window_stats(
+                    rule.tokens, "tokens", principal.user_id
+                )
+                if stats.remaining > 0:
+                    await self.limiter.hit(
+                        rule.tokens, "tokens", principal.user_id, cost=stats.remaining
+                    )

@@ -1,0 +1,81 @@
+"""Monthly request quotas per user, counted per calendar month (UTC), kept across restarts.
+
+Counts live in memory (the hot path only touches a dict) and are written to a small JSON file
+by a background task once a second when they changed, and at shutdown; a restart loads them, so
+it never hands out a fresh quota. A process killed with SIGKILL can lose at most the last second
+of counts (the usage table of the metering plugin is the exact record).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import contextlib
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+
+
+def month_of(ts: float) -> str:
+    """``YYYY-MM`` of a UNIX time, in UTC."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m")
+
+
+def next_month_start(ts: float) -> float:
+    """UNIX time of the first instant of the next calendar month (UTC): the quota reset."""
+    d = datetime.fromtimestamp(ts, UTC)
+    year, month = (d.year + 1, 1) if d.month == 12 else (d.year, d.month + 1)
+    return float(calendar.timegm((year, month, 1, 0, 0, 0)))
+
+
+class MonthlyQuota:
+    """Requests per (user, month); persisted to ``path`` (None keeps them in memory only)."""
+
+    def __init__(self, path: Path | None, flush_every: float = 1.0) -> None:
+        self.path = path
+        self.flush_every = flush_every
+        self._counts: dict[str, dict[str, int]] = {}
+        self._dirty = False
+        self._task: asyncio.Task[None] | None = None
+        if path is not None and path.exists():
+            data = orjson.loads(path.read_bytes())
+            self._counts = {m: {u: int(n) for u, n in users.items()} for m, users in data.items()}
+
+    def used(self, user: str, month: str) -> int:
+        return self._counts.get(month, {}).get(user, 0)
+
+    def add(self, user: str, month: str, n: int = 1) -> None:
+        users = self._counts.setdefault(month, {})
+        users[user] = max(0, users.get(user, 0) + n)
+        self._dirty = True
+
+    def flush(self) -> None:
+        """Write the counts if they changed (atomic replace; only this and the last month)."""
+        if self.path is None or not self._dirty:
+            return
+        self._dirty = False
+        keep = sorted(self._counts)[-2:]
+        self._counts = {m: self._counts[m] for m in keep}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_bytes(orjson.dumps(self._counts))
+        os.replace(tmp, self.path)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_every)
+            await asyncio.to_thread(self.flush)
+
+    def start(self) -> None:
+        if self.path is not None and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self.run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.flush()
