@@ -33,6 +33,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from importlib.metadata import version
 from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
@@ -276,7 +277,7 @@ def pick_tier(policy: dict[str, Any]) -> str:
     tiers = policy.get("tiers") or {}
     if not tiers:
         return "bench"
-    return max(tiers, key=lambda t: (tiers[t] or {}).get("priority", 0))
+    return str(max(tiers, key=lambda t: (tiers[t] or {}).get("priority", 0)))
 
 
 # ---- load generators -----------------------------------------------------------------------
@@ -638,8 +639,9 @@ def render(r: dict[str, Any]) -> str:
 
     def mem(phase: str, k: str) -> Any:
         def get(n: str) -> float | None:
-            src = r["memory_idle"] if phase == "idle" else t[n].get("memory_after_load", {})
-            return src.get(n, {}).get(k) if phase == "idle" else src.get(k)
+            if phase == "idle":
+                return r["memory_idle"].get(n, {}).get(k)  # type: ignore[no-any-return]
+            return t[n].get("memory_after_load", {}).get(k)  # type: ignore[no-any-return]
 
         return get
 
@@ -712,16 +714,17 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def run(settings: Settings, quick: bool, policy_src: Path) -> dict[str, Any]:
+    """Start the servers, measure, stop them whatever happens; return the raw report."""
     notes: list[str] = []
-    version = wrk_version()
-    if PINNED_WRK not in version:
-        notes.append(f"wrk is {version}, not the pinned {PINNED_WRK}: numbers may not compare")
+    wrk = wrk_version()
+    if PINNED_WRK not in wrk:
+        notes.append(f"wrk is {wrk}, not the pinned {PINNED_WRK}: numbers may not compare")
         print(f"warning: {notes[-1]}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="tollway-bench-") as tmp_name:
         tmp = Path(tmp_name)
         procs = Processes(tmp)
         try:
-            return _run(settings, quick, policy_src, tmp, procs, notes, version)
+            return _run(settings, quick, policy_src, tmp, procs, notes, wrk)
         except BenchError:
             for name in procs.procs:
                 print(f"--- {name} log ---\n{procs.tail(name)}", file=sys.stderr)
@@ -832,11 +835,16 @@ def _run(
         + ("; expect noisy numbers." if background["other_cores"] > 0.2 else ".")
     )
     for name, r in results.items():
+        rounds = [x["latency_us"]["p50"] for x in r["latency_c1"]["rounds"]]
+        if len(rounds) > 1 and rounds[-1] > 1.3 * rounds[0] and rounds[-1] - rounds[0] > 200:
+            notes.append(
+                f"{name}: c=1 p50 rose from {rounds[0] / 1000:.2f} to {rounds[-1] / 1000:.2f} ms "
+                "across rounds: something grows with the requests served (e.g. rate-limit "
+                "windows holding every request under the raised limits), or the load changed."
+            )
         errors = {k: v for k, v in r["throughput_c32"]["errors"].items() if v}
         if errors:
             notes.append(f"{name}: wrk socket errors at c=32: {errors}")
-
-    import uvloop  # versions only; the servers run without it if it is missing
 
     report: dict[str, Any] = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -845,7 +853,7 @@ def _run(
         "versions": {
             "python": platform.python_version(),
             "aiohttp": aiohttp.__version__,
-            "uvloop": uvloop.__version__,
+            "uvloop": version("uvloop"),
             "wrk": wrk,
         },
         "revision": git_revision(),

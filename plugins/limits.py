@@ -7,8 +7,9 @@ counts against nothing. A request that ends in an error is given back to the mon
 Model allow-lists and the global admission queue are applied in ``upstream_request``, once the
 route is final (a routing plugin may have changed the model) and just before the provider call.
 
-Windows use the ``limits`` library's moving window, so ``Retry-After`` is the exact time until
-the oldest counted request leaves the window. Counters, quota counts and the admission queue
+Windows are sliding-window counters (``plugins.windows``; the ``limits`` library's Redis storage
+when ``state.url`` is Redis), and ``Retry-After`` is computed from the counters: the seconds
+until one more request fits. Counters, quota counts and the admission queue
 are kept across policy reloads (``proxy.shared``).
 """
 
@@ -24,20 +25,18 @@ from typing import Any
 
 import limits
 from aiohttp import web
-from limits.aio.storage import MemoryStorage, Storage
-from limits.aio.strategies import MovingWindowRateLimiter
-from limits.storage import storage_from_string
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from plugins.admission import Admission, QueueFull, QueueTimeout
 from plugins.quota import MonthlyQuota, month_of, next_month_start
+from plugins.windows import MemoryWindows, open_windows
 from proxy.appkeys import SHARED
 from proxy.context import RequestContext, StashKey, UpstreamRequest
 from proxy.errors import Reject
 from proxy.hookspecs import hookimpl
 from proxy.policy import Policy, Tier, parse_duration
 
-STORAGE: StashKey[Storage] = StashKey()
+WINDOWS: StashKey[Any] = StashKey()
 QUOTA: StashKey[MonthlyQuota] = StashKey()
 ADMISSION: StashKey[Admission] = StashKey()
 _COUNTED: StashKey[str] = StashKey()
@@ -154,15 +153,6 @@ def reset_string(seconds: float) -> str:
     return f"{sec}s"
 
 
-def open_storage(url: str) -> Storage:
-    """The limits library's async storage for ``state.url`` (memory, or Redis via redis-py)."""
-    if url.startswith("memory://"):
-        return MemoryStorage()
-    if url.startswith(("redis://", "rediss://")):
-        return storage_from_string(f"async+{url}", implementation="redispy")  # type: ignore[return-value]
-    raise ValueError(f"unsupported state.url {url!r} (memory:// or redis://)")
-
-
 class LimitsPlugin:
     """Plans and rate limits; see the module docstring for the order of checks."""
 
@@ -183,15 +173,14 @@ class LimitsPlugin:
         self.quota_path = (
             Path(state_dir) / config.quota_file if state_dir and config.quota_file else None
         )
-        self.limiter: MovingWindowRateLimiter | None = None
+        self.limiter: MemoryWindows | Any = None
         self.quota: MonthlyQuota | None = None
         self.admission: Admission | None = None
 
     @hookimpl
     async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
         shared = app[SHARED]
-        storage = shared.get(STORAGE, lambda: open_storage(self.state_url))
-        self.limiter = MovingWindowRateLimiter(storage)
+        self.limiter = shared.get(WINDOWS, lambda: open_windows(self.state_url))
         self.quota = shared.get(QUOTA, lambda: self._open_quota(shared))
         g = self.config.global_
         if g is not None:

@@ -443,6 +443,10 @@ class _Emulator:
             return await impl(request, payload, ctl)
         except _BadRequest as exc:
             return _error(dialect, 400, exc.message, param=exc.param)
+        except web.HTTPException as exc:  # e.g. 413 from request.read(): keep the API's shape
+            return _error(dialect, exc.status, exc.reason)
+        except ConnectionError:  # the client left while we read its body
+            return web.Response(status=499)
         except Exception:
             log.exception("emulator failed on %s", request.path)
             return _error(dialect, 500, "The emulator had an error processing your request.")
@@ -466,6 +470,7 @@ class _Emulator:
     # ---- OpenAI ----------------------------------------------------------------------------
 
     async def chat(self, request: web.Request, body: Json, ctl: _Controls) -> web.StreamResponse:
+        """Chat completions; a tool call when tools are offered and the user asks for weather."""
         model, messages = _model(body), _messages(body)
         prompt_tokens = max(1, sum(len(_text(m.get("content")).split()) for m in messages))
         user_text = _last_user_text(messages)
@@ -517,6 +522,7 @@ class _Emulator:
     async def completions(
         self, request: web.Request, body: Json, ctl: _Controls
     ) -> web.StreamResponse:
+        """Legacy text completions: one choice per prompt, as the real endpoint answers."""
         model, prompts = _model(body), _prompts(body.get("prompt"), "prompt")
         limit = _positive(body, "max_tokens")
         replies = [_reply(p, ctl.words, limit) for p in prompts]
@@ -544,6 +550,7 @@ class _Emulator:
     async def embeddings(
         self, request: web.Request, body: Json, ctl: _Controls
     ) -> web.StreamResponse:
+        """Embeddings in float or base64 (the openai SDK asks for base64 unless told otherwise)."""
         model, texts = _model(body), _prompts(body.get("input"), "input")
         dim = _positive(body, "dimensions", 8) or 8
         if dim > _MAX_DIMENSIONS:
@@ -575,6 +582,7 @@ class _Emulator:
     async def messages(
         self, request: web.Request, body: Json, ctl: _Controls
     ) -> web.StreamResponse:
+        """Anthropic Messages; a follow-up carrying a tool_result gets text, not another call."""
         model, messages = _model(body), _messages(body)
         limit = _positive(body, "max_tokens")
         if limit is None:

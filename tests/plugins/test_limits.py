@@ -103,7 +103,8 @@ async def test_free_plan_boundary_and_window(make_gateway: Any) -> None:
         await client.chat.completions.create(model="gpt-5.4-mini", messages=MSG)  # type: ignore[arg-type]
     assert info.value.code == "plan_rate_limit_exceeded"
     headers = info.value.response.headers
-    assert headers["retry-after"] == "1"
+    # sliding-window counter: the 5 hits keep weighing on the next window for a fifth of it
+    assert headers["retry-after"] in ("1", "2")
     assert headers["x-ratelimit-remaining-requests"] == "0"
     await asyncio.sleep(float(headers["retry-after"]) + 0.05)
     reply = await client.chat.completions.create(model="gpt-5.4-mini", messages=MSG)  # type: ignore[arg-type]
@@ -118,7 +119,7 @@ async def test_ip_limit_spans_users_and_rejections_count_nothing(make_gateway: A
     assert (await post(gw, a)).status == 200
     second = await post(gw, a)
     assert second.status == 429  # user layer; nothing consumed on the ip layer
-    assert 1 <= int(second.headers["Retry-After"]) <= 10
+    assert 1 <= int(second.headers["Retry-After"]) <= 20
     assert (await post(gw, b)).status == 200
     third = await post(gw, c)
     assert third.status == 429

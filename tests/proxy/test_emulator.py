@@ -28,7 +28,7 @@ from proxy.emulator import create_emulator_app
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
-CHAT = [
+CHAT: Any = [
     {"role": "system", "content": "be brief"},
     {"role": "user", "content": "hello there"},
 ]
@@ -110,7 +110,7 @@ def _events(raw: bytes) -> list[tuple[str | None, bytes]]:
 
 
 async def test_chat_non_stream(oai: openai.AsyncOpenAI, http: aiohttp.ClientSession, url: str):
-    resp = await oai.chat.completions.create(model="gpt-4o-mini", messages=CHAT)  # type: ignore[arg-type]
+    resp = await oai.chat.completions.create(model="gpt-4o-mini", messages=CHAT)
     assert resp.object == "chat.completion" and resp.model == "gpt-4o-mini"
     assert resp.id.startswith("chatcmpl-") and resp.created > 0
     choice = resp.choices[0]
@@ -119,7 +119,7 @@ async def test_chat_non_stream(oai: openai.AsyncOpenAI, http: aiohttp.ClientSess
     assert resp.usage is not None
     assert (resp.usage.prompt_tokens, resp.usage.completion_tokens) == (4, 3)
     assert resp.usage.total_tokens == 7
-    again = await oai.chat.completions.create(model="gpt-4o-mini", messages=CHAT)  # type: ignore[arg-type]
+    again = await oai.chat.completions.create(model="gpt-4o-mini", messages=CHAT)
     assert again.choices[0].message.content == choice.message.content
     last = await _get(http, f"{url}/_emulator/last")
     assert last["path"] == "/v1/chat/completions"
@@ -131,22 +131,22 @@ async def test_chat_length_controls(oai: openai.AsyncOpenAI):
     long = await oai.chat.completions.create(
         model="m",
         messages=CHAT,
-        extra_headers={"x-emulator-words": "50"},  # type: ignore[arg-type]
+        extra_headers={"x-emulator-words": "50"},
     )
     text = long.choices[0].message.content or ""
     assert len(text.split()) == 50 and text.startswith("Echo: hello there ")
     assert long.usage is not None and long.usage.completion_tokens == 50
-    cut = await oai.chat.completions.create(model="m", messages=CHAT, max_tokens=2)  # type: ignore[arg-type]
+    cut = await oai.chat.completions.create(model="m", messages=CHAT, max_tokens=2)
     assert cut.choices[0].message.content == "Echo: hello"
     assert cut.choices[0].finish_reason == "length"
     assert cut.usage is not None and cut.usage.completion_tokens == 2
-    cut2 = await oai.chat.completions.create(model="m", messages=CHAT, max_completion_tokens=1)  # type: ignore[arg-type]
+    cut2 = await oai.chat.completions.create(model="m", messages=CHAT, max_completion_tokens=1)
     assert cut2.choices[0].message.content == "Echo:"
     assert cut2.choices[0].finish_reason == "length"
 
 
 async def test_chat_stream_without_usage(oai: openai.AsyncOpenAI):
-    stream = await oai.chat.completions.create(model="gpt-4o", messages=CHAT, stream=True)  # type: ignore[arg-type]
+    stream = await oai.chat.completions.create(model="gpt-4o", messages=CHAT, stream=True)
     chunks = [c async for c in stream]
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Echo: hello there"
@@ -160,7 +160,7 @@ async def test_chat_stream_include_usage(
 ):
     stream = await oai.chat.completions.create(
         model="gpt-4o",
-        messages=CHAT,  # type: ignore[arg-type]
+        messages=CHAT,
         stream=True,
         stream_options={"include_usage": True},
     )
@@ -182,8 +182,8 @@ async def test_chat_stream_include_usage(
 
 
 async def test_chat_tool_call(oai: openai.AsyncOpenAI):
-    ask = [{"role": "user", "content": "What's the weather in Tokyo?"}]
-    resp = await oai.chat.completions.create(model="m", messages=ask, tools=TOOLS)  # type: ignore[arg-type]
+    ask: Any = [{"role": "user", "content": "What's the weather in Tokyo?"}]
+    resp = await oai.chat.completions.create(model="m", messages=ask, tools=TOOLS)
     choice = resp.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     call = (choice.message.tool_calls or [])[0]
@@ -191,10 +191,11 @@ async def test_chat_tool_call(oai: openai.AsyncOpenAI):
     assert call.function.name == "get_weather"  # type: ignore[union-attr]
     assert orjson.loads(call.function.arguments) == {"location": "Tokyo"}  # type: ignore[union-attr]
     # Streamed: the id and name come first, then the arguments in pieces.
-    stream = await oai.chat.completions.create(model="m", messages=ask, tools=TOOLS, stream=True)  # type: ignore[arg-type]
+    stream = await oai.chat.completions.create(model="m", messages=ask, tools=TOOLS, stream=True)
     deltas = [c.choices[0] async for c in stream]
     first = (deltas[0].delta.tool_calls or [])[0]
-    assert first.id == first.id and first.function and first.function.name == "get_weather"
+    assert (first.id or "").startswith("call_") and first.type == "function"
+    assert first.function is not None and first.function.name == "get_weather"
     args = "".join(
         (tc.function.arguments or "") if tc.function else ""
         for d in deltas
@@ -206,16 +207,17 @@ async def test_chat_tool_call(oai: openai.AsyncOpenAI):
     plain = await oai.chat.completions.create(
         model="m",
         messages=[{"role": "user", "content": "hi"}],
-        tools=TOOLS,  # type: ignore[arg-type]
+        tools=TOOLS,
     )
     assert plain.choices[0].message.content == "Echo: hi"
-    followup = [
+    followup: Any = [
         *ask,
         {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
         {"role": "tool", "tool_call_id": call.id, "content": "sunny"},
     ]
-    done = await oai.chat.completions.create(model="m", messages=followup, tools=TOOLS)  # type: ignore[arg-type]
-    assert done.choices[0].finish_reason == "stop"
+    done = await oai.chat.completions.create(model="m", messages=followup, tools=TOOLS)
+    assert done.choices[0].finish_reason == "stop" and not done.choices[0].message.tool_calls
+    assert done.choices[0].message.content == "Echo: What's the weather in Tokyo?"
 
 
 # ---- OpenAI completions, embeddings, models ----------------------------------------------------
@@ -393,7 +395,7 @@ async def test_bad_requests_use_the_route_error_shape(http: aiohttp.ClientSessio
 async def test_injected_errors_are_typed(oai: openai.AsyncOpenAI, ant: anthropic.AsyncAnthropic):
     headers = {"x-emulator-status": "429", "x-emulator-retry-after": "7"}
     with pytest.raises(openai.RateLimitError) as exc_info:
-        await oai.chat.completions.create(model="m", messages=CHAT, extra_headers=headers)  # type: ignore[arg-type]
+        await oai.chat.completions.create(model="m", messages=CHAT, extra_headers=headers)
     assert exc_info.value.response.headers["retry-after"] == "7"
     assert exc_info.value.code == "rate_limit_exceeded"
     with pytest.raises(openai.InternalServerError):
@@ -418,12 +420,12 @@ async def test_fail_times_then_success(oai: openai.AsyncOpenAI):
 
     for _ in range(2):
         with pytest.raises(openai.InternalServerError) as exc_info:
-            await oai.chat.completions.create(model="m", messages=CHAT, extra_headers=headers("k1"))  # type: ignore[arg-type]
+            await oai.chat.completions.create(model="m", messages=CHAT, extra_headers=headers("k1"))
         assert exc_info.value.status_code == 503
-    ok = await oai.chat.completions.create(model="m", messages=CHAT, extra_headers=headers("k1"))  # type: ignore[arg-type]
+    ok = await oai.chat.completions.create(model="m", messages=CHAT, extra_headers=headers("k1"))
     assert ok.choices[0].message.content == "Echo: hello there"
     with pytest.raises(openai.InternalServerError):  # another key has its own budget
-        await oai.chat.completions.create(model="m", messages=CHAT, extra_headers=headers("k2"))  # type: ignore[arg-type]
+        await oai.chat.completions.create(model="m", messages=CHAT, extra_headers=headers("k2"))
 
 
 async def test_stats_and_reset(oai: openai.AsyncOpenAI, http: aiohttp.ClientSession, url: str):
@@ -434,8 +436,8 @@ async def test_stats_and_reset(oai: openai.AsyncOpenAI, http: aiohttp.ClientSess
         "by_path": {},
         "in_flight": 0,
     }
-    await oai.chat.completions.create(model="m", messages=CHAT)  # type: ignore[arg-type]
-    await oai.chat.completions.create(model="m", messages=CHAT)  # type: ignore[arg-type]
+    await oai.chat.completions.create(model="m", messages=CHAT)
+    await oai.chat.completions.create(model="m", messages=CHAT)
     await oai.embeddings.create(model="e", input="x")
     stats = await _get(http, f"{url}/_emulator/stats")
     assert stats["requests"] == 3 and stats["in_flight"] == 0
@@ -451,7 +453,7 @@ async def test_hang_cancelled_by_client_timeout(
     hung = asyncio.create_task(
         oai.with_options(timeout=0.4).chat.completions.create(
             model="m",
-            messages=CHAT,  # type: ignore[arg-type]
+            messages=CHAT,
             extra_headers={"x-emulator-hang": "1"},
         )
     )
@@ -470,21 +472,23 @@ async def test_latency_and_slow_model(oai: openai.AsyncOpenAI):
     await oai.chat.completions.create(
         model="m",
         messages=CHAT,
-        extra_headers={"x-emulator-latency-ms": "150"},  # type: ignore[arg-type]
+        extra_headers={"x-emulator-latency-ms": "150"},
     )
     assert time.monotonic() - started >= 0.15
     started = time.monotonic()
-    resp = await oai.chat.completions.create(model="emu-slow-150", messages=CHAT)  # type: ignore[arg-type]
+    resp = await oai.chat.completions.create(model="emu-slow-150", messages=CHAT)
     assert time.monotonic() - started >= 0.15 and resp.model == "emu-slow-150"
-    started = time.monotonic()
-    await oai.chat.completions.create(model="m", messages=CHAT)  # type: ignore[arg-type]
-    assert time.monotonic() - started < 0.15
+    started = time.monotonic()  # the header wins over the model name
+    await oai.chat.completions.create(
+        model="emu-slow-5000", messages=CHAT, extra_headers={"x-emulator-latency-ms": "0"}
+    )
+    assert time.monotonic() - started < 2.5
 
 
 async def test_chunk_delay_spreads_the_stream(oai: openai.AsyncOpenAI):
     stream = await oai.chat.completions.create(
         model="m",
-        messages=CHAT,  # type: ignore[arg-type]
+        messages=CHAT,
         stream=True,
         extra_headers={"x-emulator-chunk-delay-ms": "40", "x-emulator-words": "4"},
     )
@@ -499,7 +503,7 @@ async def test_stream_abort(oai: openai.AsyncOpenAI, ant: anthropic.AsyncAnthrop
     with pytest.raises(openai.APIConnectionError):
         stream = await oai.chat.completions.create(
             model="m",
-            messages=CHAT,  # type: ignore[arg-type]
+            messages=CHAT,
             stream=True,
             extra_headers=headers,
         )
@@ -528,7 +532,7 @@ async def test_api_key_is_enforced():
             ant = anthropic.AsyncAnthropic(base_url=base, api_key=key, max_retries=0)
             try:
                 if ok:
-                    resp = await oai.chat.completions.create(model="m", messages=CHAT)  # type: ignore[arg-type]
+                    resp = await oai.chat.completions.create(model="m", messages=CHAT)
                     assert resp.choices[0].message.content == "Echo: hello there"
                     msg = await ant.messages.create(
                         model="c", max_tokens=5, messages=[{"role": "user", "content": "hi"}]
@@ -536,7 +540,7 @@ async def test_api_key_is_enforced():
                     assert msg.content[0].text == "Echo: hi"  # type: ignore[union-attr]
                 else:
                     with pytest.raises(openai.AuthenticationError):
-                        await oai.chat.completions.create(model="m", messages=CHAT)  # type: ignore[arg-type]
+                        await oai.chat.completions.create(model="m", messages=CHAT)
                     with pytest.raises(anthropic.AuthenticationError) as exc_info:
                         await ant.messages.create(
                             model="c", max_tokens=5, messages=[{"role": "user", "content": "hi"}]

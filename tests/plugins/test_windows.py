@@ -1,0 +1,56 @@
+"""The in-process sliding-window counter: exact admission counts and a Retry-After that is right."""
+
+from __future__ import annotations
+
+import limits
+import pytest
+
+from plugins.windows import MemoryWindows
+
+
+class Clock:
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.mark.parametrize(("limit", "start"), [(5, 1000.0), (5, 1000.7), (60, 6000.3), (1, 50.9)])
+async def test_reset_time_is_when_the_next_request_fits(limit: int, start: float) -> None:
+    clock = Clock(start)
+    w = MemoryWindows(clock)
+    item = limits.RateLimitItemPerSecond(limit, 10)
+    for _ in range(limit):
+        assert await w.hit(item, "u")
+    assert not await w.hit(item, "u")
+    stats = await w.get_window_stats(item, "u")
+    assert stats.remaining == 0
+    clock.t = stats.reset_time - 0.01
+    assert not await w.test(item, "u")
+    clock.t = stats.reset_time + 0.001
+    assert await w.test(item, "u")
+    assert stats.reset_time - start <= 20  # never more than two windows
+
+
+async def test_keys_and_items_are_independent() -> None:
+    w = MemoryWindows(Clock(100.0))
+    a = limits.RateLimitItemPerSecond(2, 10)
+    b = limits.RateLimitItemPerSecond(3, 10)
+    assert [await w.hit(a, "u1") for _ in range(3)] == [True, True, False]
+    assert [await w.hit(a, "u2") for _ in range(3)] == [True, True, False]
+    assert [await w.hit(b, "u1") for _ in range(4)] == [True, True, True, False]
+
+
+async def test_cost_and_stale_keys_are_swept() -> None:
+    clock = Clock(0.0)
+    w = MemoryWindows(clock)
+    w.SWEEP_EVERY = 3
+    item = limits.RateLimitItemPerSecond(10, 1)
+    assert await w.hit(item, "a", cost=7)
+    assert not await w.hit(item, "a", cost=4)
+    assert (await w.get_window_stats(item, "a")).remaining == 3
+    await w.hit(item, "b")
+    clock.t = 100.0
+    await w.hit(item, "c")  # the third new key triggers a sweep of a and b
+    assert len(w) == 1
