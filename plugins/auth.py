@@ -31,7 +31,7 @@ class DeclaredKey(BaseModel):
     sha256: str = Field(pattern=_SHA256.pattern, description="SHA-256 hex of the key.")
 
 
-class Config(BaseModel):
+class AuthConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     keys: list[DeclaredKey] = Field(
         default_factory=list, description="Keys managed as code, by hash (never the secret)."
@@ -41,9 +41,9 @@ class Config(BaseModel):
 class AuthPlugin:
     """Resolve the presented key to a Principal; 401 in the route's shape otherwise."""
 
-    Config = Config
+    Config = AuthConfig
 
-    def __init__(self, config: Config, policy: Policy) -> None:
+    def __init__(self, config: AuthConfig, policy: Policy) -> None:
         for k in config.keys:
             if policy.tiers and k.tier not in policy.tiers:
                 raise ValueError(f"key {k.id!r}: unknown tier {k.tier!r}")

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from plugins.admission import Admission, QueueFull, QueueTimeout
 from plugins.quota import MonthlyQuota, month_of, next_month_start
-from plugins.windows import MemoryWindows, open_windows
+from plugins.windows import Admit, MemoryWindows, open_windows
 from proxy.appkeys import SHARED
 from proxy.context import RequestContext, StashKey, UpstreamRequest
 from proxy.errors import Reject
@@ -66,7 +66,7 @@ class GlobalConfig(BaseModel):
         return parse_duration(v)
 
 
-class Config(BaseModel):
+class LimitsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     user: list[str] = Field(default_factory=list, description="Per-user limits, e.g. '60/minute'.")
     ip: list[str] = Field(
@@ -153,15 +153,38 @@ def reset_string(seconds: float) -> str:
     return f"{sec}s"
 
 
+Layer = tuple[int, float, tuple[str, ...]]
+"""(limit, period in seconds, identifiers such as ("user", "alice"))."""
+
+
+def _spec(item: limits.RateLimitItem) -> tuple[int, float]:
+    return item.amount, float(item.get_expiry())
+
+
+class MonthCache:
+    """The current UTC month and its end, recomputed only when the month changes."""
+
+    def __init__(self) -> None:
+        self._until = 0.0
+        self._value = ("", 0.0)
+
+    def current(self, now: float) -> tuple[str, float]:
+        if now >= self._until or now < self._until - 32 * 86400:
+            reset = next_month_start(now)
+            self._value, self._until = (month_of(now), reset), reset
+        return self._value
+
+
 class LimitsPlugin:
     """Plans and rate limits; see the module docstring for the order of checks."""
 
-    Config = Config
+    Config = LimitsConfig
 
-    def __init__(self, config: Config, policy: Policy) -> None:
+    def __init__(self, config: LimitsConfig, policy: Policy) -> None:
         self.config = config
-        self.user_items = [limits.parse(s) for s in config.user]
-        self.ip_items = [limits.parse(s) for s in config.ip]
+        self.user_specs = [_spec(limits.parse(s)) for s in config.user]
+        self.ip_specs = [_spec(limits.parse(s)) for s in config.ip]
+        self.month = MonthCache()
         self.plans = compile_plans(policy.tiers, config.plan_period)
         self.known_features = set(policy.features).union(
             *(t.features for t in policy.tiers.values())
@@ -203,29 +226,50 @@ class LimitsPlugin:
         shared.on_close(quota.stop)
         return quota
 
-    def _layers(
-        self, ctx: RequestContext, rule: PlanRule | None
-    ) -> list[tuple[limits.RateLimitItem, str, str]]:
+    def _layers(self, ctx: RequestContext, rule: PlanRule | None) -> list[Layer]:
         user = ctx.principal.user_id if ctx.principal else "anonymous"
-        layers = [(item, "ip", ctx.client_ip) for item in self.ip_items]
-        layers += [(item, "user", user) for item in self.user_items]
+        ip = ctx.client_ip
+        layers: list[Layer] = [(a, p, ("ip", ip)) for a, p in self.ip_specs]
+        layers += [(a, p, ("user", user)) for a, p in self.user_specs]
         if rule is not None and rule.per_minute is not None:
-            layers.append((rule.per_minute, "plan", user))
+            layers.append(
+                (rule.per_minute.amount, float(rule.per_minute.get_expiry()), ("plan", user))
+            )
         return layers
 
-    async def _limited(self, item: limits.RateLimitItem, layer: str, ident: str) -> Reject:
-        assert self.limiter is not None
-        stats = await self.limiter.get_window_stats(item, layer, ident)
-        wait = max(0.0, stats.reset_time - time.time())
+    async def _admit(self, layers: list[Layer]) -> Admit:
+        """All layers at once: one synchronous pass in memory, test-then-hit on Redis."""
+        limiter = self.limiter
+        if isinstance(limiter, MemoryWindows):
+            return limiter.admit(layers)
+        items = [limits.RateLimitItemPerSecond(a, round(p)) for a, p, _ in layers]
+        for i, (item, (_, _, ids)) in enumerate(zip(items, layers, strict=True)):
+            if not await limiter.test(item, *ids):
+                stats = await limiter.get_window_stats(item, *ids)
+                return Admit(i, i, 0, max(0.0, stats.reset_time - time.time()))
+        for i, (item, (_, _, ids)) in enumerate(zip(items, layers, strict=True)):
+            if not await limiter.hit(item, *ids):
+                stats = await limiter.get_window_stats(item, *ids)
+                return Admit(i, i, 0, max(0.0, stats.reset_time - time.time()))
+        best = Admit(-1, -1, 0, 0.0)
+        for i, (item, (_, _, ids)) in enumerate(zip(items, layers, strict=True)):
+            stats = await limiter.get_window_stats(item, *ids)
+            if best.layer < 0 or stats.remaining < best.remaining:
+                best = Admit(-1, i, stats.remaining, max(0.0, stats.reset_time - time.time()))
+        return best
+
+    @staticmethod
+    def _refusal(layer: Layer, wait: float, code: str | None = None) -> Reject:
+        amount, period, ids = layer
         retry = max(1, math.ceil(wait))
         return Reject(
             429,
-            f"Rate limit reached for requests ({layer}: {item.amount} per "
-            f"{item.multiples} {item.GRANULARITY.name}). Retry after {retry}s.",
-            code=f"{layer}_rate_limit_exceeded",
+            f"Rate limit reached for requests ({ids[0]}: {amount} per {period:g}s). "
+            f"Retry after {retry}s.",
+            code=code or f"{ids[0]}_rate_limit_exceeded",
             headers={
                 "Retry-After": str(retry),
-                "x-ratelimit-limit-requests": str(item.amount),
+                "x-ratelimit-limit-requests": str(amount),
                 "x-ratelimit-remaining-requests": "0",
                 "x-ratelimit-reset-requests": reset_string(wait),
             },
@@ -250,60 +294,40 @@ class LimitsPlugin:
                 code="feature_not_in_plan",
                 param="X-Tollway-Feature",
             )
-        now = time.time()
         user = principal.user_id if principal else "anonymous"
-        month = month_of(now)
-        if (
-            rule is not None
-            and rule.monthly is not None
-            and self.quota.used(user, month) >= rule.monthly
-        ):
-            reset = next_month_start(now)
-            raise Reject(
-                429,
-                f"monthly quota of {rule.monthly} requests for plan {rule.name!r} is used up; "
-                f"it resets at {datetime.fromtimestamp(reset, UTC).isoformat()}",
-                code="monthly_quota_exceeded",
-                headers={"Retry-After": str(math.ceil(reset - now))},
-            )
-        layers = self._layers(ctx, rule)
-        limiter = self.limiter
-        for item, layer, ident in layers:
-            if not await limiter.test(item, layer, ident):
-                raise await self._limited(item, layer, ident)
-        for item, layer, ident in layers:
-            if not await limiter.hit(item, layer, ident):
-                raise await self._limited(item, layer, ident)
+        monthly = rule.monthly if rule is not None else None
+        if monthly is not None:
+            now = time.time()
+            month, reset = self.month.current(now)
+            if self.quota.used(user, month) >= monthly:
+                raise Reject(
+                    429,
+                    f"monthly quota of {monthly} requests for plan {rule.name!r} is used up; "  # type: ignore[union-attr]
+                    f"it resets at {datetime.fromtimestamp(reset, UTC).isoformat()}",
+                    code="monthly_quota_exceeded",
+                    headers={"Retry-After": str(math.ceil(reset - now))},
+                )
         if (
             rule is not None
             and rule.tokens is not None
-            and not await limiter.test(rule.tokens, "tokens", user)
+            and not await self.limiter.test(rule.tokens, "tokens", user)
         ):
-            rej = await self._limited(rule.tokens, "tokens", user)
-            rej.code = "plan_token_limit_exceeded"
-            raise rej
-        if rule is not None and rule.monthly is not None:
+            stats = await self.limiter.get_window_stats(rule.tokens, "tokens", user)
+            wait = max(0.0, stats.reset_time - time.time())
+            tokens_layer = (rule.tokens.amount, float(rule.tokens.get_expiry()), ("tokens", user))
+            raise self._refusal(tokens_layer, wait, "plan_token_limit_exceeded")
+        layers = self._layers(ctx, rule)
+        if layers:
+            res = await self._admit(layers)
+            if res.failed >= 0:
+                raise self._refusal(layers[res.failed], res.wait)
+            h = ctx.response_headers
+            h["x-ratelimit-limit-requests"] = str(layers[res.layer][0])
+            h["x-ratelimit-remaining-requests"] = str(res.remaining)
+            h["x-ratelimit-reset-requests"] = reset_string(res.wait)
+        if monthly is not None:
             self.quota.add(user, month)
             ctx.stash[_COUNTED] = month
-        if layers:
-            await self._headers(ctx, layers)
-
-    async def _headers(
-        self, ctx: RequestContext, layers: list[tuple[limits.RateLimitItem, str, str]]
-    ) -> None:
-        """OpenAI's rate-limit headers for the most constraining layer."""
-        assert self.limiter is not None
-        best = None
-        for item, layer, ident in layers:
-            stats = await self.limiter.get_window_stats(item, layer, ident)
-            if best is None or stats.remaining < best[1].remaining:
-                best = (item, stats)
-        assert best is not None
-        item, stats = best
-        h = ctx.response_headers
-        h["x-ratelimit-limit-requests"] = str(item.amount)
-        h["x-ratelimit-remaining-requests"] = str(stats.remaining)
-        h["x-ratelimit-reset-requests"] = reset_string(max(0.0, stats.reset_time - time.time()))
 
     @hookimpl
     async def upstream_request(self, ctx: RequestContext, req: UpstreamRequest) -> None:
@@ -336,6 +360,8 @@ class LimitsPlugin:
             self.admission.release()
         month = ctx.stash.get(_COUNTED)
         principal = ctx.principal
+        if principal is None:
+            return
         if month is not None and principal is not None and self.quota is not None:
             if ctx.status >= 400 and ctx.status != 499:
                 self.quota.add(principal.user_id, month, -1)  # failed requests are not billed

@@ -28,6 +28,19 @@ class WindowStats(NamedTuple):
     remaining: int
 
 
+class Admit(NamedTuple):
+    """Outcome of checking several layers at once.
+
+    ``failed`` is the index of the first layer that refused (-1 if admitted); ``layer`` names
+    the layer the numbers describe: the refusing one, or the most constraining after the hit.
+    """
+
+    failed: int
+    layer: int
+    remaining: int
+    wait: float  # seconds until one more request fits in that layer
+
+
 class MemoryWindows:
     """Sliding-window counters in a dict: ``{key: [window_index, previous, current]}``."""
 
@@ -41,9 +54,13 @@ class MemoryWindows:
     def _state(
         self, item: limits.RateLimitItem, ids: tuple[str, ...], now: float
     ) -> tuple[list[int], float, float]:
-        period = float(item.get_expiry())
+        return self._state_at(item.amount, float(item.get_expiry()), ids, now)
+
+    def _state_at(
+        self, amount: int, period: float, ids: tuple[str, ...], now: float
+    ) -> tuple[list[int], float, float]:
         index = int(now // period)
-        key = (item.amount, period, *ids)
+        key = (amount, period, *ids)
         st = self._counts.get(key)
         if st is None:
             st = self._counts[key] = [index, 0, 0]
@@ -57,6 +74,40 @@ class MemoryWindows:
             st[0] = index
         elapsed = now - index * period
         return st, period, elapsed
+
+    def admit(self, layers: list[tuple[int, float, tuple[str, ...]]], cost: int = 1) -> Admit:
+        """Check every layer ``(limit, period seconds, ids)``, then count the request in all of
+        them, in one synchronous pass: nothing is consumed unless every layer admits it, and no
+        other request can interleave (the event loop does not switch inside)."""
+        now = self.clock()
+        states = []
+        for i, (amount, period, ids) in enumerate(layers):
+            st, _, elapsed = self._state_at(amount, period, ids, now)
+            if st[1] * (1.0 - elapsed / period) + st[2] + cost > amount:
+                return Admit(i, i, 0, self._wait(st, amount, period, elapsed))
+            states.append((st, elapsed))
+        best, best_left = -1, math.inf
+        for st, _ in states:
+            st[2] += cost
+        for i, (st, elapsed) in enumerate(states):
+            amount, period, _ = layers[i]
+            left = amount - (st[1] * (1.0 - elapsed / period) + st[2])
+            if left < best_left:
+                best, best_left = i, left
+        if best < 0:
+            return Admit(-1, -1, 0, 0.0)
+        st, elapsed = states[best]
+        period = layers[best][1]
+        return Admit(-1, best, max(0, math.floor(best_left)), self._full_reset(st, period, elapsed))
+
+    @staticmethod
+    def _full_reset(st: list[int], period: float, elapsed: float) -> float:
+        """Seconds until the layer is back to its whole limit (OpenAI's reset header)."""
+        if st[2] > 0:
+            return 2 * period - elapsed
+        if st[1] > 0:
+            return period - elapsed
+        return 0.0
 
     @staticmethod
     def _weighted(st: list[int], period: float, elapsed: float) -> float:

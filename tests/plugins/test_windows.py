@@ -54,3 +54,19 @@ async def test_cost_and_stale_keys_are_swept() -> None:
     clock.t = 100.0
     await w.hit(item, "c")  # the third new key triggers a sweep of a and b
     assert len(w) == 1
+
+
+async def test_admit_consumes_nothing_on_refusal_and_reports_tightest_layer() -> None:
+    w = MemoryWindows(Clock(500.0))
+    layers = [(10, 60.0, ("ip", "1.2.3.4")), (2, 60.0, ("user", "u")), (5, 60.0, ("plan", "u"))]
+    first = w.admit(layers)
+    assert first.failed == -1 and first.layer == 1 and first.remaining == 1
+    assert w.admit(layers).failed == -1
+    refused = w.admit(layers)
+    assert refused.failed == 1 and refused.wait > 0
+    # the refused request counted nowhere: the ip layer saw exactly two requests
+    other_user = [(10, 60.0, ("ip", "1.2.3.4")), (2, 60.0, ("user", "v"))]
+    res = w.admit(other_user)
+    assert res.failed == -1 and res.layer == 1 and res.remaining == 1
+    ip_only = w.admit([(10, 60.0, ("ip", "1.2.3.4"))])
+    assert ip_only.remaining == 10 - 4
