@@ -60,7 +60,7 @@ class MemoryWindows:
         self, amount: int, period: float, ids: tuple[str, ...], now: float
     ) -> tuple[list[int], float, float]:
         index = int(now // period)
-        key = (amount, period, *ids)
+        key = (amount, period, ids)
         st = self._counts.get(key)
         if st is None:
             st = self._counts[key] = [index, 0, 0]
@@ -80,25 +80,22 @@ class MemoryWindows:
         them, in one synchronous pass: nothing is consumed unless every layer admits it, and no
         other request can interleave (the event loop does not switch inside)."""
         now = self.clock()
-        states = []
+        picked: list[list[int]] = []
+        best, best_left, best_elapsed = -1, math.inf, 0.0
         for i, (amount, period, ids) in enumerate(layers):
             st, _, elapsed = self._state_at(amount, period, ids, now)
-            if st[1] * (1.0 - elapsed / period) + st[2] + cost > amount:
+            left = amount - (st[1] * (1.0 - elapsed / period) + st[2] + cost)
+            if left < 0:
                 return Admit(i, i, 0, self._wait(st, amount, period, elapsed))
-            states.append((st, elapsed))
-        best, best_left = -1, math.inf
-        for st, _ in states:
-            st[2] += cost
-        for i, (st, elapsed) in enumerate(states):
-            amount, period, _ = layers[i]
-            left = amount - (st[1] * (1.0 - elapsed / period) + st[2])
+            picked.append(st)
             if left < best_left:
-                best, best_left = i, left
+                best, best_left, best_elapsed = i, left, elapsed
+        for st in picked:
+            st[2] += cost
         if best < 0:
             return Admit(-1, -1, 0, 0.0)
-        st, elapsed = states[best]
-        period = layers[best][1]
-        return Admit(-1, best, max(0, math.floor(best_left)), self._full_reset(st, period, elapsed))
+        wait = self._full_reset(picked[best], layers[best][1], best_elapsed)
+        return Admit(-1, best, math.floor(best_left), wait)
 
     @staticmethod
     def _full_reset(st: list[int], period: float, elapsed: float) -> float:

@@ -66,7 +66,7 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     gw = app[GATEWAY]
     # No connection cap here: admission control is the limits plugin's job, not the pool's.
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
-    gw.session = aiohttp.ClientSession(connector=connector, skip_auto_headers=("User-Agent",))
+    gw.session = aiohttp.ClientSession(connector=connector)
     yield
     await gw.session.close()
 

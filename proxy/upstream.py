@@ -49,6 +49,13 @@ _NOT_FORWARDED = frozenset(
     }
 )
 
+_OPENAI_PATHS = {
+    "chat": "/chat/completions",
+    "messages": "/chat/completions",
+    "completions": "/completions",
+    "embeddings": "/embeddings",
+}
+
 _RELAYED_BACK = ("content-type", "openai-processing-ms", "retry-after")
 
 
@@ -92,11 +99,8 @@ class ProviderClient:
     def url(self, endpoint: str) -> str:
         """The provider URL of a client endpoint, in the provider's dialect."""
         if self.kind == "anthropic":
-            return f"{self.base_url}/v1/messages"
-        path = {"chat": "/chat/completions", "messages": "/chat/completions"}.get(
-            endpoint, f"/{endpoint}"
-        )
-        return self.base_url + path
+            return self.base_url + "/v1/messages"
+        return self.base_url + _OPENAI_PATHS[endpoint]
 
     def headers(self, client_headers: CIMultiDictProxy[str]) -> dict[str, str]:
         """Client headers minus hop-by-hop, credentials and Tollway's own; plus the provider's."""

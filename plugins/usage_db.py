@@ -1,0 +1,425 @@
+"""The usage database (DuckDB): schema and migrations, spool ingestion, read-only SQL, invoices.
+
+DuckDB locks its file to one process, so while the gateway runs it is the only way in: the
+admin API runs queries here, on cursors of the gateway's own connection, in worker threads. All
+money is DECIMAL, computed in SQL from token counts and per-million prices, so sums are exact and
+an invoice adds up to the cent.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import threading
+from datetime import UTC, datetime
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+MONEY = "DECIMAL(18, 9)"
+
+SPOOL_COLUMNS: dict[str, str] = {
+    "ts": "DOUBLE",
+    "request_id": "VARCHAR",
+    "final": "BOOLEAN",
+    "user_id": "VARCHAR",
+    "key_id": "VARCHAR",
+    "tier": "VARCHAR",
+    "feature": "VARCHAR",
+    "endpoint": "VARCHAR",
+    "provider": "VARCHAR",
+    "model": "VARCHAR",
+    "upstream_model": "VARCHAR",
+    "stream": "BOOLEAN",
+    "status": "INTEGER",
+    "error_code": "VARCHAR",
+    "cache": "VARCHAR",
+    "input_tokens": "BIGINT",
+    "output_tokens": "BIGINT",
+    "usage_estimated": "BOOLEAN",
+    "latency_ms": "DOUBLE",
+    "ttfb_ms": "DOUBLE",
+    "input_per_mtok": "DOUBLE",
+    "output_per_mtok": "DOUBLE",
+    "price": "DOUBLE",
+    "saved_input": "BIGINT",
+    "saved_output": "BIGINT",
+    "retries": "INTEGER",
+    "client_ip_hash": "VARCHAR",
+}
+
+MIGRATIONS: list[str] = [
+    # 1: the usage table, one row per request (DESIGN §4 columns and more)
+    f"""
+    CREATE TABLE usage (
+        ts TIMESTAMP NOT NULL,
+        request_id VARCHAR PRIMARY KEY,
+        user_id VARCHAR, key_id VARCHAR, tier VARCHAR, feature VARCHAR, endpoint VARCHAR,
+        provider VARCHAR, model VARCHAR, upstream_model VARCHAR, stream BOOLEAN,
+        status INTEGER, error_code VARCHAR, cache VARCHAR,
+        input_tokens BIGINT, output_tokens BIGINT, usage_estimated BOOLEAN,
+        latency_ms DOUBLE, ttfb_ms DOUBLE,
+        cost_usd {MONEY}, price_usd {MONEY}, saved_usd {MONEY},
+        retries INTEGER, client_ip_hash VARCHAR, final BOOLEAN
+    );
+    CREATE TABLE plans (tier VARCHAR PRIMARY KEY, monthly_cost {MONEY} NOT NULL);
+    """,
+]
+
+VIEWS = """
+-- daily_usage: one row per UTC day, user and feature.
+CREATE OR REPLACE VIEW daily_usage AS
+SELECT CAST(ts AS DATE) AS day, user_id, tier, feature,
+       count(*) AS requests,
+       count(*) FILTER (WHERE status < 400) AS ok,
+       count(*) FILTER (WHERE cache = 'hit') AS cache_hits,
+       sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
+       sum(cost_usd) AS cost_usd, sum(price_usd) AS revenue_usd
+FROM usage GROUP BY ALL;
+
+-- kpis: the technical metrics, over all recorded traffic.
+--   requests_per_second: requests / seconds between the first and last request
+--   requests_per_user_per_day: requests / (distinct user-days)
+--   cache_hit_rate: hits / requests a cache saw (hit + miss), in percent
+--   avg/p95_response_ms: latency of answered requests (status < 400)
+--   error_rate: share of requests with status >= 500 or a provider error, in percent
+CREATE OR REPLACE VIEW kpis AS
+SELECT count(*) AS requests,
+       count(*) / greatest(epoch(max(ts)) - epoch(min(ts)), 1) AS requests_per_second,
+       count(*) / greatest(count(DISTINCT (user_id, CAST(ts AS DATE))), 1) AS requests_per_user_per_day,
+       100.0 * count(*) FILTER (WHERE cache = 'hit')
+             / greatest(count(*) FILTER (WHERE cache IN ('hit', 'miss')), 1) AS cache_hit_rate,
+       avg(latency_ms) FILTER (WHERE status < 400) AS avg_response_ms,
+       quantile_cont(latency_ms, 0.95) FILTER (WHERE status < 400) AS p95_response_ms,
+       100.0 * count(*) FILTER (WHERE status >= 500 OR error_code LIKE 'upstream%')
+             / greatest(count(*), 1) AS error_rate,
+       count(*) FILTER (WHERE status = 429) AS rate_limited,
+       count(*) FILTER (WHERE cost_usd IS NULL AND status < 400 AND cache IS DISTINCT FROM 'hit')
+             AS unpriced_requests
+FROM usage;
+
+-- business: per UTC month.
+--   revenue_usd: usage revenue (sum of price_usd) + subscriptions (monthly_cost of each
+--     plan a user was active on in the month)
+--   provider_cost_usd: sum of cost_usd (what the providers charge)
+--   cost_per_request_usd: provider_cost_usd / requests
+--   profit_margin: (revenue - provider cost) / revenue, in percent
+--   mrr_usd: monthly recurring revenue = sum of the plan's monthly_cost over users active in
+--     the month (a user's plan is the tier of their requests; plan prices from the policy)
+--   active_users: users with at least one request in the month
+--   churned_users / churn_rate: users active last month and not this month, / last month's
+--   customer_lifetime_value_usd: average revenue per active user / churn rate (monthly)
+CREATE OR REPLACE VIEW business AS
+WITH months AS (
+    SELECT strftime(ts, '%Y-%m') AS month, user_id, any_value(tier) AS tier,
+           count(*) AS requests, sum(price_usd) AS usage_revenue, sum(cost_usd) AS cost
+    FROM usage GROUP BY ALL
+),
+plans AS (
+    SELECT m.*, coalesce(p.monthly_cost, 0) AS monthly_cost
+    FROM months m LEFT JOIN plans p ON p.tier = m.tier
+),
+per_month AS (
+    SELECT month, count(*) AS active_users, sum(requests) AS requests,
+           sum(usage_revenue) AS usage_revenue_usd, sum(monthly_cost) AS mrr_usd,
+           sum(cost) AS provider_cost_usd
+    FROM plans GROUP BY month
+),
+churn AS (
+    SELECT cur.month,
+           (SELECT count(*) FROM months p
+            WHERE p.month = strftime(CAST(cur.month || '-01' AS DATE) - INTERVAL 1 MONTH, '%Y-%m')
+              AND p.user_id NOT IN (SELECT user_id FROM months c WHERE c.month = cur.month))
+             AS churned_users,
+           (SELECT count(*) FROM months p
+            WHERE p.month = strftime(CAST(cur.month || '-01' AS DATE) - INTERVAL 1 MONTH, '%Y-%m'))
+             AS previous_users
+    FROM per_month cur
+)
+SELECT p.month, p.requests, p.active_users,
+       p.usage_revenue_usd + p.mrr_usd AS revenue_usd,
+       p.usage_revenue_usd, p.mrr_usd,
+       coalesce(p.provider_cost_usd, 0) AS provider_cost_usd,
+       coalesce(p.provider_cost_usd, 0) / greatest(p.requests, 1) AS cost_per_request_usd,
+       CASE WHEN p.usage_revenue_usd + p.mrr_usd > 0
+            THEN 100 * (p.usage_revenue_usd + p.mrr_usd - coalesce(p.provider_cost_usd, 0))
+                 / (p.usage_revenue_usd + p.mrr_usd) END AS profit_margin,
+       c.churned_users,
+       CASE WHEN c.previous_users > 0 THEN 100.0 * c.churned_users / c.previous_users END
+           AS churn_rate,
+       CASE WHEN c.previous_users > 0 AND c.churned_users > 0
+            THEN ((p.usage_revenue_usd + p.mrr_usd) / p.active_users)
+                 / (c.churned_users / c.previous_users) END AS customer_lifetime_value_usd
+FROM per_month p JOIN churn c USING (month)
+ORDER BY p.month;
+"""
+
+_READ_ONLY = {"SELECT", "EXPLAIN", "PRAGMA", "SHOW", "DESCRIBE"}
+_CENT = Decimal("0.01")
+
+
+class ReadOnlyError(Exception):
+    """A statement other than a read was sent to the read-only SQL endpoint."""
+
+
+class UsageDB:
+    """One DuckDB database, one writer connection; readers use cursors in worker threads."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self.con = duckdb.connect(self.path)
+        self._write_lock = threading.Lock()
+        self.migrate()
+
+    def migrate(self) -> int:
+        """Apply pending migrations in order; the applied version is recorded in a table."""
+        con = self.con
+        con.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, "
+            "applied_at TIMESTAMP NOT NULL)"
+        )
+        row = con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()
+        current = int(row[0]) if row else 0
+        for version, sql in enumerate(MIGRATIONS, start=1):
+            if version <= current:
+                continue
+            con.execute("BEGIN")
+            con.execute(sql)
+            con.execute("INSERT INTO schema_version VALUES (?, now())", [version])
+            con.execute("COMMIT")
+            current = version
+        con.execute(VIEWS)
+        return current
+
+    def ingest(self, segment: Path) -> int:
+        """Load one spool segment; idempotent (request_id), a final row replaces a pending one.
+
+        Returns the number of rows read. A torn last line (a killed process) is skipped.
+        """
+        if segment.stat().st_size == 0:
+            return 0
+        cols = ", ".join(f"'{k}': '{v}'" for k, v in SPOOL_COLUMNS.items())
+        source = f"read_json(?, format='newline_delimited', columns={{{cols}}}, ignore_errors=true)"
+        update = ", ".join(
+            f"{c} = excluded.{c}" for c in _USAGE_COLUMNS if c not in ("request_id",)
+        )
+        sql = f"""
+        INSERT INTO usage BY NAME
+        SELECT make_timestamp(CAST(ts * 1000000 AS BIGINT)) AS ts, request_id, final, user_id,
+               key_id, tier, feature, endpoint, provider, model, upstream_model, stream, status,
+               error_code, cache, input_tokens, output_tokens, usage_estimated, latency_ms,
+               ttfb_ms, retries, client_ip_hash,
+               CASE WHEN cache = 'hit' THEN CAST(0 AS {MONEY})
+                    WHEN input_per_mtok IS NULL
+                         OR (output_tokens > 0 AND output_per_mtok IS NULL) THEN NULL
+                    ELSE CAST((input_tokens * CAST(input_per_mtok AS {MONEY})
+                              + output_tokens * CAST(coalesce(output_per_mtok, 0) AS {MONEY}))
+                              / 1000000 AS {MONEY}) END AS cost_usd,
+               CAST(coalesce(price, 0) AS {MONEY}) AS price_usd,
+               CASE WHEN input_per_mtok IS NULL THEN NULL
+                    ELSE CAST((coalesce(saved_input, 0) * CAST(input_per_mtok AS {MONEY})
+                              + coalesce(saved_output, 0)
+                                * CAST(coalesce(output_per_mtok, 0) AS {MONEY}))
+                              / 1000000 AS {MONEY}) END AS saved_usd
+        FROM (SELECT *, row_number() OVER (PARTITION BY request_id ORDER BY final DESC) AS rn
+              FROM {source} WHERE request_id IS NOT NULL)
+        WHERE rn = 1
+        ON CONFLICT (request_id) DO UPDATE SET {update} WHERE excluded.final
+        """
+        with self._write_lock:
+            cur = self.con.cursor()
+            try:
+                cur.execute("BEGIN")
+                cur.execute(sql, [str(segment)])
+                count = cur.execute(f"SELECT count(*) FROM {source}", [str(segment)]).fetchone()
+                cur.execute("COMMIT")
+            except Exception:
+                cur.execute("ROLLBACK")
+                raise
+            finally:
+                cur.close()
+        return int(count[0]) if count else 0
+
+    def set_plan_prices(self, prices: dict[str, float]) -> None:
+        """Record each plan's monthly cost (the policy's), used by MRR and invoices."""
+        with self._write_lock:
+            for tier, cost in prices.items():
+                self.con.execute(
+                    f"INSERT INTO plans VALUES (?, CAST(? AS {MONEY})) "
+                    "ON CONFLICT (tier) DO UPDATE SET monthly_cost = excluded.monthly_cost",
+                    [tier, cost],
+                )
+
+    def query(self, sql: str) -> tuple[list[str], list[list[Any]]]:
+        """Run read-only SQL on a fresh cursor; raises ReadOnlyError or duckdb.Error."""
+        cur = self.con.cursor()
+        try:
+            statements = cur.extract_statements(sql)
+            if not statements:
+                raise duckdb.ParserException("empty query")
+            for st in statements:
+                if st.type.name not in _READ_ONLY:
+                    raise ReadOnlyError(f"only reads are allowed, not {st.type.name}")
+            result = cur.execute(sql)
+            columns = [d[0] for d in result.description or []]
+            rows = [list(r) for r in result.fetchall()]
+            return columns, rows
+        finally:
+            cur.close()
+
+    def invoice(
+        self, user: str, month: str, plan_costs: dict[str, float], current_tier: str | None
+    ) -> dict[str, Any]:
+        """The month's invoice: the plan's subscription line plus usage lines, exact to the cent.
+
+        Usage lines group billable requests (status < 400, cache hits included) by service,
+        endpoint, feature and unit price. The same inputs always give the same invoice.
+        """
+        start = datetime.strptime(month, "%Y-%m").replace(tzinfo=UTC)
+        end = (
+            start.replace(year=start.year + 1, month=1)
+            if start.month == 12
+            else start.replace(month=start.month + 1)
+        )
+        cur = self.con.cursor()
+        try:
+            rows = cur.execute(
+                """
+                SELECT endpoint, coalesce(feature, '-') AS feature, price_usd AS unit,
+                       count(*) AS qty, sum(price_usd) AS total
+                FROM usage
+                WHERE user_id = ? AND ts >= ? AND ts < ? AND status < 400
+                GROUP BY ALL ORDER BY endpoint, feature, unit
+                """,
+                [user, start.replace(tzinfo=None), end.replace(tzinfo=None)],
+            ).fetchall()
+            tier_row = cur.execute(
+                "SELECT tier FROM usage WHERE user_id = ? AND ts >= ? AND ts < ? "
+                "AND tier IS NOT NULL ORDER BY ts DESC LIMIT 1",
+                [user, start.replace(tzinfo=None), end.replace(tzinfo=None)],
+            ).fetchone()
+        finally:
+            cur.close()
+        tier = tier_row[0] if tier_row else current_tier
+        lines: list[dict[str, Any]] = []
+        if tier is not None:
+            cost = Decimal(str(plan_costs.get(tier, 0)))
+            lines.append(_line(f"{tier} plan, {month}", "subscription", None, None, 1, cost, cost))
+        for endpoint, feature, unit, qty, total in rows:
+            lines.append(
+                _line(
+                    f"AI API: {endpoint} / {feature}",
+                    "ai_api",
+                    endpoint,
+                    feature,
+                    int(qty),
+                    Decimal(unit),
+                    Decimal(total),
+                )
+            )
+        grand = sum((Decimal(x["total"]) for x in lines), Decimal(0))
+        return {
+            "user": user,
+            "month": month,
+            "tier": tier,
+            "currency": "USD",
+            "period": {"start": start.date().isoformat(), "end": end.date().isoformat()},
+            "lines": lines,
+            "total": str(grand.quantize(_CENT, ROUND_HALF_UP)),
+        }
+
+    def close(self) -> None:
+        self.con.close()
+
+
+def _money(value: Decimal, places: str = "0.01") -> str:
+    return str(value.quantize(Decimal(places), ROUND_HALF_UP))
+
+
+def _line(
+    description: str,
+    service: str,
+    endpoint: str | None,
+    feature: str | None,
+    qty: int,
+    unit: Decimal,
+    total: Decimal,
+) -> dict[str, Any]:
+    unit_s = format(unit.normalize(), "f") if unit else "0"
+    return {
+        "description": description,
+        "service": service,
+        "endpoint": endpoint,
+        "feature": feature,
+        "quantity": qty,
+        "unit_price": unit_s,
+        "total": _money(total),
+    }
+
+
+def invoice_csv(invoice: dict[str, Any]) -> str:
+    """The invoice as CSV: one row per line, then the total."""
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(
+        [
+            "user",
+            "month",
+            "description",
+            "service",
+            "endpoint",
+            "feature",
+            "quantity",
+            "unit_price",
+            "total",
+        ]
+    )
+    for line in invoice["lines"]:
+        w.writerow(
+            [
+                invoice["user"],
+                invoice["month"],
+                line["description"],
+                line["service"],
+                line["endpoint"] or "",
+                line["feature"] or "",
+                line["quantity"],
+                line["unit_price"],
+                line["total"],
+            ]
+        )
+    w.writerow([invoice["user"], invoice["month"], "Total", "", "", "", "", "", invoice["total"]])
+    return out.getvalue()
+
+
+_USAGE_COLUMNS = [
+    "ts",
+    "request_id",
+    "user_id",
+    "key_id",
+    "tier",
+    "feature",
+    "endpoint",
+    "provider",
+    "model",
+    "upstream_model",
+    "stream",
+    "status",
+    "error_code",
+    "cache",
+    "input_tokens",
+    "output_tokens",
+    "usage_estimated",
+    "latency_ms",
+    "ttfb_ms",
+    "cost_usd",
+    "price_usd",
+    "saved_usd",
+    "retries",
+    "client_ip_hash",
+    "final",
+]
