@@ -8,8 +8,6 @@ an invoice adds up to the cent.
 
 from __future__ import annotations
 
-import csv
-import io
 import threading
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
@@ -17,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+
+from proxy.usage import ReadOnlyQuery
 
 MONEY = "DECIMAL(18, 9)"
 
@@ -160,10 +160,6 @@ _READ_ONLY = {"SELECT", "EXPLAIN", "PRAGMA", "SHOW", "DESCRIBE"}
 _CENT = Decimal("0.01")
 
 
-class ReadOnlyError(Exception):
-    """A statement other than a read was sent to the read-only SQL endpoint."""
-
-
 class UsageDB:
     """One DuckDB database, one writer connection; readers use cursors in worker threads."""
 
@@ -255,7 +251,7 @@ class UsageDB:
                 )
 
     def query(self, sql: str) -> tuple[list[str], list[list[Any]]]:
-        """Run read-only SQL on a fresh cursor; raises ReadOnlyError or duckdb.Error."""
+        """Run read-only SQL on a fresh cursor; raises ReadOnlyQuery or duckdb.Error."""
         cur = self.con.cursor()
         try:
             statements = cur.extract_statements(sql)
@@ -263,7 +259,7 @@ class UsageDB:
                 raise duckdb.ParserException("empty query")
             for st in statements:
                 if st.type.name not in _READ_ONLY:
-                    raise ReadOnlyError(f"only reads are allowed, not {st.type.name}")
+                    raise ReadOnlyQuery(f"only reads are allowed, not {st.type.name}")
             result = cur.execute(sql)
             columns = [d[0] for d in result.description or []]
             rows = [list(r) for r in result.fetchall()]
@@ -272,7 +268,11 @@ class UsageDB:
             cur.close()
 
     def invoice(
-        self, user: str, month: str, plan_costs: dict[str, float], current_tier: str | None
+        self,
+        user: str,
+        month: str,
+        plan_costs: dict[str, float] | None = None,
+        current_tier: str | None = None,
     ) -> dict[str, Any]:
         """The month's invoice: the plan's subscription line plus usage lines, exact to the cent.
 
@@ -302,6 +302,11 @@ class UsageDB:
                 "AND tier IS NOT NULL ORDER BY ts DESC LIMIT 1",
                 [user, start.replace(tzinfo=None), end.replace(tzinfo=None)],
             ).fetchone()
+            if plan_costs is None:  # offline: the plan prices recorded by the last gateway run
+                plan_costs = {
+                    t: float(c)
+                    for t, c in cur.execute("SELECT tier, monthly_cost FROM plans").fetchall()
+                }
         finally:
             cur.close()
         tier = tier_row[0] if tier_row else current_tier
@@ -332,6 +337,22 @@ class UsageDB:
             "total": str(grand.quantize(_CENT, ROUND_HALF_UP)),
         }
 
+    def export_parquet(self, folder: str) -> int:
+        """Write the usage table as Parquet files partitioned by UTC day (``day=YYYY-MM-DD``)."""
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with self._write_lock:
+            cur = self.con.cursor()
+            try:
+                row = cur.execute("SELECT count(*) FROM usage").fetchone()
+                escaped = folder.replace("'", "''")
+                cur.execute(
+                    f"COPY (SELECT *, CAST(ts AS DATE) AS day FROM usage) TO '{escaped}' "
+                    "(FORMAT parquet, PARTITION_BY (day), OVERWRITE_OR_IGNORE)"
+                )
+            finally:
+                cur.close()
+        return int(row[0]) if row else 0
+
     def close(self) -> None:
         self.con.close()
 
@@ -359,41 +380,6 @@ def _line(
         "unit_price": unit_s,
         "total": _money(total),
     }
-
-
-def invoice_csv(invoice: dict[str, Any]) -> str:
-    """The invoice as CSV: one row per line, then the total."""
-    out = io.StringIO()
-    w = csv.writer(out, lineterminator="\n")
-    w.writerow(
-        [
-            "user",
-            "month",
-            "description",
-            "service",
-            "endpoint",
-            "feature",
-            "quantity",
-            "unit_price",
-            "total",
-        ]
-    )
-    for line in invoice["lines"]:
-        w.writerow(
-            [
-                invoice["user"],
-                invoice["month"],
-                line["description"],
-                line["service"],
-                line["endpoint"] or "",
-                line["feature"] or "",
-                line["quantity"],
-                line["unit_price"],
-                line["total"],
-            ]
-        )
-    w.writerow([invoice["user"], invoice["month"], "Total", "", "", "", "", "", invoice["total"]])
-    return out.getvalue()
 
 
 _USAGE_COLUMNS = [

@@ -6,16 +6,23 @@ key in the policy the admin API is disabled (403), never open.
 
 from __future__ import annotations
 
+import datetime
 import hmac
 import logging
+import re
 from collections.abc import Awaitable, Callable
+from decimal import Decimal
 
+import duckdb
 import orjson
 from aiohttp import web
 
-from proxy.appkeys import GATEWAY
+from proxy.appkeys import GATEWAY, SHARED
 from proxy.errors import Reject, reject_body
 from proxy.policy import PolicyError
+from proxy.usage import USAGE, ReadOnlyQuery, UsageBackend, invoice_csv
+
+_MONTH = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
 
 log = logging.getLogger("tollway")
 
@@ -113,8 +120,68 @@ async def reload_policy(request: web.Request) -> web.StreamResponse:
     return _json({"status": "reloaded", "plugins": list(rt.chain.names)})
 
 
+def _usage(request: web.Request) -> UsageBackend:
+    backend = request.app[SHARED].find(USAGE)
+    if backend is None:
+        raise Reject(
+            404, "no usage database: add the metering plugin to the chain", code="metering_disabled"
+        )
+    return backend
+
+
+def _json_default(obj: object) -> object:
+    if isinstance(obj, Decimal):
+        return str(obj)  # exact money, never a float
+    if isinstance(obj, datetime.timedelta):
+        return obj.total_seconds()
+    return str(obj)
+
+
+@admin_only
+async def run_sql(request: web.Request) -> web.StreamResponse:
+    data = await _body(request)
+    query = data.get("query")
+    if not isinstance(query, str) or not query.strip():
+        raise Reject(400, "'query' is required", code="invalid_request", param="query")
+    try:
+        columns, rows = await _usage(request).sql(query)
+    except ReadOnlyQuery as e:
+        raise Reject(403, f"read-only: {e}", code="read_only") from None
+    except duckdb.Error as e:
+        raise Reject(400, str(e), code="sql_error") from None
+    body = orjson.dumps(
+        {"columns": columns, "rows": rows}, default=_json_default, option=orjson.OPT_NON_STR_KEYS
+    )
+    return web.Response(body=body, content_type="application/json")
+
+
+@admin_only
+async def get_invoice(request: web.Request) -> web.StreamResponse:
+    user = request.match_info["user"]
+    month = request.query.get("month", "")
+    if not _MONTH.match(month):
+        raise Reject(400, "'month' must be YYYY-MM", code="invalid_request", param="month")
+    invoice = await _usage(request).invoice(user, month)
+    if request.query.get("format") == "csv":
+        return web.Response(text=invoice_csv(invoice), content_type="text/csv")
+    return web.Response(body=orjson.dumps(invoice), content_type="application/json")
+
+
+@admin_only
+async def export(request: web.Request) -> web.StreamResponse:
+    data = await _body(request)
+    folder = data.get("dir")
+    if not isinstance(folder, str) or not folder:
+        raise Reject(400, "'dir' is required", code="invalid_request", param="dir")
+    rows = await _usage(request).export_parquet(folder)
+    return _json({"dir": folder, "rows": rows})
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/admin/keys", create_key)
     app.router.add_get("/admin/keys", list_keys)
     app.router.add_delete("/admin/keys/{key_id}", revoke_key)
     app.router.add_post("/admin/reload", reload_policy)
+    app.router.add_post("/admin/sql", run_sql)
+    app.router.add_get("/admin/invoices/{user}", get_invoice)
+    app.router.add_post("/admin/export", export)

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 BUILTIN_PLUGINS: dict[str, str] = {
     "auth": "plugins.auth:AuthPlugin",
     "limits": "plugins.limits:LimitsPlugin",
+    "metering": "plugins.metering:MeteringPlugin",
 }
 """Built-in plugin name -> ``module:factory``; third parties use entry-point group 'tollway'."""
 

@@ -179,6 +179,131 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _offline_db(path: str) -> Any:
+    """Open a stopped gateway's usage database, loading rows its spool still holds."""
+    from plugins.spool import Spool
+    from plugins.usage_db import UsageDB
+
+    try:
+        db = UsageDB(path)
+    except Exception as e:  # duckdb raises IOException when the gateway holds the lock
+        raise SystemExit(f"cannot open {path}: {e}\n(is the gateway running? use --url)") from None
+    spool_dir = Path(path).with_suffix(".spool")
+    if spool_dir.is_dir():
+        spool = Spool(spool_dir)
+        spool.rotate()
+        for segment in spool.closed():
+            db.ingest(segment)
+            segment.unlink()
+        spool.close()
+    return db
+
+
+def _query(args: argparse.Namespace, sql: str) -> tuple[list[str], list[list[Any]]]:
+    if args.db:
+        from proxy.usage import ReadOnlyQuery
+
+        db = _offline_db(args.db)
+        try:
+            return db.query(sql)  # type: ignore[no-any-return]
+        except ReadOnlyQuery as e:
+            raise SystemExit(f"refused: {e}") from None
+        except Exception as e:
+            raise SystemExit(f"SQL error: {e}") from None
+        finally:
+            db.close()
+    out = _admin(args.url, "POST", "/admin/sql", {"query": sql})
+    return out["columns"], out["rows"]
+
+
+def _print_table(columns: list[str], rows: list[list[Any]]) -> None:
+    cells = [[str(c) for c in columns]] + [["" if v is None else str(v) for v in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    for n, row in enumerate(cells):
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    columns, rows = _query(args, args.query)
+    if args.json:
+        print(orjson.dumps({"columns": columns, "rows": rows}, default=str).decode())
+    else:
+        _print_table(columns, rows)
+    return 0
+
+
+def cmd_invoice(args: argparse.Namespace) -> int:
+    from proxy.usage import invoice_csv
+
+    if args.db:
+        db = _offline_db(args.db)
+        try:
+            invoice = db.invoice(args.user, args.month)
+        finally:
+            db.close()
+    else:
+        invoice = _admin(args.url, "GET", f"/admin/invoices/{args.user}?month={args.month}")
+    if args.format == "csv":
+        sys.stdout.write(invoice_csv(invoice))
+    else:
+        print(orjson.dumps(invoice, option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+_TARGETS = (
+    ("cache_hit_rate", "cache hit rate (%)", ">", 50.0),
+    ("avg_response_ms", "average response (ms)", "<", 500.0),
+    ("error_rate", "error rate (%)", "<", 1.0),
+)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    columns, rows = _query(args, "SELECT * FROM kpis")
+    kpis = dict(zip(columns, rows[0], strict=True)) if rows else {}
+    print("Technical KPIs")
+    for name in columns:
+        print(f"  {name:28} {_fmt(kpis.get(name))}")
+    print("\nTargets")
+    for name, label, op, target in _TARGETS:
+        value = kpis.get(name)
+        if value is None:
+            verdict = "no data"
+        else:
+            ok = float(value) > target if op == ">" else float(value) < target
+            verdict = "MET" if ok else "MISSED"
+        print(f"  {label:28} {_fmt(value):>12}  target {op} {target:g}  {verdict}")
+    columns, rows = _query(args, "SELECT * FROM business ORDER BY month")
+    print("\nBusiness (per month)")
+    _print_table(columns, [[_fmt(v) for v in r] for r in rows])
+    return 0
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return f"{f:,.4f}".rstrip("0").rstrip(".") if f != int(f) else f"{int(f):,}"
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    folder = str(Path(args.parquet).resolve())
+    if args.db:
+        db = _offline_db(args.db)
+        try:
+            rows = db.export_parquet(folder)
+        finally:
+            db.close()
+    else:
+        rows = _admin(args.url, "POST", "/admin/export", {"dir": folder})["rows"]
+    print(f"exported {rows} rows to {folder} (Parquet, partitioned by day)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Emulator + gateway in one process, a demo key printed with ready-to-run examples."""
     os.environ.setdefault("TOLLWAY_ADMIN_KEY", "admin_" + secrets.token_urlsafe(18))
@@ -275,6 +400,31 @@ def build_parser() -> argparse.ArgumentParser:
     kr = ks.add_parser("revoke")
     kr.add_argument("id")
     k.set_defaults(fn=cmd_keys)
+
+    def data_cmd(name: str, help: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help)
+        c.add_argument(
+            "--url",
+            default=os.environ.get("TOLLWAY_URL", "http://127.0.0.1:8080"),
+            help="the running gateway (admin key from TOLLWAY_ADMIN_KEY)",
+        )
+        c.add_argument("--db", default=None, help="a stopped gateway's usage database file")
+        return c
+
+    q = data_cmd("sql", "read-only SQL over the usage database")
+    q.add_argument("query")
+    q.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    q.set_defaults(fn=cmd_sql)
+    inv = data_cmd("invoice", "a user's monthly invoice")
+    inv.add_argument("--user", required=True)
+    inv.add_argument("--month", required=True, help="YYYY-MM (UTC)")
+    inv.add_argument("--format", choices=("json", "csv"), default="json")
+    inv.set_defaults(fn=cmd_invoice)
+    rep = data_cmd("report", "KPIs against the targets, and the business figures")
+    rep.set_defaults(fn=cmd_report)
+    ex = data_cmd("export", "write usage as Parquet partitioned by day")
+    ex.add_argument("--parquet", required=True, metavar="DIR")
+    ex.set_defaults(fn=cmd_export)
 
     d = sub.add_parser("demo", help="emulator + gateway with the demo policy and a demo key")
     d.add_argument("--policy", default="policies.demo.yaml")

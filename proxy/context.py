@@ -83,6 +83,7 @@ class Usage:
     input_tokens: int = 0
     output_tokens: int = 0
     reported: bool = False
+    events: int = 0  # stream events relayed (the basis of an abandoned stream's estimate)
 
 
 @dataclass(slots=True)

@@ -150,6 +150,9 @@ class Tier(Strict):
     )
     models: list[str] | None = Field(None, description="Allowed models; None allows all.")
     priority: int = Field(0, description="Admission-queue priority; higher is admitted first.")
+    prices: dict[str, float] = Field(
+        default_factory=dict, description="Per-feature price overrides (USD per request)."
+    )
 
 
 class ChainItem(Strict):

@@ -227,6 +227,7 @@ class _StreamState:
         """Turn one provider event into zero or more client frames appended to ``out``."""
         name, data = sse.parse_event(raw)
         ctx = self.ctx
+        ctx.usage.events += 1
         if self.to_chat is not None:
             if name is None and not data:
                 return

@@ -29,6 +29,14 @@ class Shared:
             self._items[key] = factory()
         return self._items[key]
 
+    def put(self, key: StashKey[T], value: T) -> None:
+        """Register ``value`` under ``key`` (replacing any earlier one)."""
+        self._items[key] = value
+
+    def find(self, key: StashKey[T]) -> T | None:
+        """The object under ``key``, or None if no plugin registered one."""
+        return self._items.get(key)
+
     def on_close(self, fn: Callable[[], Awaitable[None]]) -> None:
         """Run ``fn`` at shutdown (in reverse order of registration)."""
         self._closers.append(fn)

@@ -121,6 +121,7 @@ def test_demo_prints_a_working_key(tmp_path: Path) -> None:
     emu, port = free_port(), free_port()
     demo = (ROOT / "policies.demo.yaml").read_text().replace("127.0.0.1:9100", f"127.0.0.1:{emu}")
     demo = demo.replace("dir: data", f"dir: {tmp_path}")
+    demo = demo.replace("database: data/usage.duckdb", f"database: {tmp_path}/usage.duckdb")
     (tmp_path / "demo.yaml").write_text(demo)
     env = {k: v for k, v in os.environ.items() if k != "TOLLWAY_ADMIN_KEY"}
     proc = Proc(

@@ -1,0 +1,251 @@
+"""metering: one usage row per request into DuckDB, written off the hot path, never lost.
+
+Per request the plugin builds a small dict and appends it to the spool (``plugins.spool``): for
+a non-streamed reply a first row before the body is sent (``response_headers``), and the final
+row after the last byte (``log``); the final row replaces the first. A background task rotates
+the spool once a second (or every ``batch_rows`` rows) and a worker thread loads the closed
+segments into DuckDB. ``/admin/sql`` and invoices load everything pending first, so they see
+every answered request.
+
+Billing rules (written here because invoices depend on them):
+- ``cost_usd`` = input_tokens x input price + output_tokens x output price (per million, from
+  ``models:``); NULL when the model has no price (counted in ``unpriced_requests``), 0 for a
+  cache hit (``saved_usd`` is what the provider call would have cost).
+- ``price_usd`` = the feature's ``price_per_request`` (a plan's ``prices`` override it) for
+  every request answered with status < 400, cache hits included; 0 otherwise.
+- A stream the client abandons is billed for what was delivered: the provider's token counts
+  where it sent them, else output tokens = content events relayed (about one token each) and
+  input tokens = prompt bytes / 4; such rows have ``usage_estimated = true``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from plugins.spool import Spool
+from plugins.usage_db import UsageDB
+from proxy.appkeys import KEYSTORE, SHARED
+from proxy.context import RequestContext, StashKey
+from proxy.hookspecs import hookimpl
+from proxy.policy import Policy, parse_duration
+from proxy.usage import USAGE
+
+log = logging.getLogger("tollway.metering")
+
+_STORE: StashKey[UsageStore] = StashKey()
+
+
+class MeteringConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    database: str = Field("data/usage.duckdb", description="The DuckDB file (one process owns it).")
+    spool_dir: str | None = Field(
+        None, description="Folder of the crash-safe spool (default: DATABASE.spool)."
+    )
+    batch_rows: int = Field(5000, ge=1, description="Load into DuckDB after this many rows...")
+    flush_interval: float = Field(1.0, gt=0, description="...or after this long, whichever first.")
+
+    @field_validator("flush_interval", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        return parse_duration(v)
+
+
+class UsageStore:
+    """The database, the spool and the loader task: one per process, kept across reloads."""
+
+    def __init__(self, config: MeteringConfig) -> None:
+        db_path = Path(config.database)
+        self.db = UsageDB(db_path)
+        spool_dir = Path(config.spool_dir) if config.spool_dir else db_path.with_suffix(".spool")
+        self.spool = Spool(spool_dir)
+        self.batch_rows = config.batch_rows
+        self.interval = config.flush_interval
+        self.plan_costs: dict[str, float] = {}
+        self.loaded_rows = 0
+        self.unpriced = 0
+        self.load_seconds = 0.0
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._keystore: Any = None
+
+    async def start(self) -> None:
+        # rows spooled by a previous process (even one that was killed) are loaded first
+        self.spool.rotate()
+        await self.load()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.spool.append(row)
+        if self.spool.rows >= self.batch_rows:
+            self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            self._wake.clear()
+            try:
+                await self.flush()
+            except Exception:
+                log.exception("loading usage rows failed; they stay in the spool and are retried")
+
+    async def flush(self) -> None:
+        """Close the open segment and load every closed one."""
+        async with self._lock:
+            self.spool.rotate()
+            await self.load()
+
+    async def load(self) -> None:
+        for segment in self.spool.closed():
+            t0 = time.perf_counter()
+            n = await asyncio.to_thread(self.db.ingest, segment)
+            self.load_seconds += time.perf_counter() - t0
+            self.loaded_rows += n
+            segment.unlink()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.flush()
+        self.spool.close()
+        self.db.close()
+
+    # ---- the UsageBackend protocol (proxy.usage) ---------------------------------------
+
+    async def sql(self, query: str) -> tuple[list[str], list[list[Any]]]:
+        await self.flush()
+        return await asyncio.to_thread(self.db.query, query)
+
+    async def invoice(self, user: str, month: str) -> dict[str, Any]:
+        await self.flush()
+        current = None
+        if self._keystore is not None:
+            tiers = [r.tier for r in self._keystore.list() if r.user == user]
+            current = tiers[-1] if tiers else None
+        return await asyncio.to_thread(self.db.invoice, user, month, self.plan_costs, current)
+
+    async def export_parquet(self, folder: str) -> int:
+        await self.flush()
+        return await asyncio.to_thread(self.db.export_parquet, folder)
+
+
+class MeteringPlugin:
+    """Writes the usage rows; see the module docstring for the billing rules."""
+
+    Config = MeteringConfig
+
+    def __init__(self, config: MeteringConfig, policy: Policy) -> None:
+        self.config = config
+        self.policy = policy
+        self.prices = {name: f.price_per_request for name, f in policy.features.items()}
+        self.tier_prices = {name: t.prices for name, t in policy.tiers.items() if t.prices}
+        self.plan_costs = {name: t.monthly_cost for name, t in policy.tiers.items()}
+        self.store: UsageStore | None = None
+
+    @hookimpl
+    async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
+        shared = app[SHARED]
+        store = shared.find(_STORE)
+        if store is None:
+            store = UsageStore(self.config)
+            await store.start()
+            shared.put(_STORE, store)
+            shared.on_close(store.close)
+        store._keystore = app[KEYSTORE]
+        store.plan_costs = self.plan_costs
+        await asyncio.to_thread(store.db.set_plan_prices, self.plan_costs)
+        shared.put(USAGE, store)
+        self.store = store
+        yield
+
+    def price(self, ctx: RequestContext) -> float:
+        if ctx.status >= 400 or ctx.status == 0:
+            return 0.0
+        feature = ctx.feature or ""
+        tier = ctx.principal.tier if ctx.principal else None
+        override = self.tier_prices.get(tier or "")
+        if override is not None and feature in override:
+            return override[feature]
+        return self.prices.get(feature, 0.0)
+
+    def row(self, ctx: RequestContext, final: bool) -> dict[str, Any]:
+        route = ctx.route
+        principal = ctx.principal
+        usage = ctx.usage
+        inp, out, estimated = usage.input_tokens, usage.output_tokens, False
+        if final and ctx.stream and ctx.error_code == "client_disconnected":
+            if not usage.reported or out < usage.events:
+                out = max(out, usage.events)
+                if not inp:
+                    inp = len(orjson.dumps(ctx.body.get("messages") or ctx.body.get("prompt"))) // 4
+                estimated = True
+        hit = ctx.cache == "hit"
+        timings = ctx.timings
+        return {
+            "ts": time.time(),
+            "request_id": ctx.request_id,
+            "final": final,
+            "user_id": principal.user_id if principal else None,
+            "key_id": principal.key_id if principal else None,
+            "tier": principal.tier if principal else None,
+            "feature": ctx.feature,
+            "endpoint": ctx.endpoint,
+            "provider": route.provider if route else None,
+            "model": route.model if route else (ctx.model or None),
+            "upstream_model": route.upstream_model if route else None,
+            "stream": ctx.stream,
+            "status": ctx.status,
+            "error_code": ctx.error_code,
+            "cache": ctx.cache,
+            "input_tokens": inp,
+            "output_tokens": out,
+            "usage_estimated": estimated,
+            "latency_ms": timings.latency_ms(),
+            "ttfb_ms": timings.ttfb_ms(),
+            "input_per_mtok": route.input_per_mtok if route else None,
+            "output_per_mtok": route.output_per_mtok if route else None,
+            "price": self.price(ctx),
+            "saved_input": inp if hit else 0,
+            "saved_output": out if hit else 0,
+            "retries": ctx.retries,
+            "client_ip_hash": hashlib.sha256(ctx.client_ip.encode()).hexdigest()[:16],
+        }
+
+    @hookimpl
+    async def response_headers(self, ctx: RequestContext, headers: dict[str, str]) -> None:
+        # the first row goes to disk before any byte of a whole reply does: a reply the client
+        # received always has its row, even if the process is killed right after sending it
+        if not ctx.stream and self.store is not None:
+            self.store.append(self.row(ctx, final=False))
+
+    @hookimpl
+    async def log(self, ctx: RequestContext) -> None:
+        if self.store is None:
+            return
+        row = self.row(ctx, final=True)
+        route = ctx.route
+        if (
+            route is not None
+            and ctx.status < 400
+            and ctx.cache != "hit"
+            and (
+                route.input_per_mtok is None
+                or (row["output_tokens"] and route.output_per_mtok is None)
+            )
+        ):
+            self.store.unpriced += 1
+        self.store.append(row)

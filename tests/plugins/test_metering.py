@@ -1,0 +1,92 @@
+"""metering: rows, costs, prices, SQL access and invoices through a running gateway."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ADMIN_KEY, BASE_POLICY, Gw
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+MSG = [{"role": "user", "content": "count these five words"}]
+
+PLANS = """
+features:
+  basic_suggestions: {{price_per_request: 0.01}}
+  code_suggestions: {{price_per_request: 0.02}}
+tiers:
+  free: {{requests_per_month: 1000, requests_per_minute: 100, features: [basic_suggestions]}}
+  pro: {{includes: free, requests_per_month: 25000, monthly_cost: 29, features: [code_suggestions],
+         prices: {{code_suggestions: 0.015}}}}
+"""
+BASE = BASE_POLICY.split("features:")[0] + PLANS
+
+
+def chain(db: Path) -> str:
+    return (
+        "chain:\n  - name: auth\n  - name: limits\n    config: {}\n"
+        f"  - name: metering\n    config: {{database: {db}, flush_interval: 50ms}}\n"
+    )
+
+
+async def sql(gw: Gw, query: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    async with gw.http.post(
+        f"{gw.url}/admin/sql", json={"query": query}, headers=ADMIN if headers is None else headers
+    ) as r:
+        return r.status, await r.json()
+
+
+@pytest.fixture
+async def metered(make_gateway: Any, tmp_path: Path) -> Gw:
+    return await make_gateway(chain(tmp_path / "usage.duckdb"), base=BASE)  # type: ignore[no-any-return]
+
+
+async def test_rows_costs_and_prices(metered: Gw) -> None:
+    gw = metered
+    key = await gw.create_key("mia", "pro")
+    client = gw.openai(key)
+    reply = await client.chat.completions.create(model="gpt-5.4-mini", messages=MSG)  # type: ignore[arg-type]
+    assert reply.usage is not None
+    await client.chat.completions.create(
+        model="gpt-5.4-mini",
+        messages=MSG,  # type: ignore[arg-type]
+        extra_headers={"X-Tollway-Feature": "code_suggestions"},
+    )
+    status, res = await sql(
+        gw,
+        "SELECT request_id, feature, status, input_tokens, output_tokens, "
+        "cost_usd, price_usd, cache, model FROM usage ORDER BY ts",
+    )
+    assert status == 200, res
+    assert res["columns"][0] == "request_id"
+    rows = [dict(zip(res["columns"], r, strict=True)) for r in res["rows"]]
+    assert len(rows) == 2
+    first = rows[0]
+    assert first["input_tokens"] == reply.usage.prompt_tokens
+    assert first["output_tokens"] == reply.usage.completion_tokens
+    expected = (
+        Decimal(reply.usage.prompt_tokens) * Decimal("0.25")
+        + Decimal(reply.usage.completion_tokens) * Decimal("2.00")
+    ) / Decimal(1_000_000)
+    assert Decimal(first["cost_usd"]) == expected
+    assert Decimal(first["price_usd"]) == Decimal("0.01")
+    assert Decimal(rows[1]["price_usd"]) == Decimal("0.015")  # the plan's override
+
+
+async def test_sql_is_read_only_and_admin_only(metered: Gw) -> None:
+    gw = metered
+    status, res = await sql(gw, "DELETE FROM usage")
+    assert status == 403 and res["error"]["code"] == "read_only"
+    status, res = await sql(gw, "SELECT 1; DROP TABLE usage")
+    assert status == 403
+    status, res = await sql(gw, "SELEC nonsense")
+    assert status == 400 and "syntax" in res["error"]["message"].lower()
+    status, res = await sql(gw, "SELECT 1", headers={})
+    assert status == 401
+    status, res = await sql(gw, "SELECT 1", headers={"Authorization": "Bearer wrong"})
+    assert status == 401
+    status, res = await sql(gw, "SELECT count(*) AS n FROM usage")
+    assert status == 200 and res["columns"] == ["n"]
