@@ -327,3 +327,23 @@ async def test_limits_survive_a_reload(make_gateway: Any, tmp_path: Path) -> Non
     ) as r:
         assert r.status == 200
     assert (await post(gw, key)).status == 429  # the window carried over
+
+
+async def test_ip_from_trusted_proxy_only(make_gateway: Any) -> None:
+    base = BASE.replace(
+        "state: {{dir: null}}", "state: {{dir: null}}\nlisten: {{trusted_proxies: [127.0.0.1/32]}}"
+    )
+    gw = await make_gateway(limits_chain(ip="[1 per 30 second]"), base=base)
+    key = await gw.create_key("xf", "pro")
+    # behind a trusted proxy, each forwarded client has its own per-IP window
+    assert (await post(gw, key, **{"X-Forwarded-For": "203.0.113.7"})).status == 200
+    assert (await post(gw, key, **{"X-Forwarded-For": "203.0.113.8"})).status == 200
+    assert (await post(gw, key, **{"X-Forwarded-For": "198.51.100.1, 203.0.113.7"})).status == 429
+    untrusted = BASE.replace(
+        "state: {{dir: null}}", "state: {{dir: null}}\nlisten: {{trusted_proxies: [10.0.0.0/8]}}"
+    )
+    gw2 = await make_gateway(limits_chain(ip="[1 per 30 second]"), base=untrusted)
+    key2 = await gw2.create_key("xf2", "pro")
+    # from an untrusted peer X-Forwarded-For is ignored: a client cannot dodge its IP limit
+    assert (await post(gw2, key2, **{"X-Forwarded-For": "203.0.113.7"})).status == 200
+    assert (await post(gw2, key2, **{"X-Forwarded-For": "203.0.113.9"})).status == 429

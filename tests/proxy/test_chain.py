@@ -273,3 +273,27 @@ async def test_send_upstream_takes_over(make_gateway: Any, emulator: Emulator) -
         assert (await r.json())["choices"][0]["message"]["content"] == "from plugin"
     assert (await emulator.stats())["requests"] == before
     assert seen == [(3, 2)]
+
+
+def test_third_party_plugin_from_entry_point(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plugin installed by another distribution is found through the 'tollway' entry points."""
+    pkg = tmp_path / "tollway_stamp.py"
+    pkg.write_text(
+        "from proxy.hookspecs import hookimpl\n"
+        "class Stamp:\n"
+        "    def __init__(self, config, policy):\n"
+        "        pass\n"
+        "    @hookimpl\n"
+        "    async def response_headers(self, ctx, headers):\n"
+        "        headers['X-Stamp'] = 'yes'\n"
+    )
+    dist = tmp_path / "tollway_stamp-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: tollway-stamp\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[tollway]\nstamp = tollway_stamp:Stamp\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    chain = compile_chain(policy("chain:\n  - name: stamp\n"))
+    assert chain.names == ("stamp",)
+    assert len(chain.response_headers) == 1

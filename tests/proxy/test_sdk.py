@@ -54,6 +54,31 @@ async def test_openai_chat_non_stream(gw: Gw, key: str, emulator: Emulator) -> N
     assert key not in str(last["headers"])
 
 
+async def test_hop_by_hop_and_gateway_headers_not_forwarded(
+    gw: Gw, key: str, emulator: Emulator
+) -> None:
+    async with gw.http.post(
+        f"{gw.url}/v1/chat/completions",
+        json={"model": "gpt-5.4-mini", "messages": MSG},
+        headers={
+            "Authorization": f"Bearer {key}",
+            "Connection": "keep-alive, x-secret-hop",
+            "Keep-Alive": "timeout=5",
+            "X-Tollway-Feature": "basic_suggestions",
+            "Cookie": "session=abc",
+            "X-Forwarded-For": "10.1.2.3",
+            "TE": "trailers",
+            "X-Custom-Trace": "kept",
+        },
+    ) as r:
+        assert r.status == 200
+    sent = (await emulator.last())["headers"]
+    for name in ("keep-alive", "x-tollway-feature", "cookie", "x-forwarded-for", "te", "x-api-key"):
+        assert name not in sent, name
+    assert sent.get("connection", "keep-alive").lower() == "keep-alive"
+    assert sent["x-custom-trace"] == "kept"
+
+
 async def test_openai_stream_usage_only_when_asked(
     logged: tuple[Gw, list[RequestContext], str], emulator: Emulator
 ) -> None:
