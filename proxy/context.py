@@ -8,7 +8,7 @@ strings to pass state around. Private per-plugin state goes in ``ctx.stash`` und
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
@@ -167,8 +167,11 @@ class RequestContext:
     """Everything known about one request, shared by every phase and plugin.
 
     The core fills the request fields before ``authenticate``; plugins fill what they own
-    (``principal``, ``feature``, ``route`` changes, ``cache``); the core fills ``usage``,
-    ``status`` and ``timings`` as the reply goes out, so ``log`` hooks see the whole story.
+    (``principal``, ``feature``, ``route`` changes, ``cache``, ``shared``: "coalesced" when the
+    reply came from another request's provider call, "batched" when the call was shared); the
+    core fills ``usage``, ``status`` and ``timings`` as the reply goes out, so ``log`` hooks see
+    the whole story. ``call_upstream(req)`` is set for ``send_upstream`` hooks: the core's own
+    provider call (pooled session, timeouts, retries), for plugins that share or merge calls.
     """
 
     request_id: str
@@ -190,4 +193,6 @@ class RequestContext:
     retries: int = 0
     timings: Timings = field(default_factory=Timings)
     response_headers: dict[str, str] = field(default_factory=dict)
+    shared: str | None = None
+    call_upstream: Callable[[UpstreamRequest], Awaitable[UpstreamResponse]] | None = None
     stash: Stash = field(default_factory=Stash)

@@ -13,6 +13,7 @@ import itertools
 import logging
 import os
 import time
+from functools import partial
 from typing import Any
 
 import orjson
@@ -20,7 +21,15 @@ from aiohttp import web
 
 from proxy import relay, translate, upstream
 from proxy.appkeys import GATEWAY
-from proxy.context import Dialect, Endpoint, Principal, RequestContext, Route, UpstreamRequest
+from proxy.context import (
+    Dialect,
+    Endpoint,
+    Principal,
+    RequestContext,
+    Route,
+    UpstreamRequest,
+    UpstreamResponse,
+)
 from proxy.errors import Reject
 from proxy.runtime import Runtime
 
@@ -178,20 +187,18 @@ async def serve(rt: Runtime, ctx: RequestContext) -> web.StreamResponse:
         await hook(ctx, req)
 
     ctx.timings.upstream_start = time.perf_counter()
+    session = request.app[GATEWAY].session
+    assert session is not None  # opened by the app's cleanup context before serving
     resp = None
-    for hook in chain.send_upstream:
-        resp = await hook(ctx, req)
-        if resp is not None:
-            break
+    if chain.send_upstream:
+        ctx.call_upstream = partial(_call, session, rt, ctx)
+        for hook in chain.send_upstream:
+            resp = await hook(ctx, req)
+            if resp is not None:
+                break
     if resp is None:
-        session = request.app[GATEWAY].session
-        assert session is not None  # opened by the app's cleanup context before serving
         resp = await upstream.send(
-            session,
-            rt.providers[route.provider],
-            ctx,
-            req,
-            orjson.dumps(req.body),
+            session, rt.providers[route.provider], ctx, req, orjson.dumps(req.body)
         )
     try:
         if resp.chunks is not None:
@@ -200,6 +207,13 @@ async def serve(rt: Runtime, ctx: RequestContext) -> web.StreamResponse:
     finally:
         if resp.release is not None:
             resp.release()
+
+
+async def _call(
+    session: Any, rt: Runtime, ctx: RequestContext, req: UpstreamRequest
+) -> UpstreamResponse:
+    """The core's provider call (pooled session, timeouts, retries), for send_upstream plugins."""
+    return await upstream.send(session, rt.providers[req.provider], ctx, req, orjson.dumps(req.body))
 
 
 def make_handler(endpoint: Endpoint, dialect: Dialect) -> Any:

@@ -203,7 +203,9 @@ class _StreamState:
         self.wants_usage = wants_usage
         self.hooks = chain.response_chunk
         self.to_chat = (
-            translate.MessagesStreamToChat(ctx.model, wants_usage)
+            # always with usage: hooks (a cache assembling the reply) need it; the usage chunk
+            # is withheld below from a client that did not ask for it
+            translate.MessagesStreamToChat(ctx.model, True)
             if route.kind == "anthropic" and ctx.dialect == "openai"
             else None
         )
@@ -213,7 +215,9 @@ class _StreamState:
             else None
         )
 
-    def _emit(self, data: Any, name: str | None, out: list[bytes]) -> None:
+    def _emit(self, data: Any, name: str | None, out: list[bytes], withhold: bool = False) -> None:
+        """Run the chunk hooks, then send the event unless dropped or ``withhold``-en (a usage
+        chunk the client did not ask for: hooks still see it)."""
         if self.hooks:
             ev = StreamEvent(name=name, data=data)
             for _, hook in self.hooks:
@@ -221,7 +225,8 @@ class _StreamState:
             if ev.drop:
                 return
             data = ev.data
-        out.append(sse.frame_json(data, name))
+        if not withhold:
+            out.append(sse.frame_json(data, name))
 
     def process(self, raw: bytes, out: list[bytes]) -> None:
         """Turn one provider event into zero or more client frames appended to ``out``."""
@@ -232,7 +237,13 @@ class _StreamState:
             if name is None and not data:
                 return
             for chunk in self.to_chat.feed(name, orjson.loads(data)):
-                self._emit(chunk, None, out)
+                usage_only = not chunk.get("choices") and chunk.get("usage") is not None
+                if not usage_only or self.wants_usage:
+                    if not self.wants_usage:
+                        chunk.pop("usage", None)  # not asked for: not even "usage": null
+                    self._emit(chunk, None, out)
+                elif self.hooks:
+                    self._emit(chunk, None, out, withhold=True)
             _set_usage(ctx, self.to_chat.usage)
             return
         if self.to_messages is not None:
@@ -266,6 +277,8 @@ class _StreamState:
             if tokens is not None:
                 _set_usage(ctx, tokens)
                 if not self.wants_usage and sse.is_usage_only_chunk(data):
+                    if self.hooks:
+                        self._emit(orjson.loads(data), name, out, withhold=True)
                     return
         if self.hooks and data != sse.DONE and data:
             self._emit(orjson.loads(data), name, out)

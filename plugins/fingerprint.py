@@ -1,0 +1,42 @@
+"""The identity of a request's answer: what the cache and request coalescing key on.
+
+Two requests get the same answer when they go to the same endpoint and model with the same
+fields that change the answer (messages, tools, temperature, max_tokens, response_format, ...).
+Fields that only change the delivery or the bookkeeping (``stream``, ``stream_options``,
+``user``, ``metadata``) are left out, so a streamed and a whole request share one answer. The
+tenant scope comes first, so by default one user's answer is never another's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Literal
+
+import orjson
+
+from proxy.context import RequestContext
+
+Scope = Literal["user", "tier", "global"]
+
+IGNORED_FIELDS = frozenset({"model", "stream", "stream_options", "user", "metadata", "store"})
+
+
+def scope_id(ctx: RequestContext, scope: Scope) -> str:
+    """The tenant part of the key: the user (default), the plan, or everyone."""
+    principal = ctx.principal
+    if scope == "global":
+        return "global"
+    if scope == "tier":
+        return f"tier:{principal.tier if principal else '-'}"
+    return f"user:{principal.user_id if principal else '-'}"
+
+
+def fingerprint(ctx: RequestContext, scope: Scope) -> str:
+    """SHA-256 over the scope, endpoint, serving model and the canonical answer-changing body."""
+    body: dict[str, Any] = ctx.body
+    canon = {k: v for k, v in body.items() if k not in IGNORED_FIELDS}
+    model = ctx.route.model if ctx.route is not None else ctx.model
+    blob = orjson.dumps(
+        [scope_id(ctx, scope), ctx.endpoint, model, canon], option=orjson.OPT_SORT_KEYS
+    )
+    return hashlib.sha256(blob).hexdigest()

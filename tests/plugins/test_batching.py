@@ -1,0 +1,182 @@
+"""batching: coalescing identical in-flight requests and merging embeddings requests."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import pytest
+
+from proxy.context import RequestContext
+from proxy.hookspecs import hookimpl
+from tests.conftest import Emulator, Gw
+
+MSG = [{"role": "user", "content": "tell me the same thing"}]
+
+
+class Seen:
+    rows: list[tuple[str, int, str | None]] = []
+
+    def __init__(self, config: Any, policy: Any) -> None:
+        pass
+
+    @hookimpl
+    async def log(self, ctx: RequestContext) -> None:
+        Seen.rows.append((ctx.request_id, ctx.status, ctx.shared))
+
+
+def chain(extra: str = "") -> str:
+    return (
+        "chain:\n  - name: auth\n  - name: seen\n  - name: batching\n"
+        f"    config: {{window: 100ms, max_inputs: 64{extra}}}\n"
+    )
+
+
+@pytest.fixture
+async def batched(make_gateway: Any, emulator: Emulator) -> tuple[Gw, str]:
+    Seen.rows = []
+    gw = await make_gateway(chain(), extra_plugins={"seen": Seen})
+    await emulator.reset()
+    return gw, await gw.create_key("bea", "pro")
+
+
+async def test_ten_identical_requests_make_one_call(
+    batched: tuple[Gw, str], emulator: Emulator
+) -> None:
+    gw, key = batched
+    client = gw.openai(key)
+    replies = await asyncio.gather(
+        *(
+            client.chat.completions.create(
+                model="gpt-5.4-mini",
+                messages=MSG,  # type: ignore[arg-type]
+                extra_headers={"x-emulator-latency-ms": "200"},
+            )
+            for _ in range(10)
+        )
+    )
+    assert (await emulator.stats())["requests"] == 1
+    texts = {r.choices[0].message.content for r in replies}
+    assert len(texts) == 1 and "tell me the same thing" in texts.pop()  # type: ignore[operator]
+    assert sorted(s for _, _, s in Seen.rows if s) == ["coalesced"] * 9
+    assert len({rid for rid, _, _ in Seen.rows}) == 10
+
+
+async def test_ten_identical_streams_make_one_call(
+    batched: tuple[Gw, str], emulator: Emulator
+) -> None:
+    gw, key = batched
+    client = gw.openai(key)
+
+    async def one() -> str:
+        stream = await client.chat.completions.create(
+            model="gpt-5.4-mini",
+            messages=MSG,
+            stream=True,  # type: ignore[arg-type]
+            extra_headers={"x-emulator-chunk-delay-ms": "20", "x-emulator-latency-ms": "100"},
+        )
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    texts = await asyncio.gather(*(one() for _ in range(10)))
+    assert (await emulator.stats())["requests"] == 1
+    assert len(set(texts)) == 1 and "tell me the same thing" in texts[0]
+
+
+async def test_follower_disconnect_does_not_cancel(
+    batched: tuple[Gw, str], emulator: Emulator
+) -> None:
+    gw, key = batched
+    body = {"model": "gpt-5.4-mini", "messages": MSG, "stream": True}
+    headers = {
+        "Authorization": f"Bearer {key}",
+        "x-emulator-words": "40",
+        "x-emulator-chunk-delay-ms": "15",
+    }
+
+    async def full() -> bytes:
+        async with gw.http.post(f"{gw.url}/v1/chat/completions", json=body, headers=headers) as r:
+            return await r.read()
+
+    keepers = [asyncio.create_task(full()) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    async with aiohttp.ClientSession() as s:
+        quitter = await s.post(f"{gw.url}/v1/chat/completions", json=body, headers=headers)
+        await quitter.content.readuntil(b"\n\n")
+        quitter.close()
+    results = await asyncio.gather(*keepers)
+    assert all(r.rstrip().endswith(b"data: [DONE]") for r in results)
+    assert results[0] == results[1]
+    assert (await emulator.stats())["requests"] == 1
+
+
+async def test_error_reaches_every_follower(make_gateway: Any, emulator: Emulator) -> None:
+    # a 400 is not retried: one failed call, shared by all five
+    gw = await make_gateway(chain(), extra_plugins={"seen": Seen})
+    key = await gw.create_key("err", "pro")
+    await emulator.reset()
+    h = {
+        "Authorization": f"Bearer {key}",
+        "x-emulator-status": "400",
+        "x-emulator-latency-ms": "100",
+    }
+
+    async def one() -> int:
+        async with gw.http.post(
+            f"{gw.url}/v1/chat/completions",
+            json={"model": "gpt-5.4-mini", "messages": MSG},
+            headers=h,
+        ) as r:
+            assert (await r.json())["error"]["message"]
+            return r.status
+
+    assert await asyncio.gather(*(one() for _ in range(5))) == [400] * 5
+    assert (await emulator.stats())["requests"] == 1
+
+
+async def test_users_do_not_share_calls_by_default(make_gateway: Any, emulator: Emulator) -> None:
+    gw = await make_gateway(chain(), extra_plugins={"seen": Seen})
+    a, b = await gw.create_key("ua", "pro"), await gw.create_key("ub", "pro")
+    await emulator.reset()
+    await asyncio.gather(
+        *(
+            gw.openai(k).chat.completions.create(
+                model="gpt-5.4-mini",
+                messages=MSG,  # type: ignore[arg-type]
+                extra_headers={"x-emulator-latency-ms": "150"},
+            )
+            for k in (a, b)
+        )
+    )
+    assert (await emulator.stats())["requests"] == 2
+
+
+async def test_twenty_embeddings_requests_one_call(
+    batched: tuple[Gw, str], emulator: Emulator
+) -> None:
+    gw, key = batched
+    client = gw.openai(key)
+    texts = [
+        [f"text number {i}"] if i % 2 else [f"text number {i}", f"second {i}"] for i in range(20)
+    ]
+    results = await asyncio.gather(
+        *(client.embeddings.create(model="text-embedding-3-small", input=t) for t in texts)
+    )
+    assert (await emulator.stats())["requests"] == 1
+    # each caller got its own vectors: the same as asking the emulator for that input alone
+    async with aiohttp.ClientSession() as s:
+        for inputs, res in zip(texts, results, strict=True):
+            assert len(res.data) == len(inputs)
+            async with s.post(
+                f"{emulator.url}/v1/embeddings",
+                json={"model": "text-embedding-3-small", "input": inputs},
+                headers={"Authorization": "Bearer upstream-secret"},
+            ) as r:
+                direct = await r.json()
+            for got, want in zip(res.data, direct["data"], strict=True):
+                assert got.index == want["index"]
+                assert got.embedding == pytest.approx(want["embedding"], rel=1e-6)
+            assert res.usage.prompt_tokens > 0
+    total = sum(r.usage.prompt_tokens for r in results)
+    expected = sum(len(t.split()) for ts in texts for t in ts)
+    assert total == expected  # the shares add up to what the provider counted
