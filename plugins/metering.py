@@ -10,7 +10,8 @@ every answered request.
 Billing rules (written here because invoices depend on them):
 - ``cost_usd`` = input_tokens x input price + output_tokens x output price (per million, from
   ``models:``); NULL when the model has no price (counted in ``unpriced_requests``), 0 for a
-  cache hit (``saved_usd`` is what the provider call would have cost).
+  cache hit or a coalesced follower (``saved_usd`` is what its own provider call would have
+  cost). A batched embeddings request costs its share of the usage.
 - ``price_usd`` = the feature's ``price_per_request`` (a plan's ``prices`` override it) for
   every request answered with status < 400, cache hits included; 0 otherwise.
 - A stream the client abandons is billed for what was delivered: the provider's token counts
@@ -188,12 +189,15 @@ class MeteringPlugin:
         usage = ctx.usage
         inp, out, estimated = usage.input_tokens, usage.output_tokens, False
         if final and ctx.stream and ctx.error_code == "client_disconnected":
-            if not usage.reported or out < usage.events:
+            # the provider's closing counts win once they arrived (an Anthropic message_start
+            # carries only a placeholder output count, so it is not final)
+            if not usage.final:
                 out = max(out, usage.events)
                 if not inp:
                     inp = len(orjson.dumps(ctx.body.get("messages") or ctx.body.get("prompt"))) // 4
                 estimated = True
-        hit = ctx.cache == "hit"
+        # a cache hit or a coalesced follower cost the provider nothing: record what it saved
+        hit = ctx.cache == "hit" or ctx.shared == "coalesced"
         timings = ctx.timings
         return {
             "ts": time.time(),
@@ -223,6 +227,7 @@ class MeteringPlugin:
             "saved_output": out if hit else 0,
             "retries": ctx.retries,
             "client_ip_hash": hashlib.sha256(ctx.client_ip.encode()).hexdigest()[:16],
+            "shared": ctx.shared,
         }
 
     @hookimpl

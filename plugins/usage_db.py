@@ -48,6 +48,7 @@ SPOOL_COLUMNS: dict[str, str] = {
     "saved_output": "BIGINT",
     "retries": "INTEGER",
     "client_ip_hash": "VARCHAR",
+    "shared": "VARCHAR",
 }
 
 MIGRATIONS: list[str] = [
@@ -66,6 +67,8 @@ MIGRATIONS: list[str] = [
     );
     CREATE TABLE plans (tier VARCHAR PRIMARY KEY, monthly_cost {MONEY} NOT NULL);
     """,
+    # 2: requests answered from another request's provider call (coalesced) or a shared call
+    "ALTER TABLE usage ADD COLUMN shared VARCHAR;",
 ]
 
 VIEWS = """
@@ -108,7 +111,8 @@ FROM usage;
 --   profit_margin: (revenue - provider cost) / revenue, in percent
 --   mrr_usd: monthly recurring revenue = sum of the plan's monthly_cost over users active in
 --     the month (a user's plan is the tier of their requests; plan prices from the policy)
---   active_users: users with at least one request in the month
+--   active_users: users with at least one request in the month (requests refused before a
+--     user was known, such as a bad key's 401, count as requests but not as a user)
 --   churned_users / churn_rate: users active last month and not this month, / last month's
 --   customer_lifetime_value_usd: average revenue per active user / churn rate (monthly)
 CREATE OR REPLACE VIEW business AS
@@ -122,7 +126,7 @@ plans AS (
     FROM months m LEFT JOIN plans p ON p.tier = m.tier
 ),
 per_month AS (
-    SELECT month, count(*) AS active_users, sum(requests) AS requests,
+    SELECT month, count(user_id) AS active_users, sum(requests) AS requests,
            sum(usage_revenue) AS usage_revenue_usd, sum(monthly_cost) AS mrr_usd,
            sum(cost) AS provider_cost_usd
     FROM plans GROUP BY month
@@ -131,10 +135,13 @@ churn AS (
     SELECT cur.month,
            (SELECT count(*) FROM months p
             WHERE p.month = strftime(CAST(cur.month || '-01' AS DATE) - INTERVAL 1 MONTH, '%Y-%m')
-              AND p.user_id NOT IN (SELECT user_id FROM months c WHERE c.month = cur.month))
+              AND p.user_id IS NOT NULL
+              AND p.user_id NOT IN (SELECT user_id FROM months c
+                                    WHERE c.month = cur.month AND c.user_id IS NOT NULL))
              AS churned_users,
            (SELECT count(*) FROM months p
-            WHERE p.month = strftime(CAST(cur.month || '-01' AS DATE) - INTERVAL 1 MONTH, '%Y-%m'))
+            WHERE p.month = strftime(CAST(cur.month || '-01' AS DATE) - INTERVAL 1 MONTH, '%Y-%m')
+              AND p.user_id IS NOT NULL)
              AS previous_users
     FROM per_month cur
 )
@@ -208,8 +215,8 @@ class UsageDB:
         SELECT make_timestamp(CAST(ts * 1000000 AS BIGINT)) AS ts, request_id, final, user_id,
                key_id, tier, feature, endpoint, provider, model, upstream_model, stream, status,
                error_code, cache, input_tokens, output_tokens, usage_estimated, latency_ms,
-               ttfb_ms, retries, client_ip_hash,
-               CASE WHEN cache = 'hit' THEN CAST(0 AS {MONEY})
+               ttfb_ms, retries, client_ip_hash, shared,
+               CASE WHEN cache = 'hit' OR shared = 'coalesced' THEN CAST(0 AS {MONEY})
                     WHEN input_per_mtok IS NULL
                          OR (output_tokens > 0 AND output_per_mtok IS NULL) THEN NULL
                     ELSE CAST((input_tokens * CAST(input_per_mtok AS {MONEY})
@@ -383,6 +390,7 @@ def _line(
 
 
 _USAGE_COLUMNS = [
+    "shared",
     "ts",
     "request_id",
     "user_id",

@@ -29,6 +29,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "auth": "plugins.auth:AuthPlugin",
     "limits": "plugins.limits:LimitsPlugin",
     "metering": "plugins.metering:MeteringPlugin",
+    "cache": "plugins.cache:CachePlugin",
     "batching": "plugins.batching:BatchingPlugin",
 }
 """Built-in plugin name -> ``module:factory``; third parties use entry-point group 'tollway'."""

@@ -83,6 +83,7 @@ class Usage:
     input_tokens: int = 0
     output_tokens: int = 0
     reported: bool = False
+    final: bool = False  # the provider's closing count arrived (not a start-of-stream figure)
     events: int = 0  # stream events relayed (the basis of an abandoned stream's estimate)
 
 

@@ -213,7 +213,9 @@ async def _call(
     session: Any, rt: Runtime, ctx: RequestContext, req: UpstreamRequest
 ) -> UpstreamResponse:
     """The core's provider call (pooled session, timeouts, retries), for send_upstream plugins."""
-    return await upstream.send(session, rt.providers[req.provider], ctx, req, orjson.dumps(req.body))
+    return await upstream.send(
+        session, rt.providers[req.provider], ctx, req, orjson.dumps(req.body)
+    )
 
 
 def make_handler(endpoint: Endpoint, dialect: Dialect) -> Any:

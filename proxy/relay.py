@@ -105,10 +105,11 @@ def sniff_usage(kind: str, raw: bytes) -> tuple[int, int] | None:
     return int(found.get(b"prompt_tokens", 0)), int(found.get(b"completion_tokens", 0))
 
 
-def _set_usage(ctx: RequestContext, tokens: tuple[int, int] | None) -> None:
+def _set_usage(ctx: RequestContext, tokens: tuple[int, int] | None, final: bool = True) -> None:
     if tokens is not None:
         ctx.usage.input_tokens, ctx.usage.output_tokens = tokens
         ctx.usage.reported = True
+        ctx.usage.final = ctx.usage.final or final
 
 
 async def relay_body(
@@ -116,7 +117,7 @@ async def relay_body(
 ) -> web.Response:
     """A whole provider reply: usage read, translated if needed, hooks run, sent once."""
     raw = resp.body or b""
-    status = resp.status
+    status = ctx.status = resp.status
     headers = base_headers(ctx)
     headers.update(resp.headers)
     headers.pop("content-type", None)
@@ -236,6 +237,7 @@ class _StreamState:
         if self.to_chat is not None:
             if name is None and not data:
                 return
+            final = name == "message_delta"
             for chunk in self.to_chat.feed(name, orjson.loads(data)):
                 usage_only = not chunk.get("choices") and chunk.get("usage") is not None
                 if not usage_only or self.wants_usage:
@@ -244,16 +246,18 @@ class _StreamState:
                     self._emit(chunk, None, out)
                 elif self.hooks:
                     self._emit(chunk, None, out, withhold=True)
-            _set_usage(ctx, self.to_chat.usage)
+            _set_usage(ctx, self.to_chat.usage, final)
             return
         if self.to_messages is not None:
+            final = False
             if data == sse.DONE:
                 for ev_name, ev in self.to_messages.finish():
                     self._emit(ev, ev_name, out)
             elif data:
+                final = sse.openai_usage(data) is not None
                 for ev_name, ev in self.to_messages.feed(orjson.loads(data)):
                     self._emit(ev, ev_name, out)
-            _set_usage(ctx, self.to_messages.usage)
+            _set_usage(ctx, self.to_messages.usage, final)
             return
         if self.route.kind == "anthropic":
             if name in ("message_start", "message_delta"):
@@ -272,6 +276,7 @@ class _StreamState:
                         )
                     ctx.usage.output_tokens = int(usage.get("output_tokens") or 0)
                     ctx.usage.reported = True
+                    ctx.usage.final = ctx.usage.final or name == "message_delta"
         elif data != sse.DONE:
             tokens = sse.openai_usage(data)
             if tokens is not None:

@@ -90,3 +90,74 @@ async def test_sql_is_read_only_and_admin_only(metered: Gw) -> None:
     assert status == 401
     status, res = await sql(gw, "SELECT count(*) AS n FROM usage")
     assert status == 200 and res["columns"] == ["n"]
+
+
+def test_migrations_upgrade_an_old_database(tmp_path: Path) -> None:
+    """A database made by schema version 1 is upgraded in place, its rows kept."""
+    import duckdb
+
+    from plugins.usage_db import MIGRATIONS, UsageDB
+
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute(
+        "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at TIMESTAMP NOT NULL)"
+    )
+    con.execute(MIGRATIONS[0])
+    con.execute("INSERT INTO schema_version VALUES (1, now())")
+    con.execute("INSERT INTO usage (ts, request_id, status) VALUES (now(), 'old-1', 200)")
+    con.close()
+    db = UsageDB(path)
+    try:
+        assert db.query("SELECT version FROM schema_version ORDER BY 1")[1] == [[1], [2]]
+        assert db.query("SELECT request_id, shared FROM usage")[1] == [["old-1", None]]
+    finally:
+        db.close()
+    again = UsageDB(path)  # opening again applies nothing twice
+    try:
+        assert again.query("SELECT count(*) FROM schema_version")[1] == [[2]]
+    finally:
+        again.close()
+
+
+async def test_cache_hits_and_coalesced_followers_cost_nothing(
+    make_gateway: Any, tmp_path: Path
+) -> None:
+    import asyncio
+
+    db = tmp_path / "usage.duckdb"
+    gw = await make_gateway(
+        "chain:\n  - name: auth\n  - name: cache\n    config: {default_ttl: 1h}\n"
+        "  - name: batching\n"
+        f"  - name: metering\n    config: {{database: {db}, flush_interval: 50ms}}\n",
+        base=BASE,
+    )
+    key = await gw.create_key("sam", "pro")
+    client = gw.openai(key)
+    await asyncio.gather(
+        *(
+            client.chat.completions.create(
+                model="gpt-5.4-mini",
+                messages=MSG,  # type: ignore[arg-type]
+                extra_headers={"x-emulator-latency-ms": "150"},
+            )
+            for _ in range(3)
+        )
+    )
+    await client.chat.completions.create(model="gpt-5.4-mini", messages=MSG)  # type: ignore[arg-type]
+    status, res = await sql(gw, "SELECT cache, shared, cost_usd, saved_usd, price_usd FROM usage")
+    assert status == 200
+    rows = [dict(zip(res["columns"], r, strict=True)) for r in res["rows"]]
+    assert len(rows) == 4
+    paid = [r for r in rows if r["cache"] == "miss" and r["shared"] is None]
+    free = [r for r in rows if r not in paid]
+    assert len(paid) == 1 and Decimal(paid[0]["cost_usd"]) > 0
+    assert sorted((r["cache"], r["shared"]) for r in free) == [
+        ("hit", None),
+        ("miss", "coalesced"),
+        ("miss", "coalesced"),
+    ]
+    for r in free:
+        assert Decimal(r["cost_usd"]) == 0
+        assert Decimal(r["saved_usd"]) == Decimal(paid[0]["cost_usd"])
+        assert Decimal(r["price_usd"]) == Decimal("0.01")  # the customer still pays the price

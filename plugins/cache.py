@@ -1,0 +1,205 @@
+"""cache: exact-answer cache per tenant, TTL per feature, encrypted at rest.
+
+A request's key (``plugins.fingerprint``) is the tenant scope, endpoint, the model that will
+really serve (this plugin sits after routing) and the canonical answer-changing body. A hit is
+answered from ``access`` as a ``Reply``: whole, or replayed as a valid stream (``plugins.replies``)
+with usage, whichever the client asked for, since one canonical whole body is stored. Only
+complete successful replies are stored: a whole body from ``response_body``, or a stream
+assembled event by event in ``response_chunk`` and stored in ``log`` only if it finished (a
+stream the client abandoned is not). ``Cache-Control: no-cache`` skips the read, ``no-store``
+the write. Every reply of a cacheable endpoint carries ``X-Tollway-Cache: hit|miss|bypass``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+import orjson
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+from plugins.cache_store import CacheStore, parse_key
+from plugins.fingerprint import Scope, fingerprint
+from plugins.replies import Assembler, replay, usage_of
+from proxy.appkeys import SHARED
+from proxy.context import Reply, RequestContext, StashKey, StreamEvent, Usage
+from proxy.hookspecs import hookimpl
+from proxy.policy import Policy, parse_duration
+
+log = logging.getLogger("tollway.cache")
+
+STORE: StashKey[CacheStore] = StashKey()
+_PLAN: StashKey[tuple[str, float, bool]] = StashKey()  # key, ttl, may store
+_BODY: StashKey[dict[str, Any]] = StashKey()
+_ASSEMBLER: StashKey[Assembler] = StashKey()
+
+CACHEABLE = frozenset({"chat", "completions", "messages", "embeddings"})
+
+
+class CacheConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    ttl: dict[str, float] = Field(
+        default_factory=dict,
+        description="TTL per feature (request type), e.g. {code_suggestions: 1h}.",
+    )
+    default_ttl: float | None = Field(
+        None, description="TTL of features not listed in ttl; null = those are not cached."
+    )
+    never: list[str] = Field(default_factory=list, description="Features that are never cached.")
+    scope: Scope = Field(
+        "user", description="Who may share an answer: user (default), tier, or global."
+    )
+    key: SecretStr | None = Field(
+        None, description="AES-256 key (64 hex chars or base64); new entries use it."
+    )
+    old_keys: list[SecretStr] = Field(
+        default_factory=list, description="Retired keys still accepted until their entries expire."
+    )
+    max_bytes: int = Field(256 * 2**20, ge=1024, description="Memory backend size bound (LRU).")
+    backend: Literal["memory", "state"] = Field(
+        "memory", description="memory, or state: the shared store of state.url (Redis)."
+    )
+
+    @field_validator("ttl", mode="before")
+    @classmethod
+    def _ttls(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: parse_duration(x) for k, x in v.items()}
+        return v
+
+    @field_validator("default_ttl", mode="before")
+    @classmethod
+    def _default(cls, v: Any) -> Any:
+        return None if v is None else parse_duration(v)
+
+    @field_validator("key", "old_keys")
+    @classmethod
+    def _keys(cls, v: Any) -> Any:
+        for k in v if isinstance(v, list) else [v]:
+            if k is not None:
+                parse_key(k.get_secret_value())
+        return v
+
+
+def _key_id(key: bytes) -> str:
+    return hashlib.sha256(key).hexdigest()[:8]
+
+
+def _cache_control(value: str | None) -> tuple[bool, bool]:
+    """(no-cache, no-store) from a Cache-Control header."""
+    if not value:
+        return False, False
+    parts = {p.strip().lower() for p in value.split(",")}
+    return "no-cache" in parts, "no-store" in parts
+
+
+class CachePlugin:
+    """Answers repeats from the encrypted store; see the module docstring."""
+
+    Config = CacheConfig
+
+    def __init__(self, config: CacheConfig, policy: Policy) -> None:
+        self.config = config
+        self.ttl = dict(config.ttl)
+        self.never = frozenset(config.never)
+        self.url = policy.state.url if config.backend == "state" else "memory://"
+        if config.key is not None:
+            secrets_ = [config.key, *config.old_keys]
+            self.keys = [
+                (_key_id(k), k) for k in (parse_key(s.get_secret_value()) for s in secrets_)
+            ]
+        elif self.url.startswith("memory://"):
+            # entries live only in this process: a per-process key keeps them encrypted at rest
+            key = secrets.token_bytes(32)
+            self.keys = [(_key_id(key), key)]
+        else:
+            raise ValueError("a shared cache backend needs config.key so instances can decrypt")
+        self.store: CacheStore | None = None
+
+    @hookimpl
+    async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
+        shared = app[SHARED]
+        store = shared.find(STORE)
+        if store is None:
+            store = CacheStore(url=self.url, max_bytes=self.config.max_bytes, keys=self.keys)
+            shared.put(STORE, store)
+            shared.on_close(store.close)
+        elif self.config.key is not None:
+            store.set_keys(self.keys)  # a reload may rotate the keys; the entries carry over
+        self.store = store
+        yield
+
+    def _ttl(self, feature: str | None) -> float | None:
+        if feature in self.never:
+            return None
+        ttl = self.ttl.get(feature or "", self.config.default_ttl)
+        return ttl if ttl else None
+
+    @hookimpl
+    async def access(self, ctx: RequestContext) -> Reply | None:
+        if ctx.endpoint not in CACHEABLE or ctx.route is None or self.store is None:
+            return None
+        ttl = self._ttl(ctx.feature)
+        if ttl is None:
+            ctx.cache = "bypass"
+            return None
+        no_cache, no_store = _cache_control(ctx.request.headers.get("cache-control"))
+        key = fingerprint(ctx, self.config.scope)
+        ctx.stash[_PLAN] = (key, ttl, not no_store)
+        ctx.cache = "miss"
+        if no_cache:
+            return None
+        raw = await self.store.get(key)
+        if raw is None:
+            return None
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return None
+        ctx.cache = "hit"
+        inp, out = usage_of(ctx.endpoint, body)
+        ctx.usage = Usage(input_tokens=inp, output_tokens=out, reported=True)
+        if ctx.stream:
+            opts = ctx.body.get("stream_options")
+            wants = isinstance(opts, dict) and bool(opts.get("include_usage"))
+            return Reply(events=replay(ctx.endpoint, body, include_usage=wants))
+        return Reply(body=body)
+
+    @hookimpl
+    def response_chunk(self, ctx: RequestContext, event: StreamEvent) -> None:
+        plan = ctx.stash.get(_PLAN)
+        if plan is None or not plan[2] or ctx.cache != "miss":
+            return
+        asm = ctx.stash.get(_ASSEMBLER)
+        if asm is None:
+            n = ctx.body.get("n")
+            asm = Assembler(ctx.endpoint, n=n if isinstance(n, int) and n > 0 else 1)
+            ctx.stash[_ASSEMBLER] = asm
+        asm.feed(event.name, event.data)
+
+    @hookimpl
+    async def response_body(self, ctx: RequestContext, body: dict[str, Any]) -> None:
+        plan = ctx.stash.get(_PLAN)
+        if plan is not None and plan[2] and ctx.cache == "miss" and ctx.status == 200:
+            ctx.stash[_BODY] = body
+        return None
+
+    @hookimpl
+    async def log(self, ctx: RequestContext) -> None:
+        plan = ctx.stash.get(_PLAN)
+        if plan is None or not plan[2] or ctx.cache != "miss" or self.store is None:
+            return
+        if ctx.status != 200 or ctx.error_code is not None:
+            return
+        body = ctx.stash.get(_BODY)
+        if body is None:
+            asm = ctx.stash.get(_ASSEMBLER)
+            body = asm.result() if asm is not None else None
+        if body is None:
+            return
+        key, ttl, _ = plan
+        await self.store.set(key, orjson.dumps(body), ttl)
