@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from plugins.fingerprint import Scope, fingerprint
+from proxy.appkeys import METRICS
 from proxy.context import RequestContext, UpstreamRequest, UpstreamResponse
 from proxy.errors import Reject
 from proxy.hookspecs import hookimpl
@@ -317,6 +320,29 @@ class BatchingPlugin:
         self.config = config
         self.coalescer = Coalescer()
         self.batcher = Batcher(config.window, config.max_inputs)
+
+    @hookimpl
+    async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
+        c, b = self.coalescer, self.batcher
+        app[METRICS].add(
+            "batching",
+            lambda: {
+                "tollway_coalesced_requests": (
+                    "counter",
+                    "Requests answered by another request's provider call.",
+                    c.coalesced,
+                    (),
+                ),
+                "tollway_batched_requests": (
+                    "counter",
+                    "Embeddings requests merged into a shared call.",
+                    b.batched,
+                    (),
+                ),
+                "tollway_batch_calls": ("counter", "Merged embeddings calls sent.", b.calls, ()),
+            },
+        )
+        yield
 
     @hookimpl
     async def send_upstream(

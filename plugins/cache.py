@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from plugins.cache_store import CacheStore, parse_key
 from plugins.fingerprint import Scope, fingerprint
 from plugins.replies import Assembler, replay, usage_of
-from proxy.appkeys import SHARED
+from proxy.appkeys import METRICS, SHARED
 from proxy.context import Reply, RequestContext, StashKey, StreamEvent, Usage
 from proxy.hookspecs import hookimpl
 from proxy.policy import Policy, parse_duration
@@ -97,6 +97,31 @@ def _cache_control(value: str | None) -> tuple[bool, bool]:
     return "no-cache" in parts, "no-store" in parts
 
 
+def _cache_metrics(store: CacheStore) -> dict[str, Any]:
+    st = store.stats
+    looked = st.hits + st.misses
+    return {
+        "tollway_cache_hits": ("counter", "Cache lookups that found an answer.", st.hits, ()),
+        "tollway_cache_misses": ("counter", "Cache lookups that found none.", st.misses, ()),
+        "tollway_cache_hit_ratio": (
+            "gauge",
+            "Hits / lookups since start.",
+            st.hits / looked if looked else 0.0,
+            (),
+        ),
+        "tollway_cache_entries": ("gauge", "Entries in the memory store.", st.entries, ()),
+        "tollway_cache_bytes": ("gauge", "Bytes in the memory store.", st.bytes, ()),
+        "tollway_cache_evictions": ("counter", "Entries evicted (LRU).", st.evictions, ()),
+        "tollway_cache_decrypt_failures": (
+            "counter",
+            "Entries that did not decrypt (misses).",
+            st.decrypt_failures,
+            (),
+        ),
+        "tollway_cache_errors": ("counter", "Backend errors (treated as misses).", st.errors, ()),
+    }
+
+
 class CachePlugin:
     """Answers repeats from the encrypted store; see the module docstring."""
 
@@ -131,6 +156,7 @@ class CachePlugin:
         elif self.config.key is not None:
             store.set_keys(self.keys)  # a reload may rotate the keys; the entries carry over
         self.store = store
+        app[METRICS].add("cache", lambda: _cache_metrics(store))
         yield
 
     def _ttl(self, feature: str | None) -> float | None:

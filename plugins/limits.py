@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from plugins.admission import Admission, QueueFull, QueueTimeout
 from plugins.quota import MonthlyQuota, month_of, next_month_start
 from plugins.windows import Admit, MemoryWindows, open_windows
-from proxy.appkeys import SHARED
+from proxy.appkeys import METRICS, SHARED
 from proxy.context import RequestContext, StashKey, UpstreamRequest
 from proxy.errors import Reject
 from proxy.hookspecs import hookimpl
@@ -218,6 +218,29 @@ class LimitsPlugin:
                 g.queue_timeout,
             )
             self.admission = adm
+            app[METRICS].add(
+                "admission",
+                lambda: {
+                    "tollway_upstream_in_flight": (
+                        "gauge",
+                        "Upstream requests holding a slot.",
+                        adm.in_flight,
+                        (),
+                    ),
+                    "tollway_admission_queue_length": (
+                        "gauge",
+                        "Requests waiting for a slot.",
+                        adm.queued,
+                        (),
+                    ),
+                    "tollway_admission_rejected": (
+                        "counter",
+                        "Requests refused by the queue (503).",
+                        adm.rejected,
+                        (),
+                    ),
+                },
+            )
         yield
 
     def _open_quota(self, shared: Any) -> MonthlyQuota:

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from plugins.spool import Spool
 from plugins.usage_db import UsageDB
-from proxy.appkeys import KEYSTORE, SHARED
+from proxy.appkeys import KEYSTORE, METRICS, SHARED
 from proxy.context import RequestContext, StashKey
 from proxy.hookspecs import hookimpl
 from proxy.policy import Policy, parse_duration
@@ -171,6 +171,35 @@ class MeteringPlugin:
         await asyncio.to_thread(store.db.set_plan_prices, self.plan_costs)
         shared.put(USAGE, store)
         self.store = store
+        app[METRICS].add(
+            "metering",
+            lambda: {
+                "tollway_usage_rows_spooled": (
+                    "counter",
+                    "Usage rows written to the spool.",
+                    store.spool.total,
+                    (),
+                ),
+                "tollway_usage_rows_loaded": (
+                    "counter",
+                    "Usage rows loaded into DuckDB.",
+                    store.loaded_rows,
+                    (),
+                ),
+                "tollway_unpriced_requests": (
+                    "counter",
+                    "Requests to a model without a price (cost_usd NULL).",
+                    store.unpriced,
+                    (),
+                ),
+                "tollway_usage_load_seconds": (
+                    "counter",
+                    "Time spent loading rows into DuckDB.",
+                    store.load_seconds,
+                    (),
+                ),
+            },
+        )
         yield
 
     def price(self, ctx: RequestContext) -> float:

@@ -15,7 +15,7 @@ import orjson
 from aiohttp import web
 
 from proxy import admin
-from proxy.appkeys import GATEWAY, KEYSTORE, SHARED
+from proxy.appkeys import GATEWAY, KEYSTORE, METRICS, SHARED
 from proxy.chain import compile_chain
 from proxy.errors import Reject, reject_body
 from proxy.gateway import Gateway
@@ -49,6 +49,7 @@ def create_app(
     app[GATEWAY] = gw
     app[KEYSTORE] = keystore
     app[SHARED] = Shared()
+    app[METRICS] = gw.metrics
     gw.app = app
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_chain_lifespan)
@@ -57,6 +58,7 @@ def create_app(
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
     admin.add_routes(app)
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app
@@ -143,10 +145,18 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready", "reloads": gw.reloads})
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus exposition of the core counters and every plugin's registered source."""
+    body = request.app[METRICS].render()
+    return web.Response(
+        body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+    )
+
+
 async def not_found(request: web.Request) -> web.Response:
     """Unknown path (404) or wrong method on a known one (405), in the route's error shape."""
     dialect = _dialect_of(request)
-    if request.path in CLIENT_ENDPOINTS or request.path == "/v1/models":
+    if request.path in CLIENT_ENDPOINTS or request.path in ("/v1/models", "/metrics"):
         exc = Reject(
             405,
             f"method {request.method} is not allowed on {request.path}",

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from proxy.chain import Chain, compile_chain
 from proxy.keystore import KeyStore
+from proxy.metrics import Metrics
 from proxy.policy import LoadedPolicy, PolicyError, load_file
 from proxy.runtime import Runtime
 
@@ -37,6 +38,7 @@ class Gateway:
         self.keystore = keystore
         self.extra_plugins = extra_plugins
         self.session: aiohttp.ClientSession | None = None
+        self.metrics = Metrics()
         self.app: web.Application | None = None
         self.ready = False
         self.reloads = 0

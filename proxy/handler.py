@@ -226,6 +226,7 @@ def make_handler(endpoint: Endpoint, dialect: Dialect) -> Any:
         rt = gw.runtime
         chain = rt.chain
         chain.in_flight += 1
+        gw.metrics.in_flight += 1
         ctx = RequestContext(
             request_id=new_request_id(),
             endpoint=endpoint,
@@ -249,7 +250,9 @@ def make_handler(endpoint: Endpoint, dialect: Dialect) -> Any:
                 chain, ctx, Reject(500, "internal gateway error", code="internal_error")
             )
         finally:
-            ctx.timings.end = time.perf_counter()
+            ctx.timings.end = end = time.perf_counter()
+            gw.metrics.in_flight -= 1
+            gw.metrics.observe(endpoint, ctx.status, ctx.cache, end - ctx.timings.start)
             for hook in chain.log:
                 try:
                     await hook(ctx)

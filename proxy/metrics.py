@@ -1,0 +1,79 @@
+"""Prometheus metrics, computed at scrape time from plain counters.
+
+The request path only increments integers in a dict (no prometheus_client call, no lock);
+``GET /metrics`` turns them, and whatever the plugins registered, into the exposition format.
+A plugin registers a source in its ``lifespan`` with ``app[METRICS].add(name, fn)``: ``fn()``
+returns ``{metric_name: (kind, help, value or {labels_tuple: value}, label_names)}``. Registering
+the same name again (a policy reload) replaces the old source.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+Sample = tuple[str, str, Any, tuple[str, ...]]
+Source = Callable[[], dict[str, Sample]]
+
+
+class Metrics(Collector):
+    """Core request counters plus plugin sources, exposed as one registry."""
+
+    def __init__(self) -> None:
+        self.requests: defaultdict[tuple[str, int, str], int] = defaultdict(int)
+        self.latency_sum: defaultdict[str, float] = defaultdict(float)
+        self.in_flight = 0
+        self._sources: dict[str, Source] = {}
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+
+    def add(self, name: str, fn: Source) -> None:
+        self._sources[name] = fn
+
+    def observe(self, endpoint: str, status: int, cache: str | None, seconds: float) -> None:
+        self.requests[(endpoint, status, cache or "")] += 1
+        self.latency_sum[endpoint] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        req = CounterMetricFamily(
+            "tollway_requests",
+            "Requests answered, by endpoint, status and cache result.",
+            labels=["endpoint", "status", "cache"],
+        )
+        counts: defaultdict[str, int] = defaultdict(int)
+        for (endpoint, status, cache), n in sorted(self.requests.items()):
+            req.add_metric([endpoint, str(status), cache], n)
+            counts[endpoint] += n
+        yield req
+        dur = CounterMetricFamily(
+            "tollway_request_duration_seconds_sum",
+            "Total time spent answering, by endpoint.",
+            labels=["endpoint"],
+        )
+        for endpoint, total in sorted(self.latency_sum.items()):
+            dur.add_metric([endpoint], total)
+        yield dur
+        yield GaugeMetricFamily(
+            "tollway_requests_in_flight", "Requests being served now.", value=self.in_flight
+        )
+        for source in list(self._sources.values()):
+            for name, (kind, help_, value, labels) in source().items():
+                yield _family(name, kind, help_, value, labels)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def _family(name: str, kind: str, help_: str, value: Any, labels: tuple[str, ...]) -> Metric:
+    cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+    if not labels:
+        return cls(name, help_, value=value)
+    fam = cls(name, help_, labels=list(labels))
+    for label_values, v in value.items():
+        fam.add_metric(list(label_values), v)
+    return fam
