@@ -66,10 +66,21 @@ models:
   gpt-5.4-mini: {{provider: openai}}
   claude-sonnet: {{provider: anthropic}}
   text-embedding-3-small: {{provider: openai}}
+features:
+  basic_suggestions: {{price_per_request: 0.01}}
+  code_suggestions: {{price_per_request: 0.02}}
 tiers:
-  pro: {{}}
+  pro: {{features: [basic_suggestions, code_suggestions]}}
 chain:
   - name: auth
+  - name: limits
+    config: {{user: [100000/minute], ip: [100000/minute], global: {{concurrent_requests: 50}}}}
+  - name: cache
+    config: {{default_ttl: 1h}}
+  - name: batching
+    config: {{window: 5ms}}
+  - name: metering
+    config: {{database: "{db}"}}
 """
 
 
@@ -77,7 +88,7 @@ chain:
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Http, str]]:
     emu, port = free_port(), free_port()
     policy: Path = tmp_path_factory.mktemp("fuzz") / "policy.yaml"
-    policy.write_text(POLICY.format(port=port, emu=emu))
+    policy.write_text(POLICY.format(port=port, emu=emu, db=policy.parent / "usage.duckdb"))
     with (
         running([*TOLLWAY, "emulator", "--port", str(emu)], "emulator listening"),
         running([*TOLLWAY, "serve", "--policy", str(policy)], "tollway listening") as gw,
