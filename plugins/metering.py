@@ -1,8 +1,9 @@
 """metering: one usage row per request into DuckDB, written off the hot path, never lost.
 
-Per request the plugin builds a small dict and appends it to the spool (``plugins.spool``): for
-a non-streamed reply a first row before the body is sent (``response_headers``), and the final
-row after the last byte (``log``); the final row replaces the first. A background task rotates
+Per request the plugin builds one small dict and appends it to the spool (``plugins.spool``):
+for a whole reply (and every refusal) before its body is sent (``response_headers``: status and
+usage are known by then), for a stream after its last byte (``log``), and in ``log`` for
+anything the response side did not reach (a cache hit answered above this plugin). A background task rotates
 the spool once a second (or every ``batch_rows`` rows) and a worker thread loads the closed
 segments into DuckDB. ``/admin/sql`` and invoices load everything pending first, so they see
 every answered request.
@@ -45,6 +46,7 @@ from proxy.usage import USAGE
 log = logging.getLogger("tollway.metering")
 
 _STORE: StashKey[UsageStore] = StashKey()
+_WRITTEN: StashKey[bool] = StashKey()
 
 
 class MeteringConfig(BaseModel):
@@ -212,12 +214,12 @@ class MeteringPlugin:
             return override[feature]
         return self.prices.get(feature, 0.0)
 
-    def row(self, ctx: RequestContext, final: bool) -> dict[str, Any]:
+    def row(self, ctx: RequestContext) -> dict[str, Any]:
         route = ctx.route
         principal = ctx.principal
         usage = ctx.usage
         inp, out, estimated = usage.input_tokens, usage.output_tokens, False
-        if final and ctx.stream and ctx.error_code == "client_disconnected":
+        if ctx.stream and ctx.error_code == "client_disconnected":
             # the provider's closing counts win once they arrived (an Anthropic message_start
             # carries only a placeholder output count, so it is not final)
             if not usage.final:
@@ -231,7 +233,7 @@ class MeteringPlugin:
         return {
             "ts": time.time(),
             "request_id": ctx.request_id,
-            "final": final,
+            "final": True,
             "user_id": principal.user_id if principal else None,
             "key_id": principal.key_id if principal else None,
             "tier": principal.tier if principal else None,
@@ -248,7 +250,7 @@ class MeteringPlugin:
             "output_tokens": out,
             "usage_estimated": estimated,
             "latency_ms": timings.latency_ms(),
-            "ttfb_ms": timings.ttfb_ms(),
+            "ttfb_ms": timings.ttfb_ms() or (None if ctx.stream else timings.latency_ms()),
             "input_per_mtok": route.input_per_mtok if route else None,
             "output_per_mtok": route.output_per_mtok if route else None,
             "price": self.price(ctx),
@@ -261,21 +263,27 @@ class MeteringPlugin:
 
     @hookimpl
     async def response_headers(self, ctx: RequestContext, headers: dict[str, str]) -> None:
-        # the first row goes to disk before any byte of a whole reply does: a reply the client
-        # received always has its row, even if the process is killed right after sending it
+        # a whole reply's row goes to disk before its body does: once the client has the reply,
+        # the row survives even a SIGKILL right after; a stream's row is written in log, when
+        # its usage is known
         if not ctx.stream and self.store is not None:
-            self.store.append(self.row(ctx, final=False))
+            self._record(ctx)
 
     @hookimpl
     async def log(self, ctx: RequestContext) -> None:
-        if self.store is None:
-            return
-        row = self.row(ctx, final=True)
+        if self.store is not None and _WRITTEN not in ctx.stash:
+            self._record(ctx)
+
+    def _record(self, ctx: RequestContext) -> None:
+        assert self.store is not None
+        ctx.stash[_WRITTEN] = True
+        row = self.row(ctx)
         route = ctx.route
         if (
             route is not None
             and ctx.status < 400
             and ctx.cache != "hit"
+            and ctx.shared != "coalesced"
             and (
                 route.input_per_mtok is None
                 or (row["output_tokens"] and route.output_per_mtok is None)

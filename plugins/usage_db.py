@@ -174,7 +174,8 @@ class UsageDB:
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self.con = duckdb.connect(self.path)
+        # one DuckDB thread: the loader must not compete with the event loop for the CPU
+        self.con = duckdb.connect(self.path, config={"threads": 1})
         self._write_lock = threading.Lock()
         self.migrate()
 
@@ -199,7 +200,8 @@ class UsageDB:
         return current
 
     def ingest(self, segment: Path) -> int:
-        """Load one spool segment; idempotent (request_id), a final row replaces a pending one.
+        """Load one spool segment; idempotent on request_id (a segment loaded twice, after a crash
+        between commit and delete, adds nothing).
 
         Returns the number of rows read. A torn last line (a killed process) is skipped.
         """
@@ -207,9 +209,6 @@ class UsageDB:
             return 0
         cols = ", ".join(f"'{k}': '{v}'" for k, v in SPOOL_COLUMNS.items())
         source = f"read_json(?, format='newline_delimited', columns={{{cols}}}, ignore_errors=true)"
-        update = ", ".join(
-            f"{c} = excluded.{c}" for c in _USAGE_COLUMNS if c not in ("request_id",)
-        )
         sql = f"""
         INSERT INTO usage BY NAME
         SELECT make_timestamp(CAST(ts * 1000000 AS BIGINT)) AS ts, request_id, final, user_id,
@@ -228,10 +227,8 @@ class UsageDB:
                               + coalesce(saved_output, 0)
                                 * CAST(coalesce(output_per_mtok, 0) AS {MONEY}))
                               / 1000000 AS {MONEY}) END AS saved_usd
-        FROM (SELECT *, row_number() OVER (PARTITION BY request_id ORDER BY final DESC) AS rn
-              FROM {source} WHERE request_id IS NOT NULL)
-        WHERE rn = 1
-        ON CONFLICT (request_id) DO UPDATE SET {update} WHERE excluded.final
+        FROM {source} WHERE request_id IS NOT NULL
+        ON CONFLICT (request_id) DO NOTHING
         """
         with self._write_lock:
             cur = self.con.cursor()
@@ -387,33 +384,3 @@ def _line(
         "unit_price": unit_s,
         "total": _money(total),
     }
-
-
-_USAGE_COLUMNS = [
-    "shared",
-    "ts",
-    "request_id",
-    "user_id",
-    "key_id",
-    "tier",
-    "feature",
-    "endpoint",
-    "provider",
-    "model",
-    "upstream_model",
-    "stream",
-    "status",
-    "error_code",
-    "cache",
-    "input_tokens",
-    "output_tokens",
-    "usage_estimated",
-    "latency_ms",
-    "ttfb_ms",
-    "cost_usd",
-    "price_usd",
-    "saved_usd",
-    "retries",
-    "client_ip_hash",
-    "final",
-]
