@@ -13,24 +13,23 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
-
 Sample = tuple[str, str, Any, tuple[str, ...]]
 Source = Callable[[], dict[str, Sample]]
 
 
-class Metrics(Collector):
-    """Core request counters plus plugin sources, exposed as one registry."""
+class Metrics:
+    """Core request counters plus plugin sources, exposed as one registry.
+
+    prometheus_client is imported at the first scrape, not at startup: a gateway nobody scrapes
+    does not carry it in memory.
+    """
 
     def __init__(self) -> None:
         self.requests: defaultdict[tuple[str, int, str], int] = defaultdict(int)
         self.latency_sum: defaultdict[str, float] = defaultdict(float)
         self.in_flight = 0
         self._sources: dict[str, Source] = {}
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(self)
+        self._registry: Any = None
 
     def add(self, name: str, fn: Source) -> None:
         self._sources[name] = fn
@@ -39,7 +38,9 @@ class Metrics(Collector):
         self.requests[(endpoint, status, cache or "")] += 1
         self.latency_sum[endpoint] += seconds
 
-    def collect(self) -> Iterator[Metric]:
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         req = CounterMetricFamily(
             "tollway_requests",
             "Requests answered, by endpoint, status and cache result.",
@@ -66,10 +67,17 @@ class Metrics(Collector):
                 yield _family(name, kind, help_, value, labels)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        if self._registry is None:
+            self._registry = CollectorRegistry(auto_describe=False)
+            self._registry.register(self)
+        return generate_latest(self._registry)  # type: ignore[no-any-return]
 
 
-def _family(name: str, kind: str, help_: str, value: Any, labels: tuple[str, ...]) -> Metric:
+def _family(name: str, kind: str, help_: str, value: Any, labels: tuple[str, ...]) -> Any:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
     cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
     if not labels:
         return cls(name, help_, value=value)
