@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
+import dataclasses
 import json
 import os
 import platform
 import re
 import resource
 import secrets
+import shutil
 import signal
 import statistics
 import subprocess
@@ -69,13 +72,29 @@ class Settings:
     ttfb_requests: int
     ttfb_warmup: int
     rounds: int  # each phase is split into this many rounds that alternate the targets
+    throughput_rounds: int  # c=32: more, shorter rounds pair the chain prefixes more tightly
+    writer_rows: int  # rows for the metering writer measurement (bench/writer.py)
 
 
 FULL = Settings(
-    latency_s=10, throughput_s=10, warmup_s=2, ttfb_requests=300, ttfb_warmup=30, rounds=5
+    latency_s=10,
+    throughput_s=10,
+    warmup_s=2,
+    ttfb_requests=300,
+    ttfb_warmup=30,
+    rounds=5,
+    throughput_rounds=10,
+    writer_rows=200_000,
 )
 QUICK = Settings(
-    latency_s=3, throughput_s=3, warmup_s=1, ttfb_requests=99, ttfb_warmup=10, rounds=3
+    latency_s=3,
+    throughput_s=3,
+    warmup_s=1,
+    ttfb_requests=99,
+    ttfb_warmup=10,
+    rounds=3,
+    throughput_rounds=3,
+    writer_rows=50_000,
 )
 
 
@@ -97,7 +116,14 @@ class Processes:
     def start(
         self, name: str, argv: list[str], env: dict[str, str] | None = None, timeout: float = 30.0
     ) -> tuple[subprocess.Popen[bytes], int]:
-        """Start ``argv`` and wait for its "listening on http://host:PORT" line; return PORT.
+        """Start ``argv`` and wait for its "listening on http://host:PORT" line; return PORT."""
+        proc = self.spawn(name, argv, env)
+        return proc, self.port(name, timeout)
+
+    def spawn(
+        self, name: str, argv: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start ``argv`` without waiting (servers that start in parallel start faster).
 
         Output goes to a file, not a pipe: a pipe nobody drains would block a chatty server.
         """
@@ -106,11 +132,17 @@ class Processes:
         self._logs[name] = log
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         self.procs[name] = proc
+        return proc
+
+    def port(self, name: str, timeout: float = 30.0) -> int:
+        """Wait for the "listening on http://host:PORT" line of a spawned server."""
+        path = self.logdir / f"{name}.log"
+        proc = self.procs[name]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             m = LISTENING.search(path.read_text())
             if m:
-                return proc, int(m.group(1))
+                return int(m.group(1))
             if proc.poll() is not None:
                 break
             time.sleep(0.05)
@@ -141,9 +173,11 @@ class Processes:
             log.close()
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process from /proc/PID/stat (fields 14 and 15), in seconds."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
+def cpu_seconds(pid: int, main_thread: bool = False) -> float:
+    """utime + stime of a process (all its threads) from /proc/PID/stat (fields 14 and 15), in
+    seconds; with ``main_thread``, of its main thread only (the event loop's)."""
+    path = f"/proc/{pid}/task/{pid}/stat" if main_thread else f"/proc/{pid}/stat"
+    stat = Path(path).read_text()
     fields = stat[stat.rindex(")") + 2 :].split()  # the command name may contain spaces
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -237,18 +271,16 @@ def _unlimit(node: Any) -> Any:
     return node
 
 
-def bench_policy(
-    src: Path, emulator_url: str, state_dir: Path
-) -> tuple[dict[str, Any], list[str], set[str]]:
+def bench_policy(src: Path, emulator_url: str) -> tuple[dict[str, Any], list[str], set[str]]:
     """The shipped policy with only what the bench needs changed; returns (policy, changes, env).
 
     - every provider's ``base_url`` points at the emulator (``/v1`` suffix for OpenAI kinds);
-    - ``state.dir`` is a temporary folder, so no key or state file of a real deployment is used;
     - every tier value named ``*_per_*`` that is an integer becomes HUGE (quota, rpm, tpm):
       the bench sends tens of thousands of requests from one key and must not measure 429s;
     - ``chain`` items named ``limits`` keep their place in the chain (their cost is part of
       the gateway's) but their config goes through ``_unlimit``.
-    The plugin chain itself is never reordered, disabled or trimmed.
+    The plugin chain itself is never reordered, disabled or trimmed here; ``variant`` takes a
+    prefix of it and moves every file the gateway writes into a temporary folder.
     """
     data = yaml.safe_load(src.read_text())
     changes: list[str] = []
@@ -256,8 +288,6 @@ def bench_policy(
         suffix = "/v1" if provider.get("kind") == "openai" else ""
         provider["base_url"] = emulator_url + suffix
         changes.append(f"providers.{name}.base_url -> emulator")
-    data["state"] = {**(data.get("state") or {}), "dir": str(state_dir)}
-    changes.append("state.dir -> temp dir")
     for tier_name, tier in (data.get("tiers") or {}).items():
         for key, value in tier.items():
             if "_per_" in key and isinstance(value, int) and not isinstance(value, bool):
@@ -272,6 +302,46 @@ def bench_policy(
     return data, changes, env_names
 
 
+# config keys of chain items that name a file or folder the plugin writes (metering's
+# ``database`` and ``spool_dir``, ...): a bench must never touch a deployment's data.
+_FILE_KEY = re.compile(r"^(database|db|path|file|dir|\w+_(dir|path|db))$")
+
+
+def _redirect_files(node: Any, dest: Path, where: str, changes: list[str]) -> Any:
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            if isinstance(v, str) and _FILE_KEY.match(str(k)):
+                out[k] = str(dest / Path(v).name)
+                changes.append(f"{where}.{k}: {v} -> temp dir")
+            else:
+                out[k] = _redirect_files(v, dest, f"{where}.{k}", changes)
+        return out
+    if isinstance(node, list):
+        return [_redirect_files(v, dest, f"{where}[{i}]", changes) for i, v in enumerate(node)]
+    return node
+
+
+def variant(
+    base: dict[str, Any], n: int, folder: Path
+) -> tuple[dict[str, Any], list[str], list[str]]:
+    """The bench policy with only the first ``n`` chain items; returns (policy, chain, changes).
+
+    Each gateway gets its own ``state.dir`` and its own folder for plugin files under
+    ``folder``, so prefixes never share a quota file or a database.
+    """
+    policy = copy.deepcopy(base)
+    items = (policy.get("chain") or [])[:n]
+    changes = ["state.dir -> temp dir"]
+    policy["state"] = {**(policy.get("state") or {}), "dir": str(folder / "state")}
+    for i, item in enumerate(items):
+        if item.get("config"):
+            where = f"chain[{i}] ({item.get('name')}).config"
+            item["config"] = _redirect_files(item["config"], folder / "files", where, changes)
+    policy["chain"] = items
+    return policy, [str(item.get("name")) for item in items], changes
+
+
 def pick_tier(policy: dict[str, Any]) -> str:
     """The plan with the highest priority (usually the one with every feature)."""
     tiers = policy.get("tiers") or {}
@@ -283,10 +353,30 @@ def pick_tier(policy: dict[str, Any]) -> str:
 # ---- load generators -----------------------------------------------------------------------
 
 _LUA = """\
+-- Every request is distinct (thread id, counter and a per-run nonce in the prompt), as real
+-- traffic is: a chain that caches or coalesces identical requests must still do its work.
 wrk.method = "POST"
-wrk.body = {body}
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = {auth}
+local body_fmt = {body_fmt}
+local threads = 0
+local counter, nonce = 0, ""
+tid = 0  -- a global: setup() sets it in each thread's own Lua state
+
+function setup(thread)
+  threads = threads + 1
+  thread:set("tid", threads)
+end
+
+function init(args)
+  nonce = args[1] or ""
+  counter = 0
+end
+
+function request()
+  counter = counter + 1
+  return wrk.format(nil, nil, nil, string.format(body_fmt, nonce, tid, counter))
+end
 
 function done(summary, latency, requests)
   local e = summary.errors
@@ -304,13 +394,21 @@ end
 """
 
 
-def write_lua(path: Path, key: str) -> None:
-    """A wrk script posting the small chat completion; done() prints one JSON line.
+def unique_body(tag: str, **extra: Any) -> dict[str, Any]:
+    """The small chat completion with ``tag`` appended to its prompt (a distinct request)."""
+    message = {**SMALL_BODY["messages"][0]}
+    message["content"] = f"{message['content']} {tag}"
+    return {**SMALL_BODY, "messages": [message], **extra}
 
-    json.dumps of an ASCII string is also a valid Lua string literal.
+
+def write_lua(path: Path, key: str) -> None:
+    """A wrk script posting distinct small chat completions; done() prints one JSON line.
+
+    json.dumps of an ASCII string is also a valid Lua string literal; the ``%s-%d-%d``
+    placeholder becomes nonce-thread-counter.
     """
-    body = json.dumps(SMALL_BODY, separators=(",", ":"))
-    path.write_text(_LUA.format(body=json.dumps(body), auth=json.dumps(f"Bearer {key}")))
+    fmt = json.dumps(unique_body("%s-%d-%d"), separators=(",", ":"))
+    path.write_text(_LUA.format(body_fmt=json.dumps(fmt), auth=json.dumps(f"Bearer {key}")))
 
 
 def wrk_version() -> str:
@@ -325,7 +423,7 @@ def run_wrk(
 ) -> dict[str, Any]:
     """One wrk run; raises BenchError if any request got a non-2xx/3xx status."""
     argv = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{seconds}s", "--timeout", "10s"]
-    argv += ["--latency", "-s", str(script), url]
+    argv += ["--latency", "-s", str(script), url, "--", secrets.token_hex(4)]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=False)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT ")), None)
     if proc.returncode != 0 or line is None:
@@ -340,13 +438,21 @@ def run_wrk(
 # ---- HTTP helpers --------------------------------------------------------------------------
 
 
-def http(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
+def http(
+    method: str,
+    url: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    reply_headers: dict[str, str] | None = None,
+) -> Any:
     """A blocking JSON request for setup and sanity checks (never timed)."""
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     if data is not None:
         req.add_header("Content-Type", "application/json")
     with _HTTP.open(req, timeout=10) as resp:
+        if reply_headers is not None:
+            reply_headers.update({k.lower(): v for k, v in resp.headers.items()})
         return json.loads(resp.read())
 
 
@@ -378,6 +484,7 @@ class Target:
     name: str
     base: str
     pid: int | None
+    admin_key: str | None = None  # set for a gateway whose chain has a usage database
 
     @property
     def url(self) -> str:
@@ -399,19 +506,24 @@ async def _ttfb(targets: list[Target], key: str, settings: Settings) -> dict[str
         "x-emulator-words": str(STREAM_WORDS),
         "x-emulator-chunk-delay-ms": str(STREAM_CHUNK_DELAY_MS),
     }
-    payload = json.dumps({**SMALL_BODY, "stream": True, "max_tokens": 64}).encode()
+    nonce = secrets.token_hex(4)
+    sent = 0
     samples: dict[str, list[float]] = {t.name: [] for t in targets}
     events: dict[str, int] = {}
 
     async def one(session: aiohttp.ClientSession, target: Target) -> float:
+        nonlocal sent
+        sent += 1
+        body = unique_body(f"stream-{nonce}-{sent}", stream=True, max_tokens=64)
+        payload = json.dumps(body).encode()
         t0 = time.perf_counter()
         async with session.post(target.url, data=payload, headers=headers) as resp:
             first = await resp.content.readany()
             t1 = time.perf_counter()
-            body = first + await resp.read()
-        if resp.status != 200 or not first or not body.rstrip().endswith(b"[DONE]"):
-            raise BenchError(f"{target.name}: bad stream (HTTP {resp.status}): {body[:300]!r}")
-        events[target.name] = body.count(b"\n\n")
+            got = first + await resp.read()
+        if resp.status != 200 or not first or not got.rstrip().endswith(b"[DONE]"):
+            raise BenchError(f"{target.name}: bad stream (HTTP {resp.status}): {got[:300]!r}")
+        events[target.name] = got.count(b"\n\n")
         return (t1 - t0) * 1000
 
     sessions = {
@@ -482,7 +594,7 @@ def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "rounds": runs,
     }
     wall = sum(r["wall_s"] for r in runs if "wall_s" in r)
-    for who in ("proxy", "emulator"):
+    for who in ("proxy", "emulator", "proxy_main"):
         cpu = [r[f"{who}_cpu_s"] for r in runs if f"{who}_cpu_s" in r]
         if cpu:
             out[f"{who}_cores"] = sum(cpu) / wall
@@ -495,34 +607,112 @@ def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def usage_rows(target: Target) -> int:
+    """Requests in the gateway's usage table, through ``/admin/sql``, which first loads every
+    row still in the spool: the metering writer's deferred work is done when this returns."""
+    reply = http(
+        "POST",
+        f"{target.base}/admin/sql",
+        {"query": "SELECT count(*) FROM usage"},
+        {"Authorization": f"Bearer {target.admin_key}"},
+    )
+    return int(reply["rows"][0][0])
+
+
+def has_usage_db(base: str, admin_key: str) -> bool:
+    """Whether the gateway's chain keeps a usage database (``/admin/sql`` answers 404 if not)."""
+    try:
+        usage_rows(Target("probe", base, None, admin_key))
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            return False
+        raise
+    return True
+
+
+def settle(pid: int, quiet_s: float = 0.15, max_s: float = 3.0) -> None:
+    """Wait until the process has used (almost) no CPU for ``quiet_s``, so work it deferred
+    past the end of the load (a background task) is counted in its round, not the next one."""
+    deadline = time.monotonic() + max_s
+    last = cpu_seconds(pid)
+    while time.monotonic() < deadline:
+        time.sleep(quiet_s)
+        now = cpu_seconds(pid)
+        if now - last <= 1.5 / os.sysconf("SC_CLK_TCK"):
+            return
+        last = now
+
+
 def throughput_round(
     target: Target, emu: str, emu_pid: int, lua: Path, seconds: int
 ) -> dict[str, Any]:
-    """One c=32 wrk run with the CPU the proxy and the emulator spent during it."""
+    """One c=32 wrk run with the CPU the proxy and the emulator spent during it.
+
+    The proxy's CPU is read once it has settled, after a gateway with a usage database loaded
+    every row of the round (so the writer's background load is part of the round's cost).
+    """
     pids = {"emulator": emu_pid} | ({"proxy": target.pid} if target.pid else {})
     upstream0 = emulator_requests(emu)
+    rows0 = usage_rows(target) if target.admin_key else 0
     cpu0 = {n: cpu_seconds(p) for n, p in pids.items()}
+    main0 = cpu_seconds(target.pid, main_thread=True) if target.pid else 0.0
     t0 = time.monotonic()
     result = run_wrk(target.url, lua, 2, 32, seconds)
     result["wall_s"] = time.monotonic() - t0
+    if target.admin_key:
+        result["usage_rows"] = usage_rows(target) - rows0
+    if target.pid:
+        settle(target.pid)
     for n, p in pids.items():
         result[f"{n}_cpu_s"] = cpu_seconds(p) - cpu0[n]
+    if target.pid:
+        result["proxy_main_cpu_s"] = cpu_seconds(target.pid, main_thread=True) - main0
     result["upstream_requests"] = emulator_requests(emu) - upstream0
     return result
 
 
+def warm_up(t: Target, key: str, lua: Path, seconds: int) -> dict[str, str]:
+    """A sanity request (returns its reply headers), then ``seconds`` of c=32 load."""
+    headers: dict[str, str] = {}
+    body = unique_body(f"sanity-{secrets.token_hex(4)}")
+    reply = http("POST", t.url, body, {"Authorization": f"Bearer {key}"}, headers)
+    if not reply.get("choices"):
+        raise BenchError(f"{t.name}: unexpected reply {reply}")
+    run_wrk(t.url, lua, 2, 32, seconds)  # warm pools, caches and the allocator
+    return headers
+
+
 def measure(
-    targets: list[Target], emu: str, emu_pid: int, key: str, lua: Path, settings: Settings
+    targets: list[Target],
+    chains: list[Target],
+    emu: str,
+    emu_pid: int,
+    key: str,
+    lua: Path,
+    settings: Settings,
+    phases: dict[str, float],
 ) -> dict[str, dict[str, Any]]:
     """Sanity and warm-up, then c=1 latency, TTFB and c=32 throughput, each phase in rounds
-    that alternate the targets, so slow drift or a noisy neighbour hits all of them alike."""
-    out: dict[str, dict[str, Any]] = {t.name: {} for t in targets}
-    for t in targets:
-        reply = http("POST", t.url, SMALL_BODY, {"Authorization": f"Bearer {key}"})
-        if not reply.get("choices"):
-            raise BenchError(f"{t.name}: unexpected reply {reply}")
-        run_wrk(t.url, lua, 2, 32, settings.warmup_s)  # warm pools, caches and the allocator
+    that alternate the targets, so slow drift or a noisy neighbour hits all of them alike.
 
+    ``chains`` (gateways running a prefix of the chain) only take part in the c=32 rounds,
+    alternating with the others, for the per-plugin CPU cost.
+    """
+    t0 = time.monotonic()
+
+    def lap(name: str) -> None:
+        nonlocal t0
+        phases[name] = round(time.monotonic() - t0, 1)
+        t0 = time.monotonic()
+
+    out: dict[str, dict[str, Any]] = {t.name: {} for t in [*targets, *chains]}
+    for t in [*targets, *chains]:  # the prefixes run only at c=32: a shorter warm-up will do
+        headers = warm_up(t, key, lua, settings.warmup_s if t in targets else 1)
+        out[t.name]["tollway_headers"] = {
+            k: v for k, v in headers.items() if k.startswith("x-tollway-")
+        }
+
+    lap("warm-up")
     print("  latency at c=1 ...", file=sys.stderr, flush=True)
     seconds = max(1, round(settings.latency_s / settings.rounds))
     latency: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
@@ -530,23 +720,221 @@ def measure(
         for t in rotated(targets, k):
             latency[t.name].append(run_wrk(t.url, lua, 1, 1, seconds))
 
+    lap("latency c=1")
     print("  streaming TTFB ...", file=sys.stderr, flush=True)
     ttfb = measure_ttfb(targets, key, settings)
+    lap("TTFB")
 
-    print("  throughput at c=32 ...", file=sys.stderr, flush=True)
-    seconds = max(1, round(settings.throughput_s / settings.rounds))
-    throughput: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
-    for k in range(settings.rounds):
-        for t in rotated(targets, k):
+    both = [*targets[:-1], *chains, targets[-1]]  # direct, bare, the prefixes, the full chain
+    print(f"  throughput at c=32 ({len(both)} targets) ...", file=sys.stderr, flush=True)
+    seconds = max(1, round(settings.throughput_s / settings.throughput_rounds))
+    throughput: dict[str, list[dict[str, Any]]] = {t.name: [] for t in both}
+    for k in range(settings.throughput_rounds):
+        for t in rotated(both, k):
             throughput[t.name].append(throughput_round(t, emu, emu_pid, lua, seconds))
+    lap("throughput c=32")
 
     for t in targets:
         out[t.name]["latency_c1"] = combine(latency[t.name])
         out[t.name]["ttfb"] = ttfb[t.name]
+    for t in both:
         out[t.name]["throughput_c32"] = combine(throughput[t.name])
         if t.pid:
             out[t.name]["memory_after_load"] = memory_mb(t.pid)
     return out
+
+
+def chain_costs(
+    results: dict[str, dict[str, Any]], steps: list[tuple[str, str, list[str]]]
+) -> list[dict[str, Any]]:
+    """Per chain prefix: CPU µs/request, its increment over the previous step, throughput ratio.
+
+    ``steps`` is [(target name, label, chain)], bare proxy first. Increments are also computed
+    round by round (the targets of a round ran within seconds of each other); their median and
+    range say how much of a small increment is noise.
+    """
+    bare = results["bare"]["throughput_c32"]
+    out: list[dict[str, Any]] = []
+    prev: dict[str, Any] | None = None
+    for name, label, chain in steps:
+        tp = results[name]["throughput_c32"]
+        rounds = [r["proxy_cpu_s"] / r["requests"] * 1e6 for r in tp["rounds"]]
+        main = [r["proxy_main_cpu_s"] / r["requests"] * 1e6 for r in tp["rounds"]]
+        row: dict[str, Any] = {
+            "target": name,
+            "label": label,
+            "chain": chain,
+            # medians of the rounds: a round spoilt by a burst of other work does not count
+            "cpu_us_per_request": statistics.median(rounds),
+            "cpu_us_best_round": min(rounds),
+            "main_thread_cpu_us_per_request": statistics.median(main),
+            "other_threads_cpu_us_per_request": max(
+                0.0, statistics.median(a - b for a, b in zip(rounds, main, strict=True))
+            ),
+            "cpu_us_per_request_all_rounds": tp["proxy_cpu_us_per_request"],
+            "cpu_us_rounds": rounds,
+            "rps": tp["rps"],
+            "ratio_vs_bare": tp["rps"] / bare["rps"],
+            "proxy_cores": tp["proxy_cores"],
+            "latency_p50_ms": tp["latency_us"]["p50"] / 1000,
+        }
+        if "usage_rows" in tp["rounds"][0]:
+            # wrk does not count the requests in flight when it stops (at most 32 per round),
+            # but the gateway answers and records them
+            rows = sum(r["usage_rows"] for r in tp["rounds"])
+            row["usage_rows"] = rows
+            row["usage_rows_extra"] = rows - tp["requests"]
+            row["usage_rows_extra_max"] = 32 * len(tp["rounds"])
+        if prev is not None:
+            diffs = [a - b for a, b in zip(rounds, prev["cpu_us_rounds"], strict=True)]
+            row["increment_us"] = statistics.median(diffs)
+            row["increment_rounds_us"] = diffs
+            row["increment_best_us"] = row["cpu_us_best_round"] - prev["cpu_us_best_round"]
+            row["added"] = (
+                "gateway core (empty chain) vs bare"
+                if not chain
+                else ", ".join(chain[len(prev["chain"]) :])
+            )
+        out.append(row)
+        prev = row
+    return out
+
+
+# ---- profile ------------------------------------------------------------------------------
+
+_FRAME = re.compile(r"^(.*) \((.*):(\d+)\)$")
+
+
+def profile_gateway(target: Target, lua: Path, seconds: int, tmp: Path) -> dict[str, Any]:
+    """py-spy the gateway for ``seconds`` under c=32 wrk load; aggregated by function."""
+    pyspy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if pyspy is None or target.pid is None:
+        raise BenchError("--profile needs py-spy (.venv/bin/pip install py-spy)")
+    print(f"  profiling the gateway for {seconds} s under c=32 ...", file=sys.stderr, flush=True)
+    raw = tmp / "profile.raw"
+    argv = ["wrk", "-t2", "-c32", f"-d{seconds + 5}s", "--timeout", "10s", "-s", str(lua)]
+    load = subprocess.Popen(
+        [*argv, target.url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        time.sleep(1.5)
+        spy_argv = [pyspy, "record", "--pid", str(target.pid), "--duration", str(seconds)]
+        spy_argv += ["--rate", "200", "--format", "raw", "--full-filenames", "--function"]
+        spy = subprocess.run(
+            [*spy_argv, "-o", str(raw)],
+            capture_output=True,
+            text=True,
+            timeout=seconds + 60,
+            check=False,
+        )
+        if spy.returncode != 0 or not raw.exists():
+            raise BenchError(f"py-spy failed:\n{spy.stdout}{spy.stderr}")
+    finally:
+        try:
+            load.wait(timeout=seconds + 30)
+        except subprocess.TimeoutExpired:
+            load.kill()
+            load.wait()
+    return aggregate_profile(raw.read_text(), seconds)
+
+
+def _own(path: str) -> str | None:
+    """``proxy/x.py`` or ``plugins/x.py`` for the gateway's own files, else None."""
+    for pkg in ("proxy", "plugins"):
+        folder = str(ROOT / pkg) + os.sep
+        if path.startswith(folder):
+            return f"{pkg}/{path[len(folder) :]}"
+    return None
+
+
+def _area(path: str) -> str:
+    own = _own(path)
+    if own:
+        return own.split("/")[0] + "/"
+    m = re.search(r"site-packages/([^/]+)", path)
+    if m:
+        return m.group(1).removesuffix(".py")
+    return "python stdlib" if path.startswith("/") else path
+
+
+def aggregate_profile(text: str, seconds: int) -> dict[str, Any]:
+    """Collapsed stacks -> per-function samples.
+
+    - ``own_inclusive``: samples with a gateway function anywhere on the stack;
+    - ``own_deepest``: samples charged to the deepest gateway function on the stack, i.e. its
+      own code plus the library code it calls directly (orjson, hashlib, os.write, ...);
+    - ``leaf``: the function actually running, anywhere; ``areas``: leaf samples by package.
+    """
+    total = 0
+    inclusive: dict[str, int] = {}
+    deepest: dict[str, int] = {}
+    leaf: dict[str, int] = {}
+    areas: dict[str, int] = {}
+    for line in text.splitlines():
+        stack, _, count_s = line.rpartition(" ")
+        if not stack or not count_s.isdigit():
+            continue
+        count = int(count_s)
+        total += count
+        frames = []
+        for f in stack.split(";"):
+            m = _FRAME.match(f)
+            frames.append((m.group(1), m.group(2)) if m else (f, ""))
+        own_names = []
+        for func, path in frames:
+            own = _own(path)
+            if own:
+                own_names.append(f"{own}:{func}")
+        for name in set(own_names):
+            inclusive[name] = inclusive.get(name, 0) + count
+        if own_names:
+            deepest[own_names[-1]] = deepest.get(own_names[-1], 0) + count
+        func, path = frames[-1]
+        short = _own(path) or re.sub(r"^.*?(site-packages|python3\.\d+)/", "", path)
+        name = f"{short}:{func}"
+        leaf[name] = leaf.get(name, 0) + count
+        areas[_area(path)] = areas.get(_area(path), 0) + count
+
+    def top(d: dict[str, int], n: int = 15) -> list[dict[str, Any]]:
+        ranked = sorted(d.items(), key=lambda kv: -kv[1])[:n]
+        return [{"function": k, "samples": v, "pct": 100 * v / max(total, 1)} for k, v in ranked]
+
+    return {
+        "seconds": seconds,
+        "samples": total,
+        "own_inclusive": top(inclusive, 20),
+        "own_deepest": top(deepest, 20),
+        "leaf": top(leaf, 15),
+        "areas": top(areas, 12),
+    }
+
+
+def render_profile(p: dict[str, Any], r: dict[str, Any]) -> str:
+    lines = [
+        "# Gateway profile under load",
+        "",
+        f"`bench/run.py --profile {p['seconds']}`, {r['date']}, tollway {r['revision']}, chain: "
+        f"{chain_label(r['chain'])}. py-spy at 200 Hz for {p['seconds']} s while wrk "
+        f"-t2 -c32 posts the bench request; {p['samples']} non-idle samples (all threads). "
+        "py-spy pauses the process for each sample, so absolute throughput during profiling is "
+        "lower; shares are what matter. Regenerate for current numbers.",
+        "",
+    ]
+    tables = [
+        (
+            "Gateway functions, charged with the library code they call directly "
+            "(deepest proxy/ or plugins/ frame on the stack)",
+            "own_deepest",
+        ),
+        ("Gateway functions, inclusive (on the stack)", "own_inclusive"),
+        ("Where the CPU is actually running (leaf functions)", "leaf"),
+        ("Leaf samples by package", "areas"),
+    ]
+    for title, k in tables:
+        lines += [f"## {title}", "", "| function | samples | share |", "|---|---:|---:|"]
+        lines += [f"| `{x['function']}` | {x['samples']} | {x['pct']:.1f} % |" for x in p[k]]
+        lines.append("")
+    return "\n".join(lines)
 
 
 # ---- report --------------------------------------------------------------------------------
@@ -662,12 +1050,19 @@ def render(r: dict[str, Any]) -> str:
         f"| tollway | {r['revision']} |",
         f"| chain measured | {', '.join(r['chain']) or '(empty)'} |",
         f"| policy changes | {'; '.join(r['policy_changes'])} |",
-        f"| request | POST {CHAT}, model {MODEL}, {r['body_bytes']} B JSON body, non-streaming |",
+        f"| request | POST {CHAT}, model {MODEL}, ~{r['body_bytes']} B JSON body, non-streaming, "
+        "every request distinct (a counter in the prompt); "
+        + (
+            ", ".join(f"{k}: {v}" for k, v in t["gateway"].get("tollway_headers", {}).items())
+            or "no X-Tollway-* reply headers"
+        )
+        + " |",
         f"| runs | per target: c=1 wrk -t1 -c1 {s['latency_s']}s; c=32 wrk -t2 -c32 "
         f"{s['throughput_s']}s; TTFB {s['ttfb_requests']} sequential streams of "
         f"~{t['gateway']['ttfb']['events']} events {STREAM_CHUNK_DELAY_MS} ms apart. Each "
-        f"split into {s['rounds']} rounds alternating the targets; wrk percentiles are the "
-        "median of the rounds' |",
+        f"split into rounds alternating the targets (c=1 and TTFB {s['rounds']}, c=32 "
+        f"{s.get('throughput_rounds', s['rounds'])}); wrk percentiles are the median of the "
+        "rounds' |",
         "",
         "| metric | direct | bare proxy | gateway | gateway / bare |",
         "|---|---:|---:|---:|---:|",
@@ -701,8 +1096,140 @@ def render(r: dict[str, Any]) -> str:
             f"| {c['target']} | {c['op']} {c['limit']} {c['unit']} | {c['value']:.2f} {c['unit']} "
             f"| {'PASS' if c['pass'] else 'FAIL'} |"
         )
-    lines += ["", *(f"- {note}" for note in r["notes"]), ""]
+    lines += render_chains(r)
+    lines += render_writer(r)
+    lines += ["", "Notes:", "", *(f"- {note}" for note in r["notes"])]
+    if r.get("phases_s"):
+        took = ", ".join(f"{k} {v:.0f} s" for k, v in r["phases_s"].items())
+        lines.append(f"- time taken: {took}; {r.get('elapsed_s', 0):.0f} s in all.")
+    lines.append("")
     return "\n".join(lines)
+
+
+def _spread(values: list[float]) -> str:
+    """The interquartile range: half the rounds fall inside it."""
+    if len(values) < 4:
+        return f"{min(values):+.0f} … {max(values):+.0f}"
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return f"{q1:+.0f} … {q3:+.0f}"
+
+
+def render_chains(r: dict[str, Any]) -> list[str]:
+    """The per-plugin table: each chain prefix against the same bare proxy, same rounds."""
+    chains = r.get("chains") or []
+    if len(chains) < 2:
+        return []
+    s = r["settings"]
+    lines = [
+        "",
+        "## Cost of each plugin (c=32)",
+        "",
+        "Gateways running prefixes of the shipped chain, in the same "
+        f"{s.get('throughput_rounds', s['rounds'])} alternating c=32 rounds as direct, bare and "
+        "the full gateway. CPU = the process's utime+stime in a round (all threads: the "
+        "metering loader's DuckDB work included, counted after every row of the round was "
+        "loaded) ÷ the round's requests. *Median*: of the rounds; *added* is the median over "
+        "rounds of the step from the row above within the same round, *IQR* the range of the "
+        "middle half of those steps (a step inside a wide IQR is noise). *Best*: the least "
+        "CPU of any round, and the step between best rounds; interference from the rest of "
+        "the machine (wrk, the emulator and other tenants share 2 vCPUs) only adds CPU time, "
+        "so the best round is the closest to the code's own cost. *Other threads*: the part "
+        "not spent on the event loop's thread (DuckDB, worker threads), median. req/s and "
+        "*vs bare* are totals over all rounds.",
+        "",
+        "| server | CPU µs/req, median | added (median) | IQR of the step | CPU µs/req, best "
+        "| added (best) | other threads | req/s | vs bare | idle RSS (MB) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in chains:
+        added, rounds, best = "-", "-", "-"
+        if "increment_us" in c:
+            added = f"{c['added']}: **{c['increment_us']:+.0f} µs**"
+            rounds = _spread(c["increment_rounds_us"])
+            best = f"{c['increment_best_us']:+.0f} µs"
+        rss = r["memory_idle"].get(c["target"], {}).get("rss_mb")
+        lines.append(
+            f"| {c['label']} | {c['cpu_us_per_request']:.0f} | {added} | {rounds} "
+            f"| {c['cpu_us_best_round']:.0f} | {best} "
+            f"| {c['other_threads_cpu_us_per_request']:.0f} "
+            f"| {c['rps']:,.0f} | {c['ratio_vs_bare']:.2f}x | "
+            + ("-" if rss is None else f"{rss:.1f}")
+            + " |"
+        )
+    for c in chains:
+        if "usage_rows" in c:
+            ok = 0 <= c["usage_rows_extra"] <= c["usage_rows_extra_max"]
+            lines += [
+                "",
+                f"Metering check ({c['label']}): {c['usage_rows']:,} requests in the usage table "
+                f"after the c=32 rounds for {c['usage_rows'] - c['usage_rows_extra']:,} counted "
+                f"by wrk ({c['usage_rows_extra']:+d}; wrk does not count up to 32 requests in "
+                f"flight when each round stops): {'OK' if ok else '**MISMATCH**'}.",
+            ]
+    return lines
+
+
+REPEAT_NOTE = "4, into the full table"
+
+
+def render_writer(r: dict[str, Any]) -> list[str]:
+    w = r.get("writer")
+    if not w:
+        return []
+    if "error" in w:
+        return ["", "## Metering writer (bench/writer.py)", "", f"**Failed**: {w['error']}"]
+    gw = r["targets"]["gateway"]["throughput_c32"]["rps"]
+    need = gw  # one spool row per request
+    return [
+        "",
+        "## Metering writer (bench/writer.py)",
+        "",
+        f"In one process, after the servers stopped: {w['rows']:,} rows shaped like metering's "
+        f"(one per request, every spool column) appended with `plugins.spool.Spool.append`, "
+        f"rotated every {w['batch_rows']:,} rows and loaded with `UsageDB.ingest` segment by "
+        f"segment into a DuckDB file in a temp dir ({w['segments']} segments; appending and "
+        "loading alternate, never overlap).",
+        "",
+        "| side | rate | cost |",
+        "|---|---:|---:|",
+        f"| append (hot path: orjson + one os.write) | {w['append_rows_per_s']:,.0f} rows/s "
+        f"| {w['append_us_per_row']:.2f} µs / row |",
+        f"| load into DuckDB (worker thread) | {w['load_rows_per_s']:,.0f} rows/s "
+        f"| {w['load_ms_per_segment_median']:.0f} ms / segment (median), "
+        f"{w['load_cpu_us_per_row']:.1f} µs CPU / row on {w['load_cores']:.2f} cores |",
+        f"| load, first / last segment | {w['load_rows_per_s_first_segment']:,.0f} / "
+        f"{w['load_rows_per_s_last_segment']:,.0f} rows/s | table grows to "
+        f"{w['requests_in_table']:,} requests, {w['db_mb']:.1f} MB |",
+        *(
+            f"| load, segments of {x['rows']:,} rows (median of {REPEAT_NOTE}) "
+            f"| {x['rows_per_s']:,.0f} rows/s | {x['ms']:.0f} ms / segment, {x['cpu_ms']:.0f} ms "
+            "CPU |"
+            for x in w.get("by_segment_size", [])
+        ),
+        "",
+        "The plugin closes a segment every second or every batch_rows rows, whichever comes "
+        "first, so at a few thousand requests per second its segments are the smaller ones above: "
+        "the fixed cost of one `ingest` call weighs more than in the 5,000-row rate.",
+        "",
+        f"The full gateway served {gw:,.0f} req/s at c=32 here, i.e. {need:,.0f} rows/s"
+        + _loader_load(w, need)
+        + ("" if w["ok"] else " — **row count mismatch in the table: the load is broken**")
+        + ".",
+    ]
+
+
+def _loader_load(w: dict[str, Any], rows_per_s: float) -> str:
+    """How busy the loader is at ``rows_per_s``: one segment of a second's rows per second."""
+    sizes = w.get("by_segment_size") or []
+    if not sizes:
+        return f": {w['load_rows_per_s'] / rows_per_s:.1f}x below the loader's 5,000-row rate"
+    near = min(sizes, key=lambda x: abs(x["rows"] - rows_per_s))
+    busy = near["ms"] / 1000 * max(1.0, rows_per_s / near["rows"])
+    return (
+        f", so the plugin closes a segment of ~{rows_per_s:,.0f} rows every second; loading "
+        f"one of {near['rows']:,} rows took {near['ms']:.0f} ms, i.e. the loader thread is "
+        f"busy ~{busy * 100:.0f} % of the time at that rate (and the spool absorbs any backlog)"
+    )
 
 
 # ---- main ----------------------------------------------------------------------------------
@@ -713,8 +1240,8 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def run(settings: Settings, quick: bool, policy_src: Path) -> dict[str, Any]:
-    """Start the servers, measure, stop them whatever happens; return the raw report."""
+def run(settings: Settings, quick: bool, opts: argparse.Namespace) -> dict[str, Any]:
+    """Start the servers, measure, stop them whatever happens; then the writer measurement."""
     notes: list[str] = []
     wrk = wrk_version()
     if PINNED_WRK not in wrk:
@@ -724,19 +1251,48 @@ def run(settings: Settings, quick: bool, policy_src: Path) -> dict[str, Any]:
         tmp = Path(tmp_name)
         procs = Processes(tmp)
         try:
-            return _run(settings, quick, policy_src, tmp, procs, notes, wrk)
+            report = _run(settings, quick, opts, tmp, procs, notes, wrk)
         except BenchError:
             for name in procs.procs:
                 print(f"--- {name} log ---\n{procs.tail(name)}", file=sys.stderr)
             raise
         finally:
             procs.stop_all()
+    if settings.writer_rows:  # alone on the machine: every server is stopped by now
+        print(f"metering writer, {settings.writer_rows:,} rows ...", file=sys.stderr, flush=True)
+        t0 = time.monotonic()
+        report["writer"] = measure_writer(settings.writer_rows)
+        report["phases_s"]["writer"] = round(time.monotonic() - t0, 1)
+    return report
+
+
+def measure_writer(rows: int) -> dict[str, Any]:
+    """bench/writer.py in its own process (DuckDB's threads and memory stay out of this one).
+
+    A failure is reported in the results, not raised: the server measurements stand alone.
+    """
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "writer.py"), "--rows", str(rows), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode not in (0, 2) or not lines:  # 2: measured, but the row count is wrong
+        return {"error": f"bench/writer.py exited {proc.returncode}: {proc.stderr[-1500:]}"}
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+def chain_label(chain: list[str]) -> str:
+    return ", ".join(chain) if chain else "(empty)"
 
 
 def _run(
     settings: Settings,
     quick: bool,
-    policy_src: Path,
+    opts: argparse.Namespace,
     tmp: Path,
     procs: Processes,
     notes: list[str],
@@ -746,38 +1302,22 @@ def _run(
     tollway = [str(bindir / "tollway")] if (bindir / "tollway").exists() else []
     tollway = tollway or [sys.executable, "-m", "proxy.cli"]
 
+    t_start = time.monotonic()
     emu_proc, emu_port = procs.start("emulator", [*tollway, "emulator", "--port", "0"])
     emu = f"http://127.0.0.1:{emu_port}"
 
-    policy, changes, env_names = bench_policy(policy_src, emu, tmp / "state")
+    base, changes, env_names = bench_policy(opts.policy, emu)
     env = dict(os.environ)
     for name in env_names:  # provider keys etc.: the emulator accepts any
         env.setdefault(name, f"bench-{name.lower()}")
-    env["TOLLWAY_ADMIN_KEY"] = "admin_" + secrets.token_urlsafe(18)
-    policy_path = tmp / "policy.yaml"
-    policy_path.write_text(yaml.safe_dump(policy, sort_keys=False))
-    check = subprocess.run(
-        [*tollway, "check", str(policy_path)], capture_output=True, text=True, env=env
-    )
-    if check.returncode != 0:
-        raise BenchError(f"the generated policy is invalid:\n{check.stdout}{check.stderr}")
-    m = re.search(r"chain: (.*)\)$", check.stdout.strip())
-    chain = [] if not m or m.group(1) == "empty" else m.group(1).split(", ")
+    admin_key = "admin_" + secrets.token_urlsafe(18)
+    env["TOLLWAY_ADMIN_KEY"] = admin_key
 
-    tier = pick_tier(policy)
+    tier = pick_tier(base)
+    keys_argv = [*tollway, "keys", "--state-dir", str(tmp / "keys"), "create"]
+    keys_argv += ["--user", "bench", "--tier", tier, "-q"]
     created = subprocess.run(
-        [
-            *tollway,
-            "keys",
-            "--state-dir",
-            str(tmp / "state"),
-            "create",
-            "--user",
-            "bench",
-            "--tier",
-            tier,
-            "-q",
-        ],
+        keys_argv,
         capture_output=True,
         text=True,
         env=env,
@@ -785,32 +1325,91 @@ def _run(
     )
     key = created.stdout.strip().splitlines()[-1]
 
-    gw_proc, gw_port = procs.start(
-        "gateway",
-        [*tollway, "serve", "--policy", str(policy_path), "--host", "127.0.0.1", "--port", "0"],
-        env=env,
-    )
+    # One gateway per chain prefix: [], [c0], [c0, c1], ... and the full chain ("gateway").
+    n_items = len(base.get("chain") or [])
+    prefixes = list(range(n_items + 1)) if opts.chains else [n_items]
+    gateways: dict[int, tuple[str, list[str], Path]] = {}
+    chain: list[str] = []
+    checks: dict[int, subprocess.Popen[str]] = {}
+    for n in prefixes:
+        folder = tmp / f"gw{n}"
+        policy, names, vchanges = variant(base, n, folder)
+        (folder / "state").mkdir(parents=True)
+        shutil.copy(tmp / "keys" / "keys.json", folder / "state" / "keys.json")
+        path = folder / "policy.yaml"
+        path.write_text(yaml.safe_dump(policy, sort_keys=False))
+        checks[n] = subprocess.Popen(  # in parallel: each check imports every plugin
+            [*tollway, "check", str(path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        name = "gateway" if n == n_items else f"gateway[{chain_label(names)}]"
+        gateways[n] = (name, names, path)
+        if n == n_items:
+            changes += vchanges
+    for n, check in checks.items():
+        out, _ = check.communicate(timeout=60)
+        if check.returncode != 0:
+            raise BenchError(f"the generated policy is invalid:\n{out}")
+        if n == n_items:
+            m = re.search(r"chain: (.*)\)$", out.strip())
+            chain = [] if not m or m.group(1) == "empty" else m.group(1).split(", ")
+
     bare_proc, bare_port = procs.start(
         "bare", [sys.executable, str(BENCH / "bare_proxy.py"), "--upstream", emu, "--port", "0"]
     )
-    gateway = f"http://127.0.0.1:{gw_port}"
-    wait_ready(f"{gateway}/readyz")
+    spawned = {
+        n: procs.spawn(
+            name,
+            [*tollway, "serve", "--policy", str(path), "--host", "127.0.0.1", "--port", "0"],
+            env=env,
+        )
+        for n, (name, _, path) in gateways.items()
+    }
+    started = {
+        n: Target(name, f"http://127.0.0.1:{procs.port(name, 60)}", spawned[n].pid)
+        for n, (name, _, _) in gateways.items()
+    }
+    for t in started.values():
+        wait_ready(f"{t.base}/readyz")
+        if has_usage_db(t.base, admin_key):
+            t.admin_key = admin_key
     time.sleep(0.5)  # let start-up allocations settle before reading idle memory
-    idle = {"gateway": memory_mb(gw_proc.pid), "bare": memory_mb(bare_proc.pid)}
+    idle = {"bare": memory_mb(bare_proc.pid)}
+    for t in started.values():
+        assert t.pid is not None
+        idle[t.name] = memory_mb(t.pid)
 
     lua = tmp / "chat.lua"
     write_lua(lua, key)
+    full = started[n_items]
     targets = [
         Target("direct", emu, None),
         Target("bare", f"http://127.0.0.1:{bare_port}", bare_proc.pid),
-        Target("gateway", gateway, gw_proc.pid),
+        full,
     ]
-    print("measuring direct, bare and gateway in alternating rounds ...", file=sys.stderr)
-    servers = [emu_proc.pid, bare_proc.pid, gw_proc.pid]
+    prefix_targets = [t for n, t in started.items() if n != n_items]
+    print(
+        f"measuring direct, bare and gateway ({chain_label(chain)})"
+        + (f" + {len(prefix_targets)} chain prefixes at c=32" if prefix_targets else "")
+        + " in alternating rounds ...",
+        file=sys.stderr,
+    )
+    servers = [emu_proc.pid, bare_proc.pid, *(t.pid for t in started.values() if t.pid)]
     load0 = CpuSnapshot.take(servers)
-    results = measure(targets, emu, emu_proc.pid, key, lua, settings)
+    phases: dict[str, float] = {"start-up": round(time.monotonic() - t_start, 1)}
+    results = measure(targets, prefix_targets, emu, emu_proc.pid, key, lua, settings, phases)
     background = CpuSnapshot.take(servers).background_since(load0)
     procs.check_alive()
+    profile = profile_gateway(full, lua, opts.profile, tmp) if opts.profile else None
+
+    steps = [("bare", "bare proxy", [])] + [
+        (name, f"gateway, chain: {chain_label(names)}", names)
+        for name, names, _ in gateways.values()
+    ]
+    chains = chain_costs(results, steps)
 
     direct_rps = results["direct"]["throughput_c32"]["rps"]
     bare_tp = results["bare"]["throughput_c32"]
@@ -835,16 +1434,31 @@ def _run(
         + ("; expect noisy numbers." if background["other_cores"] > 0.2 else ".")
     )
     for name, r in results.items():
-        rounds = [x["latency_us"]["p50"] for x in r["latency_c1"]["rounds"]]
-        if len(rounds) > 1 and rounds[-1] > 1.3 * rounds[0] and rounds[-1] - rounds[0] > 200:
-            notes.append(
-                f"{name}: c=1 p50 rose from {rounds[0] / 1000:.2f} to {rounds[-1] / 1000:.2f} ms "
-                "across rounds: something grows with the requests served (e.g. rate-limit "
-                "windows holding every request under the raised limits), or the load changed."
-            )
+        if "latency_c1" in r:
+            rounds = [x["latency_us"]["p50"] for x in r["latency_c1"]["rounds"]]
+            if len(rounds) > 1 and rounds[-1] > 1.3 * rounds[0] and rounds[-1] - rounds[0] > 200:
+                notes.append(
+                    f"{name}: c=1 p50 rose from {rounds[0] / 1000:.2f} to "
+                    f"{rounds[-1] / 1000:.2f} ms across rounds: something grows with the "
+                    "requests served (e.g. rate-limit windows holding every request under the "
+                    "raised limits), or the load changed."
+                )
         errors = {k: v for k, v in r["throughput_c32"]["errors"].items() if v}
         if errors:
             notes.append(f"{name}: wrk socket errors at c=32: {errors}")
+    for c in chains:
+        extra = c.get("usage_rows_extra")
+        if extra is not None and not 0 <= extra <= c["usage_rows_extra_max"]:
+            notes.append(
+                f"{c['target']}: the usage table gained {c['usage_rows']} requests for "
+                f"{c['usage_rows'] - extra} sent: metering lost or doubled rows."
+            )
+        up = results[c["target"]]["throughput_c32"].get("upstream_per_request", 1.0)
+        if up < 0.98:
+            notes.append(
+                f"{c['target']}: only {up:.3f} upstream calls per request at c=32 although every "
+                "request is distinct: the chain answers some itself, so it does less than bare."
+            )
 
     report: dict[str, Any] = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -860,17 +1474,23 @@ def _run(
         "chain": chain,
         "tier": tier,
         "policy_changes": changes,
-        "body_bytes": len(json.dumps(SMALL_BODY, separators=(",", ":"))),
+        "body_bytes": len(json.dumps(unique_body("0123abcd-1-1000"), separators=(",", ":"))),
         "settings": {
             "latency_s": settings.latency_s,
             "throughput_s": settings.throughput_s,
             "warmup_s": settings.warmup_s,
             "ttfb_requests": settings.ttfb_requests,
             "rounds": settings.rounds,
+            "throughput_rounds": settings.throughput_rounds,
+            "writer_rows": settings.writer_rows,
         },
         "memory_idle": idle,
         "background": background,
-        "targets": results,
+        "targets": {n: results[n] for n in ("direct", "bare", "gateway")},
+        "chain_targets": {t.name: results[t.name] for t in prefix_targets},
+        "chains": chains,
+        "profile": profile,
+        "phases_s": phases,
         "notes": notes,
     }
     report["checks"] = evaluate(report)
@@ -882,11 +1502,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short runs (~1 min), less precise")
     parser.add_argument("--check", action="store_true", help="exit 1 if a target fails")
     parser.add_argument("--policy", type=Path, default=ROOT / "policies.yaml")
+    parser.add_argument(
+        "--no-chains",
+        dest="chains",
+        action="store_false",
+        help="skip the per-plugin cost (gateways running prefixes of the chain)",
+    )
+    parser.add_argument(
+        "--no-writer", action="store_true", help="skip the metering writer measurement"
+    )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="SECONDS",
+        help="after measuring, py-spy the full gateway under c=32 load for SECONDS "
+        "and write bench/profile.md",
+    )
     args = parser.parse_args(argv)
+    settings = QUICK if args.quick else FULL
+    if args.no_writer:
+        settings = dataclasses.replace(settings, writer_rows=0)
     signal.signal(signal.SIGTERM, _interrupt)
     started = time.monotonic()
     try:
-        report = run(QUICK if args.quick else FULL, args.quick, args.policy)
+        report = run(settings, args.quick, args)
     except KeyboardInterrupt:
         print("interrupted; servers stopped", file=sys.stderr)
         return 130
@@ -897,6 +1537,8 @@ def main(argv: list[str] | None = None) -> int:
     markdown = render(report)
     (BENCH / "results.md").write_text(markdown)
     (BENCH / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    if report.get("profile"):
+        (BENCH / "profile.md").write_text(render_profile(report["profile"], report))
     print(markdown)
     failed = [c for c in report["checks"] if not c["pass"]]
     return 1 if args.check and failed else 0
