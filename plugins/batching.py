@@ -1,12 +1,14 @@
 """batching: identical in-flight requests share one provider call; small embeddings requests
 are merged into one call within a time window.
 
-Coalescing (single flight): the first request for a key starts the provider call in a task of
-its own, so no client's disconnect can cancel it while others wait; every request for that key
-(the first included) subscribes to it. Whole replies are shared as bytes; streams are relayed to
-every subscriber live, and a late subscriber first gets what was already received. An error
-reaches every subscriber. The call is cancelled only when its last subscriber left. Followers
-are marked ``ctx.shared = "coalesced"`` (metering bills them no provider cost).
+Coalescing (single flight): identical requests in flight at once share one provider call. A
+whole reply is fetched inline by the first request and handed to the duplicates as bytes (if
+that first client hangs up, the duplicates start over, one of them leading). A stream's call
+runs in a task of its own that every request for the key (the first included) subscribes to:
+events are relayed to each live, a late subscriber first gets what already arrived, and no
+subscriber's disconnect cuts the others' stream; the call is cancelled only when its last
+subscriber left. An error reaches every subscriber. Followers are marked
+``ctx.shared = "coalesced"`` (metering bills them no provider cost).
 
 Embeddings batching: requests for the same provider, model, encoding and dimensions arriving
 within ``window`` go upstream as one call with an input array (at most ``max_inputs``), and each
@@ -107,10 +109,69 @@ class Flight:
             raise self.error
 
 
+_RETRY = object()
+
+
+class WholeFlight:
+    """A whole-reply call run inline by the request that started it (no task, no event: the
+    common case, with no duplicate in flight, costs a dict insert). Duplicates wait on futures;
+    if the starter's client hangs up, the call is cancelled with it and the waiting duplicates
+    start again (one of them leads the next call), so no one is left without a reply."""
+
+    __slots__ = ("waiters",)
+
+    def __init__(self) -> None:
+        self.waiters: list[asyncio.Future[Any]] = []
+
+    def settle(self, outcome: Any, error: BaseException | None = None) -> None:
+        for fut in self.waiters:
+            if fut.done():
+                continue  # that duplicate's client left
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(outcome)
+
+
 class Coalescer:
     def __init__(self) -> None:
         self.flights: dict[str, Flight] = {}
+        self.whole: dict[str, WholeFlight] = {}
         self.coalesced = 0
+
+    async def send_whole(
+        self, key: str, ctx: RequestContext, req: UpstreamRequest
+    ) -> UpstreamResponse:
+        assert ctx.call_upstream is not None
+        while True:
+            flight = self.whole.get(key)
+            if flight is None:
+                break
+            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            flight.waiters.append(fut)
+            outcome = await fut
+            if outcome is not _RETRY:
+                if ctx.shared is None:
+                    ctx.shared = "coalesced"
+                    self.coalesced += 1
+                return UpstreamResponse(
+                    status=outcome.status, headers=dict(outcome.headers), body=outcome.body
+                )
+        flight = self.whole[key] = WholeFlight()
+        try:
+            resp = await ctx.call_upstream(req)
+        except asyncio.CancelledError:
+            del self.whole[key]
+            flight.settle(_RETRY)
+            raise
+        except BaseException as e:
+            del self.whole[key]
+            flight.settle(None, e)
+            raise
+        del self.whole[key]
+        if flight.waiters:
+            flight.settle(resp)
+        return resp
 
     async def send(self, key: str, ctx: RequestContext, req: UpstreamRequest) -> UpstreamResponse:
         flight = self.flights.get(key)
@@ -355,6 +416,10 @@ class BatchingPlugin:
             if inputs is not None and len(inputs) < self.config.max_inputs:
                 return await self.batcher.send(ctx, req, inputs)
         if self.config.coalesce:
-            key = fingerprint(ctx, self.config.scope) + (":stream" if req.stream else ":whole")
-            return await self.coalescer.send(key, ctx, req)
+            key = fingerprint(ctx, self.config.scope)
+            if not req.stream:
+                return await self.coalescer.send_whole(key, ctx, req)
+            # a stream is shared live: its call runs in a task of its own, so a disconnecting
+            # client (the first one included) never cuts the others' stream
+            return await self.coalescer.send(key + ":stream", ctx, req)
         return None

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import orjson
 
-from proxy.context import RequestContext
+from proxy.context import RequestContext, StashKey
 
 Scope = Literal["user", "tier", "global"]
 
@@ -31,12 +31,23 @@ def scope_id(ctx: RequestContext, scope: Scope) -> str:
     return f"user:{principal.user_id if principal else '-'}"
 
 
+_MEMO: StashKey[tuple[str, str, str]] = StashKey()
+
+
 def fingerprint(ctx: RequestContext, scope: Scope) -> str:
-    """SHA-256 over the scope, endpoint, serving model and the canonical answer-changing body."""
+    """SHA-256 over the scope, endpoint, serving model and the canonical answer-changing body.
+
+    Computed once per request and scope (the cache and coalescing both ask for it).
+    """
+    model = ctx.route.model if ctx.route is not None else ctx.model
+    memo = ctx.stash.get(_MEMO)
+    if memo is not None and memo[0] == scope and memo[1] == model:
+        return memo[2]
     body: dict[str, Any] = ctx.body
     canon = {k: v for k, v in body.items() if k not in IGNORED_FIELDS}
-    model = ctx.route.model if ctx.route is not None else ctx.model
     blob = orjson.dumps(
         [scope_id(ctx, scope), ctx.endpoint, model, canon], option=orjson.OPT_SORT_KEYS
     )
-    return hashlib.sha256(blob).hexdigest()
+    digest = hashlib.sha256(blob).hexdigest()
+    ctx.stash[_MEMO] = (scope, model, digest)
+    return digest

@@ -158,6 +158,7 @@ class MeteringPlugin:
         self.tier_prices = {name: t.prices for name, t in policy.tiers.items() if t.prices}
         self.plan_costs = {name: t.monthly_cost for name, t in policy.tiers.items()}
         self.store: UsageStore | None = None
+        self._ip_hashes: dict[str, str] = {}
 
     @hookimpl
     async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
@@ -214,6 +215,15 @@ class MeteringPlugin:
             return override[feature]
         return self.prices.get(feature, 0.0)
 
+    def ip_hash(self, ip: str) -> str:
+        """A short hash of the client IP (the address itself is never stored), memoised."""
+        h = self._ip_hashes.get(ip)
+        if h is None:
+            if len(self._ip_hashes) > 10_000:
+                self._ip_hashes.clear()
+            h = self._ip_hashes[ip] = hashlib.sha256(ip.encode()).hexdigest()[:16]
+        return h
+
     def row(self, ctx: RequestContext) -> dict[str, Any]:
         route = ctx.route
         principal = ctx.principal
@@ -257,7 +267,7 @@ class MeteringPlugin:
             "saved_input": inp if hit else 0,
             "saved_output": out if hit else 0,
             "retries": ctx.retries,
-            "client_ip_hash": hashlib.sha256(ctx.client_ip.encode()).hexdigest()[:16],
+            "client_ip_hash": self.ip_hash(ctx.client_ip),
             "shared": ctx.shared,
         }
 

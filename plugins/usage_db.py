@@ -203,7 +203,8 @@ class UsageDB:
         """Load one spool segment; idempotent on request_id (a segment loaded twice, after a crash
         between commit and delete, adds nothing).
 
-        Returns the number of rows read. A torn last line (a killed process) is skipped.
+        Returns the number of rows in the segment. A torn last line (a killed process) is
+        skipped.
         """
         if segment.stat().st_size == 0:
             return 0
@@ -230,19 +231,20 @@ class UsageDB:
         FROM {source} WHERE request_id IS NOT NULL
         ON CONFLICT (request_id) DO NOTHING
         """
+        # counting lines in Python is far cheaper than having DuckDB parse the segment again
+        lines = segment.read_bytes().count(b"\n")
         with self._write_lock:
             cur = self.con.cursor()
             try:
                 cur.execute("BEGIN")
                 cur.execute(sql, [str(segment)])
-                count = cur.execute(f"SELECT count(*) FROM {source}", [str(segment)]).fetchone()
                 cur.execute("COMMIT")
             except Exception:
                 cur.execute("ROLLBACK")
                 raise
             finally:
                 cur.close()
-        return int(count[0]) if count else 0
+        return lines
 
     def set_plan_prices(self, prices: dict[str, float]) -> None:
         """Record each plan's monthly cost (the policy's), used by MRR and invoices."""

@@ -180,3 +180,34 @@ async def test_twenty_embeddings_requests_one_call(
     total = sum(r.usage.prompt_tokens for r in results)
     expected = sum(len(t.split()) for ts in texts for t in ts)
     assert total == expected  # the shares add up to what the provider counted
+
+
+async def test_first_client_leaving_does_not_strand_duplicates(
+    batched: tuple[Gw, str], emulator: Emulator
+) -> None:
+    gw, key = batched
+    body = {"model": "gpt-5.4-mini", "messages": MSG}
+    headers = {"Authorization": f"Bearer {key}", "x-emulator-latency-ms": "300"}
+
+    async def patient() -> int:
+        async with gw.http.post(f"{gw.url}/v1/chat/completions", json=body, headers=headers) as r:
+            assert "tell me the same thing" in (await r.json())["choices"][0]["message"]["content"]
+            return r.status
+
+    async with aiohttp.ClientSession() as s:
+        leader = asyncio.create_task(
+            s.post(
+                f"{gw.url}/v1/chat/completions",
+                json=body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=0.1),
+            )
+        )
+        await asyncio.sleep(0.03)
+        others = [asyncio.create_task(patient()) for _ in range(2)]
+        with pytest.raises(asyncio.TimeoutError):
+            await leader
+    assert await asyncio.gather(*others) == [200, 200]
+    # the first call died with its client; one duplicate led the second, the other shared it
+    assert (await emulator.stats())["requests"] == 2
+    assert sorted(s for _, _, s in Seen.rows if s) == ["coalesced"]
