@@ -46,6 +46,10 @@ ASYNC_HOOKS = (
 SYNC_HOOKS = ("response_chunk",)
 
 
+class PluginStartError(Exception):
+    """A plugin's lifespan failed before serving (a locked database, an unreachable store)."""
+
+
 class EmptyConfig(BaseModel):
     """Config of a plugin that takes none: any key is an error."""
 
@@ -81,10 +85,19 @@ class Chain:
     _open: list[AsyncIterator[None]] = field(default_factory=list)
 
     async def start(self, app: web.Application) -> None:
-        """Enter each plugin's lifespan in chain order."""
+        """Enter each plugin's lifespan in chain order; a failure names the plugin (and the
+        plugins already started are closed again)."""
         for fn in self.lifespans:
             agen = fn(app=app)
-            await agen.__anext__()
+            try:
+                await agen.__anext__()
+            except Exception as e:
+                await self.stop()
+                owner = getattr(fn, "__self__", None)
+                name = next(
+                    (n for p, n in zip(self.plugins, self.names, strict=True) if p is owner), "?"
+                )
+                raise PluginStartError(f"plugin {name} could not start: {e}") from e
             self._open.append(agen)
 
     async def stop(self) -> None:

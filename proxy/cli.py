@@ -48,9 +48,19 @@ def _load(path: str) -> LoadedPolicy:
 
 async def _start(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
+    try:
+        await runner.setup()
+    except Exception as e:
+        await runner.cleanup()
+        print(f"tollway: cannot start: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
     site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as e:
+        await runner.cleanup()
+        print(f"tollway: cannot listen on {host}:{port}: {e.strerror}", file=sys.stderr)
+        raise SystemExit(1) from None
     server = site._server
     sockets = getattr(server, "sockets", None)
     bound = sockets[0].getsockname()[1] if sockets else port

@@ -142,3 +142,42 @@ def test_demo_prints_a_working_key(tmp_path: Path) -> None:
         t0 = time.monotonic()
         assert proc.stop() == 0
         assert time.monotonic() - t0 < 10
+
+
+def test_serve_reports_startup_failures_cleanly(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        policy = tmp_path / "p.yaml"
+        policy.write_text(POLICY.format(port=port, emu=1, state=tmp_path / "state"))
+        res = subprocess.run(
+            [*TOLLWAY, "serve", "--policy", str(policy)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, "TOLLWAY_ADMIN_KEY": "x"},
+        )
+    assert res.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in res.stderr
+    assert "Traceback" not in res.stderr
+    # a plugin that cannot open its resource is named (here: metering's database is a folder)
+    (tmp_path / "db.duckdb").mkdir()
+    policy.write_text(
+        POLICY.format(port=free_port(), emu=1, state=tmp_path / "state")
+        + f"  - name: metering\n    config: {{database: {tmp_path}/db.duckdb}}\n"
+    )
+    res = subprocess.run(
+        [*TOLLWAY, "serve", "--policy", str(policy)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "TOLLWAY_ADMIN_KEY": "x"},
+    )
+    assert res.returncode == 1
+    assert "plugin metering could not start" in res.stderr
+    assert "Traceback" not in res.stderr
