@@ -173,16 +173,8 @@ async def send(
             raise Reject(
                 502, f"upstream provider {client.name} is unreachable", code="upstream_unreachable"
             ) from e
-        except TimeoutError as e:
-            raise Reject(
-                504, f"upstream provider {client.name} timed out", code="upstream_timeout"
-            ) from e
-        except aiohttp.ClientError as e:
-            raise Reject(
-                502,
-                f"upstream provider {client.name} failed: {type(e).__name__}",
-                code="upstream_error",
-            ) from e
+        except (TimeoutError, aiohttp.ClientError) as e:
+            raise _failure(client, e, f"failed: {type(e).__name__}") from e
         if resp.status in RETRY_STATUSES and attempt < client.attempts:
             wait = _retry_after(resp.headers)
             if wait is None:
@@ -202,16 +194,9 @@ async def send(
             )
         try:
             body = await resp.read()
-        except TimeoutError as e:
+        except (TimeoutError, aiohttp.ClientError) as e:
             resp.close()
-            raise Reject(
-                504, f"upstream provider {client.name} timed out", code="upstream_timeout"
-            ) from e
-        except aiohttp.ClientError as e:
-            resp.close()
-            raise Reject(
-                502, f"upstream provider {client.name} closed the connection", code="upstream_error"
-            ) from e
+            raise _failure(client, e, "closed the connection") from e
         resp.release()
         return UpstreamResponse(status=resp.status, headers=relay_headers(resp.headers), body=body)
 
@@ -222,13 +207,14 @@ async def _chunks(resp: aiohttp.ClientResponse, client: ProviderClient) -> Async
     try:
         async for chunk in resp.content.iter_any():
             yield chunk
-    except TimeoutError as e:
-        raise Reject(
-            504, f"upstream provider {client.name} timed out", code="upstream_timeout"
-        ) from e
-    except aiohttp.ClientError as e:
-        raise Reject(
-            502, f"upstream provider {client.name} broke the stream", code="upstream_error"
-        ) from e
+    except (TimeoutError, aiohttp.ClientError) as e:
+        raise _failure(client, e, "broke the stream") from e
     finally:
         resp.close()
+
+
+def _failure(client: ProviderClient, exc: BaseException, what: str) -> Reject:
+    """A timeout is a 504; any other transport failure a 502 saying ``what`` happened."""
+    if isinstance(exc, TimeoutError):
+        return Reject(504, f"upstream provider {client.name} timed out", code="upstream_timeout")
+    return Reject(502, f"upstream provider {client.name} {what}", code="upstream_error")
