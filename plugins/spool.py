@@ -44,7 +44,7 @@ class Spool:
         return sorted(p for p in self.folder.glob(f"*{_SUFFIX}") if p.stem.isdigit())
 
     def append(self, row: dict[str, Any]) -> None:
-        os.write(self._fd, orjson.dumps(row) + b"\n")
+        os.write(self._fd, orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE))
         self.rows += 1
         self.total += 1
 
