@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from plugins.admission import Admission, QueueFull, QueueTimeout
 from plugins.quota import MonthlyQuota, month_of, next_month_start
-from plugins.windows import Admit, MemoryWindows, open_windows
+from plugins.windows import Admit, MemoryWindows, close_windows, open_windows
 from proxy.appkeys import METRICS, SHARED
 from proxy.context import RequestContext, StashKey, UpstreamRequest
 from proxy.errors import Reject
@@ -203,7 +203,7 @@ class LimitsPlugin:
     @hookimpl
     async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
         shared = app[SHARED]
-        self.limiter = shared.get(WINDOWS, lambda: open_windows(self.state_url))
+        self.limiter = shared.get(WINDOWS, lambda: self._open_windows(shared))
         self.quota = shared.get(QUOTA, lambda: self._open_quota(shared))
         g = self.config.global_
         if g is not None:
@@ -242,6 +242,11 @@ class LimitsPlugin:
                 },
             )
         yield
+
+    def _open_windows(self, shared: Any) -> Any:
+        windows = open_windows(self.state_url)
+        shared.on_close(lambda: close_windows(windows))
+        return windows
 
     def _open_quota(self, shared: Any) -> MonthlyQuota:
         quota = MonthlyQuota(self.quota_path)

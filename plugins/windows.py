@@ -166,3 +166,11 @@ def open_windows(url: str) -> MemoryWindows | SlidingWindowCounterRateLimiter:
         storage = storage_from_string(f"async+{url}", implementation="redispy")
         return SlidingWindowCounterRateLimiter(storage)  # type: ignore[arg-type]
     raise ValueError(f"unsupported state.url {url!r} (memory:// or redis://)")
+
+
+async def close_windows(windows: object) -> None:
+    """Close the Redis connection pool behind the library limiter (nothing to do in memory)."""
+    storage = getattr(windows, "storage", None)
+    client = getattr(getattr(storage, "bridge", None), "storage", None)
+    if client is not None and hasattr(client, "aclose"):
+        await client.aclose()
