@@ -57,6 +57,11 @@ class MeteringConfig(BaseModel):
     )
     batch_rows: int = Field(5000, ge=1, description="Load into DuckDB after this many rows...")
     flush_interval: float = Field(1.0, gt=0, description="...or after this long, whichever first.")
+    memory_limit: str = Field(
+        "512MB",
+        pattern=r"^\d+(\.\d+)?\s*[KMGT]i?B$",
+        description="DuckDB's memory cap, e.g. 512MB.",
+    )
 
     @field_validator("flush_interval", mode="before")
     @classmethod
@@ -69,7 +74,7 @@ class UsageStore:
 
     def __init__(self, config: MeteringConfig) -> None:
         db_path = Path(config.database)
-        self.db = UsageDB(db_path)
+        self.db = UsageDB(db_path, config.memory_limit)
         spool_dir = Path(config.spool_dir) if config.spool_dir else db_path.with_suffix(".spool")
         self.spool = Spool(spool_dir)
         self.batch_rows = config.batch_rows

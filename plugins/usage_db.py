@@ -170,12 +170,13 @@ _CENT = Decimal("0.01")
 class UsageDB:
     """One DuckDB database, one writer connection; readers use cursors in worker threads."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, memory_limit: str = "512MB") -> None:
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        # one DuckDB thread: the loader must not compete with the event loop for the CPU
-        self.con = duckdb.connect(self.path, config={"threads": 1})
+        # one DuckDB thread: the loader must not compete with the event loop for the CPU; a
+        # memory cap, since DuckDB's default (80% of RAM) is meant for a database server
+        self.con = duckdb.connect(self.path, config={"threads": 1, "memory_limit": memory_limit})
         self._write_lock = threading.Lock()
         self.migrate()
 
