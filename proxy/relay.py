@@ -254,41 +254,60 @@ class _StreamState:
                 for ev_name, ev in self.to_messages.finish():
                     self._emit(ev, ev_name, out)
             elif data:
-                final = sse.openai_usage(data) is not None
-                for ev_name, ev in self.to_messages.feed(orjson.loads(data)):
+                chunk = orjson.loads(data)
+                final = isinstance(chunk.get("usage"), dict)
+                for ev_name, ev in self.to_messages.feed(chunk):
                     self._emit(ev, ev_name, out)
             _set_usage(ctx, self.to_messages.usage, final)
             return
+        obj: Any = None  # the event parsed, at most once
         if self.route.kind == "anthropic":
             if name in ("message_start", "message_delta"):
                 obj = orjson.loads(data)
-                usage = (
-                    (obj.get("message") or {}).get("usage")
-                    if name == "message_start"
-                    else obj.get("usage")
-                )
-                if isinstance(usage, dict):
-                    if usage.get("input_tokens") is not None:
-                        ctx.usage.input_tokens = (
-                            int(usage.get("input_tokens") or 0)
-                            + int(usage.get("cache_creation_input_tokens") or 0)
-                            + int(usage.get("cache_read_input_tokens") or 0)
-                        )
-                    ctx.usage.output_tokens = int(usage.get("output_tokens") or 0)
-                    ctx.usage.reported = True
-                    ctx.usage.final = ctx.usage.final or name == "message_delta"
+                self._anthropic_usage(name, obj)
         elif data != sse.DONE:
-            tokens = sse.openai_usage(data)
-            if tokens is not None:
-                _set_usage(ctx, tokens)
-                if not self.wants_usage and sse.is_usage_only_chunk(data):
-                    if self.hooks:
-                        self._emit(orjson.loads(data), name, out, withhold=True)
-                    return
+            if self.hooks:
+                obj = orjson.loads(data)
+                usage = obj.get("usage")
+                if isinstance(usage, dict):
+                    _set_usage(
+                        ctx,
+                        (
+                            int(usage.get("prompt_tokens") or 0),
+                            int(usage.get("completion_tokens") or 0),
+                        ),
+                    )
+                    if not self.wants_usage and not obj.get("choices"):
+                        self._emit(obj, name, out, withhold=True)
+                        return
+            else:
+                tokens = sse.openai_usage(data)
+                if tokens is not None:
+                    _set_usage(ctx, tokens)
+                    if not self.wants_usage and sse.is_usage_only_chunk(data):
+                        return
         if self.hooks and data != sse.DONE and data:
-            self._emit(orjson.loads(data), name, out)
+            self._emit(obj if obj is not None else orjson.loads(data), name, out)
         else:
             out.append(raw + b"\n\n")
+
+    def _anthropic_usage(self, name: str, obj: dict[str, Any]) -> None:
+        """Anthropic counts: input in message_start, the closing output in message_delta."""
+        usage = (
+            (obj.get("message") or {}).get("usage") if name == "message_start" else obj.get("usage")
+        )
+        if not isinstance(usage, dict):
+            return
+        u = self.ctx.usage
+        if usage.get("input_tokens") is not None:
+            u.input_tokens = (
+                int(usage.get("input_tokens") or 0)
+                + int(usage.get("cache_creation_input_tokens") or 0)
+                + int(usage.get("cache_read_input_tokens") or 0)
+            )
+        u.output_tokens = int(usage.get("output_tokens") or 0)
+        u.reported = True
+        u.final = u.final or name == "message_delta"
 
 
 async def relay_stream(
