@@ -6,9 +6,13 @@ against in-process servers that still speak real HTTP over TCP sockets.
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
+import subprocess
 import textwrap
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +63,42 @@ class Emulator:
     async def last(self) -> dict[str, Any]:
         async with self.http.get(f"{self.url}/_emulator/last") as r:
             return await r.json()  # type: ignore[no-any-return]
+
+
+def _reachable(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[str]:
+    """A real redis-server: CI's on :6379, else one started on :6390 from the binary.
+
+    Without redis the Redis tests skip, except under CI=true, where they must run.
+    """
+    if _reachable(6379):
+        yield "redis://127.0.0.1:6379"
+        return
+    server = shutil.which("redis-server")
+    if server is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but no redis on :6379 and no redis-server binary to start")
+        pytest.skip("no redis-server")
+    started = False
+    if not _reachable(6390):
+        subprocess.run([server, "--port", "6390", "--save", "", "--daemonize", "yes"], check=True)
+        started = True
+    for _ in range(50):
+        if _reachable(6390):
+            break
+        time.sleep(0.1)
+    assert _reachable(6390), "started redis-server on :6390 but it does not answer"
+    yield "redis://127.0.0.1:6390"
+    if started and (cli := shutil.which("redis-cli")):
+        subprocess.run([cli, "-p", "6390", "shutdown", "nosave"], check=False)
 
 
 @pytest.fixture(scope="session")

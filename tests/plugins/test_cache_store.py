@@ -6,12 +6,9 @@ import asyncio
 import base64
 import logging
 import os
-import shutil
 import socket
-import subprocess
-import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -307,42 +304,9 @@ async def test_unreachable_redis_fails_open() -> None:
 # ---- redis backend ---------------------------------------------------------------------------
 
 
-def _reachable(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    """The real redis at :6379; in CI (CI=true) start one on :6390 if needed, never skip."""
-    if _reachable(6379):
-        yield "redis://127.0.0.1:6379/0"
-        return
-    if os.environ.get("CI") != "true":
-        pytest.skip("redis-server not reachable on 127.0.0.1:6379")
-    server = shutil.which("redis-server")
-    assert server, "CI=true but no redis on :6379 and no redis-server binary to start"
-    started = False
-    if not _reachable(6390):
-        subprocess.run([server, "--port", "6390", "--save", "", "--daemonize", "yes"], check=True)
-        started = True
-    for _ in range(50):
-        if _reachable(6390):
-            break
-        time.sleep(0.1)
-    assert _reachable(6390), "started redis-server on :6390 but it does not answer"
-    yield "redis://127.0.0.1:6390/0"
-    if started:
-        cli = shutil.which("redis-cli")
-        if cli:
-            subprocess.run([cli, "-p", "6390", "shutdown", "nosave"], check=False)
-
-
 @pytest.fixture
-async def rstore(redis_url: str) -> AsyncIterator[CacheStore]:
+async def rstore(redis_server: str) -> AsyncIterator[CacheStore]:
+    redis_url = f"{redis_server}/0"
     ns = f"tollway:test:{uuid.uuid4().hex}:"
     s = store(url=redis_url, namespace=ns, keys=[("r1", KEY_A)])
     yield s
@@ -371,7 +335,8 @@ async def test_redis_round_trip_ttl_and_ciphertext(rstore: CacheStore) -> None:
     assert (st.hits, st.misses, st.sets, st.errors, st.entries) == (2, 2, 2, 0, 0)
 
 
-async def test_redis_tamper_copy_and_rotation(rstore: CacheStore, redis_url: str) -> None:
+async def test_redis_tamper_copy_and_rotation(rstore: CacheStore, redis_server: str) -> None:
+    redis_url = f"{redis_server}/0"
     client = rstore.raw_backend().client
     ns = rstore.raw_backend().namespace
     await rstore.set("alice", SECRET, 60)
