@@ -1,9 +1,9 @@
 """metering: one usage row per request into DuckDB, written off the hot path, never lost.
 
-Per request the plugin builds one small dict and appends it to the spool (``plugins.spool``):
-for a whole reply (and every refusal) before its body is sent (``response_headers``: status and
-usage are known by then), for a stream after its last byte (``log``), and in ``log`` for
-anything the response side did not reach (a cache hit answered above this plugin). A background task rotates
+Per request the plugin builds one small dict and appends it to the spool (``plugins.spool``)
+in ``response_complete``, before the reply's last bytes (a whole body, an error, a stream's
+terminal event) are sent, and in ``log`` for what never completed (an abandoned or failed
+stream). A background task rotates
 the spool once a second (or every ``batch_rows`` rows) and a worker thread loads the closed
 segments into DuckDB. ``/admin/sql`` and invoices load everything pending first, so they see
 every answered request.
@@ -277,11 +277,10 @@ class MeteringPlugin:
         }
 
     @hookimpl
-    async def response_headers(self, ctx: RequestContext, headers: dict[str, str]) -> None:
-        # a whole reply's row goes to disk before its body does: once the client has the reply,
-        # the row survives even a SIGKILL right after; a stream's row is written in log, when
-        # its usage is known
-        if not ctx.stream and self.store is not None:
+    async def response_complete(self, ctx: RequestContext) -> None:
+        # the row goes to disk before the reply's last bytes do: once the client has the whole
+        # reply, its row survives even a SIGKILL right after
+        if self.store is not None:
             self._record(ctx)
 
     @hookimpl

@@ -41,6 +41,7 @@ ASYNC_HOOKS = (
     "send_upstream",
     "response_headers",
     "response_body",
+    "response_complete",
     "log",
 )
 SYNC_HOOKS = ("response_chunk",)
@@ -78,6 +79,7 @@ class Chain:
     response_headers: tuple[tuple[int, Hook], ...] = ()
     response_chunk: tuple[tuple[int, Hook], ...] = ()
     response_body: tuple[tuple[int, Hook], ...] = ()
+    response_complete: tuple[Hook, ...] = ()
     log: tuple[Hook, ...] = ()
     lifespans: tuple[Hook, ...] = ()
     in_flight: int = 0
@@ -224,6 +226,7 @@ def _compile(
         response_headers=rev("response_headers"),
         response_chunk=rev("response_chunk"),
         response_body=rev("response_body"),
+        response_complete=tuple(fn for _, fn in rev("response_complete")),
         log=fwd("log"),
         lifespans=fwd("lifespan"),
     )

@@ -112,6 +112,17 @@ async def response_body(ctx: RequestContext, body: dict) -> dict | None:  # type
 
 
 @hookspec
+async def response_complete(ctx: RequestContext) -> None:
+    """The whole reply is known (status, usage final) and its last bytes are not sent yet.
+
+    For what must survive a crash the moment the client has its reply (a usage record): a
+    whole reply's body, an error, or a stream's terminal event is written only after this
+    hook. Runs for every plugin in the chain, bottom to top, even below a plugin that
+    answered locally; not for a stream that failed or was abandoned (``log`` sees those).
+    """
+
+
+@hookspec
 async def log(ctx: RequestContext) -> None:
     """After the last byte was sent, or the request failed: record it. Must never block.
 

@@ -43,6 +43,16 @@ async def _run_header_hooks(
             await hook(ctx, headers)
 
 
+async def _complete(chain: Chain, ctx: RequestContext) -> None:
+    for hook in chain.response_complete:
+        await hook(ctx)
+
+
+def _terminal(frame: bytes) -> bool:
+    """The last event of a stream: held back until ``response_complete`` ran."""
+    return frame.startswith(b"data: [DONE]") or frame.startswith(b"event: message_stop")
+
+
 async def _finish(
     ctx: RequestContext, status: int, body: bytes, headers: dict[str, str]
 ) -> web.Response:
@@ -62,6 +72,7 @@ async def send_error(chain: Chain, ctx: RequestContext, exc: Reject) -> web.Stre
     headers = base_headers(ctx)
     headers.update(exc.headers)
     await _run_header_hooks(chain, ctx, headers, len(chain.plugins))
+    await _complete(chain, ctx)
     return await _finish(ctx, exc.status, reject_body(exc, ctx.dialect), headers)
 
 
@@ -161,6 +172,7 @@ async def relay_body(
             raw = orjson.dumps(data)
     ctx.status = status
     await _run_header_hooks(chain, ctx, headers, len(chain.plugins))
+    await _complete(chain, ctx)
     return await _finish(ctx, status, raw, headers)
 
 
@@ -175,6 +187,7 @@ async def send_reply(
     headers = base_headers(ctx)
     headers.update(reply.headers)
     await _run_header_hooks(chain, ctx, headers, stop_at)
+    await _complete(chain, ctx)
     if reply.events is not None and ctx.stream:
         resp = web.StreamResponse(status=reply.status, headers={**headers, **_SSE_HEADERS})
         await resp.prepare(ctx.request)
@@ -324,10 +337,16 @@ async def relay_stream(
     state = _StreamState(chain, ctx, route, wants_usage)
     splitter = sse.EventSplitter()
     frames: list[bytes] = []
+    held: list[bytes] = []  # the terminal event, sent after response_complete
     try:
         async for chunk in resp.chunks:
             for raw in splitter.feed(chunk):
                 state.process(raw, frames)
+            if held:  # anything after a terminal event: it was not the end after all
+                frames[:0] = held
+                held.clear()
+            if frames and _terminal(frames[-1]):
+                held.append(frames.pop())
             if frames:
                 if not ctx.timings.first_byte:
                     ctx.timings.first_byte = time.perf_counter()
@@ -338,6 +357,8 @@ async def relay_stream(
             state.process(tail, frames)
         if state.to_chat is not None:
             frames.append(sse.frame(sse.DONE))
+        frames[:0] = held
+        await _complete(chain, ctx)
         if frames:
             await out.write(b"".join(frames))
     except (
