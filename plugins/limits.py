@@ -107,6 +107,7 @@ class PlanRule:
     per_minute: limits.RateLimitItem | None
     tokens: limits.RateLimitItem | None
     priority: int
+    minute_spec: tuple[int, float] | None = None  # (limit, seconds) of per_minute, for admit()
 
 
 def _window(amount: int, seconds: float) -> limits.RateLimitItem:
@@ -125,16 +126,16 @@ def compile_plans(tiers: dict[str, Tier], period: float) -> dict[str, PlanRule]:
             features.update(tiers[cur].features)
             cur = tiers[cur].includes
         monthly = tier.requests_per_month
+        rpm = _window(tier.requests_per_minute, period) if tier.requests_per_minute else None
         out[name] = PlanRule(
             name=name,
             features=frozenset(features),
             models=frozenset(tier.models) if tier.models is not None else None,
             monthly=None if monthly == "unlimited" else int(monthly),
-            per_minute=_window(tier.requests_per_minute, period)
-            if tier.requests_per_minute
-            else None,
+            per_minute=rpm,
             tokens=_window(tier.tokens_per_minute, period) if tier.tokens_per_minute else None,
             priority=tier.priority,
+            minute_spec=_spec(rpm) if rpm is not None else None,
         )
     return out
 
@@ -259,10 +260,8 @@ class LimitsPlugin:
         ip = ctx.client_ip
         layers: list[Layer] = [(a, p, ("ip", ip)) for a, p in self.ip_specs]
         layers += [(a, p, ("user", user)) for a, p in self.user_specs]
-        if rule is not None and rule.per_minute is not None:
-            layers.append(
-                (rule.per_minute.amount, float(rule.per_minute.get_expiry()), ("plan", user))
-            )
+        if rule is not None and rule.minute_spec is not None:
+            layers.append((*rule.minute_spec, ("plan", user)))
         return layers
 
     async def _admit(self, layers: list[Layer]) -> Admit:

@@ -17,6 +17,7 @@ from aiohttp import web
 from proxy import admin
 from proxy.appkeys import GATEWAY, KEYSTORE, METRICS, SHARED
 from proxy.chain import compile_chain
+from proxy.context import RequestContext
 from proxy.errors import Reject, reject_body
 from proxy.gateway import Gateway
 from proxy.handler import authenticate, make_handler, new_request_id
@@ -95,8 +96,6 @@ async def list_models(request: web.Request) -> web.Response:
     rt = gw.runtime
     dialect = _dialect_of(request)
     if rt.chain.authenticate:
-        from proxy.context import RequestContext
-
         ctx = RequestContext(
             request_id=new_request_id(),
             endpoint="chat",

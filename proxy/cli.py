@@ -47,19 +47,19 @@ def _load(path: str) -> LoadedPolicy:
 
 
 async def _start(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Set up and bind; a failure (a plugin that cannot start, a taken port) is one line."""
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     try:
         await runner.setup()
-    except Exception as e:
-        await runner.cleanup()
-        print(f"tollway: cannot start: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
-    site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
-    try:
+        site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
         await site.start()
     except OSError as e:
         await runner.cleanup()
         print(f"tollway: cannot listen on {host}:{port}: {e.strerror}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except Exception as e:
+        await runner.cleanup()
+        print(f"tollway: cannot start: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     server = site._server
     sockets = getattr(server, "sockets", None)

@@ -118,7 +118,6 @@ class Timings:
     """Monotonic timestamps (``time.perf_counter``) of the request's milestones."""
 
     start: float = 0.0
-    upstream_start: float = 0.0
     first_byte: float = 0.0
     end: float = 0.0
 

@@ -186,7 +186,6 @@ async def serve(rt: Runtime, ctx: RequestContext) -> web.StreamResponse:
     for hook in chain.upstream_request:
         await hook(ctx, req)
 
-    ctx.timings.upstream_start = time.perf_counter()
     session = request.app[GATEWAY].session
     assert session is not None  # opened by the app's cleanup context before serving
     resp = None
