@@ -835,6 +835,7 @@ def profile_gateway(target: Target, lua: Path, seconds: int, tmp: Path) -> dict[
         except subprocess.TimeoutExpired:
             load.kill()
             load.wait()
+    shutil.copy(raw, "/tmp/profile.raw")
     return aggregate_profile(raw.read_text(), seconds)
 
 
@@ -1404,6 +1405,8 @@ def _run(
     background = CpuSnapshot.take(servers).background_since(load0)
     procs.check_alive()
     profile = profile_gateway(full, lua, opts.profile, tmp) if opts.profile else None
+    if profile is not None and opts.profile_raw:
+        shutil.copy(tmp / "profile.raw", opts.profile_raw)
 
     steps = [("bare", "bare proxy", [])] + [
         (name, f"gateway, chain: {chain_label(names)}", names)
@@ -1518,6 +1521,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SECONDS",
         help="after measuring, py-spy the full gateway under c=32 load for SECONDS "
         "and write bench/profile.md",
+    )
+    parser.add_argument(
+        "--profile-raw",
+        type=Path,
+        metavar="FILE",
+        help="with --profile, also keep py-spy's raw collapsed stacks in FILE",
     )
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL

@@ -162,7 +162,7 @@ class UpstreamResponse:
     release: Callable[[], None] | None = None
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, weakref_slot=True)
 class RequestContext:
     """Everything known about one request, shared by every phase and plugin.
 
