@@ -1193,7 +1193,7 @@ def render_writer(r: dict[str, Any]) -> list[str]:
         "",
         "| side | rate | cost |",
         "|---|---:|---:|",
-        f"| append (hot path: orjson + one os.write) | {w['append_rows_per_s']:,.0f} rows/s "
+        f"| append (hot path: orjson + a copy into the mapped segment) | {w['append_rows_per_s']:,.0f} rows/s "
         f"| {w['append_us_per_row']:.2f} µs / row |",
         f"| load into DuckDB (worker thread) | {w['load_rows_per_s']:,.0f} rows/s "
         f"| {w['load_ms_per_segment_median']:.0f} ms / segment (median), "

@@ -9,7 +9,7 @@ as the plugin's loader does, and ``plugins.usage_db.UsageDB.ingest`` loads each 
 into a DuckDB file in a temporary folder, one segment at a time. Appending and loading are timed
 separately (they alternate, they never overlap), so the numbers are each side's own cost:
 
-- append: µs per row and rows/s of ``Spool.append`` (orjson + one ``os.write``), the part the
+- append: µs per row and rows/s of ``Spool.append`` (orjson + one copy into the mapped segment), the part the
   request pays for; building the row dict is not included (the chain bench measures that);
 - load: rows/s of ``UsageDB.ingest``, the background worker thread's capacity; the first and
   last segments' rates show whether loading slows down as the table grows.
