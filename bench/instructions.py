@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import (
@@ -50,8 +49,8 @@ from run import (
     git_revision,
     pick_tier,
     unique_body,
-    variant,
     wait_ready,
+    write_variant,
 )
 
 HIT_FEATURE = "confidence_analysis"
@@ -78,6 +77,9 @@ async def send(url: str, key: str, n: int, tag: str, hit: bool = False) -> None:
                     raise BenchError(f"{url}: expected a cache hit")
 
     async with aiohttp.ClientSession() as s:
+        if hit:  # the miss that stores the answer (and its coalesced duplicates) come first
+            async with s.post(url, data=json.dumps(HIT_BODY), headers=headers) as r:
+                await r.read()
         await asyncio.gather(*(worker(s) for _ in range(4)))
 
 
@@ -168,11 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = [(n, False) for n in range(items + 1)] + ([(items, True)] if args.hit else [])
         for n, hit in runs:
             folder = tmp / f"gw{n}{'-hit' if hit else ''}"
-            policy, names, _ = variant(base, n, folder)
-            (folder / "state").mkdir(parents=True)
-            shutil.copy(tmp / "keys" / "keys.json", folder / "state" / "keys.json")
-            path = folder / "policy.yaml"
-            path.write_text(yaml.safe_dump(policy, sort_keys=False))
+            path, names, _ = write_variant(base, n, folder, tmp / "keys" / "keys.json")
             serve = [py, "-m", "proxy.cli", "serve", "--policy", str(path), "--port", "0"]
             label = f"gateway, chain: {chain_label(names)}" + (", cache hits" if hit else "")
             print(f"  {label} ...", file=sys.stderr, flush=True)

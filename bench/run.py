@@ -342,6 +342,19 @@ def variant(
     return policy, [str(item.get("name")) for item in items], changes
 
 
+def write_variant(
+    base: dict[str, Any], n: int, folder: Path, keys_json: Path
+) -> tuple[Path, list[str], list[str]]:
+    """``variant`` written to ``folder/policy.yaml`` with the bench key's ``keys.json`` in its
+    state folder; returns (policy file, chain, changes)."""
+    policy, names, changes = variant(base, n, folder)
+    (folder / "state").mkdir(parents=True)
+    shutil.copy(keys_json, folder / "state" / "keys.json")
+    path = folder / "policy.yaml"
+    path.write_text(yaml.safe_dump(policy, sort_keys=False))
+    return path, names, changes
+
+
 def pick_tier(policy: dict[str, Any]) -> str:
     """The plan with the highest priority (usually the one with every feature)."""
     tiers = policy.get("tiers") or {}
@@ -1308,6 +1321,10 @@ def _run(
     emu = f"http://127.0.0.1:{emu_port}"
 
     base, changes, env_names = bench_policy(opts.policy, emu)
+    if opts.prefix is not None:
+        kept = (base.get("chain") or [])[: opts.prefix]
+        changes.append(f"chain cut to its first {len(kept)} items (--prefix)")
+        base["chain"] = kept
     env = dict(os.environ)
     for name in env_names:  # provider keys etc.: the emulator accepts any
         env.setdefault(name, f"bench-{name.lower()}")
@@ -1333,12 +1350,7 @@ def _run(
     chain: list[str] = []
     checks: dict[int, subprocess.Popen[str]] = {}
     for n in prefixes:
-        folder = tmp / f"gw{n}"
-        policy, names, vchanges = variant(base, n, folder)
-        (folder / "state").mkdir(parents=True)
-        shutil.copy(tmp / "keys" / "keys.json", folder / "state" / "keys.json")
-        path = folder / "policy.yaml"
-        path.write_text(yaml.safe_dump(policy, sort_keys=False))
+        path, names, vchanges = write_variant(base, n, tmp / f"gw{n}", tmp / "keys" / "keys.json")
         checks[n] = subprocess.Popen(  # in parallel: each check imports every plugin
             [*tollway, "check", str(path)],
             stdout=subprocess.PIPE,
@@ -1515,6 +1527,18 @@ def main(argv: list[str] | None = None) -> int:
         "--no-writer", action="store_true", help="skip the metering writer measurement"
     )
     parser.add_argument(
+        "--prefix",
+        type=int,
+        metavar="N",
+        help="measure only the first N plugins of the policy's chain (e.g. 2: auth, limits)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=BENCH / "results.md",
+        help="where the report goes (and its JSON beside it, .json)",
+    )
+    parser.add_argument(
         "--profile",
         type=int,
         default=0,
@@ -1544,8 +1568,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     report["elapsed_s"] = round(time.monotonic() - started, 1)
     markdown = render(report)
-    (BENCH / "results.md").write_text(markdown)
-    (BENCH / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    args.out.write_text(markdown)
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     if report.get("profile"):
         (BENCH / "profile.md").write_text(render_profile(report["profile"], report))
     print(markdown)
