@@ -116,7 +116,6 @@ def segment_sizes(db: UsageDB, spool: Spool, sizes: list[int]) -> list[dict[str,
                 db.ingest(segment)
                 times.append(time.perf_counter() - t0)
                 cpu.append(_cpu() - c0)
-                segment.unlink()
         ms = statistics.median(times) * 1000
         cpu_ms = statistics.median(cpu) * 1000
         out.append({"rows": size, "ms": ms, "cpu_ms": cpu_ms, "rows_per_s": size / ms * 1000})
@@ -151,7 +150,6 @@ def measure(n_rows: int, batch_rows: int, sizes: list[int] = SIZES) -> dict[str,
                     loaded += db.ingest(segment)
                     load_s.append(time.perf_counter() - t0)
                     load_cpu += _cpu() - c0
-                    segment.unlink()
             row = db.con.execute("SELECT count(*) FROM usage").fetchone()
             requests = int(row[0]) if row else 0
             by_size = segment_sizes(db, spool, sizes)

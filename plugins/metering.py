@@ -121,7 +121,6 @@ class UsageStore:
             n = await asyncio.to_thread(self.db.ingest, segment)
             self.load_seconds += time.perf_counter() - t0
             self.loaded_rows += n
-            segment.unlink()
 
     async def close(self) -> None:
         if self._task is not None:

@@ -225,8 +225,7 @@ def _offline_db(path: str) -> Any:
         spool = Spool(spool_dir)
         spool.rotate()
         for segment in spool.closed():
-            db.ingest(segment)
-            segment.unlink()
+            db.ingest(segment)  # and deletes it
         spool.close()
     return db
 

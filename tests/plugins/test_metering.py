@@ -109,15 +109,58 @@ def test_migrations_upgrade_an_old_database(tmp_path: Path) -> None:
     con.close()
     db = UsageDB(path)
     try:
-        assert db.query("SELECT version FROM schema_version ORDER BY 1")[1] == [[1], [2]]
+        assert db.query("SELECT version FROM schema_version ORDER BY 1")[1] == [[1], [2], [3]]
         assert db.query("SELECT request_id, shared FROM usage")[1] == [["old-1", None]]
+        # version 3 dropped the per-row index: no constraint left on usage but NOT NULLs
+        kinds = db.query(
+            "SELECT constraint_type FROM duckdb_constraints() WHERE table_name = 'usage'"
+        )[1]
+        assert sorted(k[0] for k in kinds) == ["NOT NULL", "NOT NULL"]
     finally:
         db.close()
     again = UsageDB(path)  # opening again applies nothing twice
     try:
-        assert again.query("SELECT count(*) FROM schema_version")[1] == [[2]]
+        assert again.query("SELECT count(*) FROM schema_version")[1] == [[3]]
     finally:
         again.close()
+
+
+def test_a_segment_loaded_twice_counts_once(tmp_path: Path, monkeypatch: Any) -> None:
+    """A crash between a segment's commit and its deletion: the next load adds nothing."""
+    import orjson
+
+    from plugins.usage_db import UsageDB
+
+    rows = [
+        {"ts": 1.7e9 + i, "request_id": f"req_twice_{i}", "status": 200, "input_tokens": 10}
+        for i in range(3)
+    ]
+    segment = tmp_path / "000000000001.jsonl"
+    segment.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows) + b'{"ts": 1.7e9, "re')
+    db = UsageDB(tmp_path / "u.duckdb")
+    try:
+        real_unlink = Path.unlink
+
+        def crash(self: Path, missing_ok: bool = False) -> None:
+            raise KeyboardInterrupt("killed after the commit")
+
+        monkeypatch.setattr(Path, "unlink", crash)
+        with pytest.raises(KeyboardInterrupt):
+            db.ingest(segment)
+        monkeypatch.setattr(Path, "unlink", real_unlink)
+        assert segment.exists()
+        assert db.query("SELECT count(*) FROM spool_loads")[1] == [[1]]
+        assert db.ingest(segment) == 3  # recognised: rows not added again, file deleted
+        assert not segment.exists()
+        ids = db.query("SELECT request_id FROM usage ORDER BY 1")[1]
+        assert ids == [[f"req_twice_{i}"] for i in range(3)]
+        assert db.query("SELECT count(*) FROM spool_loads")[1] == [[0]]
+        other = tmp_path / "000000000002.jsonl"  # a different segment still loads
+        other.write_bytes(orjson.dumps({"ts": 1.7e9, "request_id": "req_other"}) + b"\n")
+        assert db.ingest(other) == 1
+        assert db.query("SELECT count(*) FROM usage")[1] == [[4]]
+    finally:
+        db.close()
 
 
 async def test_cache_hits_and_coalesced_followers_cost_nothing(
