@@ -257,9 +257,9 @@ def make_handler(endpoint: Endpoint, dialect: Dialect) -> Any:
                     await hook(ctx)
                 except Exception:
                     log.exception("log hook failed for request %s", ctx.request_id)
-            # the partial above refers back to ctx: break that cycle so the request's objects
-            # are freed by reference counting, not left to the cyclic collector (the largest
-            # single cost under load before; tests/proxy/test_cycles.py guards it)
+            # ctx.call_upstream (set in serve) is a partial over ctx itself: break that cycle so
+            # the request's objects are freed by reference counting, not left to the cyclic
+            # collector (the largest single cost under load before; tests/proxy/test_cycles.py)
             ctx.call_upstream = None
             chain.in_flight -= 1
             if chain.retired and chain.in_flight == 0:
