@@ -46,10 +46,17 @@ class Admission:
         """Requests waiting for a slot now."""
         return self._waiting
 
-    async def acquire(self, priority: int) -> None:
-        """Take a slot; raises QueueFull or QueueTimeout; a cancelled wait leaves the queue."""
+    def try_acquire(self) -> bool:
+        """Take a free slot at once if there is one and nobody waits (the common case, without
+        the cost of a coroutine); False: ``acquire`` must queue."""
         if self.in_flight < self.capacity and not self._waiting:
             self.in_flight += 1
+            return True
+        return False
+
+    async def acquire(self, priority: int) -> None:
+        """Take a slot; raises QueueFull or QueueTimeout; a cancelled wait leaves the queue."""
+        if self.try_acquire():
             return
         if self._waiting >= self.queue_max:
             self.rejected += 1

@@ -154,6 +154,9 @@ def reset_string(seconds: float) -> str:
     return f"{sec}s"
 
 
+LAYER_CACHE_SIZE = 10_000
+"""Callers (user, address, plan) whose layer lists are kept; the cache is emptied when full."""
+
 Layer = tuple[int, float, tuple[str, ...]]
 """(limit, period in seconds, identifiers such as ("user", "alice"))."""
 
@@ -198,6 +201,7 @@ class LimitsPlugin:
             Path(state_dir) / config.quota_file if state_dir and config.quota_file else None
         )
         self.limiter: MemoryWindows | Any = None
+        self._layer_cache: dict[tuple[str, str, str | None], list[Layer]] = {}
         self.quota: MonthlyQuota | None = None
         self.admission: Admission | None = None
 
@@ -255,20 +259,24 @@ class LimitsPlugin:
         shared.on_close(quota.stop)
         return quota
 
-    def _layers(self, ctx: RequestContext, rule: PlanRule | None) -> list[Layer]:
-        user = ctx.principal.user_id if ctx.principal else "anonymous"
-        ip = ctx.client_ip
-        layers: list[Layer] = [(a, p, ("ip", ip)) for a, p in self.ip_specs]
-        layers += [(a, p, ("user", user)) for a, p in self.user_specs]
-        if rule is not None and rule.minute_spec is not None:
-            layers.append((*rule.minute_spec, ("plan", user)))
+    def _layers(self, user: str, ip: str, rule: PlanRule | None) -> list[Layer]:
+        """The windows a request counts in; the same caller gets the same list object back (a
+        request's layers are rebuilt only when the caller, its address or its plan is new)."""
+        key = (user, ip, rule.name if rule is not None else None)
+        layers = self._layer_cache.get(key)
+        if layers is None:
+            layers = [(a, p, ("ip", ip)) for a, p in self.ip_specs]
+            layers += [(a, p, ("user", user)) for a, p in self.user_specs]
+            if rule is not None and rule.minute_spec is not None:
+                layers.append((*rule.minute_spec, ("plan", user)))
+            if len(self._layer_cache) >= LAYER_CACHE_SIZE:
+                self._layer_cache.clear()
+            self._layer_cache[key] = layers
         return layers
 
-    async def _admit(self, layers: list[Layer]) -> Admit:
-        """All layers at once: one synchronous pass in memory, test-then-hit on Redis."""
+    async def _admit_remote(self, layers: list[Layer]) -> Admit:
+        """All layers on the shared storage: test every one, then hit every one."""
         limiter = self.limiter
-        if isinstance(limiter, MemoryWindows):
-            return limiter.admit(layers)
         items = [limits.RateLimitItemPerSecond(a, round(p)) for a, p, _ in layers]
         for i, (item, (_, _, ids)) in enumerate(zip(items, layers, strict=True)):
             if not await limiter.test(item, *ids):
@@ -343,9 +351,13 @@ class LimitsPlugin:
             wait = max(0.0, stats.reset_time - time.time())
             tokens_layer = (rule.tokens.amount, float(rule.tokens.get_expiry()), ("tokens", user))
             raise self._refusal(tokens_layer, wait, "plan_token_limit_exceeded")
-        layers = self._layers(ctx, rule)
+        layers = self._layers(user, ctx.client_ip, rule)
         if layers:
-            res = await self._admit(layers)
+            limiter = self.limiter
+            if isinstance(limiter, MemoryWindows):  # one synchronous pass: no other request
+                res = limiter.admit(layers)  # can interleave between test and count
+            else:
+                res = await self._admit_remote(layers)
             if res.failed >= 0:
                 raise self._refusal(layers[res.failed], res.wait)
             h = ctx.response_headers
@@ -368,9 +380,12 @@ class LimitsPlugin:
                     code="model_not_in_plan",
                     param="model",
                 )
-        if self.admission is not None:
+        adm = self.admission
+        if adm is not None and adm.try_acquire():
+            ctx.stash[_SLOT] = True
+        elif adm is not None:
             try:
-                await self.admission.acquire(rule.priority if rule else 0)
+                await adm.acquire(rule.priority if rule else 0)
             except (QueueFull, QueueTimeout) as e:
                 reason = "queue is full" if isinstance(e, QueueFull) else "queue wait timed out"
                 raise Reject(

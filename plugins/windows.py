@@ -80,10 +80,17 @@ class MemoryWindows:
         them, in one synchronous pass: nothing is consumed unless every layer admits it, and no
         other request can interleave (the event loop does not switch inside)."""
         now = self.clock()
+        counts = self._counts
         picked: list[list[int]] = []
         best, best_left, best_elapsed = -1, math.inf, 0.0
         for i, (amount, period, ids) in enumerate(layers):
-            st, _, elapsed = self._state_at(amount, period, ids, now)
+            # _state_at, inlined: this loop runs for every layer of every request
+            index = int(now // period)
+            st = counts.get((amount, period, ids))
+            if st is None or st[0] != index:
+                st, _, elapsed = self._state_at(amount, period, ids, now)
+            else:
+                elapsed = now - index * period
             left = amount - (st[1] * (1.0 - elapsed / period) + st[2] + cost)
             if left < 0:
                 return Admit(i, i, 0, self._wait(st, amount, period, elapsed))
