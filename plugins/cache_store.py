@@ -59,10 +59,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from aiocache.base import BaseCache
-from aiocache.serializers import NullSerializer
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from plugins.aiocache_base import BaseCache, NullSerializer
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,8 @@ class BoundedMemoryCache(BaseCache):  # type: ignore[misc]
 
 def _redis_backend(url: str, namespace: str) -> BaseCache:
     """Build aiocache's RedisCache from a URL, configured for the hot path (see docstring)."""
-    from aiocache import RedisCache  # lazy: redis is optional
+    # lazy: redis-py is loaded only for a Redis backend (plugins.aiocache_base)
+    from aiocache.backends.redis import RedisCache
 
     class _RedisCache(RedisCache):  # type: ignore[misc,valid-type]
         async def _close(self, *args: Any, _conn: Any = None, **kwargs: Any) -> None:

@@ -7,8 +7,11 @@ import base64
 import logging
 import os
 import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -360,3 +363,23 @@ async def test_redis_tamper_copy_and_rotation(rstore: CacheStore, redis_server: 
     finally:
         await rotated.close()
         await only_new.close()
+
+
+def test_redis_client_is_loaded_only_for_a_redis_backend() -> None:
+    """A gateway on memory:// does not carry redis-py (7 MB); a Redis policy still gets it."""
+    script = (
+        "import sys\n"
+        "import plugins.cache_store as cs\n"
+        "assert 'redis' not in sys.modules, 'redis-py loaded by the memory backend'\n"
+        "backend = cs._redis_backend('redis://127.0.0.1:6379/0', 'ns')\n"
+        "assert 'redis' in sys.modules\n"
+        "from aiocache.backends.redis import RedisCache\n"
+        "assert isinstance(backend, RedisCache)\n"
+        "print('ok')\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
