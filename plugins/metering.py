@@ -3,10 +3,9 @@
 Per request the plugin builds one small dict and appends it to the spool (``plugins.spool``)
 in ``response_complete``, before the reply's last bytes (a whole body, an error, a stream's
 terminal event) are sent, and in ``log`` for what never completed (an abandoned or failed
-stream). A background task rotates
-the spool once a second (or every ``batch_rows`` rows) and a worker thread loads the closed
-segments into DuckDB. ``/admin/sql`` and invoices load everything pending first, so they see
-every answered request.
+stream). A background task rotates the spool every ``flush_interval`` (5 s) or ``batch_rows``
+rows (20,000) and a worker thread loads the closed segments into DuckDB. ``/admin/sql`` and
+invoices load everything pending first, so they see every answered request.
 
 Billing rules (written here because invoices depend on them):
 - ``cost_usd`` = input_tokens x input price + output_tokens x output price (per million, from
@@ -55,8 +54,11 @@ class MeteringConfig(BaseModel):
     spool_dir: str | None = Field(
         None, description="Folder of the crash-safe spool (default: DATABASE.spool)."
     )
-    batch_rows: int = Field(5000, ge=1, description="Load into DuckDB after this many rows...")
-    flush_interval: float = Field(1.0, gt=0, description="...or after this long, whichever first.")
+    # Loads have a fixed cost (~5 ms), so larger batches are cheaper per row (measured: 8.7 µs
+    # a row in 1,000-row loads, 4.5 in 4,000, 3.4 in 20,000). Nothing waits on them: queries
+    # and invoices load what is pending first, and the spool keeps rows safe meanwhile.
+    batch_rows: int = Field(20000, ge=1, description="Load into DuckDB after this many rows...")
+    flush_interval: float = Field(5.0, gt=0, description="...or after this long, whichever first.")
     memory_limit: str = Field(
         "512MB",
         pattern=r"^\d+(\.\d+)?\s*[KMGT]i?B$",
