@@ -107,7 +107,6 @@ class PlanRule:
     per_minute: limits.RateLimitItem | None
     tokens: limits.RateLimitItem | None
     priority: int
-    minute_spec: tuple[int, float] | None = None  # (limit, seconds) of per_minute, for admit()
 
 
 def _window(amount: int, seconds: float) -> limits.RateLimitItem:
@@ -126,16 +125,16 @@ def compile_plans(tiers: dict[str, Tier], period: float) -> dict[str, PlanRule]:
             features.update(tiers[cur].features)
             cur = tiers[cur].includes
         monthly = tier.requests_per_month
-        rpm = _window(tier.requests_per_minute, period) if tier.requests_per_minute else None
         out[name] = PlanRule(
             name=name,
             features=frozenset(features),
             models=frozenset(tier.models) if tier.models is not None else None,
             monthly=None if monthly == "unlimited" else int(monthly),
-            per_minute=rpm,
+            per_minute=_window(tier.requests_per_minute, period)
+            if tier.requests_per_minute
+            else None,
             tokens=_window(tier.tokens_per_minute, period) if tier.tokens_per_minute else None,
             priority=tier.priority,
-            minute_spec=_spec(rpm) if rpm is not None else None,
         )
     return out
 
@@ -267,8 +266,8 @@ class LimitsPlugin:
         if layers is None:
             layers = [(a, p, ("ip", ip)) for a, p in self.ip_specs]
             layers += [(a, p, ("user", user)) for a, p in self.user_specs]
-            if rule is not None and rule.minute_spec is not None:
-                layers.append((*rule.minute_spec, ("plan", user)))
+            if rule is not None and rule.per_minute is not None:
+                layers.append((*_spec(rule.per_minute), ("plan", user)))
             if len(self._layer_cache) >= LAYER_CACHE_SIZE:
                 self._layer_cache.clear()
             self._layer_cache[key] = layers
@@ -381,9 +380,9 @@ class LimitsPlugin:
                     param="model",
                 )
         adm = self.admission
-        if adm is not None and adm.try_acquire():
-            ctx.stash[_SLOT] = True
-        elif adm is not None:
+        if adm is None:
+            return
+        if not adm.try_acquire():  # a free slot is taken without awaiting a coroutine
             try:
                 await adm.acquire(rule.priority if rule else 0)
             except (QueueFull, QueueTimeout) as e:
@@ -394,7 +393,7 @@ class LimitsPlugin:
                     code="server_overloaded",
                     headers={"Retry-After": "1"},
                 ) from None
-            ctx.stash[_SLOT] = True
+        ctx.stash[_SLOT] = True
 
     @hookimpl
     async def log(self, ctx: RequestContext) -> None:
