@@ -249,7 +249,6 @@ class MeteringPlugin:
         return {
             "ts": time.time(),
             "request_id": ctx.request_id,
-            "final": True,
             "user_id": principal.user_id if principal else None,
             "key_id": principal.key_id if principal else None,
             "tier": principal.tier if principal else None,

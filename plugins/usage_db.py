@@ -8,6 +8,7 @@ an invoice adds up to the cent.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
@@ -24,7 +25,7 @@ MONEY = "DECIMAL(18, 9)"
 SPOOL_COLUMNS: dict[str, str] = {
     "ts": "DOUBLE",
     "request_id": "VARCHAR",
-    "final": "BOOLEAN",
+    "final": "BOOLEAN",  # only in segments of older versions; every row is final now
     "user_id": "VARCHAR",
     "key_id": "VARCHAR",
     "tier": "VARCHAR",
@@ -188,7 +189,8 @@ ORDER BY p.month;
 _COLUMNS = ", ".join(f"'{k}': '{v}'" for k, v in SPOOL_COLUMNS.items())
 _INGEST = f"""
 INSERT INTO usage BY NAME
-SELECT make_timestamp(CAST(ts * 1000000 AS BIGINT)) AS ts, request_id, final, user_id,
+SELECT make_timestamp(CAST(ts * 1000000 AS BIGINT)) AS ts, request_id,
+       coalesce(final, true) AS final, user_id,
        key_id, tier, feature, endpoint, provider, model, upstream_model, stream, status,
        error_code, cache, input_tokens, output_tokens, usage_estimated, latency_ms,
        ttfb_ms, retries, client_ip_hash, shared,
@@ -209,15 +211,19 @@ WHERE request_id IS NOT NULL
 """
 
 
-def _segment_id(data: bytes) -> str | None:
-    """A segment's identity: the request id of its first complete row (None: no rows)."""
-    for line in data.split(b"\n", 8)[:8]:
-        try:
-            row = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("request_id"), str):
-            return row["request_id"]  # type: ignore[no-any-return]
+def _segment_id(segment: Path) -> str | None:
+    """A segment's identity: the request id of its first complete row (None: no rows).
+
+    Only the first lines are read: DuckDB reads the segment itself.
+    """
+    with segment.open("rb") as f:
+        for line in itertools.islice(f, 8):
+            try:
+                row = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("request_id"), str):
+                return row["request_id"]  # type: ignore[no-any-return]
     return None
 
 
@@ -265,24 +271,25 @@ class UsageDB:
         in one segment only). Its rows and a marker in ``spool_loads`` commit together; the file
         is deleted after the commit and the marker after the file, so a crash at any point
         leaves either the file and no rows, or the rows, the marker and perhaps the file, which
-        the next load recognises and deletes. Returns the rows in the segment; a torn last line
-        (a killed process) is skipped.
+        the next load recognises and deletes. Returns the rows loaded from the segment (the first
+        time); a torn last line (a killed process) is skipped.
         """
-        data = segment.read_bytes()
-        # counting lines in Python is far cheaper than having DuckDB parse the segment again
-        lines = data.count(b"\n")
-        mark = _segment_id(data)
+        mark = _segment_id(segment)
+        rows = 0
         if mark is not None:
             with self._write_lock:
                 cur = self.con.cursor()
                 try:
                     cur.execute("BEGIN")
-                    row = cur.execute(
-                        "SELECT count(*) FROM spool_loads WHERE segment = ?", [mark]
+                    done = cur.execute(
+                        "SELECT rows FROM spool_loads WHERE segment = ?", [mark]
                     ).fetchone()
-                    if not row or not row[0]:
-                        cur.execute(_INGEST, [str(segment)])
-                        cur.execute("INSERT INTO spool_loads VALUES (?, ?, now())", [mark, lines])
+                    if done is not None:
+                        rows = int(done[0])
+                    else:
+                        inserted = cur.execute(_INGEST, [str(segment)]).fetchone()
+                        rows = int(inserted[0]) if inserted else 0
+                        cur.execute("INSERT INTO spool_loads VALUES (?, ?, now())", [mark, rows])
                     cur.execute("COMMIT")
                 except Exception:
                     cur.execute("ROLLBACK")
@@ -293,7 +300,7 @@ class UsageDB:
         if mark is not None:
             with self._write_lock:
                 self.con.execute("DELETE FROM spool_loads WHERE segment = ?", [mark])
-        return lines
+        return rows
 
     def set_plan_prices(self, prices: dict[str, float]) -> None:
         """Record each plan's monthly cost (the policy's), used by MRR and invoices."""
