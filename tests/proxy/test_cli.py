@@ -32,6 +32,18 @@ chain:
 """
 
 
+def serve_once(policy: Path) -> subprocess.CompletedProcess[str]:
+    """`tollway serve` with a policy that is expected to stop it at start-up."""
+    return subprocess.run(
+        [*TOLLWAY, "serve", "--policy", str(policy)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "TOLLWAY_ADMIN_KEY": "x"},
+    )
+
+
 @pytest.fixture(scope="module")
 def emulator_port() -> Iterator[int]:
     port = free_port()
@@ -105,13 +117,7 @@ def test_serve_keys_and_sighup_reload(emulator_port: int, tmp_path: Path) -> Non
 def test_serve_refuses_invalid_policy(tmp_path: Path) -> None:
     policy = tmp_path / "bad.yaml"
     policy.write_text("version: 1\nchain:\n  - name: auth\n    config: {nope: 1}\n")
-    res = subprocess.run(
-        [*TOLLWAY, "serve", "--policy", str(policy)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    res = serve_once(policy)
     assert res.returncode == 1
     assert "chain[0] (auth).config.nope: unknown key (line 4)" in res.stderr
     assert "Traceback" not in res.stderr
@@ -153,14 +159,7 @@ def test_serve_reports_startup_failures_cleanly(tmp_path: Path) -> None:
         port = busy.getsockname()[1]
         policy = tmp_path / "p.yaml"
         policy.write_text(POLICY.format(port=port, emu=1, state=tmp_path / "state"))
-        res = subprocess.run(
-            [*TOLLWAY, "serve", "--policy", str(policy)],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env={**os.environ, "TOLLWAY_ADMIN_KEY": "x"},
-        )
+        res = serve_once(policy)
     assert res.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in res.stderr
     assert "Traceback" not in res.stderr
@@ -170,14 +169,7 @@ def test_serve_reports_startup_failures_cleanly(tmp_path: Path) -> None:
         POLICY.format(port=free_port(), emu=1, state=tmp_path / "state")
         + f"  - name: metering\n    config: {{database: {tmp_path}/db.duckdb}}\n"
     )
-    res = subprocess.run(
-        [*TOLLWAY, "serve", "--policy", str(policy)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={**os.environ, "TOLLWAY_ADMIN_KEY": "x"},
-    )
+    res = serve_once(policy)
     assert res.returncode == 1
     assert "plugin metering could not start" in res.stderr
     assert "Traceback" not in res.stderr
