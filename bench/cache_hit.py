@@ -15,51 +15,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import aiohttp
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import bench_policy
+from run import ROOT, Processes, bench_policy, pick_tier, wait_ready, write_variant
 
-ROOT = Path(__file__).resolve().parents[1]
-ADMIN = "bench-cache-admin"
 BODY = {"model": "gpt-5.4-mini", "messages": [{"role": "user", "content": "explain this code"}]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        args,
-        cwd=ROOT,
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
-async def wait_up(url: str) -> None:
-    async with aiohttp.ClientSession() as s:
-        for _ in range(200):
-            try:
-                async with s.get(url):
-                    return
-            except aiohttp.ClientError:
-                await asyncio.sleep(0.05)
-    raise RuntimeError(f"{url} did not come up")
 
 
 async def timed(
@@ -105,48 +72,29 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="tollway-cachehit-"))
-    emu_port, gw_port = free_port(), free_port()
-    emu_url, gw_url = f"http://127.0.0.1:{emu_port}", f"http://127.0.0.1:{gw_port}"
-    policy, _, env_names = bench_policy(ROOT / "policies.yaml", emu_url)
-    policy["listen"] = {**policy.get("listen", {}), "port": gw_port}
-    policy["state"] = {**policy.get("state", {}), "dir": str(tmp / "state")}
-    policy["admin"] = {"key": ADMIN}
-    for item in policy.get("chain", []):
-        if item.get("name") == "metering":
-            item["config"] = {**item.get("config", {}), "database": str(tmp / "usage.duckdb")}
-    (tmp / "policy.yaml").write_text(yaml.safe_dump(policy))
-    env = {name: "bench" for name in env_names}
-    procs = [start([sys.executable, "-m", "proxy.cli", "emulator", "--port", str(emu_port)], env)]
+    py = sys.executable
+    procs = Processes(tmp)
     try:
-        procs.append(
-            start(
-                [sys.executable, "-m", "proxy.cli", "serve", "--policy", str(tmp / "policy.yaml")],
-                env,
-            )
-        )
-
-        async def run() -> dict[str, Any]:
-            await wait_up(f"{emu_url}/_emulator/stats")
-            await wait_up(f"{gw_url}/healthz")
-            async with (
-                aiohttp.ClientSession() as s,
-                s.post(
-                    f"{gw_url}/admin/keys",
-                    json={"user": "bench", "tier": "pro"},
-                    headers={"Authorization": f"Bearer {ADMIN}"},
-                ) as r,
-            ):
-                key = (await r.json())["key"]
-            return await measure(emu_url, gw_url, key, args.requests, 5)
-
-        res = asyncio.run(run())
+        _, emu_port = procs.start("emulator", [py, "-m", "proxy.cli", "emulator", "--port", "0"])
+        emu_url = f"http://127.0.0.1:{emu_port}"
+        policy, _, env_names = bench_policy(ROOT / "policies.yaml", emu_url)
+        env = dict(os.environ) | {name: "bench" for name in env_names}
+        keys = [py, "-m", "proxy.cli", "keys", "--state-dir", str(tmp / "keys"), "create"]
+        keys += ["--user", "bench", "--tier", pick_tier(policy), "-q"]
+        made = subprocess.run(keys, capture_output=True, text=True, env=env, check=True, cwd=ROOT)
+        key = made.stdout.strip().splitlines()[-1]
+        items = len(policy.get("chain") or [])
+        path, names, _ = write_variant(policy, items, tmp / "gw", tmp / "keys" / "keys.json")
+        serve = [py, "-m", "proxy.cli", "serve", "--policy", str(path), "--port", "0"]
+        _, gw_port = procs.start("gateway", serve, env=env)
+        gw_url = f"http://127.0.0.1:{gw_port}"
+        wait_ready(f"{gw_url}/readyz")
+        res = asyncio.run(measure(emu_url, gw_url, key, args.requests, 5))
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-            p.wait(10)
+        procs.stop_all()
     d50, h50 = pct(res["direct"], 0.5), pct(res["hit"], 0.5)
     verdict = "PASS" if h50 < d50 else "FAIL"
-    chain = ", ".join(i["name"] for i in policy.get("chain", []))
+    chain = ", ".join(names)
     text = (
         "# Cache hit latency\n\n"
         f"`bench/cache_hit.py`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
