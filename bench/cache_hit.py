@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import ROOT, Processes, bench_policy, pick_tier, wait_ready, write_variant
+from run import ROOT, Processes, bench_policy, create_bench_key, wait_ready, write_variant
 
 BODY = {"model": "gpt-5.4-mini", "messages": [{"role": "user", "content": "explain this code"}]}
 
@@ -79,10 +78,7 @@ def main() -> int:
         emu_url = f"http://127.0.0.1:{emu_port}"
         policy, _, env_names = bench_policy(ROOT / "policies.yaml", emu_url)
         env = dict(os.environ) | {name: "bench" for name in env_names}
-        keys = [py, "-m", "proxy.cli", "keys", "--state-dir", str(tmp / "keys"), "create"]
-        keys += ["--user", "bench", "--tier", pick_tier(policy), "-q"]
-        made = subprocess.run(keys, capture_output=True, text=True, env=env, check=True, cwd=ROOT)
-        key = made.stdout.strip().splitlines()[-1]
+        key = create_bench_key([py, "-m", "proxy.cli"], tmp / "keys", policy, env)
         items = len(policy.get("chain") or [])
         path, names, _ = write_variant(policy, items, tmp / "gw", tmp / "keys" / "keys.json")
         serve = [py, "-m", "proxy.cli", "serve", "--policy", str(path), "--port", "0"]

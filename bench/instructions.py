@@ -46,8 +46,8 @@ from run import (
     Processes,
     bench_policy,
     chain_label,
+    create_bench_key,
     git_revision,
-    pick_tier,
     unique_body,
     wait_ready,
     write_variant,
@@ -142,10 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         base, _, env_names = bench_policy(args.policy, emu)
         env = dict(os.environ) | {n: "bench" for n in env_names}
         env["TOLLWAY_ADMIN_KEY"] = "bench-admin"
-        keys = [py, "-m", "proxy.cli", "keys", "--state-dir", str(tmp / "keys"), "create"]
-        keys += ["--user", "bench", "--tier", pick_tier(base), "-q"]
-        made = subprocess.run(keys, capture_output=True, text=True, env=env, check=True, cwd=ROOT)
-        key = made.stdout.strip().splitlines()[-1]
+        key = create_bench_key([py, "-m", "proxy.cli"], tmp / "keys", base, env)
 
         def driver(path: str, hit: bool = False, ready: bool = True) -> Any:
             def run(port: int, phase: str) -> int:

@@ -342,6 +342,17 @@ def variant(
     return policy, [str(item.get("name")) for item in items], changes
 
 
+def create_bench_key(
+    tollway: list[str], folder: Path, policy: dict[str, Any], env: dict[str, str]
+) -> str:
+    """A key for user "bench" on the policy's top plan, made with ``tollway keys --state-dir``
+    in ``folder`` (its ``keys.json`` is then copied into each gateway's state)."""
+    argv = [*tollway, "keys", "--state-dir", str(folder), "create"]
+    argv += ["--user", "bench", "--tier", pick_tier(policy), "-q"]
+    made = subprocess.run(argv, capture_output=True, text=True, env=env, check=True, cwd=ROOT)
+    return made.stdout.strip().splitlines()[-1]
+
+
 def write_variant(
     base: dict[str, Any], n: int, folder: Path, keys_json: Path
 ) -> tuple[Path, list[str], list[str]]:
@@ -1337,17 +1348,7 @@ def _run(
     admin_key = "admin_" + secrets.token_urlsafe(18)
     env["TOLLWAY_ADMIN_KEY"] = admin_key
 
-    tier = pick_tier(base)
-    keys_argv = [*tollway, "keys", "--state-dir", str(tmp / "keys"), "create"]
-    keys_argv += ["--user", "bench", "--tier", tier, "-q"]
-    created = subprocess.run(
-        keys_argv,
-        capture_output=True,
-        text=True,
-        env=env,
-        check=True,
-    )
-    key = created.stdout.strip().splitlines()[-1]
+    key = create_bench_key(tollway, tmp / "keys", base, env)
 
     # One gateway per chain prefix: [], [c0], [c0, c1], ... and the full chain ("gateway").
     n_items = len(base.get("chain") or [])
@@ -1493,7 +1494,7 @@ def _run(
         },
         "revision": git_revision(),
         "chain": chain,
-        "tier": tier,
+        "tier": pick_tier(base),
         "policy_changes": changes,
         "body_bytes": len(json.dumps(unique_body("0123abcd-1-1000"), separators=(",", ":"))),
         "settings": {
