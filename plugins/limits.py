@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from plugins.admission import Admission, QueueFull, QueueTimeout
 from plugins.quota import MonthlyQuota, month_of, next_month_start
-from plugins.windows import Admit, MemoryWindows, close_windows, open_windows
+from plugins.windows import Admit, BoundLayers, Layer, MemoryWindows, close_windows, open_windows
 from proxy.appkeys import METRICS, SHARED
 from proxy.context import RequestContext, StashKey, UpstreamRequest
 from proxy.errors import Reject
@@ -156,9 +156,6 @@ def reset_string(seconds: float) -> str:
 LAYER_CACHE_SIZE = 10_000
 """Callers (user, address, plan) whose layer lists are kept; the cache is emptied when full."""
 
-Layer = tuple[int, float, tuple[str, ...]]
-"""(limit, period in seconds, identifiers such as ("user", "alice"))."""
-
 
 def _spec(item: limits.RateLimitItem) -> tuple[int, float]:
     return item.amount, float(item.get_expiry())
@@ -200,7 +197,7 @@ class LimitsPlugin:
             Path(state_dir) / config.quota_file if state_dir and config.quota_file else None
         )
         self.limiter: MemoryWindows | Any = None
-        self._layer_cache: dict[tuple[str, str, str | None], list[Layer]] = {}
+        self._layer_cache: dict[tuple[str, str, str | None], BoundLayers] = {}
         self.quota: MonthlyQuota | None = None
         self.admission: Admission | None = None
 
@@ -258,20 +255,21 @@ class LimitsPlugin:
         shared.on_close(quota.stop)
         return quota
 
-    def _layers(self, user: str, ip: str, rule: PlanRule | None) -> list[Layer]:
-        """The windows a request counts in; the same caller gets the same list object back (a
-        request's layers are rebuilt only when the caller, its address or its plan is new)."""
+    def _layers(self, user: str, ip: str, rule: PlanRule | None) -> BoundLayers:
+        """The windows a request counts in; the same caller gets the same object back (its
+        layers are built, and its counters looked up, only when the caller, its address or
+        its plan is new)."""
         key = (user, ip, rule.name if rule is not None else None)
-        layers = self._layer_cache.get(key)
-        if layers is None:
-            layers = [(a, p, ("ip", ip)) for a, p in self.ip_specs]
+        bound = self._layer_cache.get(key)
+        if bound is None:
+            layers: list[Layer] = [(a, p, ("ip", ip)) for a, p in self.ip_specs]
             layers += [(a, p, ("user", user)) for a, p in self.user_specs]
             if rule is not None and rule.per_minute is not None:
                 layers.append((*_spec(rule.per_minute), ("plan", user)))
             if len(self._layer_cache) >= LAYER_CACHE_SIZE:
                 self._layer_cache.clear()
-            self._layer_cache[key] = layers
-        return layers
+            bound = self._layer_cache[key] = BoundLayers(layers)
+        return bound
 
     async def _admit_remote(self, layers: list[Layer]) -> Admit:
         """All layers on the shared storage: test every one, then hit every one."""
@@ -350,11 +348,12 @@ class LimitsPlugin:
             wait = max(0.0, stats.reset_time - time.time())
             tokens_layer = (rule.tokens.amount, float(rule.tokens.get_expiry()), ("tokens", user))
             raise self._refusal(tokens_layer, wait, "plan_token_limit_exceeded")
-        layers = self._layers(user, ctx.client_ip, rule)
+        bound = self._layers(user, ctx.client_ip, rule)
+        layers = bound.layers
         if layers:
             limiter = self.limiter
             if isinstance(limiter, MemoryWindows):  # one synchronous pass: no other request
-                res = limiter.admit(layers)  # can interleave between test and count
+                res = limiter.admit(bound)  # can interleave between test and count
             else:
                 res = await self._admit_remote(layers)
             if res.failed >= 0:

@@ -41,6 +41,31 @@ class Admit(NamedTuple):
     wait: float  # seconds until one more request fits in that layer
 
 
+Layer = tuple[int, float, tuple[str, ...]]
+"""(limit, period in seconds, identifiers such as ("user", "alice"))."""
+
+
+class BoundLayers:
+    """A caller's layers and, once ``MemoryWindows.admit`` has seen them, their counters.
+
+    A caller's next request then goes straight to its counters instead of building a key and
+    looking it up per layer (the largest part of admission). The counters stay valid until the
+    windows sweep stale keys (``MemoryWindows.generation``), which would orphan a removed one.
+    """
+
+    __slots__ = ("counters", "generation", "groups", "layers")
+
+    def __init__(self, layers: list[Layer]) -> None:
+        self.layers = layers
+        # the layers grouped by period: [(period, [(limit, counter, layer index), ...]), ...]
+        self.groups: list[tuple[float, list[tuple[int, list[int], int]]]] = []
+        self.counters: list[list[int]] = []  # one per layer, in order
+        self.generation = -1
+
+
+_ADMIT_EMPTY = Admit(-1, -1, 0, 0.0)
+
+
 class MemoryWindows:
     """Sliding-window counters in a dict: ``{key: [window_index, previous, current]}``."""
 
@@ -50,6 +75,7 @@ class MemoryWindows:
         self.clock = clock
         self._counts: dict[tuple[object, ...], list[int]] = {}
         self._ops = 0
+        self.generation = 0  # bumped by a sweep: every BoundLayers must look its counters up again
 
     def _state(
         self, item: limits.RateLimitItem, ids: tuple[str, ...], now: float
@@ -75,33 +101,52 @@ class MemoryWindows:
         elapsed = now - index * period
         return st, period, elapsed
 
-    def admit(self, layers: list[tuple[int, float, tuple[str, ...]]], cost: int = 1) -> Admit:
-        """Check every layer ``(limit, period seconds, ids)``, then count the request in all of
-        them, in one synchronous pass: nothing is consumed unless every layer admits it, and no
-        other request can interleave (the event loop does not switch inside)."""
+    def bind(self, layers: list[Layer]) -> BoundLayers:
+        """``layers`` with their counters to be resolved once (see ``BoundLayers``)."""
+        return BoundLayers(layers)
+
+    def _resolve(self, bound: BoundLayers, now: float) -> None:
+        groups: dict[float, list[tuple[int, list[int], int]]] = {}
+        counters = []
+        for i, (amount, period, ids) in enumerate(bound.layers):
+            st = self._state_at(amount, period, ids, now)[0]
+            groups.setdefault(period, []).append((amount, st, i))
+            counters.append(st)
+        bound.groups = list(groups.items())
+        bound.counters = counters
+        bound.generation = self.generation
+
+    def admit(self, bound: BoundLayers, cost: int = 1) -> Admit:
+        """Check every layer, then count the request in all of them, in one synchronous pass:
+        nothing is consumed unless every layer admits it, and no other request can interleave
+        (the event loop does not switch inside)."""
         now = self.clock()
-        counts = self._counts
-        picked: list[list[int]] = []
-        best, best_left, best_elapsed = -1, math.inf, 0.0
-        for i, (amount, period, ids) in enumerate(layers):
-            # _state_at, inlined: this loop runs for every layer of every request
+        if bound.generation != self.generation:
+            self._resolve(bound, now)
+        best, best_left = -1, math.inf
+        for period, members in bound.groups:  # layers of one period share their window maths
             index = int(now // period)
-            st = counts.get((amount, period, ids))
-            if st is None or st[0] != index:
-                st, _, elapsed = self._state_at(amount, period, ids, now)
-            else:
-                elapsed = now - index * period
-            left = amount - (st[1] * (1.0 - elapsed / period) + st[2] + cost)
-            if left < 0:
-                return Admit(i, i, 0, self._wait(st, amount, period, elapsed))
-            picked.append(st)
-            if left < best_left:
-                best, best_left, best_elapsed = i, left, elapsed
-        for st in picked:
-            st[2] += cost
+            weight = 1.0 - (now - index * period) / period  # of the previous window's count
+            for amount, st, i in members:
+                if st[0] != index:
+                    # roll forward: the current window becomes the previous (or both expire)
+                    st[1] = st[2] if st[0] == index - 1 else 0
+                    st[2] = 0
+                    st[0] = index
+                left = amount - st[1] * weight - st[2] - cost
+                if left < best_left:
+                    if left < 0:
+                        elapsed = now - index * period
+                        return Admit(i, i, 0, self._wait(st, amount, period, elapsed))
+                    best, best_left = i, left
         if best < 0:
-            return Admit(-1, -1, 0, 0.0)
-        wait = self._full_reset(picked[best], layers[best][1], best_elapsed)
+            return _ADMIT_EMPTY
+        counters = bound.counters
+        for st in counters:
+            st[2] += cost
+        period = bound.layers[best][1]
+        elapsed = now - int(now // period) * period
+        wait = self._full_reset(counters[best], period, elapsed)
         return Admit(-1, best, math.floor(best_left), wait)
 
     @staticmethod
@@ -153,6 +198,7 @@ class MemoryWindows:
     def _sweep(self, now: float) -> None:
         """Drop counters whose windows have both expired (keeps memory bounded by live keys)."""
         self._ops = 0
+        self.generation += 1
         stale = [
             k
             for k, st in self._counts.items()

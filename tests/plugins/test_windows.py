@@ -59,14 +59,34 @@ async def test_cost_and_stale_keys_are_swept() -> None:
 async def test_admit_consumes_nothing_on_refusal_and_reports_tightest_layer() -> None:
     w = MemoryWindows(Clock(500.0))
     layers = [(10, 60.0, ("ip", "1.2.3.4")), (2, 60.0, ("user", "u")), (5, 60.0, ("plan", "u"))]
-    first = w.admit(layers)
+    bound = w.bind(layers)
+    first = w.admit(bound)
     assert first.failed == -1 and first.layer == 1 and first.remaining == 1
-    assert w.admit(layers).failed == -1
-    refused = w.admit(layers)
+    assert w.admit(bound).failed == -1
+    refused = w.admit(bound)
     assert refused.failed == 1 and refused.wait > 0
     # the refused request counted nowhere: the ip layer saw exactly two requests
     other_user = [(10, 60.0, ("ip", "1.2.3.4")), (2, 60.0, ("user", "v"))]
-    res = w.admit(other_user)
+    res = w.admit(w.bind(other_user))
     assert res.failed == -1 and res.layer == 1 and res.remaining == 1
-    ip_only = w.admit([(10, 60.0, ("ip", "1.2.3.4"))])
+    ip_only = w.admit(w.bind([(10, 60.0, ("ip", "1.2.3.4"))]))
     assert ip_only.remaining == 10 - 4
+
+
+async def test_bound_layers_follow_a_sweep() -> None:
+    """A caller's resolved counters must not outlive a sweep: after one, the caller and a new
+    caller sharing a layer (same IP) count in the same counter, not in an orphaned copy."""
+    clock = Clock(0.0)
+    w = MemoryWindows(clock)
+    w.SWEEP_EVERY = 2
+    ip = (3, 10.0, ("ip", "9.9.9.9"))
+    alice = w.bind([ip, (100, 10.0, ("user", "alice"))])
+    assert w.admit(alice).failed == -1
+    clock.t = 100.0  # both windows of every key expire; the next new key sweeps them
+    w.admit(w.bind([(100, 10.0, ("user", "carol"))]))
+    w.admit(w.bind([(100, 10.0, ("user", "dave"))]))
+    assert w.admit(alice).failed == -1
+    bob = w.bind([ip, (100, 10.0, ("user", "bob"))])
+    assert w.admit(bob).remaining == 1  # alice's request after the sweep counted for the IP
+    assert w.admit(alice).failed == -1
+    assert w.admit(bob).failed == 0  # the shared IP layer (3 per 10 s) is full
