@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 from multidict import CIMultiDictProxy
@@ -56,6 +56,8 @@ _OPENAI_PATHS = {
     "embeddings": "/embeddings",
 }
 
+_NAMES_KEPT = 1024
+
 _RELAYED_BACK = ("content-type", "openai-processing-ms", "retry-after")
 
 
@@ -72,6 +74,8 @@ class ProviderClient:
     backoff: float
     max_backoff: float
     default_max_tokens: int
+    # client header name as sent -> the name forwarded ("" = not forwarded); see ``headers``
+    forwarded_names: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(cls, name: str, p: Provider) -> ProviderClient:
@@ -103,21 +107,39 @@ class ProviderClient:
         return self.base_url + _OPENAI_PATHS[endpoint]
 
     def headers(self, client_headers: CIMultiDictProxy[str]) -> dict[str, str]:
-        """Client headers minus hop-by-hop, credentials and Tollway's own; plus the provider's."""
+        """Client headers minus hop-by-hop, credentials and Tollway's own; plus the provider's.
+
+        Which names pass is decided once per distinct name (clients send the same few headers
+        on every request), not lowercased and tested again for each request.
+        """
+        names = self.forwarded_names
         out: dict[str, str] = {}
         for k, v in client_headers.items():
-            lk = k.lower()
-            if lk in _NOT_FORWARDED or lk.startswith("x-tollway-"):
-                continue
-            if self.kind == "openai" and lk.startswith("anthropic-"):
-                continue
-            out[lk] = v
+            lk = names.get(k)
+            if lk is None:
+                lk = self._forwarded_name(k)
+            if lk:
+                out[lk] = v
         for k, v in self.auth_headers:
             if k == "anthropic-version" and k in out:
                 continue  # the client may pin its own API version
             out[k] = v
         out["content-type"] = "application/json"
         return out
+
+    def _forwarded_name(self, name: str) -> str:
+        lk = name.lower()
+        if (
+            lk in _NOT_FORWARDED
+            or lk.startswith("x-tollway-")
+            or (self.kind == "openai" and lk.startswith("anthropic-"))
+        ):
+            lk = ""
+        names = self.forwarded_names
+        if len(names) >= _NAMES_KEPT:  # names are the client's to choose: keep the memo bounded
+            names.clear()
+        names[name] = lk
+        return lk
 
 
 def _retry_after(headers: CIMultiDictProxy[str]) -> float | None:
