@@ -245,7 +245,9 @@ class MeteringPlugin:
                 estimated = True
         # a cache hit or a coalesced follower cost the provider nothing: record what it saved
         hit = ctx.cache == "hit" or ctx.shared == "coalesced"
-        timings = ctx.timings
+        latency = ctx.timings.latency_ms()
+        ttfb = ctx.timings.ttfb_ms()
+        ip_hash = self._ip_hashes.get(ctx.client_ip) or self.ip_hash(ctx.client_ip)
         return {
             "ts": time.time(),
             "request_id": ctx.request_id,
@@ -264,15 +266,15 @@ class MeteringPlugin:
             "input_tokens": inp,
             "output_tokens": out,
             "usage_estimated": estimated,
-            "latency_ms": timings.latency_ms(),
-            "ttfb_ms": timings.ttfb_ms() or (None if ctx.stream else timings.latency_ms()),
+            "latency_ms": latency,
+            "ttfb_ms": ttfb or (None if ctx.stream else latency),
             "input_per_mtok": route.input_per_mtok if route else None,
             "output_per_mtok": route.output_per_mtok if route else None,
             "price": self.price(ctx),
             "saved_input": inp if hit else 0,
             "saved_output": out if hit else 0,
             "retries": ctx.retries,
-            "client_ip_hash": self.ip_hash(ctx.client_ip),
+            "client_ip_hash": ip_hash,
             "shared": ctx.shared,
         }
 
