@@ -44,12 +44,7 @@ def fingerprint(ctx: RequestContext, scope: Scope) -> str:
     if memo is not None and memo[0] == scope and memo[1] == model:
         return memo[2]
     body: dict[str, Any] = ctx.body
-    canon = body
-    ignored = IGNORED_FIELDS.intersection(body)  # in C: "model" at least, usually little more
-    if ignored:
-        canon = dict(body)
-        for k in ignored:
-            del canon[k]
+    canon = {k: v for k, v in body.items() if k not in IGNORED_FIELDS}
     blob = orjson.dumps(
         [scope_id(ctx, scope), ctx.endpoint, model, canon], option=orjson.OPT_SORT_KEYS
     )

@@ -56,7 +56,7 @@ _OPENAI_PATHS = {
     "embeddings": "/embeddings",
 }
 
-_PLANS_KEPT = 1024
+_NAMES_KEPT = 1024
 
 _RELAYED_BACK = ("content-type", "openai-processing-ms", "retry-after")
 
@@ -74,10 +74,8 @@ class ProviderClient:
     backoff: float
     max_backoff: float
     default_max_tokens: int
-    # client header names as sent -> (which to forward under which name, headers to add)
-    header_plans: dict[tuple[str, ...], tuple[tuple[tuple[int, str], ...], dict[str, str]]] = field(
-        default_factory=dict, compare=False, repr=False
-    )
+    # client header name as sent -> the name forwarded ("" = not forwarded); see ``headers``
+    forwarded_names: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(cls, name: str, p: Provider) -> ProviderClient:
@@ -111,40 +109,37 @@ class ProviderClient:
     def headers(self, client_headers: CIMultiDictProxy[str]) -> dict[str, str]:
         """Client headers minus hop-by-hop, credentials and Tollway's own; plus the provider's.
 
-        Which headers pass depends only on the names the client sent, and a client sends the
-        same names on every request: the decision is made once per list of names (a bounded
-        memo) and a request only copies the values it picks.
+        Which names pass is decided once per distinct name (clients send the same few headers
+        on every request), not lowercased and tested again for each request.
         """
-        names = tuple(client_headers.keys())
-        plan = self.header_plans.get(names)
-        if plan is None:
-            plan = self._header_plan(names)
-        picked, added = plan
-        values = tuple(client_headers.values())
-        out = {name: values[i] for i, name in picked}
-        out.update(added)
+        names = self.forwarded_names
+        out: dict[str, str] = {}
+        for k, v in client_headers.items():
+            lk = names.get(k)
+            if lk is None:
+                lk = self._forwarded_name(k)
+            if lk:
+                out[lk] = v
+        for k, v in self.auth_headers:
+            if k == "anthropic-version" and k in out:
+                continue  # the client may pin its own API version
+            out[k] = v
+        out["content-type"] = "application/json"
         return out
 
-    def _header_plan(
-        self, names: tuple[str, ...]
-    ) -> tuple[tuple[tuple[int, str], ...], dict[str, str]]:
-        picked = []
-        for i, name in enumerate(names):
-            lk = name.lower()
-            if lk in _NOT_FORWARDED or lk.startswith("x-tollway-"):
-                continue
-            if self.kind == "openai" and lk.startswith("anthropic-"):
-                continue
-            picked.append((i, lk))
-        kept = {lk for _, lk in picked}
-        # the provider's credentials; the client may pin its own anthropic-version
-        added = {k: v for k, v in self.auth_headers if not (k == "anthropic-version" and k in kept)}
-        added["content-type"] = "application/json"
-        plans = self.header_plans
-        if len(plans) >= _PLANS_KEPT:  # names are the client's to choose: keep the memo bounded
-            plans.clear()
-        plan = plans[names] = (tuple(picked), added)
-        return plan
+    def _forwarded_name(self, name: str) -> str:
+        lk = name.lower()
+        if (
+            lk in _NOT_FORWARDED
+            or lk.startswith("x-tollway-")
+            or (self.kind == "openai" and lk.startswith("anthropic-"))
+        ):
+            lk = ""
+        names = self.forwarded_names
+        if len(names) >= _NAMES_KEPT:  # names are the client's to choose: keep the memo bounded
+            names.clear()
+        names[name] = lk
+        return lk
 
 
 def _retry_after(headers: CIMultiDictProxy[str]) -> float | None:

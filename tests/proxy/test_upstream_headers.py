@@ -1,4 +1,4 @@
-"""Which client headers reach the provider: decided once per list of names, memo bounded."""
+"""Which client headers reach the provider: decided once per name, and the memo stays bounded."""
 
 from __future__ import annotations
 
@@ -46,9 +46,9 @@ def test_anthropic_provider_keeps_anthropic_headers_and_the_clients_version() ->
     assert out["x-api-key"] == "sk-up"
 
 
-def test_memo_of_header_name_lists_is_bounded() -> None:
+def test_memo_of_header_names_is_bounded() -> None:
     c = _client("openai")
-    for i in range(upstream._PLANS_KEPT * 3):
+    for i in range(upstream._NAMES_KEPT * 3):
         out = c.headers(_headers((f"x-n{i}", "v"), ("Cookie", "s=1")))
         assert out[f"x-n{i}"] == "v" and "cookie" not in out
-    assert len(c.header_plans) <= upstream._PLANS_KEPT
+    assert len(c.forwarded_names) <= upstream._NAMES_KEPT
