@@ -18,7 +18,7 @@ from typing import Any
 import duckdb
 import orjson
 
-from proxy.usage import ReadOnlyQuery
+from proxy.usage import QueryError, ReadOnlyQuery
 
 MONEY = "DECIMAL(18, 9)"
 
@@ -313,12 +313,12 @@ class UsageDB:
                 )
 
     def query(self, sql: str) -> tuple[list[str], list[list[Any]]]:
-        """Run read-only SQL on a fresh cursor; raises ReadOnlyQuery or duckdb.Error."""
+        """Run read-only SQL on a fresh cursor; raises ReadOnlyQuery or QueryError."""
         cur = self.con.cursor()
         try:
             statements = cur.extract_statements(sql)
             if not statements:
-                raise duckdb.ParserException("empty query")
+                raise QueryError("empty query")
             for st in statements:
                 if st.type.name not in _READ_ONLY:
                     raise ReadOnlyQuery(f"only reads are allowed, not {st.type.name}")
@@ -326,6 +326,8 @@ class UsageDB:
             columns = [d[0] for d in result.description or []]
             rows = [list(r) for r in result.fetchall()]
             return columns, rows
+        except duckdb.Error as e:
+            raise QueryError(str(e)) from None
         finally:
             cur.close()
 

@@ -13,14 +13,13 @@ import re
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
 
-import duckdb
 import orjson
 from aiohttp import web
 
 from proxy.appkeys import GATEWAY, SHARED
 from proxy.errors import Reject, reject_body
 from proxy.policy import PolicyError
-from proxy.usage import USAGE, ReadOnlyQuery, UsageBackend, invoice_csv
+from proxy.usage import USAGE, QueryError, ReadOnlyQuery, UsageBackend, invoice_csv
 
 _MONTH = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
 
@@ -147,7 +146,7 @@ async def run_sql(request: web.Request) -> web.StreamResponse:
         columns, rows = await _usage(request).sql(query)
     except ReadOnlyQuery as e:
         raise Reject(403, f"read-only: {e}", code="read_only") from None
-    except duckdb.Error as e:
+    except QueryError as e:
         raise Reject(400, str(e), code="sql_error") from None
     body = orjson.dumps(
         {"columns": columns, "rows": rows}, default=_json_default, option=orjson.OPT_NON_STR_KEYS

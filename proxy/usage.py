@@ -28,6 +28,14 @@ class ReadOnlyQuery(Exception):
     """Raised by ``sql`` for anything but a read."""
 
 
+class QueryError(Exception):
+    """Raised by ``sql`` for a query the database rejects; the message is the database's.
+
+    The backend translates its own errors into this, so the core (the admin API) needs no
+    import of the database library: a chain without metering never loads DuckDB (~17 MB).
+    """
+
+
 USAGE: StashKey[UsageBackend] = StashKey()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -84,6 +86,11 @@ async def test_sql_is_read_only_and_admin_only(metered: Gw) -> None:
     assert status == 403
     status, res = await sql(gw, "SELEC nonsense")
     assert status == 400 and "syntax" in res["error"]["message"].lower()
+    status, res = await sql(gw, "SELECT * FROM no_such_table")  # fails at run time, not parse
+    assert status == 400 and res["error"]["code"] == "sql_error"
+    assert "no_such_table" in res["error"]["message"]
+    status, res = await sql(gw, "-- only a comment")
+    assert status == 400 and res["error"]["code"] == "sql_error"
     status, res = await sql(gw, "SELECT 1", headers={})
     assert status == 401
     status, res = await sql(gw, "SELECT 1", headers={"Authorization": "Bearer wrong"})
@@ -204,3 +211,22 @@ async def test_cache_hits_and_coalesced_followers_cost_nothing(
         assert Decimal(r["cost_usd"]) == 0
         assert Decimal(r["saved_usd"]) == Decimal(paid[0]["cost_usd"])
         assert Decimal(r["price_usd"]) == Decimal("0.01")  # the customer still pays the price
+
+
+def test_duckdb_is_loaded_only_with_metering() -> None:
+    """The core and the other plugins never import DuckDB (~17 MB resident once imported)."""
+    script = (
+        "import sys\n"
+        "import proxy.cli, proxy.app, proxy.admin\n"
+        "import plugins.auth, plugins.limits, plugins.cache, plugins.batching\n"
+        "assert 'duckdb' not in sys.modules, 'DuckDB loaded without the metering plugin'\n"
+        "import plugins.metering\n"
+        "assert 'duckdb' in sys.modules\n"
+        "print('ok')\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
