@@ -82,3 +82,15 @@ def running(args: list[str], ready: str, env: dict[str, str] | None = None) -> I
         yield proc
     finally:
         proc.stop()
+
+
+def fresh_interpreter(script: str) -> str:
+    """Run ``script`` in a new Python at the project root (nothing imported yet); its stdout.
+
+    For what the test process cannot show: which modules a fresh import pulls in.
+    """
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()

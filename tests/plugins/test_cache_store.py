@@ -7,11 +7,8 @@ import base64
 import logging
 import os
 import socket
-import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -22,6 +19,7 @@ from plugins.cache_store import (
     CacheStore,
     parse_key,
 )
+from tests.procs import fresh_interpreter
 
 KEY_A = bytes(range(32))
 KEY_B = bytes(range(100, 132))
@@ -377,9 +375,4 @@ def test_redis_client_is_loaded_only_for_a_redis_backend() -> None:
         "assert isinstance(backend, RedisCache)\n"
         "print('ok')\n"
     )
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run(
-        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=False
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "ok"
+    assert fresh_interpreter(script) == "ok"

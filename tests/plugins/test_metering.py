@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -11,6 +9,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ADMIN_KEY, BASE_POLICY, Gw
+from tests.procs import fresh_interpreter
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 MSG = [{"role": "user", "content": "count these five words"}]
@@ -224,9 +223,4 @@ def test_duckdb_is_loaded_only_with_metering() -> None:
         "assert 'duckdb' in sys.modules\n"
         "print('ok')\n"
     )
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run(
-        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=False
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "ok"
+    assert fresh_interpreter(script) == "ok"
