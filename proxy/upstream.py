@@ -120,6 +120,10 @@ class ProviderClient:
                 lk = self._forwarded_name(k)
             if lk:
                 out[lk] = v
+        connection = client_headers.get("connection")
+        if connection:  # names listed in Connection are hop-by-hop too (RFC 9110 7.6.1)
+            for name in connection.split(","):
+                out.pop(name.strip().lower(), None)
         for k, v in self.auth_headers:
             if k == "anthropic-version" and k in out:
                 continue  # the client may pin its own API version

@@ -68,6 +68,7 @@ async def test_hop_by_hop_and_gateway_headers_not_forwarded(
             "Cookie": "session=abc",
             "X-Forwarded-For": "10.1.2.3",
             "TE": "trailers",
+            "X-Secret-Hop": "not for the provider",
             "X-Custom-Trace": "kept",
         },
     ) as r:
@@ -75,6 +76,7 @@ async def test_hop_by_hop_and_gateway_headers_not_forwarded(
     sent = (await emulator.last())["headers"]
     for name in ("keep-alive", "x-tollway-feature", "cookie", "x-forwarded-for", "te", "x-api-key"):
         assert name not in sent, name
+    assert "x-secret-hop" not in sent  # listed in Connection: hop-by-hop for this request
     assert sent.get("connection", "keep-alive").lower() == "keep-alive"
     assert sent["x-custom-trace"] == "kept"
 
