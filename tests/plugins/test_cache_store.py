@@ -275,12 +275,16 @@ async def test_backend_errors_are_counted_misses(
 ) -> None:
     s = store()
 
-    async def boom(*args: object, **kwargs: object) -> None:
+    def boom(*args: object, **kwargs: object) -> None:
         raise RuntimeError(f"backend exploded on {args!r}")
 
-    monkeypatch.setattr(s.raw_backend(), "_get", boom)
-    monkeypatch.setattr(s.raw_backend(), "_set", boom)
-    monkeypatch.setattr(s.raw_backend(), "_delete", boom)
+    async def aboom(*args: object, **kwargs: object) -> None:
+        boom(*args)
+
+    # the store reads and writes its own in-process backend directly, deletes through aiocache
+    monkeypatch.setattr(s.raw_backend(), "read", boom)
+    monkeypatch.setattr(s.raw_backend(), "write", boom)
+    monkeypatch.setattr(s.raw_backend(), "_delete", aboom)
     with caplog.at_level(logging.WARNING, logger="plugins.cache_store"):
         await s.set("user:42", SECRET, 60)
         assert await s.get("user:42") is None
