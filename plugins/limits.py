@@ -275,10 +275,16 @@ class LimitsPlugin:
         """All layers on the shared storage: test every one, then hit every one."""
         limiter = self.limiter
         items = [limits.RateLimitItemPerSecond(a, round(p)) for a, p, _ in layers]
+        refused: Admit | None = None
         for i, (item, (_, _, ids)) in enumerate(zip(items, layers, strict=True)):
             if not await limiter.test(item, *ids):
+                # as in memory: name the full layer that frees up last (the honest Retry-After)
                 stats = await limiter.get_window_stats(item, *ids)
-                return Admit(i, i, 0, max(0.0, stats.reset_time - time.time()))
+                wait = max(0.0, stats.reset_time - time.time())
+                if refused is None or wait > refused.wait:
+                    refused = Admit(i, i, 0, wait)
+        if refused is not None:
+            return refused
         for i, (item, (_, _, ids)) in enumerate(zip(items, layers, strict=True)):
             if not await limiter.hit(item, *ids):
                 stats = await limiter.get_window_stats(item, *ids)

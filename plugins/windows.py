@@ -136,8 +136,7 @@ class MemoryWindows:
                 left = amount - st[1] * weight - st[2] - cost
                 if left < best_left:
                     if left < 0:
-                        elapsed = now - index * period
-                        return Admit(i, i, 0, self._wait(st, amount, period, elapsed))
+                        return self._refuse(bound, now, cost)
                     best, best_left = i, left
         if best < 0:
             return _ADMIT_EMPTY
@@ -148,6 +147,26 @@ class MemoryWindows:
         elapsed = now - int(now // period) * period
         wait = self._full_reset(counters[best], period, elapsed)
         return Admit(-1, best, math.floor(best_left), wait)
+
+    def _refuse(self, bound: BoundLayers, now: float, cost: int) -> Admit:
+        """The refusal, naming the full layer that frees up last: a request fits only once
+        every layer admits it, so that layer's wait is the honest Retry-After (the first
+        full layer found could free up sooner and send the client into another 429)."""
+        worst, worst_wait = -1, -1.0
+        for i, ((amount, period, _), st) in enumerate(
+            zip(bound.layers, bound.counters, strict=True)
+        ):
+            index = int(now // period)
+            if st[0] != index:  # not yet rolled forward if the pass stopped before this layer
+                st[1] = st[2] if st[0] == index - 1 else 0
+                st[2] = 0
+                st[0] = index
+            elapsed = now - index * period
+            if self._weighted(st, period, elapsed) + cost > amount:
+                wait = self._wait(st, amount, period, elapsed)
+                if wait > worst_wait:
+                    worst, worst_wait = i, wait
+        return Admit(worst, worst, 0, worst_wait)
 
     @staticmethod
     def _full_reset(st: list[int], period: float, elapsed: float) -> float:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import pytest
+import redis
+
 from tests.conftest import BASE_POLICY
-from tests.plugins.test_limits import PLANS, limits_chain, post
+from tests.plugins.test_limits import CHAT, PLANS, limits_chain, post
 
 
 async def test_two_instances_share_one_user_limit(make_gateway: Any, redis_server: str) -> None:
@@ -25,3 +28,26 @@ async def test_two_instances_share_one_user_limit(make_gateway: Any, redis_serve
     assert statuses == [200, 200, 200, 429]
     r = await post(gw1, k1)
     assert r.status == 429 and 1 <= int(r.headers["Retry-After"]) <= 60
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_retry_after_covers_every_full_layer(
+    make_gateway: Any, redis_server: str, store: str
+) -> None:
+    """Both layers full: the 429 names the one that frees up last, in memory and on Redis."""
+    base = BASE_POLICY.split("features:")[0] + PLANS
+    if store == "redis":
+        url = f"{redis_server}/14"  # this test's own database: the IP layer is 127.0.0.1's
+        redis.Redis.from_url(url).flushdb()  # a full IP window from an earlier run is gone
+        base = base.replace("state: {{dir: null}}", f"state: {{{{dir: null, url: '{url}'}}}}")
+    gw = await make_gateway(
+        limits_chain(ip="[1 per 5 second]", user="[1 per 100 second]"), base=base
+    )
+    key = await gw.create_key(f"last-{uuid.uuid4().hex[:8]}", "pro")
+    assert (await post(gw, key)).status == 200
+    async with gw.http.post(
+        f"{gw.url}/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {key}"}
+    ) as r:
+        assert r.status == 429
+        assert (await r.json())["error"]["code"] == "user_rate_limit_exceeded"
+        assert int(r.headers["Retry-After"]) > 60  # the 100 s layer's wait, not the 5 s one's

@@ -90,3 +90,25 @@ async def test_bound_layers_follow_a_sweep() -> None:
     assert w.admit(bob).remaining == 1  # alice's request after the sweep counted for the IP
     assert w.admit(alice).failed == -1
     assert w.admit(bob).failed == 0  # the shared IP layer (3 per 10 s) is full
+
+
+@pytest.mark.parametrize("user_first", [False, True])
+async def test_refusal_names_the_layer_that_frees_up_last(user_first: bool) -> None:
+    """Retry-After must cover every full layer: retrying after the shorter wait would only
+    earn another 429 from the longer one."""
+    clock = Clock(1000.0)
+    w = MemoryWindows(clock)
+    short = (2, 10.0, ("ip", "1.1.1.1"))
+    long = (2, 100.0, ("user", "u"))
+    layers = [long, short] if user_first else [short, long]
+    bound = w.bind(layers)
+    assert w.admit(bound).failed == -1 and w.admit(bound).failed == -1  # both layers now full
+    clock.t = 1001.0
+    refused = w.admit(bound)
+    assert layers[refused.failed] is long
+    assert refused.wait > 100  # the 100 s window's count must decay, not the 10 s one's
+    clock.t += w.admit(w.bind([short])).wait + 0.01  # the short layer alone would admit now
+    assert w.admit(w.bind([short])).failed == -1
+    assert layers[w.admit(bound).failed] is long  # ... but the long one still refuses
+    clock.t = 1001.0 + refused.wait + 0.01
+    assert w.admit(w.bind([long])).failed == -1  # after the reported wait it fits
