@@ -5,7 +5,10 @@ decryption, reply) is faster than asking the provider at all. The emulator answe
 under a millisecond, far faster than any real provider, so "below a direct call to the
 emulator" is the strictest form of that target. Runs the shipped chain (``bench_policy``: only
 upstream URLs, limits and file locations changed), one key, one repeated request of a cached
-feature, sequentially (c=1), alternating direct and gateway rounds.
+feature, sequentially (c=1), alternating rounds. For scale it also times the same request
+through ``bench/bare_proxy.py`` (the floor of any Python proxy in front of the emulator) and
+misses through the gateway (distinct prompts of the same feature: what a hit saves even
+against an upstream that answers at once).
 
     .venv/bin/python bench/cache_hit.py [--requests 2000]   # writes bench/cache_hit.md
 """
@@ -29,14 +32,23 @@ BODY = {"model": "gpt-5.4-mini", "messages": [{"role": "user", "content": "expla
 
 
 async def timed(
-    s: aiohttp.ClientSession, url: str, headers: dict[str, str], n: int, expect_hit: bool
+    s: aiohttp.ClientSession,
+    url: str,
+    headers: dict[str, str],
+    n: int,
+    expect: str | None,
+    unique: bool = False,
 ) -> list[float]:
+    """``n`` sequential requests (ms each); ``expect``: the X-Tollway-Cache every reply has."""
     out = []
-    for _ in range(n):
+    for i in range(n):
+        body = BODY
+        if unique:
+            body = {**BODY, "messages": [{"role": "user", "content": f"explain {time.time()} {i}"}]}
         t0 = time.perf_counter()
-        async with s.post(url, json=BODY, headers=headers) as r:
+        async with s.post(url, json=body, headers=headers) as r:
             await r.read()
-            if r.status != 200 or (expect_hit and r.headers.get("X-Tollway-Cache") != "hit"):
+            if r.status != 200 or (expect and r.headers.get("X-Tollway-Cache") != expect):
                 raise RuntimeError(
                     f"unexpected reply {r.status} {r.headers.get('X-Tollway-Cache')}"
                 )
@@ -49,20 +61,27 @@ def pct(values: list[float], q: float) -> float:
     return v[min(len(v) - 1, int(q * len(v)))]
 
 
-async def measure(emu: str, gw: str, key: str, n: int, rounds: int) -> dict[str, list[float]]:
-    results: dict[str, list[float]] = {"direct": [], "hit": []}
+async def measure(
+    emu: str, bare: str, gw: str, key: str, n: int, rounds: int
+) -> dict[str, list[float]]:
+    results: dict[str, list[float]] = {"direct": [], "bare": [], "hit": [], "miss": []}
     feature = {"Authorization": f"Bearer {key}", "X-Tollway-Feature": "confidence_analysis"}
+    anyone = {"Authorization": "Bearer x"}
+    chat = "/v1/chat/completions"
     async with aiohttp.ClientSession() as s:
-        await timed(s, f"{gw}/v1/chat/completions", feature, 1, False)  # the miss that stores it
-        await timed(s, f"{emu}/v1/chat/completions", {"Authorization": "Bearer x"}, 50, False)
-        await timed(s, f"{gw}/v1/chat/completions", feature, 50, True)
+        await timed(s, gw + chat, feature, 1, None)  # the miss that stores the answer
+        for url, headers, expect in (
+            (emu, anyone, None),
+            (bare, anyone, None),
+            (gw, feature, "hit"),
+        ):
+            await timed(s, url + chat, headers, 50, expect)  # warm-up
         for _ in range(rounds):
-            results["direct"] += await timed(
-                s, f"{emu}/v1/chat/completions", {"Authorization": "Bearer x"}, n // rounds, False
-            )
-            results["hit"] += await timed(
-                s, f"{gw}/v1/chat/completions", feature, n // rounds, True
-            )
+            k = n // rounds
+            results["direct"] += await timed(s, emu + chat, anyone, k, None)
+            results["bare"] += await timed(s, bare + chat, anyone, k, None)
+            results["hit"] += await timed(s, gw + chat, feature, k, "hit")
+            results["miss"] += await timed(s, gw + chat, feature, k // 4, "miss", unique=True)
     return results
 
 
@@ -85,7 +104,10 @@ def main() -> int:
         _, gw_port = procs.start("gateway", serve, env=env)
         gw_url = f"http://127.0.0.1:{gw_port}"
         wait_ready(f"{gw_url}/readyz")
-        res = asyncio.run(measure(emu_url, gw_url, key, args.requests, 5))
+        bare = [py, str(ROOT / "bench" / "bare_proxy.py"), "--upstream", emu_url, "--port", "0"]
+        _, bare_port = procs.start("bare", bare)
+        bare_url = f"http://127.0.0.1:{bare_port}"
+        res = asyncio.run(measure(emu_url, bare_url, gw_url, key, args.requests, 5))
     finally:
         procs.stop_all()
     d50, h50 = pct(res["direct"], 0.5), pct(res["hit"], 0.5)
@@ -97,10 +119,17 @@ def main() -> int:
         f"chain: {chain}; {len(res['hit'])} sequential requests each (c=1, Python aiohttp "
         "client, 5 alternating rounds), feature `confidence_analysis` (TTL 7d).\n\n"
         "| | p50 (ms) | p90 (ms) | p99 (ms) |\n|---|---:|---:|---:|\n"
-        f"| direct call to the emulator | {d50:.3f} | {pct(res['direct'], 0.9):.3f} | "
-        f"{pct(res['direct'], 0.99):.3f} |\n"
-        f"| cache hit through the gateway | {h50:.3f} | {pct(res['hit'], 0.9):.3f} | "
-        f"{pct(res['hit'], 0.99):.3f} |\n\n"
+        + "".join(
+            f"| {label} | {pct(res[k], 0.5):.3f} | {pct(res[k], 0.9):.3f} | "
+            f"{pct(res[k], 0.99):.3f} |\n"
+            for k, label in (
+                ("direct", "direct call to the emulator"),
+                ("bare", "the emulator through the bare proxy (for scale)"),
+                ("hit", "cache hit through the gateway"),
+                ("miss", f"cache miss through the gateway ({len(res['miss'])} distinct prompts)"),
+            )
+        )
+        + "\n"
         f"Target: hit p50 below the direct call's p50: **{verdict}**.\n"
     )
     (Path(__file__).parent / "cache_hit.md").write_text(text)

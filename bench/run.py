@@ -51,7 +51,7 @@ MODEL = "gpt-5.4-mini"
 HUGE = 1_000_000_000  # "no limit" for the bench: far above anything a run can send
 LISTENING = re.compile(r"listening on http://[^\s:]+:(\d+)")
 CHAT = "/v1/chat/completions"
-SMALL_BODY = {
+SMALL_BODY: dict[str, Any] = {
     "model": MODEL,
     "messages": [{"role": "user", "content": "Say hello to the benchmark"}],
     "max_tokens": 16,
@@ -1427,7 +1427,7 @@ def _run(
     if profile is not None and opts.profile_raw:
         shutil.copy(tmp / "profile.raw", opts.profile_raw)
 
-    steps = [("bare", "bare proxy", [])] + [
+    steps: list[tuple[str, str, list[str]]] = [("bare", "bare proxy", [])] + [
         (name, f"gateway, chain: {chain_label(names)}", names)
         for name, names, _ in gateways.values()
     ]

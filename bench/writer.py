@@ -150,8 +150,8 @@ def measure(n_rows: int, batch_rows: int, sizes: list[int] = SIZES) -> dict[str,
                     loaded += db.ingest(segment)
                     load_s.append(time.perf_counter() - t0)
                     load_cpu += _cpu() - c0
-            row = db.con.execute("SELECT count(*) FROM usage").fetchone()
-            requests = int(row[0]) if row else 0
+            counted = db.con.execute("SELECT count(*) FROM usage").fetchone()
+            requests = int(counted[0]) if counted else 0
             by_size = segment_sizes(db, spool, sizes)
         finally:
             spool.close()
