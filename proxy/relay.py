@@ -8,7 +8,6 @@ written and finished here, before ``log`` hooks run, so logging never delays a r
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Any
 
@@ -87,33 +86,6 @@ def usage_from_body(kind: str, data: dict[str, Any]) -> tuple[int, int] | None:
         inp += int(usage.get("cache_read_input_tokens") or 0)
         return inp, int(usage.get("output_tokens") or 0)
     return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-
-
-_TOKENS = re.compile(
-    rb'"(prompt_tokens|completion_tokens|input_tokens|output_tokens|'
-    rb'cache_creation_input_tokens|cache_read_input_tokens)"\s*:\s*(\d+)'
-)
-
-
-def sniff_usage(kind: str, raw: bytes) -> tuple[int, int] | None:
-    """Usage of a whole reply from its ``"usage"`` object, found without parsing the body.
-
-    The object comes last in both providers' replies, so the search starts at its key; a
-    ``"usage"`` inside a string would be escaped (``\\"usage\\"``) and cannot match.
-    """
-    at = raw.rfind(b'"usage"')
-    if at < 0:
-        return None
-    found = dict(_TOKENS.findall(raw, at))
-    if not found:
-        return None
-    if kind == "anthropic":
-        inp = sum(
-            int(found.get(k, 0))
-            for k in (b"input_tokens", b"cache_creation_input_tokens", b"cache_read_input_tokens")
-        )
-        return inp, int(found.get(b"output_tokens", 0))
-    return int(found.get(b"prompt_tokens", 0)), int(found.get(b"completion_tokens", 0))
 
 
 def _set_usage(ctx: RequestContext, tokens: tuple[int, int] | None, final: bool = True) -> None:
