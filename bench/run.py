@@ -220,13 +220,23 @@ class CpuSnapshot:
         }
 
 
+_MEMORY_FIELDS = {
+    "VmRSS": "rss_mb",
+    "VmHWM": "peak_rss_mb",
+    "RssAnon": "rss_anon_mb",
+    "RssFile": "rss_file_mb",
+}
+
+
 def memory_mb(pid: int) -> dict[str, float]:
-    """Current (VmRSS) and peak (VmHWM) resident memory in MB."""
+    """Current (VmRSS) and peak (VmHWM) resident memory in MB, and the current split into
+    anonymous memory (the heap: what the process allocated) and file-backed pages (mostly
+    shared libraries' code, which the kernel can drop and read back)."""
     out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            out["rss_mb" if key == "VmRSS" else "peak_rss_mb"] = int(value.split()[0]) / 1024
+        if key in _MEMORY_FIELDS:
+            out[_MEMORY_FIELDS[key]] = int(value.split()[0]) / 1024
     return out
 
 
@@ -1058,6 +1068,12 @@ def render(r: dict[str, Any]) -> str:
 
         return get
 
+    def idle_split(n: str) -> str | None:
+        m = r["memory_idle"].get(n, {})
+        if "rss_anon_mb" not in m:
+            return None
+        return f"{m['rss_anon_mb']:.1f} / {m['rss_file_mb']:.1f}"
+
     s = r["settings"]
     lines = [
         "# Tollway benchmark results",
@@ -1110,6 +1126,7 @@ def render(r: dict[str, Any]) -> str:
         row("emulator CPU used, c=32 (cores)", tp("emulator_cores"), "{:.2f}"),
         row("upstream calls per request", tp("upstream_per_request"), "{:.3f}"),
         row("RSS idle after start (MB)", mem("idle", "rss_mb"), "{:.1f}"),
+        row("RSS idle: anonymous / file-backed (MB)", idle_split, "{}"),
         row("RSS after load (MB)", mem("load", "rss_mb"), "{:.1f}"),
         row("peak RSS (MB)", mem("load", "peak_rss_mb"), "{:.1f}"),
         "",
