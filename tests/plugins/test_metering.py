@@ -224,3 +224,34 @@ def test_duckdb_is_loaded_only_with_metering() -> None:
         "print('ok')\n"
     )
     assert fresh_interpreter(script) == "ok"
+
+
+async def test_admin_invoice_and_export_input(metered: Gw, tmp_path: Path) -> None:
+    gw = metered
+    key = await gw.create_key("ida", "pro")
+    await gw.openai(key).chat.completions.create(model="gpt-5.4-mini", messages=MSG)  # type: ignore[arg-type]
+    for month in ("2026-13", "26-01", ""):
+        async with gw.http.get(
+            f"{gw.url}/admin/invoices/ida", params={"month": month}, headers=ADMIN
+        ) as r:
+            assert r.status == 400
+            err = (await r.json())["error"]
+            assert err["code"] == "invalid_request" and err["param"] == "month"
+    async with gw.http.post(f"{gw.url}/admin/export", json={}, headers=ADMIN) as r:
+        assert r.status == 400 and (await r.json())["error"]["param"] == "dir"
+    out = tmp_path / "export"
+    async with gw.http.post(f"{gw.url}/admin/export", json={"dir": str(out)}, headers=ADMIN) as r:
+        assert r.status == 200
+        assert (await r.json())["rows"] == 1
+    files = list(out.rglob("*.parquet"))
+    assert files and all(f.parent.name.startswith("day=") for f in files)
+    async with gw.http.post(f"{gw.url}/admin/export", json={"dir": str(out)}) as r:
+        assert r.status == 401  # the admin key guards every admin route
+
+
+async def test_admin_api_is_off_without_an_admin_key(make_gateway: Any, tmp_path: Path) -> None:
+    base = BASE.replace("admin: {{key: {admin}}}", "admin: {{}}")
+    assert base != BASE
+    gw = await make_gateway(chain(tmp_path / "u.duckdb"), base=base)
+    async with gw.http.post(f"{gw.url}/admin/sql", json={"query": "SELECT 1"}, headers=ADMIN) as r:
+        assert r.status == 403 and (await r.json())["error"]["code"] == "admin_disabled"
