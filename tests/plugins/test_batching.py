@@ -10,7 +10,7 @@ import pytest
 
 from proxy.context import RequestContext
 from proxy.hookspecs import hookimpl
-from tests.conftest import Emulator, Gw
+from tests.conftest import BASE_POLICY, Emulator, Gw
 
 MSG = [{"role": "user", "content": "tell me the same thing"}]
 
@@ -211,3 +211,70 @@ async def test_first_client_leaving_does_not_strand_duplicates(
     # the first call died with its client; one duplicate led the second, the other shared it
     assert (await emulator.stats())["requests"] == 2
     assert sorted(s for _, _, s in Seen.rows if s) == ["coalesced"]
+
+
+FAST_TIMEOUT = BASE_POLICY.replace(
+    "timeout: {{connect: 2s, read: 5s}}}}\n  anthropic",
+    "timeout: {{connect: 2s, read: 300ms}}}}\n  anthropic",
+)
+
+
+async def _statuses(gw: Gw, path: str, bodies: list[Any], headers: dict[str, str]) -> list[Any]:
+    """Send the bodies at once; (status, error code) of each reply, in order."""
+
+    async def one(body: Any) -> Any:
+        async with gw.http.post(f"{gw.url}{path}", json=body, headers=headers) as r:
+            return r.status, (await r.json())["error"]["code"]
+
+    return await asyncio.gather(*(one(b) for b in bodies))
+
+
+async def test_transport_failure_reaches_every_follower(
+    make_gateway: Any, emulator: Emulator
+) -> None:
+    """Not an error reply but an exception (a read timeout): every duplicate gets it too."""
+    assert FAST_TIMEOUT != BASE_POLICY
+    gw = await make_gateway(chain(), base=FAST_TIMEOUT, extra_plugins={"seen": Seen})
+    key = await gw.create_key("hang", "pro")
+    await emulator.reset()
+    h = {"Authorization": f"Bearer {key}", "x-emulator-hang": "1"}
+    body = {"model": "gpt-5.4-mini", "messages": MSG}
+    got = await _statuses(gw, "/v1/chat/completions", [body] * 5, h)
+    assert got == [(504, "upstream_timeout")] * 5
+    assert (await emulator.stats())["requests"] == 1  # a read timeout is never retried
+
+
+@pytest.mark.parametrize(
+    ("control", "expected"),
+    [({"x-emulator-status": "400"}, 400), ({"x-emulator-hang": "1"}, 504)],
+)
+async def test_merged_embeddings_failure_reaches_every_caller(
+    make_gateway: Any, emulator: Emulator, control: dict[str, str], expected: int
+) -> None:
+    gw = await make_gateway(chain(), base=FAST_TIMEOUT, extra_plugins={"seen": Seen})
+    key = await gw.create_key("emb", "pro")
+    await emulator.reset()
+    h = {"Authorization": f"Bearer {key}", **control}
+    bodies = [{"model": "text-embedding-3-small", "input": [f"text {i}"]} for i in range(3)]
+    got = await _statuses(gw, "/v1/embeddings", bodies, h)
+    assert [status for status, _ in got] == [expected] * 3
+    assert (await emulator.stats())["requests"] == 1
+
+
+async def test_a_full_batch_goes_at_once_and_the_next_one_opens(
+    make_gateway: Any, emulator: Emulator
+) -> None:
+    gw = await make_gateway(
+        chain().replace("max_inputs: 64", "max_inputs: 4"), extra_plugins={"seen": Seen}
+    )
+    key = await gw.create_key("full", "pro")
+    await emulator.reset()
+    client = gw.openai(key)
+    texts = [[f"a {i}", f"b {i}"] for i in range(3)]  # 2 + 2 fill a batch; the third opens one
+    results = await asyncio.gather(
+        *(client.embeddings.create(model="text-embedding-3-small", input=t) for t in texts)
+    )
+    assert (await emulator.stats())["requests"] == 2
+    for inputs, res in zip(texts, results, strict=True):
+        assert [d.index for d in res.data] == list(range(len(inputs)))
+        assert res.usage.prompt_tokens == sum(len(t.split()) for t in inputs)
