@@ -29,27 +29,24 @@ Measured with a micro-benchmark on the dev box (2 shared vCPUs, Python 3.11, aio
     SimpleMemoryCache(), defaults (timeout=5)      29.3    34.4
     SimpleMemoryCache(timeout=None)                 4.5     8.9   (set: a TimerHandle per ttl)
     BoundedMemoryCache, timeout=5                  30.8    32.0
-    BoundedMemoryCache, timeout=None   <- used      5.0     6.1
+    BoundedMemoryCache, timeout=None                5.0     6.1
       + HitMissRatioPlugin + TimingPlugin          13.6    14.9
       + PickleSerializer instead of Null            5.6     7.0
-    BoundedMemoryCache._get/_set (no API wrapper)   0.6     1.0
+    BoundedMemoryCache read/write (no API wrapper)  0.6     1.0   <- used
     AES-256-GCM open / seal (incl. urandom nonce)   2.1     2.1
-    CacheStore.get / .set end to end                8.2    10.1
-    (re-measured later on a quieter box: 3.8 / 4.6 through aiocache's API, 1.5 / 2.0 with
-    the direct read/write of the in-process backend that CacheStore now uses)
+    CacheStore.get / .set end to end, API           8.2    10.1
+    (re-measured on a quieter box: 3.8 / 4.6 through aiocache's API, 1.5 / 2.0 with read/write)
 
 ``timeout=None`` is the big win (~6x): ``asyncio.wait_for`` schedules a Task per call, and the
 memory backend never awaits, so that timeout could never fire anyway. No plugins and the null
-serializer shave the rest. The remaining ~4-5 µs of wrapper cost (nested coroutines plus the
-env lookup) is kept: skipping it means calling aiocache's private ``_get``/``_set``, whose
-signatures change between releases, to save microseconds on a path that fronts upstream
-calls of hundreds of milliseconds. The in-process backend is this module's own class, so
-``CacheStore`` calls its synchronous ``read``/``write`` directly (the same code its aiocache
-``_get``/``_set`` run; 0.6 / 1.0 µs instead of 5.0 / 6.1): a cache hit is the path whose
-latency the cache exists for. Other backends, and anything else using the object, go through
-aiocache's API. For redis the per-operation bound comes from redis-py's
-socket timeout (default 0.5 s, ``?timeout=`` in the URL) instead of ``asyncio.wait_for``,
-so a slow or dead redis still degrades to a counted miss without the per-call Task.
+serializer shave the rest. What remains is the wrapper stack itself (nested coroutines plus the
+env lookup). The in-process backend is this module's own class, so ``CacheStore`` skips that
+stack and calls its synchronous ``read``/``write`` (the same code its aiocache ``_get``/``_set``
+run): a cache hit is the path whose latency the cache exists for. Redis goes through aiocache's
+API: its private ``_get``/``_set`` signatures change between releases, and a network round trip
+dwarfs the wrappers. Its per-operation bound comes from redis-py's socket timeout (default
+0.5 s, ``?timeout=`` in the URL) instead of ``asyncio.wait_for``, so a slow or dead redis still
+degrades to a counted miss without the per-call Task.
 """
 
 from __future__ import annotations
