@@ -38,7 +38,8 @@ async def test_retry_after_covers_every_full_layer(
     base = BASE_POLICY.split("features:")[0] + PLANS
     if store == "redis":
         url = f"{redis_server}/14"  # this test's own database: the IP layer is 127.0.0.1's
-        redis.Redis.from_url(url).flushdb()  # a full IP window from an earlier run is gone
+        with redis.Redis.from_url(url) as r:
+            r.flushdb()  # a full IP window from an earlier run is gone
         base = base.replace("state: {{dir: null}}", f"state: {{{{dir: null, url: '{url}'}}}}")
     gw = await make_gateway(
         limits_chain(ip="[1 per 5 second]", user="[1 per 100 second]"), base=base
