@@ -1068,11 +1068,12 @@ def render(r: dict[str, Any]) -> str:
 
         return get
 
-    def idle_split(n: str) -> str | None:
-        m = r["memory_idle"].get(n, {})
-        if "rss_anon_mb" not in m:
-            return None
-        return f"{m['rss_anon_mb']:.1f} / {m['rss_file_mb']:.1f}"
+    def split(phase: str) -> Any:
+        def get(n: str) -> str | None:
+            anon, file = mem(phase, "rss_anon_mb")(n), mem(phase, "rss_file_mb")(n)
+            return None if anon is None or file is None else f"{anon:.1f} / {file:.1f}"
+
+        return get
 
     s = r["settings"]
     lines = [
@@ -1086,8 +1087,11 @@ def render(r: dict[str, Any]) -> str:
         "|---|---|",
         f"| date | {r['date']} |",
         f"| machine | {m['nproc']} x {m['cpu']}, Linux {m['kernel']} |",
-        f"| versions | Python {r['versions']['python']}, aiohttp {r['versions']['aiohttp']}, "
-        f"uvloop {r['versions']['uvloop']}, wrk {r['versions']['wrk']} |",
+        "| versions | Python "
+        + ", ".join(
+            f"{name} {v}" if name != "python" else str(v) for name, v in r["versions"].items()
+        )
+        + " |",
         f"| tollway | {r['revision']} |",
         f"| chain measured | {', '.join(r['chain']) or '(empty)'} |",
         f"| policy changes | {'; '.join(r['policy_changes'])} |",
@@ -1126,8 +1130,9 @@ def render(r: dict[str, Any]) -> str:
         row("emulator CPU used, c=32 (cores)", tp("emulator_cores"), "{:.2f}"),
         row("upstream calls per request", tp("upstream_per_request"), "{:.3f}"),
         row("RSS idle after start (MB)", mem("idle", "rss_mb"), "{:.1f}"),
-        row("RSS idle: anonymous / file-backed (MB)", idle_split, "{}"),
+        row("RSS idle: anonymous / file-backed (MB)", split("idle"), "{}"),
         row("RSS after load (MB)", mem("load", "rss_mb"), "{:.1f}"),
+        row("RSS after load: anonymous / file-backed (MB)", split("load"), "{}"),
         row("peak RSS (MB)", mem("load", "peak_rss_mb"), "{:.1f}"),
         "",
         "| target | limit | measured | result |",
@@ -1508,6 +1513,8 @@ def _run(
             "aiohttp": aiohttp.__version__,
             "uvloop": version("uvloop"),
             "wrk": wrk,
+            # what the gateway's idle memory mostly depends on (DuckDB alone is ~60 MB of it)
+            **{name: version(name) for name in ("duckdb", "cryptography", "pydantic")},
         },
         "revision": git_revision(),
         "chain": chain,
