@@ -25,8 +25,11 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
+import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +74,25 @@ class MeteringConfig(BaseModel):
         return parse_duration(v)
 
 
+LOADER_NICE = 10
+"""Nice steps the loader thread runs below the rest of the process (Linux, capped at 19)."""
+
+
+def _background_priority() -> None:
+    """Lower the calling thread's CPU priority (Linux: a thread is a schedulable task).
+
+    A load is tens of ms of DuckDB work; on a small machine it would otherwise take a core
+    that requests need (measured at c=1 on 2 vCPUs: p99 +0.4 ms per load in a 10 s run). At a
+    lower priority it runs on idle CPU first and still gets its share when the CPU is busy.
+    DuckDB releases the GIL while it works, so the event loop is not left waiting on it.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        me = threading.get_native_id()
+        os.setpriority(
+            os.PRIO_PROCESS, me, min(19, os.getpriority(os.PRIO_PROCESS, me) + LOADER_NICE)
+        )
+
+
 class UsageStore:
     """The database, the spool and the loader task: one per process, kept across reloads."""
 
@@ -89,6 +111,10 @@ class UsageStore:
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._keystore: Any = None
+        # loads run on one thread of their own, at a lower CPU priority than requests
+        self._loader = ThreadPoolExecutor(
+            1, thread_name_prefix="tollway-usage-loader", initializer=_background_priority
+        )
 
     async def start(self) -> None:
         # rows spooled by a previous process (even one that was killed) are loaded first
@@ -120,7 +146,8 @@ class UsageStore:
     async def load(self) -> None:
         for segment in self.spool.closed():
             t0 = time.perf_counter()
-            n = await asyncio.to_thread(self.db.ingest, segment)
+            loop = asyncio.get_running_loop()
+            n = await loop.run_in_executor(self._loader, self.db.ingest, segment)
             self.load_seconds += time.perf_counter() - t0
             self.loaded_rows += n
 
@@ -130,6 +157,7 @@ class UsageStore:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self.flush()
+        self._loader.shutdown()
         self.spool.close()
         self.db.close()
 
