@@ -32,12 +32,13 @@ async def test_two_instances_share_one_user_limit(make_gateway: Any, redis_serve
 
 @pytest.mark.parametrize("store", ["memory", "redis"])
 async def test_retry_after_covers_every_full_layer(
-    make_gateway: Any, redis_server: str, store: str
+    make_gateway: Any, request: pytest.FixtureRequest, store: str
 ) -> None:
     """Both layers full: the 429 names the one that frees up last, in memory and on Redis."""
     base = BASE_POLICY.split("features:")[0] + PLANS
     if store == "redis":
-        url = f"{redis_server}/14"  # this test's own database: the IP layer is 127.0.0.1's
+        server = request.getfixturevalue("redis_server")  # only this variant needs one
+        url = f"{server}/14"  # this test's own database: the IP layer is 127.0.0.1's
         with redis.Redis.from_url(url) as r:
             r.flushdb()  # a full IP window from an earlier run is gone
         base = base.replace("state: {{dir: null}}", f"state: {{{{dir: null, url: '{url}'}}}}")
