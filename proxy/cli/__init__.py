@@ -1,0 +1,99 @@
+"""The ``tollway`` command.
+
+This module builds the parser and runs the chosen command; the commands live in one module per
+kind: ``serve`` (``serve``, ``check``, ``emulator``, ``demo``: running the gateway), ``keys``
+(API keys) and ``data`` (``sql``, ``invoice``, ``report``, ``export``: the usage database).
+``python -m proxy.cli`` runs ``main`` (``__main__``). What only some commands need (DuckDB, the
+plugins, the gateway app) is imported inside them, so importing this package stays cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from proxy.cli.data import cmd_export, cmd_invoice, cmd_report, cmd_sql
+from proxy.cli.keys import cmd_keys
+from proxy.cli.serve import cmd_check, cmd_demo, cmd_emulator, cmd_serve
+
+log = logging.getLogger("tollway")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tollway", description="Tollway AI API gateway")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("serve", help="run the gateway")
+    s.add_argument("--policy", default="policies.yaml", help="policy file (default policies.yaml)")
+    s.add_argument("--host", default=None)
+    s.add_argument("--port", type=int, default=None)
+    s.set_defaults(fn=cmd_serve)
+
+    c = sub.add_parser("check", help="validate a policy file (exit 1 with errors)")
+    c.add_argument("file")
+    c.set_defaults(fn=cmd_check)
+
+    e = sub.add_parser("emulator", help="run the OpenAI/Anthropic-compatible upstream emulator")
+    e.add_argument("--host", default="127.0.0.1")
+    e.add_argument("--port", type=int, default=9100)
+    e.add_argument("--api-key", default=None, help="require this key from callers")
+    e.set_defaults(fn=cmd_emulator)
+
+    k = sub.add_parser("keys", help="create, list and revoke gateway API keys")
+    k.add_argument(
+        "--url",
+        default=os.environ.get("TOLLWAY_URL", "http://127.0.0.1:8080"),
+        help="the running gateway (admin key from TOLLWAY_ADMIN_KEY)",
+    )
+    k.add_argument("--state-dir", default=None, help="edit a stopped gateway's key file instead")
+    ks = k.add_subparsers(dest="keys_cmd", required=True)
+    kc = ks.add_parser("create")
+    kc.add_argument("--user", required=True)
+    kc.add_argument("--tier", required=True)
+    kc.add_argument("--quiet", "-q", action="store_true", help="print only the key")
+    ks.add_parser("list")
+    kr = ks.add_parser("revoke")
+    kr.add_argument("id")
+    k.set_defaults(fn=cmd_keys)
+
+    def data_cmd(name: str, help: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help)
+        c.add_argument(
+            "--url",
+            default=os.environ.get("TOLLWAY_URL", "http://127.0.0.1:8080"),
+            help="the running gateway (admin key from TOLLWAY_ADMIN_KEY)",
+        )
+        c.add_argument("--db", default=None, help="a stopped gateway's usage database file")
+        return c
+
+    q = data_cmd("sql", "read-only SQL over the usage database")
+    q.add_argument("query")
+    q.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    q.set_defaults(fn=cmd_sql)
+    inv = data_cmd("invoice", "a user's monthly invoice")
+    inv.add_argument("--user", required=True)
+    inv.add_argument("--month", required=True, help="YYYY-MM (UTC)")
+    inv.add_argument("--format", choices=("json", "csv"), default="json")
+    inv.set_defaults(fn=cmd_invoice)
+    rep = data_cmd("report", "KPIs against the targets, and the business figures")
+    rep.set_defaults(fn=cmd_report)
+    ex = data_cmd("export", "write usage as Parquet partitioned by day")
+    ex.add_argument("--parquet", required=True, metavar="DIR")
+    ex.set_defaults(fn=cmd_export)
+
+    d = sub.add_parser("demo", help="emulator + gateway with the demo policy and a demo key")
+    d.add_argument("--policy", default="policies.demo.yaml")
+    d.add_argument("--host", default="127.0.0.1")
+    d.add_argument("--port", type=int, default=8080)
+    d.add_argument("--tier", default="pro")
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    args = build_parser().parse_args(argv)
+    return int(args.fn(args) or 0)
