@@ -94,16 +94,17 @@ class MemoryWindows:
             if self._ops >= self.SWEEP_EVERY:
                 self._sweep(now)
         elif st[0] != index:
-            # roll the windows forward: the current one becomes the previous (or both expire)
-            st[1] = st[2] if st[0] == index - 1 else 0
-            st[2] = 0
-            st[0] = index
+            self._roll(st, index)
         elapsed = now - index * period
         return st, period, elapsed
 
-    def bind(self, layers: list[Layer]) -> BoundLayers:
-        """``layers`` with their counters to be resolved once (see ``BoundLayers``)."""
-        return BoundLayers(layers)
+    @staticmethod
+    def _roll(st: list[int], index: int) -> None:
+        """Roll a counter forward to window ``index``: the current window becomes the previous
+        one (or both expire). ``admit`` inlines these three lines on its hot path."""
+        st[1] = st[2] if st[0] == index - 1 else 0
+        st[2] = 0
+        st[0] = index
 
     def _resolve(self, bound: BoundLayers, now: float) -> None:
         groups: dict[float, list[tuple[int, list[int], int]]] = {}
@@ -128,8 +129,7 @@ class MemoryWindows:
             index = int(now // period)
             weight = 1.0 - (now - index * period) / period  # of the previous window's count
             for amount, st, i in members:
-                if st[0] != index:
-                    # roll forward: the current window becomes the previous (or both expire)
+                if st[0] != index:  # _roll, inlined: this runs per layer per request
                     st[1] = st[2] if st[0] == index - 1 else 0
                     st[2] = 0
                     st[0] = index
@@ -158,9 +158,7 @@ class MemoryWindows:
         ):
             index = int(now // period)
             if st[0] != index:  # not yet rolled forward if the pass stopped before this layer
-                st[1] = st[2] if st[0] == index - 1 else 0
-                st[2] = 0
-                st[0] = index
+                self._roll(st, index)
             elapsed = now - index * period
             if self._weighted(st, period, elapsed) + cost > amount:
                 wait = self._wait(st, amount, period, elapsed)
