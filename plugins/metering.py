@@ -144,9 +144,9 @@ class UsageStore:
             await self.load()
 
     async def load(self) -> None:
+        loop = asyncio.get_running_loop()
         for segment in self.spool.closed():
             t0 = time.perf_counter()
-            loop = asyncio.get_running_loop()
             n = await loop.run_in_executor(self._loader, self.db.ingest, segment)
             self.load_seconds += time.perf_counter() - t0
             self.loaded_rows += n
@@ -275,7 +275,6 @@ class MeteringPlugin:
         hit = ctx.cache == "hit" or ctx.shared == "coalesced"
         latency = ctx.timings.latency_ms()
         ttfb = ctx.timings.ttfb_ms()
-        ip_hash = self._ip_hashes.get(ctx.client_ip) or self.ip_hash(ctx.client_ip)
         return {
             "ts": time.time(),
             "request_id": ctx.request_id,
@@ -302,7 +301,7 @@ class MeteringPlugin:
             "saved_input": inp if hit else 0,
             "saved_output": out if hit else 0,
             "retries": ctx.retries,
-            "client_ip_hash": ip_hash,
+            "client_ip_hash": self.ip_hash(ctx.client_ip),
             "shared": ctx.shared,
         }
 
