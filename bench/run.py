@@ -869,7 +869,6 @@ def profile_gateway(target: Target, lua: Path, seconds: int, tmp: Path) -> dict[
         except subprocess.TimeoutExpired:
             load.kill()
             load.wait()
-    shutil.copy(raw, "/tmp/profile.raw")
     return aggregate_profile(raw.read_text(), seconds)
 
 
