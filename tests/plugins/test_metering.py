@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import duckdb
+import orjson
 import pytest
 
 from plugins.metering import LOADER_NICE, MeteringConfig, UsageStore
+from plugins.usage_db import MIGRATIONS, UsageDB
 from tests.conftest import ADMIN_KEY, BASE_POLICY, Gw
 from tests.procs import fresh_interpreter
 
@@ -103,10 +107,6 @@ async def test_sql_is_read_only_and_admin_only(metered: Gw) -> None:
 
 def test_migrations_upgrade_an_old_database(tmp_path: Path) -> None:
     """A database made by schema version 1 is upgraded in place, its rows kept."""
-    import duckdb
-
-    from plugins.usage_db import MIGRATIONS, UsageDB
-
     path = tmp_path / "old.duckdb"
     con = duckdb.connect(str(path))
     con.execute(
@@ -136,10 +136,6 @@ def test_migrations_upgrade_an_old_database(tmp_path: Path) -> None:
 
 def test_a_segment_loaded_twice_counts_once(tmp_path: Path, monkeypatch: Any) -> None:
     """A crash between a segment's commit and its deletion: the next load adds nothing."""
-    import orjson
-
-    from plugins.usage_db import UsageDB
-
     rows = [
         {"ts": 1.7e9 + i, "request_id": f"req_twice_{i}", "status": 200, "input_tokens": 10}
         for i in range(3)
@@ -175,8 +171,6 @@ def test_a_segment_loaded_twice_counts_once(tmp_path: Path, monkeypatch: Any) ->
 async def test_cache_hits_and_coalesced_followers_cost_nothing(
     make_gateway: Any, tmp_path: Path
 ) -> None:
-    import asyncio
-
     db = tmp_path / "usage.duckdb"
     gw = await make_gateway(
         "chain:\n  - name: auth\n  - name: cache\n    config: {default_ttl: 1h}\n"
