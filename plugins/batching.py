@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from plugins.fingerprint import Scope, fingerprint
 from proxy.appkeys import METRICS
-from proxy.context import RequestContext, UpstreamRequest, UpstreamResponse
+from proxy.context import RequestContext, Route, UpstreamRequest, UpstreamResponse
 from proxy.errors import Reject
 from proxy.hookspecs import hookimpl
 from proxy.policy import Policy, parse_duration
@@ -67,6 +67,7 @@ class Flight:
     done: bool = False
     error: BaseException | None = None
     subscribers: int = 0
+    route: Route | None = None  # a fallback's route, when one answered
     task: asyncio.Task[None] | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -79,7 +80,7 @@ class Flight:
         resp = None
         try:
             resp = await ctx.call_upstream(req)
-            self.status, self.headers = resp.status, resp.headers
+            self.status, self.headers, self.route = resp.status, resp.headers, resp.route
             if resp.chunks is None:
                 self.body = resp.body
             else:
@@ -155,7 +156,10 @@ class Coalescer:
                     ctx.shared = "coalesced"
                     self.coalesced += 1
                 return UpstreamResponse(
-                    status=outcome.status, headers=dict(outcome.headers), body=outcome.body
+                    status=outcome.status,
+                    headers=dict(outcome.headers),
+                    body=outcome.body,
+                    route=outcome.route,
                 )
         flight = self.whole[key] = WholeFlight()
         try:
@@ -192,13 +196,17 @@ class Coalescer:
         if not flight.streaming:
             self._leave(flight)
             return UpstreamResponse(
-                status=flight.status, headers=dict(flight.headers), body=flight.body
+                status=flight.status,
+                headers=dict(flight.headers),
+                body=flight.body,
+                route=flight.route,
             )
         return UpstreamResponse(
             status=flight.status,
             headers=dict(flight.headers),
             chunks=self._follow(flight),
             release=lambda: None,
+            route=flight.route,
         )
 
     async def _follow(self, flight: Flight) -> Any:

@@ -26,14 +26,14 @@ from plugins.cache_store import CacheStore, parse_key
 from plugins.fingerprint import Scope, fingerprint
 from plugins.replies import Assembler, replay, usage_of
 from proxy.appkeys import METRICS, SHARED
-from proxy.context import Reply, RequestContext, StashKey, StreamEvent, Usage
+from proxy.context import Reply, RequestContext, Route, StashKey, StreamEvent, Usage
 from proxy.hookspecs import hookimpl
 from proxy.policy import Policy, parse_duration
 
 log = logging.getLogger("tollway.cache")
 
 STORE: StashKey[CacheStore] = StashKey()
-_PLAN: StashKey[tuple[str, float, bool]] = StashKey()  # key, ttl, may store
+_PLAN: StashKey[tuple[str, float, bool, Route]] = StashKey()  # key, ttl, may store, route
 _BODY: StashKey[dict[str, Any]] = StashKey()
 _ASSEMBLER: StashKey[Assembler] = StashKey()
 
@@ -175,7 +175,7 @@ class CachePlugin:
             return None
         no_cache, no_store = _cache_control(ctx.request.headers.get("cache-control"))
         key = fingerprint(ctx, self.config.scope)
-        ctx.stash[_PLAN] = (key, ttl, not no_store)
+        ctx.stash[_PLAN] = (key, ttl, not no_store, ctx.route)
         ctx.cache = "miss"
         if no_cache:
             return None
@@ -227,5 +227,7 @@ class CachePlugin:
             body = asm.result() if asm is not None else None
         if body is None:
             return
-        key, ttl, _ = plan
+        key, ttl, _, route = plan
+        if ctx.route is not route:  # a fallback answered: file it under the model that did
+            key = fingerprint(ctx, self.config.scope)
         await self.store.set(key, orjson.dumps(body), ttl)

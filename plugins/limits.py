@@ -385,8 +385,8 @@ class LimitsPlugin:
                     param="model",
                 )
         adm = self.admission
-        if adm is None:
-            return
+        if adm is None or _SLOT in ctx.stash:
+            return  # a fallback's request runs this hook again: one admission slot a request
         if not adm.try_acquire():  # a free slot is taken without awaiting a coroutine
             try:
                 await adm.acquire(rule.priority if rule else 0)

@@ -159,6 +159,7 @@ class UpstreamResponse:
     body: bytes | None = None
     chunks: AsyncIterator[bytes] | None = None
     release: Callable[[], None] | None = None
+    route: Route | None = None  # set when a fallback served the call: the route that answered
 
 
 @dataclass(slots=True, weakref_slot=True)
@@ -166,11 +167,13 @@ class RequestContext:
     """Everything known about one request, shared by every phase and plugin.
 
     The core fills the request fields before ``authenticate``; plugins fill what they own
-    (``principal``, ``feature``, ``route`` changes, ``cache``, ``shared``: "coalesced" when the
-    reply came from another request's provider call, "batched" when the call was shared); the
+    (``principal``, ``feature``, ``route`` changes, ``fallbacks``: routes to try in order when the
+    provider of ``route`` fails, ``cache``, ``shared``: "coalesced" when the reply came from
+    another request's provider call, "batched" when the call was shared); the
     core fills ``usage``, ``status`` and ``timings`` as the reply goes out, so ``log`` hooks see
     the whole story. ``call_upstream(req)`` is set for ``send_upstream`` hooks: the core's own
-    provider call (pooled session, timeouts, retries), for plugins that share or merge calls.
+    provider call (pooled session, timeouts, retries, fallbacks), for plugins that share or
+    merge calls. After a fallback, ``route`` is the route that answered.
     """
 
     request_id: str
@@ -184,6 +187,7 @@ class RequestContext:
     principal: Principal | None = None
     feature: str | None = None
     route: Route | None = None
+    fallbacks: tuple[Route, ...] = ()
     usage: Usage = field(default_factory=Usage)
     cache: str | None = None
     status: int = 0

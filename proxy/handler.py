@@ -190,15 +190,15 @@ async def serve(rt: Runtime, ctx: RequestContext) -> web.StreamResponse:
     assert session is not None  # opened by the app's cleanup context before serving
     resp = None
     if chain.send_upstream:
-        ctx.call_upstream = partial(_call, session, rt, ctx)
+        ctx.call_upstream = partial(call_provider, session, rt, ctx)
         for hook in chain.send_upstream:
             resp = await hook(ctx, req)
             if resp is not None:
                 break
     if resp is None:
-        resp = await upstream.send(
-            session, rt.providers[route.provider], ctx, req, orjson.dumps(req.body)
-        )
+        resp = await call_provider(session, rt, ctx, req)
+    if resp.route is not None:  # a fallback answered (for this request or the one it shared)
+        ctx.route = route = resp.route
     try:
         if resp.chunks is not None:
             return await relay.relay_stream(chain, ctx, route, resp, wants_usage)
@@ -208,13 +208,74 @@ async def serve(rt: Runtime, ctx: RequestContext) -> web.StreamResponse:
             resp.release()
 
 
-async def _call(
+async def call_provider(
     session: Any, rt: Runtime, ctx: RequestContext, req: UpstreamRequest
 ) -> UpstreamResponse:
-    """The core's provider call (pooled session, timeouts, retries), for send_upstream plugins."""
-    return await upstream.send(
-        session, rt.providers[req.provider], ctx, req, orjson.dumps(req.body)
-    )
+    """The core's provider call (pooled session, timeouts, retries), then the fallbacks.
+
+    When the provider fails (a status in ``upstream.FALLBACK_STATUSES`` after the retries, or
+    a transport failure: 502 or 504) and ``ctx.fallbacks`` names other routes, the next one is
+    tried: its request is built from ``ctx.body`` in its own dialect and the
+    ``upstream_request`` hooks run again for it. The reply that is returned carries the route
+    that answered in ``route``; with every fallback failed it is the last failure.
+    ``send_upstream`` plugins reach this through ``ctx.call_upstream``.
+    """
+    fell_back = False
+    while True:
+        failure: Reject | None = None
+        resp: UpstreamResponse | None = None
+        try:
+            resp = await upstream.send(
+                session, rt.providers[req.provider], ctx, req, orjson.dumps(req.body)
+            )
+        except Reject as e:
+            if not ctx.fallbacks or e.status not in (502, 504):
+                raise
+            failure = e
+        else:
+            if not ctx.fallbacks or resp.status not in upstream.FALLBACK_STATUSES:
+                if fell_back:
+                    resp.route = ctx.route
+                return resp
+        failed = ctx.route
+        nxt = await _next_fallback(rt, ctx)
+        if nxt is None:
+            if resp is None:
+                assert failure is not None
+                raise failure
+            resp.route = ctx.route if fell_back else None
+            return resp
+        fell_back = True
+        log.info(
+            "request %s: %s failed (%s), falling back to %s",
+            ctx.request_id,
+            failed.model if failed else "?",
+            failure.status if failure else resp.status if resp else "?",
+            ctx.route.model if ctx.route else "?",
+        )
+        req = nxt
+
+
+async def _next_fallback(rt: Runtime, ctx: RequestContext) -> UpstreamRequest | None:
+    """The request for the next usable fallback route (``ctx.route`` becomes it), or None.
+
+    A route that cannot take the request (its provider lacks the endpoint, or an
+    ``upstream_request`` hook refuses it, e.g. a model outside the caller's plan) is skipped.
+    """
+    while ctx.fallbacks:
+        route = ctx.fallbacks[0]
+        ctx.fallbacks = ctx.fallbacks[1:]
+        previous = ctx.route
+        ctx.route = route  # hooks check the route that will serve
+        try:
+            req, _ = build_upstream(rt, ctx, route)
+            for hook in rt.chain.upstream_request:
+                await hook(ctx, req)
+        except Reject:
+            ctx.route = previous
+            continue
+        return req
+    return None
 
 
 def make_handler(endpoint: Endpoint, dialect: Dialect) -> Any:

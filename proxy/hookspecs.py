@@ -73,7 +73,11 @@ async def access(ctx: RequestContext) -> Reply | None:
 
 @hookspec
 async def upstream_request(ctx: RequestContext, req: UpstreamRequest) -> None:
-    """Last edit of the outgoing provider request (headers, body, URL), in chain order."""
+    """Last edit of the outgoing provider request (headers, body, URL), in chain order.
+
+    Runs again for each fallback's request (``ctx.route`` is then the fallback): keep what it
+    does idempotent per request. A ``Reject`` raised for a fallback skips that fallback.
+    """
 
 
 @hookspec(firstresult=True)

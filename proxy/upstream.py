@@ -22,6 +22,8 @@ from proxy.errors import Reject
 from proxy.policy import Provider
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
+FALLBACK_STATUSES = RETRY_STATUSES
+"""Provider statuses that send a request on to its fallback routes (after the retries)."""
 
 _NOT_FORWARDED = frozenset(
     {

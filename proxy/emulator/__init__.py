@@ -11,7 +11,8 @@ serialised once, stream events are built from pre-encoded byte templates, and a 
 pacing controls goes out in a single write.
 
 Behaviour is steered per request by ``x-emulator-*`` headers (see ``controls._Controls``), which
-the gateway forwards untouched, or by a model named ``emu-slow-<ms>`` where headers can't be set.
+the gateway forwards untouched, or by a model named ``emu-slow-<ms>`` or ``emu-status-<code>``
+where headers can't be set.
 
 The modules, one concern each:
 

@@ -1,9 +1,9 @@
 """The ``x-emulator-*`` controls of one request, and the faults that act while it is answered.
 
 Behaviour is steered per request by ``x-emulator-*`` headers (see ``_Controls``), which the
-gateway forwards untouched, or by a model named ``emu-slow-<ms>`` where headers can't be set.
-The route wrapper (``app``) applies latency and injected error statuses before an endpoint
-runs; this module holds a request that should hang, and paces or aborts a stream. A stream
+gateway forwards untouched, or by a model named ``emu-slow-<ms>`` (latency) or
+``emu-status-<code>`` (an error status) where headers can't be set. The route wrapper
+(``app``) applies latency and injected error statuses before an endpoint runs; this module holds a request that should hang, and paces or aborts a stream. A stream
 with no pacing controls goes out in a single write, the fast path for benchmarks.
 """
 
@@ -25,7 +25,7 @@ _HANG_POLL = 0.05  # how often a hung request checks whether its client went awa
 
 @dataclass(slots=True)
 class _Controls:
-    """Per-request behaviour asked for by ``x-emulator-*`` headers or an ``emu-slow-N`` model.
+    """Per-request behaviour asked for by ``x-emulator-*`` headers or an ``emu-*`` model name.
 
     Headers win over the model name. Garbled values are ignored rather than refused, so a
     control can never turn into an unexpected error.
@@ -45,8 +45,11 @@ class _Controls:
     def parse(cls, headers: Mapping[str, str], body: Json) -> _Controls:
         ctl = cls()
         model = body.get("model")
-        if isinstance(model, str) and model.startswith("emu-slow-"):
-            ctl.latency = _seconds(model[9:])
+        if isinstance(model, str) and model.startswith("emu-"):
+            if model.startswith("emu-slow-"):
+                ctl.latency = _seconds(model[9:])
+            elif model.startswith("emu-status-") and (n := _int(model[11:])) is not None:
+                ctl.status = n if 400 <= n <= 599 else None
         get = headers.get
         if (v := get("x-emulator-latency-ms")) is not None:
             ctl.latency = _seconds(v)
