@@ -29,6 +29,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "auth": "plugins.auth:AuthPlugin",
     "limits": "plugins.limits:LimitsPlugin",
     "metering": "plugins.metering:MeteringPlugin",
+    "privacy": "plugins.privacy:PrivacyPlugin",
     "routing": "plugins.routing:RoutingPlugin",
     "cache": "plugins.cache:CachePlugin",
     "batching": "plugins.batching:BatchingPlugin",

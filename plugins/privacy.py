@@ -1,0 +1,292 @@
+"""privacy: personal data and secrets are redacted from a request before any provider sees it.
+
+Every text a provider would receive is scanned: chat and Anthropic message contents (strings
+and text blocks), system prompts, completion prompts and embeddings inputs. What matches one
+of the enabled detectors is replaced by a placeholder (``[EMAIL]``, ``[CARD]``, ...), in
+``access``, so everything after this plugin (routing, cache key, coalescing, the provider)
+sees only the redacted request: two prompts that differ only in an email address share one
+cached answer, and the cache never holds the address.
+
+Detectors are regular expressions with a check where a format has one, so a number that merely
+looks like a card or an IBAN is left alone: card numbers must pass the Luhn check, IBANs the
+ISO 7064 mod-97 check, IPv4 octets must be at most 255 (IPv6 addresses are not detected). Operators add their own (``custom: [{name, pattern}]``, e.g. employee
+ids). The reply says what was removed in ``X-Tollway-Redacted`` (``email=1,card=2``: kinds and
+counts, never values); ``/metrics`` counts redactions by kind. The originals are not restored
+in the reply: a model that repeats a placeholder repeats the placeholder.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Literal
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from proxy.appkeys import METRICS
+from proxy.context import RequestContext
+from proxy.hookspecs import hookimpl
+from proxy.policy import Policy
+
+Kind = Literal["email", "phone", "card", "iban", "ssn", "ip", "secret"]
+
+_NOT_AFTER_WORD = r"(?<![\w+][\s\S])"  # right after a first character: no word char before it
+
+# Detectors run in passes, each one regular expression whose every branch starts with the same
+# literal or character class: Python's engine then skips to candidate characters in C instead
+# of trying every branch at every position (measured: ~4 µs per KB of prose a pass, against
+# ~250 for one alternation of all detectors behind word boundaries). Within a pass the first
+# branch that matches at a position wins; passes run in this order, each on the previous one's
+# output (placeholders contain nothing a later pass matches).
+PASSES: list[tuple[str | None, str, list[tuple[str, str]]]] = [
+    # (a substring the text must contain for the pass to run, a common prefix, branches)
+    (
+        None,
+        "",
+        [
+            (
+                "secret",
+                r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----"
+                r"|sk-[A-Za-z0-9][A-Za-z0-9_-]{19,}|pk-[A-Za-z0-9][A-Za-z0-9_-]{19,}"
+                r"|rk-[A-Za-z0-9][A-Za-z0-9_-]{19,}"  # OpenAI, Anthropic, Stripe-style keys
+                r"|tw_[A-Za-z0-9_-]{32,}"  # Tollway's own keys
+                r"|AKIA[0-9A-Z]{16}|ASIA[0-9A-Z]{16}"  # AWS access key ids
+                r"|ghp_[A-Za-z0-9]{30,}|gho_[A-Za-z0-9]{30,}|ghu_[A-Za-z0-9]{30,}"
+                r"|ghs_[A-Za-z0-9]{30,}|ghr_[A-Za-z0-9]{30,}"  # GitHub tokens
+                r"|xoxb-[A-Za-z0-9-]{10,}|xoxp-[A-Za-z0-9-]{10,}|xoxa-[A-Za-z0-9-]{10,}"
+                r"|AIza[0-9A-Za-z_-]{35}"  # Google API keys
+                r"|eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"  # JWTs
+                r"|Bearer\s+[A-Za-z0-9._~+/-]{20,}=*|bearer\s+[A-Za-z0-9._~+/-]{20,}=*",
+            )
+        ],
+    ),
+    (
+        "@",
+        "",
+        [("email", r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")],
+    ),
+    (
+        None,
+        r"[+(0-9]" + _NOT_AFTER_WORD,
+        [
+            ("ip", r"(?<=[0-9])[0-9]{0,2}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}(?![\w.])"),
+            ("ssn", r"(?<=[0-9])[0-9]{2}-[0-9]{2}-[0-9]{4}\b"),
+            ("card", r"(?<=[0-9])(?:[ -]?[0-9]){12,18}\b"),
+            (
+                "phone",
+                r"(?<=\+)[1-9][0-9]{0,2}[ .-]?(?:\([0-9]{2,4}\)[ .-]?|[0-9]{2,4}[ .-])"
+                r"[0-9]{2,4}[ .-]?[0-9]{3,4}\b"
+                r"|(?<=\()[0-9]{2,4}\)[ .-]?[0-9]{2,4}[ .-]?[0-9]{3,4}\b"
+                r"|(?<=[0-9])[0-9]{1,3}[ .-][0-9]{2,4}[ .-]?[0-9]{3,4}\b",
+            ),
+        ],
+    ),
+    (None, r"[A-Z]" + _NOT_AFTER_WORD, [("iban", r"[A-Z][0-9]{2}(?: ?[A-Z0-9]){11,30}\b")]),
+]
+ALL_KINDS: tuple[str, ...] = ("secret", "email", "ip", "ssn", "card", "phone", "iban")
+
+
+def luhn(digits: str) -> bool:
+    """The Luhn checksum every payment card number satisfies."""
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i % 2:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return total % 10 == 0
+
+
+def iban_ok(text: str) -> bool:
+    """ISO 13616 IBAN check: move the first four characters to the end, read letters as
+    10..35, and the number mod 97 must be 1."""
+    s = text.replace(" ", "")
+    if not 15 <= len(s) <= 34:
+        return False
+    moved = s[4:] + s[:4]
+    return int("".join(str(int(c, 36)) for c in moved)) % 97 == 1
+
+
+def _card_ok(text: str) -> bool:
+    digits = text.replace(" ", "").replace("-", "")
+    return 13 <= len(digits) <= 19 and luhn(digits)
+
+
+def _phone_ok(text: str) -> bool:
+    return 9 <= sum(c.isdigit() for c in text) <= 15
+
+
+def _ip_ok(text: str) -> bool:
+    return all(int(octet) <= 255 for octet in text.split("."))
+
+
+def _ssn_ok(text: str) -> bool:
+    area, group, serial = text.split("-")
+    return area not in ("000", "666") and area[0] != "9" and group != "00" and serial != "0000"
+
+
+CHECKS: dict[str, Callable[[str], bool]] = {
+    "card": _card_ok,
+    "iban": iban_ok,
+    "phone": _phone_ok,
+    "ip": _ip_ok,
+    "ssn": _ssn_ok,
+}
+
+
+class CustomPattern(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="The kind's name (placeholder).")
+    pattern: str = Field(description="A Python regular expression.")
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, v: str) -> str:
+        try:
+            if re.compile(v).match(""):
+                raise ValueError("the pattern matches the empty string")
+        except re.error as e:
+            raise ValueError(f"not a valid regular expression: {e}") from None
+        return v
+
+
+class PrivacyConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    redact: list[Kind] = Field(
+        default_factory=lambda: list(ALL_KINDS),  # type: ignore[arg-type]
+        description="Built-in detectors to run: email, phone, card, iban, ssn, ip, secret.",
+    )
+    custom: list[CustomPattern] = Field(
+        default_factory=list, description="Extra detectors: [{name, pattern}]."
+    )
+    placeholder: str = Field(
+        "[{KIND}]", description="Replacement text; {KIND} / {kind} is the detector's name."
+    )
+    skip_features: list[str] = Field(
+        default_factory=list, description="Features (request types) sent unredacted."
+    )
+
+
+class Redactor:
+    """The enabled detectors as compiled passes; ``redact(text, counts)`` counts by kind."""
+
+    def __init__(self, kinds: list[str], custom: list[CustomPattern], placeholder: str) -> None:
+        passes = [
+            (needle, prefix, [(k, p) for k, p in branches if k in kinds])
+            for needle, prefix, branches in PASSES
+        ]
+        passes += [(None, "", [(c.name, c.pattern)]) for c in custom]
+        self.passes: list[tuple[str | None, re.Pattern[str], list[str]]] = []
+        for needle, prefix, branches in passes:
+            if branches:
+                alternation = "|".join(f"(?P<k{i}>{p})" for i, (_, p) in enumerate(branches))
+                regex = re.compile(f"{prefix}(?:{alternation})" if prefix else alternation)
+                self.passes.append((needle, regex, [k for k, _ in branches]))
+        names = [k for _, _, ks in self.passes for k in ks]
+        self.names = names
+        self.replacement = {
+            name: placeholder.replace("{KIND}", name.upper()).replace("{kind}", name)
+            for name in names
+        }
+
+    def redact(self, text: str, counts: dict[str, int]) -> str:
+        for needle, regex, kinds in self.passes:
+            if needle is not None and needle not in text:
+                continue
+
+            def one(m: re.Match[str], kinds: list[str] = kinds) -> str:
+                kind = kinds[int(m.lastgroup[1:])]  # type: ignore[index]
+                found = m.group()
+                check = CHECKS.get(kind)
+                if check is not None and not check(found.lstrip("+(")):
+                    return found
+                counts[kind] = counts.get(kind, 0) + 1
+                return self.replacement[kind]
+
+            text = regex.sub(one, text)
+        return text
+
+
+def _content(value: Any, redact: Callable[[str], str]) -> Any:
+    """A message content (string or list of blocks) with its texts redacted."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, list):
+        for block in value:
+            if isinstance(block, dict):
+                if isinstance(block.get("text"), str):
+                    block["text"] = redact(block["text"])
+                if "content" in block:  # Anthropic tool_result blocks nest a content
+                    block["content"] = _content(block["content"], redact)
+    return value
+
+
+def redact_body(body: dict[str, Any], redact: Callable[[str], str]) -> None:
+    """Redact, in place, every text of a chat, messages, completions or embeddings request."""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        for m in messages:
+            if isinstance(m, dict) and "content" in m:
+                m["content"] = _content(m["content"], redact)
+    if "system" in body:
+        body["system"] = _content(body["system"], redact)
+    for field in ("prompt", "input"):
+        value = body.get(field)
+        if isinstance(value, str):
+            body[field] = redact(value)
+        elif isinstance(value, list):
+            body[field] = [redact(v) if isinstance(v, str) else v for v in value]
+
+
+class PrivacyPlugin:
+    """Redacts the request in ``access``; see the module docstring."""
+
+    Config = PrivacyConfig
+
+    def __init__(self, config: PrivacyConfig, policy: Policy) -> None:
+        names = [*config.redact, *(c.name for c in config.custom)]
+        if len(set(names)) != len(names):
+            raise ValueError("custom: a detector name is used twice (or is a built-in's)")
+        self.redactor = Redactor(list(config.redact), list(config.custom), config.placeholder)
+        self.skip = frozenset(config.skip_features)
+        self.redactions: dict[str, int] = dict.fromkeys(self.redactor.names, 0)
+        self.requests = 0
+
+    @hookimpl
+    async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
+        app[METRICS].add(
+            "privacy",
+            lambda: {
+                "tollway_redactions": (
+                    "counter",
+                    "Personal data and secrets removed from requests, by kind.",
+                    {(k,): v for k, v in self.redactions.items()},
+                    ("kind",),
+                ),
+                "tollway_redacted_requests": (
+                    "counter",
+                    "Requests that had something redacted.",
+                    self.requests,
+                    (),
+                ),
+            },
+        )
+        yield
+
+    @hookimpl
+    async def access(self, ctx: RequestContext) -> None:
+        if ctx.feature in self.skip:
+            return
+        counts: dict[str, int] = {}
+        redactor = self.redactor
+        redact_body(ctx.body, lambda text: redactor.redact(text, counts))
+        if counts:
+            self.requests += 1
+            for kind, n in counts.items():
+                self.redactions[kind] += n
+            ctx.response_headers["X-Tollway-Redacted"] = ",".join(
+                f"{k}={n}" for k, n in sorted(counts.items())
+            )
