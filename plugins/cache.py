@@ -230,4 +230,13 @@ class CachePlugin:
         key, ttl, _, route = plan
         if ctx.route is not route:  # a fallback answered: file it under the model that did
             key = fingerprint(ctx, self.config.scope)
-        await self.store.set(key, orjson.dumps(body), ttl)
+        # an answer kept for one user is that user's data (forget_user deletes it); an answer
+        # shared by a plan or by everyone belongs to no one and expires with its TTL
+        principal = ctx.principal
+        owner = principal.user_id if principal and self.config.scope == "user" else None
+        await self.store.set(key, orjson.dumps(body), ttl, owner)
+
+    @hookimpl
+    async def forget_user(self, user_id: str) -> dict[str, int]:
+        assert self.store is not None
+        return {"cache_entries": await self.store.forget_owner(user_id)}

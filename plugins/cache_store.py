@@ -149,6 +149,9 @@ class BoundedMemoryCache(BaseCache):  # type: ignore[misc]
         self._store: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
         self.nbytes = 0
         self.evictions = 0
+        # which tenant an entry belongs to, kept exactly as long as the entry (forget_owner)
+        self._owner_of: dict[str, str] = {}
+        self._owned: dict[str, set[str]] = {}
 
     def __len__(self) -> int:
         return len(self._store)
@@ -167,7 +170,20 @@ class BoundedMemoryCache(BaseCache):  # type: ignore[misc]
         if item is None:
             return 0
         self.nbytes -= len(key) + len(item[0])
+        self._disown(key)
         return 1
+
+    def _disown(self, key: str) -> None:
+        owner = self._owner_of.pop(key, None)
+        if owner is not None:
+            keys = self._owned[owner]
+            keys.discard(key)
+            if not keys:
+                del self._owned[owner]
+
+    def forget_owner(self, owner: str) -> int:
+        """Drop every live entry written for ``owner``; returns how many there were."""
+        return sum(self._drop(key) for key in list(self._owned.get(owner, ())))
 
     def read(self, key: str) -> bytes | None:
         """The live value of a storage key (namespace included), made most recently used."""
@@ -176,8 +192,13 @@ class BoundedMemoryCache(BaseCache):  # type: ignore[misc]
             self._store.move_to_end(key)
         return value
 
-    def write(self, key: str, value: bytes, ttl: float | None = None) -> bool:
-        """Store under a storage key; False when the value alone exceeds ``max_bytes``."""
+    def write(
+        self, key: str, value: bytes, ttl: float | None = None, owner: str | None = None
+    ) -> bool:
+        """Store under a storage key; False when the value alone exceeds ``max_bytes``.
+
+        ``owner`` (a tenant) lets ``forget_owner`` find the entry again.
+        """
         self._drop(key)  # the old value is stale either way, even if the new one is too big
         size = len(key) + len(value)
         if size > self.max_bytes:
@@ -186,10 +207,14 @@ class BoundedMemoryCache(BaseCache):  # type: ignore[misc]
         while self.nbytes + size > self.max_bytes:
             old_key, (old_value, expires) = self._store.popitem(last=False)
             self.nbytes -= len(old_key) + len(old_value)
+            self._disown(old_key)
             if expires > now:  # dropping an already expired entry is not an eviction
                 self.evictions += 1
         self._store[key] = (value, now + ttl if ttl else math.inf)
         self.nbytes += size
+        if owner is not None:
+            self._owner_of[key] = owner
+            self._owned.setdefault(owner, set()).add(key)
         return True
 
     async def _get(self, key: str, encoding: str | None = None, _conn: Any = None) -> Any:
@@ -249,6 +274,8 @@ class BoundedMemoryCache(BaseCache):  # type: ignore[misc]
 
     async def _close(self, *args: Any, _conn: Any = None, **kwargs: Any) -> None:
         self._store.clear()
+        self._owner_of.clear()
+        self._owned.clear()
         self.nbytes = 0
 
 
@@ -398,8 +425,11 @@ class CacheStore:
         self._stats.misses += 1
         return None
 
-    async def set(self, key: str, value: bytes, ttl: float) -> None:
-        """Encrypt and store; a non-positive ttl deletes instead (the entry is already stale)."""
+    async def set(self, key: str, value: bytes, ttl: float, owner: str | None = None) -> None:
+        """Encrypt and store; a non-positive ttl deletes instead (the entry is already stale).
+
+        ``owner`` names the tenant the entry belongs to, so ``forget_owner`` can delete it.
+        """
         if ttl <= 0:
             await self.delete(key)
             return
@@ -407,10 +437,15 @@ class CacheStore:
         memory = self._memory
         try:
             if memory is not None:
-                stored = memory.write(self._namespace + key, blob, ttl)
+                stored = memory.write(self._namespace + key, blob, ttl, owner)
             else:
                 # psetex needs >= 1 ms; a float ttl makes aiocache's redis backend use ms precision
                 stored = await self._backend.set(key, blob, ttl=max(float(ttl), 0.001))
+                if owner is not None:  # a set per owner, living as long as its longest entry
+                    index = f"{self._namespace}owner:{owner}"
+                    await self._backend.raw("sadd", index, self._namespace + key)
+                    await self._backend.raw("expire", index, max(1, math.ceil(ttl)), gt=True)
+                    await self._backend.raw("expire", index, max(1, math.ceil(ttl)), nx=True)
         except Exception as exc:
             self._backend_error("set", exc)
             return
@@ -418,6 +453,20 @@ class CacheStore:
             self._stats.sets += 1
         else:
             self._stats.oversize += 1
+
+    async def forget_owner(self, owner: str) -> int:
+        """Delete every entry stored for ``owner``; returns how many were deleted.
+
+        Unlike reads and writes this raises on a backend failure: a deletion the operator
+        asked for must not be reported done when it was not.
+        """
+        if self._memory is not None:
+            return self._memory.forget_owner(owner)
+        index = f"{self._namespace}owner:{owner}"
+        keys = await self._backend.raw("smembers", index)
+        deleted = int(await self._backend.raw("delete", *keys)) if keys else 0
+        await self._backend.raw("delete", index)
+        return deleted
 
     async def delete(self, key: str) -> None:
         try:

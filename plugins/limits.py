@@ -401,6 +401,11 @@ class LimitsPlugin:
         ctx.stash[_SLOT] = True
 
     @hookimpl
+    async def forget_user(self, user_id: str) -> dict[str, int]:
+        assert self.quota is not None
+        return {"quota_months": self.quota.forget(user_id)}
+
+    @hookimpl
     async def log(self, ctx: RequestContext) -> None:
         if ctx.stash.get(_SLOT) and self.admission is not None:
             self.admission.release()

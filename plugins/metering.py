@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -68,11 +69,18 @@ class MeteringConfig(BaseModel):
         description="DuckDB's memory cap, e.g. 512MB.",
     )
 
-    @field_validator("flush_interval", mode="before")
-    @classmethod
-    def _duration(cls, v: Any) -> float:
-        return parse_duration(v)
+    retention: float | None = Field(
+        None, gt=0, description="Delete usage rows older than this (e.g. 400d); null keeps all."
+    )
 
+    @field_validator("flush_interval", "retention", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float | None:
+        return None if v is None else parse_duration(v)
+
+
+PRUNE_EVERY = 3600.0
+"""Seconds between two deletions of rows past ``retention`` (and one at start)."""
 
 LOADER_NICE = 10
 """Nice steps the loader thread runs below the rest of the process (Linux, capped at 19)."""
@@ -103,6 +111,9 @@ class UsageStore:
         self.spool = Spool(spool_dir)
         self.batch_rows = config.batch_rows
         self.interval = config.flush_interval
+        self.retention = config.retention
+        self.pruned_at = 0.0
+        self.pruned_rows = 0
         self.plan_costs: dict[str, float] = {}
         self.loaded_rows = 0
         self.unpriced = 0
@@ -120,6 +131,7 @@ class UsageStore:
         # rows spooled by a previous process (even one that was killed) are loaded first
         self.spool.rotate()
         await self.load()
+        await self.prune()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def append(self, row: dict[str, Any]) -> None:
@@ -136,6 +148,29 @@ class UsageStore:
                 await self.flush()
             except Exception:
                 log.exception("loading usage rows failed; they stay in the spool and are retried")
+            try:
+                await self.prune()
+            except Exception:
+                log.exception("deleting usage rows past their retention failed; retried later")
+
+    async def prune(self, now: float | None = None) -> int:
+        """Delete rows older than the retention period, at most once an hour."""
+        now = time.time() if now is None else now
+        if self.retention is None or now - self.pruned_at < PRUNE_EVERY:
+            return 0
+        self.pruned_at = now
+        loop = asyncio.get_running_loop()
+        n = await loop.run_in_executor(
+            self._loader, partial(self.db.delete_rows, before=now - self.retention)
+        )
+        self.pruned_rows += n
+        return n
+
+    async def forget_user(self, user: str) -> int:
+        """Delete every usage row of ``user``, those still in the spool included."""
+        await self.flush()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._loader, partial(self.db.delete_rows, user=user))
 
     async def flush(self) -> None:
         """Close the open segment and load every closed one."""
@@ -304,6 +339,11 @@ class MeteringPlugin:
             "client_ip_hash": self.ip_hash(ctx.client_ip),
             "shared": ctx.shared,
         }
+
+    @hookimpl
+    async def forget_user(self, user_id: str) -> dict[str, int]:
+        assert self.store is not None
+        return {"usage_rows": await self.store.forget_user(user_id)}
 
     @hookimpl
     async def response_complete(self, ctx: RequestContext) -> None:

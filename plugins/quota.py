@@ -51,6 +51,12 @@ class MonthlyQuota:
         users[user] = max(0, users.get(user, 0) + n)
         self._dirty = True
 
+    def forget(self, user: str) -> int:
+        """Drop the user's counts; returns how many months had one."""
+        n = sum(users.pop(user, None) is not None for users in self._counts.values())
+        self._dirty = self._dirty or n > 0
+        return n
+
     def flush(self) -> None:
         """Write the counts if they changed (atomic replace; only this and the last month)."""
         if self.path is None or not self._dirty:

@@ -417,6 +417,26 @@ class UsageDB:
                 cur.close()
         return int(row[0]) if row else 0
 
+    def delete_rows(self, user: str | None = None, before: float | None = None) -> int:
+        """Delete a user's usage rows, or rows older than ``before`` (epoch seconds); returns
+        how many. A deletion request and data retention (the usage table holds no prompt text,
+        but user ids and hashed addresses are personal data)."""
+        if (user is None) == (before is None):
+            raise ValueError("delete_rows needs exactly one of user and before")
+        with self._write_lock:
+            cur = self.con.cursor()
+            try:
+                if user is not None:
+                    row = cur.execute("DELETE FROM usage WHERE user_id = ?", [user]).fetchone()
+                else:
+                    row = cur.execute(
+                        "DELETE FROM usage WHERE ts < make_timestamp(CAST(? * 1e6 AS BIGINT))",
+                        [before],
+                    ).fetchone()
+            finally:
+                cur.close()
+        return int(row[0]) if row else 0
+
     def close(self) -> None:
         self.con.close()
 

@@ -176,6 +176,21 @@ async def export(request: web.Request) -> web.StreamResponse:
     return _json({"dir": folder, "rows": rows})
 
 
+@admin_only
+async def forget_user(request: web.Request) -> web.StreamResponse:
+    """Delete everything Tollway keeps about a user: issued keys, then what each plugin holds
+    (usage rows, cache entries, quota counts...). Answers with the counts per kind."""
+    user = request.match_info["user"]
+    gw = request.app[GATEWAY]
+    keys, kept = gw.keystore.forget_user(user)
+    deleted: dict[str, int] = {"keys": keys}
+    for hook in gw.runtime.chain.forget_user:
+        for kind, n in ((await hook(user)) or {}).items():
+            deleted[kind] = deleted.get(kind, 0) + n
+    log.info("deleted the data of a user on request (%s)", deleted)
+    return _json({"user": user, "deleted": deleted, "policy_keys_kept": kept})
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/admin/keys", create_key)
     app.router.add_get("/admin/keys", list_keys)
@@ -184,3 +199,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/admin/sql", run_sql)
     app.router.add_get("/admin/invoices/{user}", get_invoice)
     app.router.add_post("/admin/export", export)
+    app.router.add_delete("/admin/users/{user}/data", forget_user)

@@ -45,6 +45,7 @@ ASYNC_HOOKS = (
     "response_body",
     "response_complete",
     "log",
+    "forget_user",
 )
 SYNC_HOOKS = ("response_chunk",)
 
@@ -83,6 +84,7 @@ class Chain:
     response_body: tuple[tuple[int, Hook], ...] = ()
     response_complete: tuple[Hook, ...] = ()
     log: tuple[Hook, ...] = ()
+    forget_user: tuple[Hook, ...] = ()
     lifespans: tuple[Hook, ...] = ()
     in_flight: int = 0
     retired: bool = False
@@ -230,5 +232,6 @@ def _compile(
         response_body=rev("response_body"),
         response_complete=tuple(fn for _, fn in rev("response_complete")),
         log=fwd("log"),
+        forget_user=fwd("forget_user"),
         lifespans=fwd("lifespan"),
     )

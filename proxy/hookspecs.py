@@ -133,3 +133,13 @@ async def log(ctx: RequestContext) -> None:
     Runs for every plugin in the chain, whatever happened. ``ctx.status``, ``ctx.usage``,
     ``ctx.timings`` and ``ctx.error_code`` are final.
     """
+
+
+@hookspec
+async def forget_user(user_id: str) -> dict[str, int] | None:
+    """Delete what this plugin keeps about a user (``DELETE /admin/users/{user}/data``).
+
+    Called once per plugin of the live chain, in chain order, never on the request path.
+    Return what was deleted as ``{kind: count}`` (e.g. ``{"usage_rows": 12}``) for the admin
+    API's answer; raise if the deletion could not be done, so it is not reported as done.
+    """

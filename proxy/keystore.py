@@ -100,6 +100,18 @@ class KeyStore:
         self._save()
         return True
 
+    def forget_user(self, user: str) -> tuple[int, int]:
+        """Delete the user's issued keys; returns (deleted, kept): keys declared in the policy
+        are managed there and stay until the policy drops them."""
+        mine = [r for r in self._by_id.values() if r.user == user]
+        issued = [r for r in mine if r.source == "api"]
+        for rec in issued:
+            self._by_id.pop(rec.id, None)
+            self._by_hash.pop(rec.sha256, None)
+        if issued:
+            self._save()
+        return len(issued), len(mine) - len(issued)
+
     def lookup(self, key: str) -> KeyRecord | None:
         """The record of a presented key; the digest is compared in constant time."""
         digest = hash_key(key)

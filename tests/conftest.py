@@ -25,9 +25,10 @@ from aiohttp import web
 
 from proxy.app import create_app
 from proxy.appkeys import GATEWAY
+from proxy.chain import compile_chain
 from proxy.emulator import create_emulator_app
 from proxy.gateway import Gateway
-from proxy.policy import load_text
+from proxy.policy import PolicyError, load_text
 
 ADMIN_KEY = "test-admin-key"
 
@@ -211,3 +212,13 @@ async def gw(make_gateway: Callable[..., Any]) -> Gw:
 @pytest.fixture
 async def key(gw: Gw) -> str:
     return await gw.create_key()
+
+
+def config_error(plugin: str, config: str, base: str = BASE_POLICY) -> str:
+    """The one error compiling a chain of just ``plugin`` with ``config`` gives."""
+    text = base.format(admin=ADMIN_KEY, emu="http://127.0.0.1:1")
+    text += f"chain:\n  - name: {plugin}\n    config: {config}\n"
+    with pytest.raises(PolicyError) as info:
+        compile_chain(load_text(text))
+    assert len(info.value.errors) == 1, info.value.errors
+    return info.value.errors[0]

@@ -380,3 +380,39 @@ def test_redis_client_is_loaded_only_for_a_redis_backend() -> None:
         "print('ok')\n"
     )
     assert fresh_interpreter(script) == "ok"
+
+
+async def test_forget_owner_memory_and_eviction() -> None:
+    s = store(max_bytes=4000)
+    for i in range(3):
+        await s.set(f"ann{i}", b"a" * 100, 60, owner="ann")
+    await s.set("bob0", b"b" * 100, 60, owner="bob")
+    await s.set("shared", b"s" * 100, 60)
+    assert await s.forget_owner("ann") == 3
+    assert [await s.get(f"ann{i}") for i in range(3)] == [None] * 3
+    assert await s.get("bob0") == b"b" * 100 and await s.get("shared") == b"s" * 100
+    assert await s.forget_owner("ann") == 0
+    # evicted and overwritten entries leave nothing behind in the owner index
+    for i in range(40):
+        await s.set(f"bob{i % 30}", b"b" * 100, 60, owner="bob")
+    memory = s.raw_backend()
+    assert memory.evictions > 0
+    live = {k for k in memory._store if k.split(":")[-1].startswith("bob")}
+    assert memory._owned == {"bob": live} and set(memory._owner_of) == live
+    assert await s.forget_owner("bob") == len(live)
+    assert not memory._owned and not memory._owner_of
+    assert not any(k.split(":")[-1].startswith("bob") for k in memory._store)
+
+
+async def test_redis_forget_owner(rstore: CacheStore) -> None:
+    client = rstore.raw_backend().client
+    ns = rstore.raw_backend().namespace
+    await rstore.set("a1", b"x", 60, owner="ann")
+    await rstore.set("a2", b"y", 120, owner="ann")
+    await rstore.set("b1", b"z", 60, owner="bob")
+    assert 60_000 < await client.pttl(f"{ns}owner:ann") <= 120_000  # lives as its longest entry
+    assert await rstore.forget_owner("ann") == 2
+    assert await rstore.get("a1") is None and await rstore.get("a2") is None
+    assert await rstore.get("b1") == b"z"
+    assert not await client.exists(f"{ns}owner:ann")
+    assert await rstore.forget_owner("ann") == 0

@@ -10,11 +10,9 @@ import openai
 import pytest
 
 from plugins.routing import AutoConfig, Scorer
-from proxy.chain import compile_chain
 from proxy.context import RequestContext
 from proxy.hookspecs import hookimpl
-from proxy.policy import PolicyError, load_text
-from tests.conftest import ADMIN_KEY, Emulator, Gw
+from tests.conftest import Emulator, Gw, config_error
 
 
 def _closed_port() -> int:
@@ -396,10 +394,5 @@ async def test_a_fallbacks_answer_is_cached_under_the_model_that_gave_it(
     ],
 )
 def test_bad_config_is_refused(config: str, error: str) -> None:
-    text = POLICY.format(admin=ADMIN_KEY, emu="http://127.0.0.1:1")
-    text += f"chain:\n  - name: routing\n    config: {config}\n"
-    with pytest.raises(PolicyError) as info:
-        compile_chain(load_text(text))
-    assert len(info.value.errors) == 1
-    assert info.value.errors[0].startswith("chain[0] (routing).config")
-    assert error in info.value.errors[0]
+    message = config_error("routing", config, base=POLICY)
+    assert message.startswith("chain[0] (routing).config") and error in message
