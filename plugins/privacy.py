@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from typing import Any, Literal
 
 from aiohttp import web
@@ -196,18 +197,19 @@ class Redactor:
         for needle, regex, kinds in self.passes:
             if needle is not None and needle not in text:
                 continue
-
-            def one(m: re.Match[str], kinds: list[str] = kinds) -> str:
-                kind = kinds[int(m.lastgroup[1:])]  # type: ignore[index]
-                found = m.group()
-                check = CHECKS.get(kind)
-                if check is not None and not check(found.lstrip("+(")):
-                    return found
-                counts[kind] = counts.get(kind, 0) + 1
-                return self.replacement[kind]
-
-            text = regex.sub(one, text)
+            if regex.search(text) is None:  # the common case: no candidate, nothing to build
+                continue
+            text = regex.sub(partial(self._replace, kinds, counts), text)
         return text
+
+    def _replace(self, kinds: list[str], counts: dict[str, int], m: re.Match[str]) -> str:
+        kind = kinds[int(m.lastgroup[1:])]  # type: ignore[index]
+        found = m.group()
+        check = CHECKS.get(kind)
+        if check is not None and not check(found.lstrip("+(")):
+            return found
+        counts[kind] = counts.get(kind, 0) + 1
+        return self.replacement[kind]
 
 
 def _content(value: Any, redact: Callable[[str], str]) -> Any:
@@ -281,8 +283,7 @@ class PrivacyPlugin:
         if ctx.feature in self.skip:
             return
         counts: dict[str, int] = {}
-        redactor = self.redactor
-        redact_body(ctx.body, lambda text: redactor.redact(text, counts))
+        redact_body(ctx.body, partial(self.redactor.redact, counts=counts))
         if counts:
             self.requests += 1
             for kind, n in counts.items():
