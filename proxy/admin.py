@@ -16,6 +16,7 @@ from decimal import Decimal
 import orjson
 from aiohttp import web
 
+from proxy import dashboard
 from proxy.appkeys import GATEWAY, SHARED
 from proxy.errors import Reject, reject_body
 from proxy.policy import PolicyError
@@ -200,3 +201,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/admin/invoices/{user}", get_invoice)
     app.router.add_post("/admin/export", export)
     app.router.add_delete("/admin/users/{user}/data", forget_user)
+    app.router.add_get("/admin/stats", admin_only(dashboard.stats))
+    app.router.add_get("/dashboard", dashboard.page)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.chain import Chain, compile_chain
+from proxy.dashboard import CpuMeter
 from proxy.keystore import KeyStore
 from proxy.metrics import Metrics
 from proxy.policy import LoadedPolicy, PolicyError, load_file
@@ -39,6 +41,8 @@ class Gateway:
         self.extra_plugins = extra_plugins
         self.session: aiohttp.ClientSession | None = None
         self.metrics = Metrics()
+        self.started = time.monotonic()
+        self.cpu = CpuMeter()  # the dashboard's and autoscalers' CPU figure
         self.app: web.Application | None = None
         self.ready = False
         self.reloads = 0

@@ -38,6 +38,14 @@ class Metrics:
         self.requests[(endpoint, status, cache or "")] += 1
         self.latency_sum[endpoint] += seconds
 
+    def snapshot(self) -> dict[str, Any]:
+        """Every plugin source's current values: ``{metric_name: value or {labels: value}}``."""
+        out: dict[str, Any] = {}
+        for source in list(self._sources.values()):
+            for name, (_kind, _help, value, _labels) in source().items():
+                out[name] = value
+        return out
+
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 

@@ -203,8 +203,9 @@ _DEMO_BANNER = """
 Tollway demo is running (upstream: the built-in emulator at {emu}).
   demo key (user 'demo'): {key}
   admin key:              {admin}
+  live dashboard:         {base}/dashboard#key={admin}
 
-Try it with curl:
+Try it with curl (model "auto" lets Tollway pick a cheap or a strong model):
   curl {base}/v1/chat/completions \\
     -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\
     -d '{{"model": "gpt-5.4-mini", "messages": [{{"role": "user", "content": "Hello, Tollway"}}]}}'
