@@ -28,7 +28,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from plugins.admission import Admission, QueueFull, QueueTimeout
-from plugins.quota import MonthlyQuota, month_of, next_month_start
+from plugins.quota import MonthlyQuota, RedisQuota, month_of, next_month_start
 from plugins.windows import Admit, BoundLayers, Layer, MemoryWindows, close_windows, open_windows
 from proxy.appkeys import METRICS, SHARED
 from proxy.context import RequestContext, StashKey, UpstreamRequest
@@ -37,7 +37,7 @@ from proxy.hookspecs import hookimpl
 from proxy.policy import Policy, Tier, parse_duration
 
 WINDOWS: StashKey[Any] = StashKey()
-QUOTA: StashKey[MonthlyQuota] = StashKey()
+QUOTA: StashKey[MonthlyQuota | RedisQuota] = StashKey()
 ADMISSION: StashKey[Admission] = StashKey()
 _COUNTED: StashKey[str] = StashKey()
 _SLOT: StashKey[bool] = StashKey()
@@ -198,7 +198,7 @@ class LimitsPlugin:
         )
         self.limiter: MemoryWindows | Any = None
         self._layer_cache: dict[tuple[str, str, str | None], BoundLayers] = {}
-        self.quota: MonthlyQuota | None = None
+        self.quota: MonthlyQuota | RedisQuota | None = None
         self.admission: Admission | None = None
 
     @hookimpl
@@ -249,7 +249,11 @@ class LimitsPlugin:
         shared.on_close(lambda: close_windows(windows))
         return windows
 
-    def _open_quota(self, shared: Any) -> MonthlyQuota:
+    def _open_quota(self, shared: Any) -> MonthlyQuota | RedisQuota:
+        if self.state_url.startswith(("redis://", "rediss://")):
+            remote = RedisQuota(self.state_url)
+            shared.on_close(remote.stop)
+            return remote
         quota = MonthlyQuota(self.quota_path)
         quota.start()
         shared.on_close(quota.stop)
@@ -334,10 +338,17 @@ class LimitsPlugin:
             )
         user = principal.user_id if principal else "anonymous"
         monthly = rule.monthly if rule is not None else None
+        quota = self.quota
+        taken = False  # a place in a shared (Redis) quota, given back if a later layer refuses
         if monthly is not None:
             now = time.time()
             month, reset = self.month.current(now)
-            if self.quota.used(user, month) >= monthly:
+            if isinstance(quota, MonthlyQuota):
+                full = quota.used(user, month) >= monthly
+            else:  # shared by instances: take the place atomically now
+                full = not await quota.take(user, month, monthly)
+                taken = not full
+            if full:
                 raise Reject(
                     429,
                     f"monthly quota of {monthly} requests for plan {rule.name!r} is used up; "  # type: ignore[union-attr]
@@ -345,31 +356,41 @@ class LimitsPlugin:
                     code="monthly_quota_exceeded",
                     headers={"Retry-After": str(math.ceil(reset - now))},
                 )
-        if (
-            rule is not None
-            and rule.tokens is not None
-            and not await self.limiter.test(rule.tokens, "tokens", user)
-        ):
-            stats = await self.limiter.get_window_stats(rule.tokens, "tokens", user)
-            wait = max(0.0, stats.reset_time - time.time())
-            tokens_layer = (rule.tokens.amount, float(rule.tokens.get_expiry()), ("tokens", user))
-            raise self._refusal(tokens_layer, wait, "plan_token_limit_exceeded")
-        bound = self._layers(user, ctx.client_ip, rule)
-        layers = bound.layers
-        if layers:
-            limiter = self.limiter
-            if isinstance(limiter, MemoryWindows):  # one synchronous pass: no other request
-                res = limiter.admit(bound)  # can interleave between test and count
-            else:
-                res = await self._admit_remote(layers)
-            if res.failed >= 0:
-                raise self._refusal(layers[res.failed], res.wait)
-            h = ctx.response_headers
-            h["x-ratelimit-limit-requests"] = str(layers[res.layer][0])
-            h["x-ratelimit-remaining-requests"] = str(res.remaining)
-            h["x-ratelimit-reset-requests"] = reset_string(res.wait)
+        try:
+            if (
+                rule is not None
+                and rule.tokens is not None
+                and not await self.limiter.test(rule.tokens, "tokens", user)
+            ):
+                stats = await self.limiter.get_window_stats(rule.tokens, "tokens", user)
+                wait = max(0.0, stats.reset_time - time.time())
+                tokens_layer = (
+                    rule.tokens.amount,
+                    float(rule.tokens.get_expiry()),
+                    ("tokens", user),
+                )
+                raise self._refusal(tokens_layer, wait, "plan_token_limit_exceeded")
+            bound = self._layers(user, ctx.client_ip, rule)
+            layers = bound.layers
+            if layers:
+                limiter = self.limiter
+                if isinstance(limiter, MemoryWindows):  # one synchronous pass: no other request
+                    res = limiter.admit(bound)  # can interleave between test and count
+                else:
+                    res = await self._admit_remote(layers)
+                if res.failed >= 0:
+                    raise self._refusal(layers[res.failed], res.wait)
+                h = ctx.response_headers
+                h["x-ratelimit-limit-requests"] = str(layers[res.layer][0])
+                h["x-ratelimit-remaining-requests"] = str(res.remaining)
+                h["x-ratelimit-reset-requests"] = reset_string(res.wait)
+        except Reject:
+            if taken:
+                await quota.give_back(user, month)  # type: ignore[union-attr]
+            raise
         if monthly is not None:
-            self.quota.add(user, month)
+            if isinstance(quota, MonthlyQuota):
+                quota.add(user, month)
             ctx.stash[_COUNTED] = month
 
     @hookimpl
@@ -402,8 +423,11 @@ class LimitsPlugin:
 
     @hookimpl
     async def forget_user(self, user_id: str) -> dict[str, int]:
-        assert self.quota is not None
-        return {"quota_months": self.quota.forget(user_id)}
+        quota = self.quota
+        assert quota is not None
+        if isinstance(quota, MonthlyQuota):
+            return {"quota_months": quota.forget(user_id)}
+        return {"quota_months": await quota.forget(user_id)}
 
     @hookimpl
     async def log(self, ctx: RequestContext) -> None:
@@ -413,9 +437,13 @@ class LimitsPlugin:
         principal = ctx.principal
         if principal is None:
             return
-        if month is not None and principal is not None and self.quota is not None:
-            if ctx.status >= 400 and ctx.status != 499:
-                self.quota.add(principal.user_id, month, -1)  # failed requests are not billed
+        quota = self.quota
+        if month is not None and principal is not None and quota is not None:
+            if ctx.status >= 400 and ctx.status != 499:  # failed requests are not billed
+                if isinstance(quota, MonthlyQuota):
+                    quota.add(principal.user_id, month, -1)
+                else:
+                    await quota.give_back(principal.user_id, month)
         rule = self.plans.get(principal.tier) if principal and principal.tier else None
         if rule is not None and rule.tokens is not None and ctx.usage.reported and self.limiter:
             cost = ctx.usage.input_tokens + ctx.usage.output_tokens

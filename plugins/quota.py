@@ -4,6 +4,10 @@ Counts live in memory (the hot path only touches a dict) and are written to a sm
 by a background task once a second when they changed, and at shutdown; a restart loads them, so
 it never hands out a fresh quota. A process killed with SIGKILL can lose at most the last second
 of counts (the usage table of the metering plugin is the exact record).
+
+With ``state.url`` on Redis, ``RedisQuota`` keeps the counts there instead, so every instance
+draws from one quota: a request takes its place atomically (``HINCRBY``, and back when that
+went over), so N instances can never hand out more than the plan's requests between them.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
+
+QUOTA_TTL = 62 * 86400
+"""Seconds a user's Redis counts outlive their last request (this month's and the last)."""
 
 
 def month_of(ts: float) -> str:
@@ -85,3 +92,44 @@ class MonthlyQuota:
                 await self._task
             self._task = None
         self.flush()
+
+
+class RedisQuota:
+    """Monthly counts on Redis, one hash per user (``month -> count``), shared by instances."""
+
+    def __init__(self, url: str, prefix: str = "tollway:quota:") -> None:
+        import redis.asyncio as aioredis  # only a Redis deployment loads redis-py
+
+        self.client = aioredis.from_url(url)
+        self.prefix = prefix
+
+    async def take(self, user: str, month: str, limit: int) -> bool:
+        """Count one request if the quota allows it; False (and nothing counted) otherwise."""
+        key = self.prefix + user
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.hincrby(key, month, 1)
+            pipe.expire(key, QUOTA_TTL)
+            count, _ = await pipe.execute()
+        if int(count) > limit:
+            await self.client.hincrby(key, month, -1)
+            return False
+        return True
+
+    async def give_back(self, user: str, month: str) -> None:
+        """A request that ended in an error does not count."""
+        if int(await self.client.hincrby(self.prefix + user, month, -1)) < 0:
+            await self.client.hset(self.prefix + user, month, 0)  # the user was forgotten
+
+    async def used(self, user: str, month: str) -> int:
+        value = await self.client.hget(self.prefix + user, month)
+        return int(value or 0)
+
+    async def forget(self, user: str) -> int:
+        """Drop the user's counts; returns how many months had one."""
+        key = self.prefix + user
+        months = int(await self.client.hlen(key))
+        await self.client.delete(key)
+        return months
+
+    async def stop(self) -> None:
+        await self.client.aclose()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
 import pytest
 import redis
 
-from tests.conftest import BASE_POLICY
+from tests.conftest import ADMIN_KEY, BASE_POLICY
 from tests.plugins.test_limits import CHAT, PLANS, limits_chain, post
 
 
@@ -53,3 +54,32 @@ async def test_retry_after_covers_every_full_layer(
         assert r.status == 429
         assert (await r.json())["error"]["code"] == "user_rate_limit_exceeded"
         assert int(r.headers["Retry-After"]) > 60  # the 100 s layer's wait, not the 5 s one's
+
+
+async def test_two_instances_share_one_monthly_quota(make_gateway: Any, redis_server: str) -> None:
+    """20 requests at once through two instances against a quota of 5: exactly 5 pass, on
+    either instance; a failed request gives its place back; forgetting the user resets it."""
+    redis_url = f"{redis_server}/15"
+    plans = PLANS.replace(
+        "requests_per_month: 1000, requests_per_minute: 5", "requests_per_month: 5"
+    )
+    base = BASE_POLICY.split("features:")[0] + plans
+    base = base.replace("state: {{dir: null}}", f"state: {{{{dir: null, url: '{redis_url}'}}}}")
+    user = f"quota-{uuid.uuid4().hex[:8]}"
+    gw1 = await make_gateway(limits_chain(), base=base)
+    gw2 = await make_gateway(limits_chain(), base=base)
+    k1, k2 = await gw1.create_key(user, "free"), await gw2.create_key(user, "free")
+    failed = await post(gw1, k1, **{"x-emulator-status": "500"})
+    assert failed.status == 500  # not counted: the quota is still whole
+    replies = await asyncio.gather(
+        *(post(gw, k) for _ in range(10) for gw, k in ((gw1, k1), (gw2, k2)))
+    )
+    assert sorted(r.status for r in replies) == [200] * 5 + [429] * 15
+    codes = {(await r.json())["error"]["code"] for r in replies if r.status == 429}
+    assert codes == {"monthly_quota_exceeded"}
+    async with gw2.http.delete(
+        f"{gw2.url}/admin/users/{user}/data", headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+    ) as r:
+        assert (await r.json())["deleted"]["quota_months"] == 1
+    k3 = await gw1.create_key(user, "free")
+    assert (await post(gw1, k3)).status == 200  # a fresh quota, on every instance
