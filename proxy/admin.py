@@ -95,6 +95,8 @@ async def create_key(request: web.Request) -> web.StreamResponse:
             param="tier",
         )
     rec, key = gw.keystore.create(user.strip(), tier)
+    if gw.keysync is not None:  # every instance must accept it before anyone holds it
+        await gw.keysync.add(rec)
     return _json({"id": rec.id, "key": key, "user": rec.user, "tier": rec.tier}, status=201)
 
 
@@ -106,8 +108,12 @@ async def list_keys(request: web.Request) -> web.StreamResponse:
 @admin_only
 async def revoke_key(request: web.Request) -> web.StreamResponse:
     key_id = request.match_info["key_id"]
-    if not request.app[GATEWAY].keystore.revoke(key_id):
+    gw = request.app[GATEWAY]
+    rec = gw.keystore.revoke(key_id)
+    if rec is None:
         raise Reject(404, f"no key with id {key_id}", code="not_found")
+    if gw.keysync is not None:
+        await gw.keysync.remove([rec])
     return _json({"id": key_id, "revoked": True})
 
 
@@ -184,7 +190,9 @@ async def forget_user(request: web.Request) -> web.StreamResponse:
     user = request.match_info["user"]
     gw = request.app[GATEWAY]
     keys, kept = gw.keystore.forget_user(user)
-    deleted: dict[str, int] = {"keys": keys}
+    if gw.keysync is not None:
+        await gw.keysync.remove(keys)
+    deleted: dict[str, int] = {"keys": len(keys)}
     for hook in gw.runtime.chain.forget_user:
         for kind, n in ((await hook(user)) or {}).items():
             deleted[kind] = deleted.get(kind, 0) + n

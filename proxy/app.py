@@ -22,6 +22,7 @@ from proxy.errors import Reject, reject_body
 from proxy.gateway import Gateway
 from proxy.handler import authenticate, make_handler, new_request_id
 from proxy.keystore import KeyStore
+from proxy.keysync import KeySync
 from proxy.policy import LoadedPolicy
 from proxy.runtime import Runtime
 from proxy.shared import Shared
@@ -53,6 +54,10 @@ def create_app(
     app[METRICS] = gw.metrics
     gw.app = app
     app.cleanup_ctx.append(_upstream_session)
+    url = loaded.policy.state.url
+    if url.startswith(("redis://", "rediss://")):
+        gw.keysync = KeySync(keystore, url)
+        app.cleanup_ctx.append(_key_sync)
     app.cleanup_ctx.append(_chain_lifespan)
     for path, (endpoint, dialect) in CLIENT_ENDPOINTS.items():
         app.router.add_post(path, make_handler(endpoint, dialect))  # type: ignore[arg-type]
@@ -72,6 +77,14 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     gw.session = aiohttp.ClientSession(connector=connector)
     yield
     await gw.session.close()
+
+
+async def _key_sync(app: web.Application) -> AsyncIterator[None]:
+    sync = app[GATEWAY].keysync
+    assert sync is not None
+    await sync.start()  # every issued key is known before the gateway serves
+    yield
+    await sync.stop()
 
 
 async def _chain_lifespan(app: web.Application) -> AsyncIterator[None]:

@@ -20,6 +20,7 @@ from aiohttp import web
 from proxy.chain import Chain, compile_chain
 from proxy.dashboard import CpuMeter
 from proxy.keystore import KeyStore
+from proxy.keysync import KeySync
 from proxy.metrics import Metrics
 from proxy.policy import LoadedPolicy, PolicyError, load_file
 from proxy.runtime import Runtime
@@ -38,6 +39,7 @@ class Gateway:
     ) -> None:
         self.runtime = runtime
         self.keystore = keystore
+        self.keysync: KeySync | None = None  # issued keys shared through Redis
         self.extra_plugins = extra_plugins
         self.session: aiohttp.ClientSession | None = None
         self.metrics = Metrics()

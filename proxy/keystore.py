@@ -92,15 +92,16 @@ class KeyStore:
             )
         )
 
-    def revoke(self, key_id: str) -> bool:
+    def revoke(self, key_id: str) -> KeyRecord | None:
+        """Remove a key; returns its record, or None when there is no such key."""
         rec = self._by_id.pop(key_id, None)
         if rec is None:
-            return False
+            return None
         self._by_hash.pop(rec.sha256, None)
         self._save()
-        return True
+        return rec
 
-    def forget_user(self, user: str) -> tuple[int, int]:
+    def forget_user(self, user: str) -> tuple[list[KeyRecord], int]:
         """Delete the user's issued keys; returns (deleted, kept): keys declared in the policy
         are managed there and stay until the policy drops them."""
         mine = [r for r in self._by_id.values() if r.user == user]
@@ -110,7 +111,30 @@ class KeyStore:
             self._by_hash.pop(rec.sha256, None)
         if issued:
             self._save()
-        return len(issued), len(mine) - len(issued)
+        return issued, len(mine) - len(issued)
+
+    # ---- changes made by other instances (proxy.keysync) --------------------------------
+
+    def replace_issued(self, records: list[KeyRecord]) -> None:
+        """Make the issued keys exactly ``records`` (policy-declared keys stay)."""
+        for rec in [r for r in self._by_id.values() if r.source == "api"]:
+            self._by_id.pop(rec.id, None)
+            self._by_hash.pop(rec.sha256, None)
+        for rec in records:
+            self._add(rec)
+        self._save()
+
+    def apply_remote(self, rec: KeyRecord) -> None:
+        if self._by_hash.get(rec.sha256) != rec:
+            self._add(rec)
+            self._save()
+
+    def drop_remote(self, sha256: str) -> None:
+        rec = self._by_hash.get(sha256)
+        if rec is not None and rec.source == "api":
+            self._by_hash.pop(sha256, None)
+            self._by_id.pop(rec.id, None)
+            self._save()
 
     def lookup(self, key: str) -> KeyRecord | None:
         """The record of a presented key; the digest is compared in constant time."""

@@ -1,0 +1,76 @@
+"""Issued keys shared by instances through a real redis-server (``state.url: redis://``)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from proxy.keystore import KeyStore
+from tests.conftest import ADMIN_KEY, BASE_POLICY, Gw
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+CHAT = {"model": "gpt-5.4-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def policy(url: str, state_dir: Path | None = None) -> str:
+    folder = "null" if state_dir is None else f"'{state_dir}'"
+    return BASE_POLICY.replace(
+        "state: {{dir: null}}", f"state: {{{{dir: {folder}, url: '{url}'}}}}"
+    )
+
+
+async def status(gw: Gw, key: str) -> int:
+    async with gw.http.post(
+        f"{gw.url}/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {key}"}
+    ) as r:
+        await r.read()
+        return r.status
+
+
+async def eventually(gw: Gw, key: str, expected: int) -> None:
+    """Announcements take a moment to arrive: wait up to 3 s for ``expected``."""
+    for _ in range(60):
+        if await status(gw, key) == expected:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"key still answers {await status(gw, key)}, not {expected}")
+
+
+async def test_instances_share_issued_keys(
+    make_gateway: Any, redis_server: str, tmp_path: Path
+) -> None:
+    url = f"{redis_server}/13"  # this test's own database
+    with redis.Redis.from_url(url) as r:
+        r.flushdb()
+    # a key in one instance's keys.json from before Redis was used: that instance seeds it
+    local = KeyStore(tmp_path / "keys.json")
+    _, old_key = local.create("olga", "pro")
+    gw1 = await make_gateway("chain:\n  - name: auth\n", base=policy(url, tmp_path))
+    gw2 = await make_gateway("chain:\n  - name: auth\n", base=policy(url))
+    assert await status(gw2, old_key) == 200
+
+    async with gw1.http.post(
+        f"{gw1.url}/admin/keys", json={"user": "ann", "tier": "pro"}, headers=ADMIN
+    ) as r:
+        made = await r.json()
+    await eventually(gw2, made["key"], 200)  # created on one instance, valid on the other
+    with redis.Redis.from_url(url) as r:
+        stored = b"".join(r.hgetall("tollway:keys:records").values())
+    assert made["key"].encode() not in stored  # Redis holds hashes, never keys
+
+    gw3 = await make_gateway("chain:\n  - name: auth\n", base=policy(url))
+    assert await status(gw3, made["key"]) == 200  # a new instance loads every key at start
+
+    async with gw2.http.delete(f"{gw2.url}/admin/keys/{made['id']}", headers=ADMIN) as r:
+        assert r.status == 200
+    await eventually(gw1, made["key"], 401)  # revoked on one, refused by all
+    await eventually(gw3, made["key"], 401)
+
+    async with gw3.http.delete(f"{gw3.url}/admin/users/olga/data", headers=ADMIN) as r:
+        assert (await r.json())["deleted"]["keys"] == 1
+    await eventually(gw1, old_key, 401)
+    await eventually(gw2, old_key, 401)
+    assert "olga" not in (tmp_path / "keys.json").read_text()  # gone from the file too
