@@ -32,19 +32,22 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from plugins.spool import Spool
-from plugins.usage_db import UsageDB
+from plugins.usage_stream import StreamShipper
 from proxy.appkeys import KEYSTORE, METRICS, SHARED
 from proxy.context import RequestContext, StashKey
 from proxy.hookspecs import hookimpl
 from proxy.policy import Policy, parse_duration
 from proxy.usage import USAGE
+
+if TYPE_CHECKING:
+    from plugins.usage_db import UsageDB
 
 log = logging.getLogger("tollway.metering")
 
@@ -69,6 +72,11 @@ class MeteringConfig(BaseModel):
         description="DuckDB's memory cap, e.g. 512MB.",
     )
 
+    sink: Literal["duckdb", "redis"] = Field(
+        "duckdb",
+        description="duckdb: this gateway owns the database; redis: rows go to the Redis "
+        "stream of state.url and `tollway meter` loads them (several instances).",
+    )
     retention: float | None = Field(
         None, gt=0, description="Delete usage rows older than this (e.g. 400d); null keeps all."
     )
@@ -104,9 +112,16 @@ def _background_priority() -> None:
 class UsageStore:
     """The database, the spool and the loader task: one per process, kept across reloads."""
 
-    def __init__(self, config: MeteringConfig) -> None:
+    def __init__(self, config: MeteringConfig, state_url: str = "memory://") -> None:
         db_path = Path(config.database)
-        self.db = UsageDB(db_path, config.memory_limit)
+        # sink redis: rows go to the stream and ``tollway meter`` owns the database
+        self.shipper = StreamShipper(state_url) if config.sink == "redis" else None
+        self.db: UsageDB | None = None
+        if self.shipper is None:
+            # imported here: a gateway with sink redis never loads DuckDB (~60 MB resident)
+            from plugins.usage_db import UsageDB
+
+            self.db = UsageDB(db_path, config.memory_limit)
         spool_dir = Path(config.spool_dir) if config.spool_dir else db_path.with_suffix(".spool")
         self.spool = Spool(spool_dir)
         self.batch_rows = config.batch_rows
@@ -156,7 +171,7 @@ class UsageStore:
     async def prune(self, now: float | None = None) -> int:
         """Delete rows older than the retention period, at most once an hour."""
         now = time.time() if now is None else now
-        if self.retention is None or now - self.pruned_at < PRUNE_EVERY:
+        if self.retention is None or self.db is None or now - self.pruned_at < PRUNE_EVERY:
             return 0
         self.pruned_at = now
         loop = asyncio.get_running_loop()
@@ -170,6 +185,10 @@ class UsageStore:
         """Delete every usage row of ``user``, those still in the spool included."""
         await self.flush()
         loop = asyncio.get_running_loop()
+        if self.db is None:  # the meter deletes them, after the rows shipped before
+            assert self.shipper is not None
+            await loop.run_in_executor(self._loader, self.shipper.forget, user)
+            return 0
         return await loop.run_in_executor(self._loader, partial(self.db.delete_rows, user=user))
 
     async def flush(self) -> None:
@@ -182,7 +201,8 @@ class UsageStore:
         loop = asyncio.get_running_loop()
         for segment in self.spool.closed():
             t0 = time.perf_counter()
-            n = await loop.run_in_executor(self._loader, self.db.ingest, segment)
+            sink = self.db.ingest if self.db is not None else self.shipper.ship  # type: ignore[union-attr]
+            n = await loop.run_in_executor(self._loader, sink, segment)
             self.load_seconds += time.perf_counter() - t0
             self.loaded_rows += n
 
@@ -194,13 +214,21 @@ class UsageStore:
         await self.flush()
         self._loader.shutdown()
         self.spool.close()
-        self.db.close()
+        if self.db is not None:
+            self.db.close()
+        if self.shipper is not None:
+            self.shipper.close()
 
     # ---- the UsageBackend protocol (proxy.usage) ---------------------------------------
 
+    @property
+    def database(self) -> UsageDB:
+        assert self.db is not None, "no database here: sink redis (tollway meter owns it)"
+        return self.db
+
     async def sql(self, query: str) -> tuple[list[str], list[list[Any]]]:
         await self.flush()
-        return await asyncio.to_thread(self.db.query, query)
+        return await asyncio.to_thread(self.database.query, query)
 
     async def invoice(self, user: str, month: str) -> dict[str, Any]:
         await self.flush()
@@ -208,11 +236,11 @@ class UsageStore:
         if self._keystore is not None:
             tiers = [r.tier for r in self._keystore.list() if r.user == user]
             current = tiers[-1] if tiers else None
-        return await asyncio.to_thread(self.db.invoice, user, month, self.plan_costs, current)
+        return await asyncio.to_thread(self.database.invoice, user, month, self.plan_costs, current)
 
     async def export_parquet(self, folder: str) -> int:
         await self.flush()
-        return await asyncio.to_thread(self.db.export_parquet, folder)
+        return await asyncio.to_thread(self.database.export_parquet, folder)
 
 
 class MeteringPlugin:
@@ -221,6 +249,8 @@ class MeteringPlugin:
     Config = MeteringConfig
 
     def __init__(self, config: MeteringConfig, policy: Policy) -> None:
+        if config.sink == "redis" and not policy.state.url.startswith(("redis://", "rediss://")):
+            raise ValueError("sink redis needs state.url: redis://...")
         self.config = config
         self.policy = policy
         self.prices = {name: f.price_per_request for name, f in policy.features.items()}
@@ -234,14 +264,15 @@ class MeteringPlugin:
         shared = app[SHARED]
         store = shared.find(_STORE)
         if store is None:
-            store = UsageStore(self.config)
+            store = UsageStore(self.config, self.policy.state.url)
             await store.start()
             shared.put(_STORE, store)
             shared.on_close(store.close)
         store._keystore = app[KEYSTORE]
         store.plan_costs = self.plan_costs
-        await asyncio.to_thread(store.db.set_plan_prices, self.plan_costs)
-        shared.put(USAGE, store)
+        if store.db is not None:  # with sink redis, analytics are the meter's
+            await asyncio.to_thread(store.db.set_plan_prices, self.plan_costs)
+            shared.put(USAGE, store)
         self.store = store
         app[METRICS].add(
             "metering",

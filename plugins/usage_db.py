@@ -92,6 +92,12 @@ MIGRATIONS: list[str] = [
         segment VARCHAR NOT NULL, rows BIGINT NOT NULL, loaded_at TIMESTAMP NOT NULL
     );
     """,
+    # 4: chunks loaded from the usage stream, kept (a chunk may be shipped again any time)
+    """
+    CREATE TABLE stream_loads (
+        segment VARCHAR PRIMARY KEY, rows BIGINT NOT NULL, loaded_at TIMESTAMP NOT NULL
+    );
+    """,
 ]
 
 VIEWS = """
@@ -264,8 +270,12 @@ class UsageDB:
         con.execute(VIEWS)
         return current
 
-    def ingest(self, segment: Path) -> int:
+    def ingest(self, segment: Path, *, stream: bool = False) -> int:
         """Load one spool segment and delete it; loading a segment twice adds nothing.
+
+        ``stream``: the segment is a chunk from the usage stream (``plugins.usage_stream``),
+        whose copy may come again at any later time (a gateway killed after shipping ships it
+        again), so its marker is kept, in ``stream_loads``, instead of deleted.
 
         The segment is known by its first row's request id (request ids are unique and a row is
         in one segment only). Its rows and a marker in ``spool_loads`` commit together; the file
@@ -275,6 +285,7 @@ class UsageDB:
         time); a torn last line (a killed process) is skipped.
         """
         mark = _segment_id(segment)
+        marks = "stream_loads" if stream else "spool_loads"
         rows = 0
         if mark is not None:
             with self._write_lock:
@@ -282,14 +293,14 @@ class UsageDB:
                 try:
                     cur.execute("BEGIN")
                     done = cur.execute(
-                        "SELECT rows FROM spool_loads WHERE segment = ?", [mark]
+                        f"SELECT rows FROM {marks} WHERE segment = ?", [mark]
                     ).fetchone()
                     if done is not None:
                         rows = int(done[0])
                     else:
                         inserted = cur.execute(_INGEST, [str(segment)]).fetchone()
                         rows = int(inserted[0]) if inserted else 0
-                        cur.execute("INSERT INTO spool_loads VALUES (?, ?, now())", [mark, rows])
+                        cur.execute(f"INSERT INTO {marks} VALUES (?, ?, now())", [mark, rows])
                     cur.execute("COMMIT")
                 except Exception:
                     cur.execute("ROLLBACK")
@@ -297,7 +308,7 @@ class UsageDB:
                 finally:
                     cur.close()
         segment.unlink(missing_ok=True)
-        if mark is not None:
+        if mark is not None and not stream:
             with self._write_lock:
                 self.con.execute("DELETE FROM spool_loads WHERE segment = ?", [mark])
         return rows

@@ -130,7 +130,10 @@ def _usage(request: web.Request) -> UsageBackend:
     backend = request.app[SHARED].find(USAGE)
     if backend is None:
         raise Reject(
-            404, "no usage database: add the metering plugin to the chain", code="metering_disabled"
+            404,
+            "no usage database in this process: add the metering plugin to the chain (with "
+            "metering.sink redis, query `tollway meter` instead)",
+            code="metering_disabled",
         )
     return backend
 

@@ -15,6 +15,7 @@ import os
 
 from proxy.cli.data import cmd_export, cmd_invoice, cmd_report, cmd_sql
 from proxy.cli.keys import cmd_keys
+from proxy.cli.meter import cmd_meter
 from proxy.cli.serve import cmd_check, cmd_demo, cmd_emulator, cmd_serve
 
 log = logging.getLogger("tollway")
@@ -81,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex = data_cmd("export", "write usage as Parquet partitioned by day")
     ex.add_argument("--parquet", required=True, metavar="DIR")
     ex.set_defaults(fn=cmd_export)
+
+    m = sub.add_parser("meter", help="load the usage stream of many gateways into DuckDB")
+    m.add_argument("--policy", default="policies.yaml")
+    m.add_argument("--host", default="127.0.0.1")
+    m.add_argument("--port", type=int, default=8090)
+    m.set_defaults(fn=cmd_meter)
 
     d = sub.add_parser("demo", help="emulator + gateway with the demo policy and a demo key")
     d.add_argument("--policy", default="policies.demo.yaml")

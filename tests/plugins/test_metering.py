@@ -118,7 +118,7 @@ def test_migrations_upgrade_an_old_database(tmp_path: Path) -> None:
     con.close()
     db = UsageDB(path)
     try:
-        assert db.query("SELECT version FROM schema_version ORDER BY 1")[1] == [[1], [2], [3]]
+        assert db.query("SELECT version FROM schema_version ORDER BY 1")[1] == [[1], [2], [3], [4]]
         assert db.query("SELECT request_id, shared FROM usage")[1] == [["old-1", None]]
         # version 3 dropped the per-row index: no constraint left on usage but NOT NULLs
         kinds = db.query(
@@ -129,7 +129,7 @@ def test_migrations_upgrade_an_old_database(tmp_path: Path) -> None:
         db.close()
     again = UsageDB(path)  # opening again applies nothing twice
     try:
-        assert again.query("SELECT count(*) FROM schema_version")[1] == [[3]]
+        assert again.query("SELECT count(*) FROM schema_version")[1] == [[4]]
     finally:
         again.close()
 
@@ -209,14 +209,17 @@ async def test_cache_hits_and_coalesced_followers_cost_nothing(
         assert Decimal(r["price_usd"]) == Decimal("0.01")  # the customer still pays the price
 
 
-def test_duckdb_is_loaded_only_with_metering() -> None:
-    """The core and the other plugins never import DuckDB (~17 MB resident once imported)."""
+def test_duckdb_is_loaded_only_with_metering(tmp_path: Path) -> None:
+    """The core and the other plugins never import DuckDB (~17 MB resident once imported):
+    only a metering store that owns a database does (with sink redis, none does)."""
     script = (
         "import sys\n"
         "import proxy.cli, proxy.app, proxy.admin\n"
         "import plugins.auth, plugins.limits, plugins.cache, plugins.batching\n"
-        "assert 'duckdb' not in sys.modules, 'DuckDB loaded without the metering plugin'\n"
-        "import plugins.metering\n"
+        "import plugins.privacy, plugins.routing, plugins.metering\n"
+        "assert 'duckdb' not in sys.modules, 'DuckDB loaded without a usage database'\n"
+        "from plugins.metering import MeteringConfig, UsageStore\n"
+        f"UsageStore(MeteringConfig(database='{tmp_path}/u.duckdb'))\n"
         "assert 'duckdb' in sys.modules\n"
         "print('ok')\n"
     )

@@ -1,0 +1,143 @@
+"""Usage rows of many gateways into one database: a Redis Stream and the ``tollway meter``.
+
+DuckDB locks its file to one process, so with several gateway instances (``metering.sink:
+redis``) no gateway opens the database. Each still writes its rows to its own crash-safe spool
+first; its loader thread then ships every closed segment to the stream ``tollway:usage`` in
+chunks of ``CHUNK_ROWS`` rows (one entry each) and deletes the segment only after Redis took
+them all. One ``tollway meter`` process (a consumer group member, so a second one can take over)
+reads the entries, loads each chunk into DuckDB through the same idempotent path as a spool
+segment (a chunk is known by its first row's request id, recorded with its rows in one
+transaction), and acknowledges an entry only after that commit. Hence no row is lost (a gateway
+killed after shipping re-ships the segment; a meter killed before its acknowledgement gets the
+entry again) and none is counted twice (a chunk already loaded adds nothing).
+
+A deletion request (``DELETE /admin/users/{user}/data``) travels the same stream, behind the
+rows shipped before it, so the meter deletes them too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from plugins.usage_db import UsageDB
+
+log = logging.getLogger("tollway.meter")
+
+STREAM = "tollway:usage"
+GROUP = "meters"
+CHUNK_ROWS = 1000
+CLAIM_IDLE_MS = 60_000
+"""An entry another meter read but did not acknowledge for this long is taken over."""
+
+
+def _redis(url: str) -> Any:
+    import redis  # only a Redis deployment loads redis-py
+
+    return redis.Redis.from_url(url)
+
+
+class StreamShipper:
+    """Gateway side: closed spool segments -> stream entries (runs in the loader thread)."""
+
+    def __init__(self, url: str, stream: str = STREAM) -> None:
+        self.client = _redis(url)
+        self.stream = stream
+
+    def ship(self, segment: Path) -> int:
+        """Send a segment's complete rows, then delete it; returns the rows sent."""
+        lines = [line for line in segment.read_bytes().split(b"\n") if line]
+        if lines:
+            with self.client.pipeline(transaction=False) as pipe:
+                for i in range(0, len(lines), CHUNK_ROWS):
+                    pipe.xadd(self.stream, {"rows": b"\n".join(lines[i : i + CHUNK_ROWS])})
+                pipe.execute()
+        segment.unlink(missing_ok=True)
+        return len(lines)
+
+    def forget(self, user: str) -> None:
+        """Ask the meter to delete a user's rows (after every row shipped before this)."""
+        self.client.xadd(self.stream, {"forget": user.encode()})
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class Meter:
+    """The ``tollway meter`` consumer: stream entries -> DuckDB, acknowledged after commit."""
+
+    def __init__(
+        self,
+        db: UsageDB,
+        url: str,
+        consumer: str | None = None,
+        stream: str = STREAM,
+        group: str = GROUP,
+    ) -> None:
+        self.db = db
+        self.client = _redis(url)
+        self.stream = stream
+        self.group = group
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
+        self.folder = Path(tempfile.mkdtemp(prefix="tollway-meter-"))
+        self.loaded_rows = 0
+        try:
+            self.client.xgroup_create(stream, group, id="0", mkstream=True)
+        except Exception as e:  # BUSYGROUP: it exists (another meter, or an earlier run)
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    def step(self, block_ms: int = 1000, count: int = 20) -> int:
+        """Handle what is pending (this meter's unacknowledged entries first, then entries
+        another meter left unacknowledged too long, then new ones); returns entries handled."""
+        entries = self._read("0", 0, count)  # ours, read before a crash and not acknowledged
+        if not entries:
+            claimed = self.client.xautoclaim(
+                self.stream, self.group, self.consumer, CLAIM_IDLE_MS, "0-0", count=count
+            )
+            entries = claimed[1] if claimed else []
+        if not entries:
+            entries = self._read(">", block_ms, count)
+        for entry_id, fields in entries:
+            self.handle(entry_id, fields)
+        return len(entries)
+
+    def _read(
+        self, start: str, block_ms: int, count: int
+    ) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        reply = self.client.xreadgroup(
+            self.group, self.consumer, {self.stream: start}, count=count, block=block_ms or None
+        )
+        return reply[0][1] if reply else []
+
+    def handle(self, entry_id: bytes, fields: dict[bytes, bytes], ack: bool = True) -> None:
+        rows = fields.get(b"rows")
+        if rows is not None:
+            path = self.folder / f"{entry_id.decode()}.jsonl"
+            path.write_bytes(rows + b"\n")
+            self.loaded_rows += self.db.ingest(path, stream=True)  # idempotent; deletes it
+        forget = fields.get(b"forget")
+        if forget is not None:
+            n = self.db.delete_rows(user=forget.decode())
+            log.info("deleted %d usage rows of a user on request", n)
+        if ack:
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.xack(self.stream, self.group, entry_id)
+                pipe.xdel(self.stream, entry_id)  # loaded: the stream need not keep it
+                pipe.execute()
+
+    def drain(self) -> None:
+        """Handle everything in the stream now (before answering a query)."""
+        while self.step(block_ms=0, count=100):
+            pass
+
+    def close(self) -> None:
+        self.client.close()
+        for leftover in self.folder.glob("*"):
+            leftover.unlink(missing_ok=True)
+        self.folder.rmdir()

@@ -1,0 +1,132 @@
+"""``tollway meter``: the one process that owns the usage database when gateways run as many
+instances (``metering.sink: redis``; see ``plugins.usage_stream``).
+
+It consumes the usage stream into DuckDB in a thread of its own and serves the usage part of
+the admin API (``/admin/sql``, ``/admin/invoices/{user}``, ``/admin/export``, behind the same
+admin key), so ``tollway sql --url http://METER`` and invoices work as with one gateway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import threading
+from typing import Any
+
+from aiohttp import web
+
+from proxy.cli.serve import _load, _run, _start
+
+log = logging.getLogger("tollway.meter")
+
+
+class MeterBackend:
+    """The admin API's usage interface (``proxy.usage.UsageBackend``) over the meter's
+    database; a query first takes in what the stream holds, as a gateway loads its spool."""
+
+    def __init__(self, meter: Any, plan_costs: dict[str, float]) -> None:
+        self.meter = meter
+        self.db = meter.db
+        self.plan_costs = plan_costs
+
+    async def sql(self, query: str) -> tuple[list[str], list[list[Any]]]:
+        await asyncio.to_thread(self.meter.drain)
+        return await asyncio.to_thread(self.db.query, query)  # type: ignore[no-any-return]
+
+    async def invoice(self, user: str, month: str) -> dict[str, Any]:
+        await asyncio.to_thread(self.meter.drain)
+        return await asyncio.to_thread(  # type: ignore[no-any-return]
+            self.db.invoice, user, month, self.plan_costs, None
+        )
+
+    async def export_parquet(self, folder: str) -> int:
+        await asyncio.to_thread(self.meter.drain)
+        return await asyncio.to_thread(self.db.export_parquet, folder)  # type: ignore[no-any-return]
+
+
+def build_meter_app(loaded: Any) -> tuple[web.Application, Any]:
+    """The meter's web app and its consumer, from a policy whose metering plugin has sink redis."""
+    from plugins.metering import MeteringConfig
+    from plugins.usage_db import UsageDB
+    from plugins.usage_stream import Meter
+    from proxy import admin
+    from proxy.appkeys import GATEWAY, SHARED
+    from proxy.chain import Chain
+    from proxy.gateway import Gateway
+    from proxy.keystore import KeyStore
+    from proxy.runtime import Runtime
+    from proxy.shared import Shared
+    from proxy.usage import USAGE
+
+    policy = loaded.policy
+    items = [c for c in policy.chain if c.name == "metering" and c.enabled]
+    if not items:
+        raise ValueError("the policy's chain has no metering plugin")
+    config = MeteringConfig.model_validate(items[0].config)
+    if not policy.state.url.startswith(("redis://", "rediss://")):
+        raise ValueError("tollway meter reads the usage stream of state.url: redis://...")
+    meter = Meter(UsageDB(config.database, config.memory_limit), policy.state.url)
+    plan_costs = {name: t.monthly_cost for name, t in policy.tiers.items()}
+    meter.db.set_plan_prices(plan_costs)
+    # the admin handlers, with a gateway that has no chain: same key check, same answers
+    gw = Gateway(Runtime.build(loaded, Chain(loaded=loaded, plugins=(), names=())), KeyStore())
+    app = web.Application()
+    app[GATEWAY] = gw
+    app[SHARED] = shared = Shared()
+    shared.put(USAGE, MeterBackend(meter, plan_costs))
+    app.router.add_post("/admin/sql", admin.run_sql)
+    app.router.add_get("/admin/invoices/{user}", admin.get_invoice)
+    app.router.add_post("/admin/export", admin.export)
+    app.router.add_get("/healthz", _ok)
+    return app, meter
+
+
+async def _ok(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def consume(meter: Any, stop: threading.Event) -> None:
+    """The consumer loop (a thread: the Redis reads block); errors are logged and retried."""
+    while not stop.is_set():
+        try:
+            meter.step(block_ms=500)
+        except Exception:
+            log.exception("loading usage entries failed; they stay pending and are retried")
+            stop.wait(1.0)
+
+
+async def _run_meter(loaded: Any, host: str, port: int) -> None:
+    app, meter = build_meter_app(loaded)
+    stop = threading.Event()
+    thread = threading.Thread(target=consume, args=(meter, stop), name="tollway-meter")
+    thread.start()
+    runner, bound = await _start(app, host, port)
+    print(f"tollway meter listening on http://{host}:{bound}", flush=True)
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, done.set)
+    try:
+        await done.wait()
+    finally:
+        await runner.cleanup()
+        stop.set()
+        await asyncio.to_thread(thread.join)
+        meter.drain()  # what arrived meanwhile is loaded before the database closes
+        meter.close()
+        meter.db.close()
+
+
+def cmd_meter(args: argparse.Namespace) -> int:
+    loaded = _load(args.policy)
+    try:
+        _run(_run_meter(loaded, args.host, args.port))
+    except ValueError as e:
+        print(f"tollway meter: {e}", file=sys.stderr)
+        return 1
+    return 0
