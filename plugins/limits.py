@@ -34,7 +34,7 @@ from proxy.appkeys import METRICS, SHARED
 from proxy.context import RequestContext, StashKey, UpstreamRequest
 from proxy.errors import Reject
 from proxy.hookspecs import hookimpl
-from proxy.policy import Policy, Tier, parse_duration
+from proxy.policy import Policy, parse_duration
 
 WINDOWS: StashKey[Any] = StashKey()
 QUOTA: StashKey[MonthlyQuota | RedisQuota] = StashKey()
@@ -113,9 +113,10 @@ def _window(amount: int, seconds: float) -> limits.RateLimitItem:
     return limits.RateLimitItemPerSecond(amount, max(1, round(seconds)))
 
 
-def compile_plans(tiers: dict[str, Tier], period: float) -> dict[str, PlanRule]:
+def compile_plans(policy: Policy, period: float) -> dict[str, PlanRule]:
     """Resolve ``includes`` chains into feature sets and build each plan's limit items."""
     out = {}
+    tiers = policy.tiers
     for name, tier in tiers.items():
         features: set[str] = set()
         seen: set[str] = set()
@@ -128,13 +129,13 @@ def compile_plans(tiers: dict[str, Tier], period: float) -> dict[str, PlanRule]:
         out[name] = PlanRule(
             name=name,
             features=frozenset(features),
-            models=frozenset(tier.models) if tier.models is not None else None,
+            models=policy.allowed_models(name),
             monthly=None if monthly == "unlimited" else int(monthly),
             per_minute=_window(tier.requests_per_minute, period)
             if tier.requests_per_minute
             else None,
             tokens=_window(tier.tokens_per_minute, period) if tier.tokens_per_minute else None,
-            priority=tier.priority,
+            priority=policy.priority(name),
         )
     return out
 
@@ -185,7 +186,7 @@ class LimitsPlugin:
         self.user_specs = [_spec(limits.parse(s)) for s in config.user]
         self.ip_specs = [_spec(limits.parse(s)) for s in config.ip]
         self.month = MonthCache()
-        self.plans = compile_plans(policy.tiers, config.plan_period)
+        self.plans = compile_plans(policy, config.plan_period)
         self.known_features = set(policy.features).union(
             *(t.features for t in policy.tiers.values())
         )

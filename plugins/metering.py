@@ -256,6 +256,7 @@ class MeteringPlugin:
         self.prices = {name: f.price_per_request for name, f in policy.features.items()}
         self.tier_prices = {name: t.prices for name, t in policy.tiers.items() if t.prices}
         self.plan_costs = {name: t.monthly_cost for name, t in policy.tiers.items()}
+        self.sla_plans = frozenset(n for n, t in policy.tiers.items() if "sla_guarantee" in t.perks)
         self.store: UsageStore | None = None
         self._ip_hashes: dict[str, str] = {}
 
@@ -271,7 +272,7 @@ class MeteringPlugin:
         store._keystore = app[KEYSTORE]
         store.plan_costs = self.plan_costs
         if store.db is not None:  # with sink redis, analytics are the meter's
-            await asyncio.to_thread(store.db.set_plan_prices, self.plan_costs)
+            await asyncio.to_thread(store.db.set_plan_prices, self.plan_costs, self.sla_plans)
             shared.put(USAGE, store)
         self.store = store
         app[METRICS].add(

@@ -17,6 +17,9 @@ allow the chosen model (``tiers.<plan>.models``) gets the other one when it allo
 decision is reported in ``X-Tollway-Route`` (``strong; score=3; prompt,code``) and the model in
 ``X-Tollway-Model``; usage is metered and priced as the model that served.
 
+A plan with the ``dedicated_instances`` perk is served by a model's ``dedicated_provider``
+(``models.NAME.dedicated_provider``) where it has one: its own provider route.
+
 Fallbacks (``fallbacks: {gpt-5.5: [claude-sonnet]}``) are set on the request as
 ``ctx.fallbacks`` and carried out by the core: when the provider answers a status in
 ``proxy.upstream.FALLBACK_STATUSES`` after its retries, or cannot be reached or times out, the
@@ -212,10 +215,12 @@ class RoutingPlugin:
                     raise ValueError(f"fallbacks.{model}: unknown model {name!r} (not in models:)")
         self.config = config
         self.routes = policy.routes()
-        self.allowed = {
-            name: frozenset(t.models) if t.models is not None else None
-            for name, t in policy.tiers.items()
-        }
+        self.allowed = {name: policy.allowed_models(name) for name in policy.tiers}
+        # plans with the dedicated_instances perk: models with a dedicated_provider go there
+        self.dedicated_plans = frozenset(
+            name for name, t in policy.tiers.items() if "dedicated_instances" in t.perks
+        )
+        self.dedicated = policy.routes(dedicated=True)
         self.scorer = Scorer(auto) if auto is not None else None
         self.fallbacks = {
             model: tuple(self.routes[m] for m in others)
@@ -275,7 +280,17 @@ class RoutingPlugin:
             why = ",".join(reasons) or "-"
             ctx.response_headers["X-Tollway-Route"] = f"{choice}; score={points}; {why}"
         route = ctx.route
-        if route is None or ctx.endpoint == "embeddings":
+        if route is None:
+            return
+        principal = ctx.principal
+        if (
+            self.dedicated_plans
+            and principal is not None
+            and principal.tier in self.dedicated_plans
+        ):
+            route = self.dedicated.get(route.model, route)
+            ctx.route = route
+        if ctx.endpoint == "embeddings":
             return
         fallbacks = self.fallbacks.get(route.model)
         if fallbacks:

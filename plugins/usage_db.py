@@ -98,6 +98,8 @@ MIGRATIONS: list[str] = [
         segment VARCHAR PRIMARY KEY, rows BIGINT NOT NULL, loaded_at TIMESTAMP NOT NULL
     );
     """,
+    # 5: which plans have the sla_guarantee perk (the sla view reports on them)
+    "ALTER TABLE plans ADD COLUMN sla BOOLEAN DEFAULT false;",
 ]
 
 VIEWS = """
@@ -131,6 +133,19 @@ SELECT count(*) AS requests,
        count(*) FILTER (WHERE cost_usd IS NULL AND status < 400 AND cache IS DISTINCT FROM 'hit')
              AS unpriced_requests
 FROM usage;
+
+-- sla: per UTC month and plan with the sla_guarantee perk (the plan's latency and errors).
+--   availability: share of requests not failed by the gateway or a provider (status < 500),
+--   in percent; error_rate: the rest; p50/p95_response_ms: answered requests (status < 400)
+CREATE OR REPLACE VIEW sla AS
+SELECT strftime(u.ts, '%Y-%m') AS month, u.tier, count(*) AS requests,
+       100.0 * count(*) FILTER (WHERE u.status < 500) / count(*) AS availability,
+       100.0 * count(*) FILTER (WHERE u.status >= 500) / count(*) AS error_rate,
+       quantile_cont(u.latency_ms, 0.5) FILTER (WHERE u.status < 400) AS p50_response_ms,
+       quantile_cont(u.latency_ms, 0.95) FILTER (WHERE u.status < 400) AS p95_response_ms
+FROM usage u JOIN plans p ON p.tier = u.tier
+WHERE p.sla
+GROUP BY ALL ORDER BY month, tier;
 
 -- business: per UTC month.
 --   revenue_usd: usage revenue (sum of price_usd) + subscriptions (monthly_cost of each
@@ -313,14 +328,16 @@ class UsageDB:
                 self.con.execute("DELETE FROM spool_loads WHERE segment = ?", [mark])
         return rows
 
-    def set_plan_prices(self, prices: dict[str, float]) -> None:
-        """Record each plan's monthly cost (the policy's), used by MRR and invoices."""
+    def set_plan_prices(self, prices: dict[str, float], sla: frozenset[str] = frozenset()) -> None:
+        """Record each plan's monthly cost (the policy's), used by MRR and invoices, and
+        whether it has the sla_guarantee perk (the ``sla`` view)."""
         with self._write_lock:
             for tier, cost in prices.items():
                 self.con.execute(
-                    f"INSERT INTO plans VALUES (?, CAST(? AS {MONEY})) "
-                    "ON CONFLICT (tier) DO UPDATE SET monthly_cost = excluded.monthly_cost",
-                    [tier, cost],
+                    f"INSERT INTO plans (tier, monthly_cost, sla) VALUES (?, CAST(? AS {MONEY}), ?) "
+                    "ON CONFLICT (tier) DO UPDATE SET monthly_cost = excluded.monthly_cost, "
+                    "sla = excluded.sla",
+                    [tier, cost, tier in sla],
                 )
 
     def query(self, sql: str) -> tuple[list[str], list[list[Any]]]:

@@ -126,6 +126,10 @@ class Provider(Strict):
 class Model(Strict):
     provider: str = Field(description="A key of providers:.")
     upstream_model: str | None = Field(None, description="The provider's name, if different.")
+    custom: bool = Field(False, description="Only plans with the custom_models perk may use it.")
+    dedicated_provider: str | None = Field(
+        None, description="The provider serving plans with the dedicated_instances perk."
+    )
     input_per_mtok: float | None = Field(None, ge=0, description="USD per million input tokens.")
     output_per_mtok: float | None = Field(None, ge=0, description="USD per million output tokens.")
 
@@ -133,6 +137,11 @@ class Model(Strict):
 class Feature(Strict):
     price_per_request: float = Field(0.0, ge=0, description="USD charged per request.")
     cache: bool = Field(True, description="Whether replies for this feature may be cached.")
+
+
+Perk = Literal["priority_support", "custom_models", "dedicated_instances", "sla_guarantee"]
+"""Plan attributes with behaviour: an earlier place in the admission queue, models marked
+``custom``, the models' ``dedicated_provider``, and the ``sla`` view of the usage database."""
 
 
 class Tier(Strict):
@@ -144,7 +153,7 @@ class Tier(Strict):
     monthly_cost: float = Field(0.0, ge=0, description="Subscription price, USD per month.")
     features: list[str] = Field(default_factory=list, description="Request types of this plan.")
     includes: str | None = Field(None, description="A plan whose features this plan inherits.")
-    perks: list[str] = Field(
+    perks: list[Perk] = Field(
         default_factory=list,
         description="priority_support, custom_models, dedicated_instances, sla_guarantee.",
     )
@@ -182,26 +191,48 @@ class Policy(Strict):
         for name, m in self.models.items():
             if m.provider not in self.providers:
                 errors.append(f"models.{name}.provider: unknown provider {m.provider!r}")
+            if m.dedicated_provider is not None and m.dedicated_provider not in self.providers:
+                errors.append(
+                    f"models.{name}.dedicated_provider: unknown provider {m.dedicated_provider!r}"
+                )
         for name, t in self.tiers.items():
             if t.includes is not None and t.includes not in self.tiers:
                 errors.append(f"tiers.{name}.includes: unknown tier {t.includes!r}")
         if errors:
             raise ValueError("; ".join(errors))
 
-    def routes(self) -> dict[str, Route]:
-        """Client model name -> Route, computed once per policy load."""
+    def routes(self, dedicated: bool = False) -> dict[str, Route]:
+        """Client model name -> Route, computed once per policy load. ``dedicated``: only the
+        models with a ``dedicated_provider``, routed there (plans with that perk)."""
         out = {}
         for name, m in self.models.items():
-            prov = self.providers[m.provider]
+            provider = m.dedicated_provider if dedicated else m.provider
+            if provider is None:
+                continue
             out[name] = Route(
                 model=name,
-                provider=m.provider,
+                provider=provider,
                 upstream_model=m.upstream_model or name,
-                kind=prov.kind,
+                kind=self.providers[provider].kind,
                 input_per_mtok=m.input_per_mtok,
                 output_per_mtok=m.output_per_mtok,
             )
         return out
+
+    def allowed_models(self, tier: str) -> frozenset[str] | None:
+        """The models a plan may use: its ``models`` list (None: all), less the models marked
+        ``custom`` unless the plan has the custom_models perk."""
+        t = self.tiers[tier]
+        custom = {n for n, m in self.models.items() if m.custom}
+        if not custom or "custom_models" in t.perks:
+            return frozenset(t.models) if t.models is not None else None
+        base = set(t.models) if t.models is not None else set(self.models)
+        return frozenset(base - custom)
+
+    def priority(self, tier: str) -> int:
+        """Admission-queue priority: the plan's, at least 1 with the priority_support perk."""
+        t = self.tiers[tier]
+        return max(t.priority, 1) if "priority_support" in t.perks else t.priority
 
 
 # ---- YAML with line numbers -------------------------------------------------------------

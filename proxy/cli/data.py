@@ -116,6 +116,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     columns, rows = _query(args, "SELECT * FROM business ORDER BY month")
     print("\nBusiness (per month)")
     _print_table(columns, [[_fmt(v) for v in r] for r in rows])
+    columns, rows = _query(args, "SELECT * FROM sla")
+    if rows:
+        print("\nSLA (plans with sla_guarantee, per month)")
+        _print_table(columns, [[_fmt(v) for v in r] for r in rows])
     return 0
 
 

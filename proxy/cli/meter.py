@@ -71,7 +71,8 @@ def build_meter_app(loaded: Any) -> tuple[web.Application, Any]:
         raise ValueError("tollway meter reads the usage stream of state.url: redis://...")
     meter = Meter(UsageDB(config.database, config.memory_limit), policy.state.url)
     plan_costs = {name: t.monthly_cost for name, t in policy.tiers.items()}
-    meter.db.set_plan_prices(plan_costs)
+    sla = frozenset(n for n, t in policy.tiers.items() if "sla_guarantee" in t.perks)
+    meter.db.set_plan_prices(plan_costs, sla)
     # the admin handlers, with a gateway that has no chain: same key check, same answers
     gw = Gateway(Runtime.build(loaded, Chain(loaded=loaded, plugins=(), names=())), KeyStore())
     app = web.Application()

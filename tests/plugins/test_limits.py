@@ -17,7 +17,7 @@ from plugins.limits import LimitsConfig as Config
 from plugins.limits import compile_plans, reset_string
 from proxy.context import RequestContext
 from proxy.hookspecs import hookimpl
-from proxy.policy import Tier
+from proxy.policy import Policy, Tier
 from tests.conftest import BASE_POLICY, Emulator, Gw
 
 MSG = [{"role": "user", "content": "hi"}]
@@ -65,12 +65,51 @@ def test_plans_inherit_features() -> None:
         "pro": Tier(includes="free", features=["b"]),
         "ent": Tier(includes="pro", features=["c"], requests_per_month="unlimited"),
     }
-    plans = compile_plans(tiers, 60)
+    plans = compile_plans(Policy(tiers=tiers), 60)
     assert plans["free"].features == {"a"}
     assert plans["pro"].features == {"a", "b"}
     assert plans["ent"].features == {"a", "b", "c"}
     assert plans["free"].monthly == 10 and plans["ent"].monthly is None
     assert plans["free"].per_minute is not None and plans["free"].per_minute.amount == 5
+
+
+def test_perks_priority_and_custom_models() -> None:
+    """priority_support: an earlier place in the queue; custom_models: the models marked
+    custom, which other plans may not use (within their own allow-list, if they have one)."""
+    policy = Policy(
+        providers={"p": {"kind": "openai", "base_url": "http://x"}},  # type: ignore[dict-item]
+        models={
+            "std": {"provider": "p"},  # type: ignore[dict-item]
+            "special": {"provider": "p", "custom": True},  # type: ignore[dict-item]
+        },
+        tiers={
+            "free": Tier(),
+            "pro": Tier(perks=["priority_support"]),
+            "vip": Tier(perks=["priority_support", "custom_models"], priority=5),
+            "listed": Tier(models=["std", "special"]),
+        },
+    )
+    plans = compile_plans(policy, 60)
+    assert [plans[t].priority for t in ("free", "pro", "vip")] == [0, 1, 5]
+    assert plans["free"].models == {"std"} and plans["listed"].models == {"std"}
+    assert plans["vip"].models is None  # every model
+
+
+async def test_custom_models_need_the_perk(make_gateway: Any) -> None:
+    base = BASE.replace(
+        "  text-embedding-3-small:",
+        "  gpt-secret: {{provider: openai, custom: true, input_per_mtok: 1}}\n"
+        "  text-embedding-3-small:",
+    ).replace(
+        "                features: [custom], priority: 2}}",
+        "                features: [custom], priority: 2, perks: [custom_models]}}",
+    )
+    gw = await make_gateway(limits_chain(), base=base)
+    body = {"model": "gpt-secret", "messages": MSG}
+    pro = await post(gw, await gw.create_key("pia", "pro"), body)
+    assert pro.status == 403 and (await pro.json())["error"]["code"] == "model_not_in_plan"
+    ent = await post(gw, await gw.create_key("eve", "enterprise"), body)
+    assert ent.status == 200
 
 
 def test_reset_string_format() -> None:

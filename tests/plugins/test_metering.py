@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import openai
 import orjson
 import pytest
 
@@ -118,7 +119,8 @@ def test_migrations_upgrade_an_old_database(tmp_path: Path) -> None:
     con.close()
     db = UsageDB(path)
     try:
-        assert db.query("SELECT version FROM schema_version ORDER BY 1")[1] == [[1], [2], [3], [4]]
+        versions = db.query("SELECT version FROM schema_version ORDER BY 1")[1]
+        assert versions == [[v] for v in range(1, len(MIGRATIONS) + 1)]
         assert db.query("SELECT request_id, shared FROM usage")[1] == [["old-1", None]]
         # version 3 dropped the per-row index: no constraint left on usage but NOT NULLs
         kinds = db.query(
@@ -129,7 +131,7 @@ def test_migrations_upgrade_an_old_database(tmp_path: Path) -> None:
         db.close()
     again = UsageDB(path)  # opening again applies nothing twice
     try:
-        assert again.query("SELECT count(*) FROM schema_version")[1] == [[4]]
+        assert again.query("SELECT count(*) FROM schema_version")[1] == [[len(MIGRATIONS)]]
     finally:
         again.close()
 
@@ -271,3 +273,28 @@ def test_loads_run_below_the_event_loops_cpu_priority(tmp_path: Path) -> None:
         store._loader.shutdown()
         store.spool.close()
         store.db.close()
+
+
+async def test_sla_view_for_plans_with_the_perk(make_gateway: Any, tmp_path: Path) -> None:
+    """sla_guarantee: the plan's monthly availability, error rate and latency in a view."""
+    base = BASE.replace(
+        "prices: {{code_suggestions: 0.015}}}}",
+        "prices: {{code_suggestions: 0.015}},\n         perks: [sla_guarantee]}}",
+    )
+    gw = await make_gateway(chain(tmp_path / "usage.duckdb"), base=base)
+    pro, free = await gw.create_key("sam", "pro"), await gw.create_key("fred", "free")
+    for key, status in ((pro, None), (pro, None), (pro, "500"), (free, None)):
+        headers = {"x-emulator-status": status} if status else {}
+        try:
+            await gw.openai(key, max_retries=0).chat.completions.create(
+                model="gpt-5.4-mini",
+                messages=MSG,
+                extra_headers=headers,  # type: ignore[arg-type]
+            )
+        except openai.InternalServerError:
+            pass
+    status, body = await sql(gw, "SELECT tier, requests, availability, error_rate FROM sla")
+    assert status == 200
+    [[tier, requests, availability, error_rate]] = body["rows"]  # only pro has the perk
+    assert (tier, requests) == ("pro", 3)
+    assert round(float(availability), 2) == 66.67 and round(float(error_rate), 2) == 33.33

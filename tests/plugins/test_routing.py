@@ -32,11 +32,13 @@ providers:
               retries: {{attempts: 1, backoff: 10ms}}, timeout: {{connect: 2s, read: 5s}}}}
   impatient: {{kind: openai, base_url: "{emu}/v1", api_key: upstream-secret,
               retries: {{attempts: 0}}, timeout: {{connect: 2s, read: 300ms}}}}
+  dedicated: {{kind: anthropic, base_url: "{emu}", api_key: upstream-secret}}
   down: {{kind: openai, base_url: "http://127.0.0.1:CLOSED/v1", api_key: x,
          retries: {{attempts: 0}}, timeout: {{connect: 1s, read: 1s}}}}
 models:
   gpt-5.4-mini: {{provider: openai, input_per_mtok: 0.25, output_per_mtok: 2.0}}
-  gpt-5.5: {{provider: openai, input_per_mtok: 1.25, output_per_mtok: 10.0}}
+  gpt-5.5: {{provider: openai, dedicated_provider: dedicated, input_per_mtok: 1.25,
+            output_per_mtok: 10.0}}
   claude-sonnet: {{provider: anthropic, upstream_model: claude-sonnet-5, input_per_mtok: 3,
                   output_per_mtok: 15}}
   broken: {{provider: openai, upstream_model: emu-status-503, input_per_mtok: 1}}
@@ -51,6 +53,7 @@ tiers:
   free: {{requests_per_minute: 1000, features: [basic_suggestions],
          models: [gpt-5.4-mini, broken]}}
   pro: {{includes: free, requests_per_minute: 1000}}
+  vip: {{includes: pro, requests_per_minute: 1000, perks: [dedicated_instances]}}
 """.replace("CLOSED", str(_closed_port()))
 
 ROUTING = """
@@ -74,12 +77,14 @@ COMPLEX = (
 
 class Seen:
     rows: list[tuple[str, str | None, int, int, int]] = []
+    providers: list[str | None] = []
 
     def __init__(self, config: Any, policy: Any) -> None:
         pass
 
     @hookimpl
     async def log(self, ctx: RequestContext) -> None:
+        Seen.providers.append(ctx.route.provider if ctx.route else None)
         Seen.rows.append(
             (
                 ctx.model,
@@ -186,6 +191,24 @@ async def test_auto_stays_inside_the_plan(make_gateway: Any, emulator: Emulator)
     )
     assert hard.headers["x-tollway-model"] == "gpt-5.4-mini"  # gpt-5.5 is not in plan free
     assert hard.headers["x-tollway-route"] == "cheap; score=2; code,reasoning"
+
+
+async def test_dedicated_instances_perk(make_gateway: Any, emulator: Emulator) -> None:
+    """A plan with dedicated_instances is served by the model's dedicated provider (here an
+    Anthropic-kind one, so the emulator's path shows it); other plans by the shared one."""
+    gw = await start(make_gateway, emulator)
+    for tier, path, provider in (
+        ("vip", "/v1/messages", "dedicated"),
+        ("pro", "/v1/chat/completions", "openai"),
+    ):
+        client = gw.openai(await gw.create_key(f"{tier}-user", tier))
+        raw = await client.chat.completions.with_raw_response.create(
+            model="gpt-5.5", messages=[{"role": "user", "content": "hello"}]
+        )
+        assert raw.headers["x-tollway-model"] == "gpt-5.5"
+        assert (await emulator.last())["path"] == path
+        assert gw.gateway.runtime.routes["gpt-5.5"].provider == "openai"
+        assert Seen.providers[-1] == provider
 
 
 async def test_auto_is_not_for_embeddings(make_gateway: Any, emulator: Emulator) -> None:
