@@ -79,6 +79,16 @@ async def _body(request: web.Request) -> dict[str, object]:
     return data
 
 
+def _state_unavailable(exc: Exception, what: str) -> Reject:
+    log.warning("shared key store unreachable: %s", type(exc).__name__)
+    return Reject(
+        503,
+        f"the shared state (state.url) is unreachable; {what}",
+        code="state_unavailable",
+        headers={"Retry-After": "1"},
+    )
+
+
 @admin_only
 async def create_key(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY]
@@ -96,7 +106,11 @@ async def create_key(request: web.Request) -> web.StreamResponse:
         )
     rec, key = gw.keystore.create(user.strip(), tier)
     if gw.keysync is not None:  # every instance must accept it before anyone holds it
-        await gw.keysync.add(rec)
+        try:
+            await gw.keysync.add(rec)
+        except Exception as e:
+            gw.keystore.revoke(rec.id)  # never a key that only this instance knows
+            raise _state_unavailable(e, "no key was created") from None
     return _json({"id": rec.id, "key": key, "user": rec.user, "tier": rec.tier}, status=201)
 
 
@@ -109,11 +123,15 @@ async def list_keys(request: web.Request) -> web.StreamResponse:
 async def revoke_key(request: web.Request) -> web.StreamResponse:
     key_id = request.match_info["key_id"]
     gw = request.app[GATEWAY]
-    rec = gw.keystore.revoke(key_id)
+    rec = gw.keystore.get(key_id)
     if rec is None:
         raise Reject(404, f"no key with id {key_id}", code="not_found")
-    if gw.keysync is not None:
-        await gw.keysync.remove([rec])
+    if gw.keysync is not None:  # everywhere first: a failure leaves the key valid everywhere
+        try:
+            await gw.keysync.remove([rec])
+        except Exception as e:
+            raise _state_unavailable(e, "the key was not revoked") from None
+    gw.keystore.revoke(key_id)
     return _json({"id": key_id, "revoked": True})
 
 
@@ -192,9 +210,12 @@ async def forget_user(request: web.Request) -> web.StreamResponse:
     (usage rows, cache entries, quota counts...). Answers with the counts per kind."""
     user = request.match_info["user"]
     gw = request.app[GATEWAY]
-    keys, kept = gw.keystore.forget_user(user)
     if gw.keysync is not None:
-        await gw.keysync.remove(keys)
+        try:
+            await gw.keysync.remove(gw.keystore.issued_to(user))
+        except Exception as e:
+            raise _state_unavailable(e, "nothing was deleted") from None
+    keys, kept = gw.keystore.forget_user(user)
     deleted: dict[str, int] = {"keys": len(keys)}
     for hook in gw.runtime.chain.forget_user:
         for kind, n in ((await hook(user)) or {}).items():

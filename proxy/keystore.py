@@ -92,6 +92,13 @@ class KeyStore:
             )
         )
 
+    def get(self, key_id: str) -> KeyRecord | None:
+        return self._by_id.get(key_id)
+
+    def issued_to(self, user: str) -> list[KeyRecord]:
+        """The user's keys issued through the admin API or CLI (not those of the policy)."""
+        return [r for r in self._by_id.values() if r.user == user and r.source == "api"]
+
     def revoke(self, key_id: str) -> KeyRecord | None:
         """Remove a key; returns its record, or None when there is no such key."""
         rec = self._by_id.pop(key_id, None)

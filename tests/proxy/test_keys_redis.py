@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+import redis.asyncio as aioredis
 
 from proxy.keystore import KeyStore
 from tests.conftest import ADMIN_KEY, BASE_POLICY, Gw
@@ -74,3 +75,31 @@ async def test_instances_share_issued_keys(
     await eventually(gw1, old_key, 401)
     await eventually(gw2, old_key, 401)
     assert "olga" not in (tmp_path / "keys.json").read_text()  # gone from the file too
+
+
+async def test_no_key_exists_on_one_instance_only(make_gateway: Any, redis_server: str) -> None:
+    """With Redis unreachable, creating a key fails and leaves no key behind; revoking fails
+    and leaves the key valid (on every instance, not just the others)."""
+    url = f"{redis_server}/13"
+    gw = await make_gateway("chain:\n  - name: auth\n", base=policy(url))
+    async with gw.http.post(
+        f"{gw.url}/admin/keys", json={"user": "ann", "tier": "pro"}, headers=ADMIN
+    ) as r:
+        made = await r.json()
+    sync = gw.gateway.keysync
+    assert sync is not None
+    working = sync.client
+    sync.client = aioredis.from_url("redis://127.0.0.1:1/0")  # nothing listens there
+    try:
+        async with gw.http.post(
+            f"{gw.url}/admin/keys", json={"user": "bob", "tier": "pro"}, headers=ADMIN
+        ) as r:
+            assert r.status == 503
+            assert (await r.json())["error"]["code"] == "state_unavailable"
+        assert not [k for k in gw.gateway.keystore.list() if k.user == "bob"]
+        async with gw.http.delete(f"{gw.url}/admin/keys/{made['id']}", headers=ADMIN) as r:
+            assert r.status == 503
+        assert await status(gw, made["key"]) == 200
+    finally:
+        await sync.client.aclose()
+        sync.client = working
