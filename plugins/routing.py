@@ -250,16 +250,12 @@ class RoutingPlugin:
         )
         yield
 
-    def _allowed(self, ctx: RequestContext) -> frozenset[str] | None:
-        principal = ctx.principal
-        if principal is None or principal.tier is None:
-            return None
-        return self.allowed.get(principal.tier)
-
     @hookimpl
     async def access(self, ctx: RequestContext) -> None:
         auto = self.config.auto
-        allowed = self._allowed(ctx)
+        principal = ctx.principal
+        tier = principal.tier if principal is not None else None
+        allowed = self.allowed.get(tier) if tier is not None else None
         if auto is not None and ctx.model == auto.name and self.scorer is not None:
             if ctx.endpoint == "embeddings":
                 raise Reject(
@@ -282,12 +278,7 @@ class RoutingPlugin:
         route = ctx.route
         if route is None:
             return
-        principal = ctx.principal
-        if (
-            self.dedicated_plans
-            and principal is not None
-            and principal.tier in self.dedicated_plans
-        ):
+        if tier is not None and tier in self.dedicated_plans:
             route = self.dedicated.get(route.model, route)
             ctx.route = route
         if ctx.endpoint == "embeddings":

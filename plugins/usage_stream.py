@@ -118,9 +118,11 @@ class Meter:
     def handle(self, entry_id: bytes, fields: dict[bytes, bytes], ack: bool = True) -> None:
         rows = fields.get(b"rows")
         if rows is not None:
-            path = self.folder / f"{entry_id.decode()}.jsonl"
-            path.write_bytes(rows + b"\n")
-            self.loaded_rows += self.db.ingest(path, stream=True)  # idempotent; deletes it
+            # a file of its own: a query's drain may handle the same pending entry at once
+            fd, name = tempfile.mkstemp(dir=self.folder, prefix=entry_id.decode(), suffix=".jsonl")
+            with os.fdopen(fd, "wb") as f:
+                f.write(rows + b"\n")
+            self.loaded_rows += self.db.ingest(Path(name), stream=True)  # idempotent; deletes it
         forget = fields.get(b"forget")
         if forget is not None:
             n = self.db.delete_rows(user=forget.decode())

@@ -143,6 +143,15 @@ def test_nothing_lost_nothing_doubled(url: str, tmp_path: Path) -> None:
     m2.drain()
     m.drain()
     assert db.query("SELECT count(*), count(DISTINCT request_id) FROM usage")[1] == [[2500, 2500]]
+    # two drains at once (a query's and the consumer thread's) on the same pending entries
+    shipper.ship(segment(tmp_path / "spool2", range(5000, 9000)))
+    assert len(m._read(">", 0, 100)) == 4  # read, so pending for consumer m1, not acknowledged
+    workers = [threading.Thread(target=x.drain) for x in (m, m2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert db.query("SELECT count(*), count(DISTINCT request_id) FROM usage")[1] == [[6500, 6500]]
     with redis.Redis.from_url(url) as r:
         assert r.xlen("tollway:usage") == 0  # loaded entries are acknowledged and dropped
         assert r.xpending("tollway:usage", "meters")["pending"] == 0
