@@ -35,6 +35,7 @@ log = logging.getLogger("tollway.cache")
 STORE: StashKey[CacheStore] = StashKey()
 _PLAN: StashKey[tuple[str, float, bool, Route]] = StashKey()  # key, ttl, may store, route
 _BODY: StashKey[dict[str, Any]] = StashKey()
+_LEADER: StashKey[str] = StashKey()  # the flight lock this request holds (shared store)
 _ASSEMBLER: StashKey[Assembler] = StashKey()
 
 CACHEABLE = frozenset({"chat", "completions", "messages", "embeddings"})
@@ -63,6 +64,14 @@ class CacheConfig(BaseModel):
     backend: Literal["memory", "state"] = Field(
         "memory", description="memory, or state: the shared store of state.url (Redis)."
     )
+    coalesce_instances: bool = Field(
+        True,
+        description="With backend state: a request whose identical twin is in flight on "
+        "another instance waits for its stored answer instead of calling the provider.",
+    )
+    flight_timeout: float = Field(
+        30.0, gt=0, description="The longest such a wait (then the request calls the provider)."
+    )
 
     @field_validator("ttl", mode="before")
     @classmethod
@@ -71,7 +80,7 @@ class CacheConfig(BaseModel):
             return {k: parse_duration(x) for k, x in v.items()}
         return v
 
-    @field_validator("default_ttl", mode="before")
+    @field_validator("default_ttl", "flight_timeout", mode="before")
     @classmethod
     def _default(cls, v: Any) -> Any:
         return None if v is None else parse_duration(v)
@@ -119,6 +128,12 @@ def _cache_metrics(store: CacheStore) -> dict[str, Any]:
             (),
         ),
         "tollway_cache_errors": ("counter", "Backend errors (treated as misses).", st.errors, ()),
+        "tollway_cache_coalesced_instances": (
+            "counter",
+            "Answers taken from an identical request in flight on another instance.",
+            st.coalesced,
+            (),
+        ),
     }
 
 
@@ -179,14 +194,30 @@ class CachePlugin:
         ctx.cache = "miss"
         if no_cache:
             return None
-        raw = await self.store.get(key)
+        store = self.store
+        raw = await store.get(key)
+        coalesced = False
         if raw is None:
-            return None
+            if not (self.config.coalesce_instances and store.shared and not no_store):
+                return None
+            holder = await store.claim(key, self.config.flight_timeout)
+            if holder == "lead":
+                ctx.stash[_LEADER] = key  # released in log, whatever happens
+                return None
+            if holder == "here":
+                return None  # this instance's own coalescing shares that call
+            raw = await store.await_flight(key, self.config.flight_timeout)
+            if raw is None:
+                return None  # it ended without an answer to share: ask the provider
+            coalesced = True
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
             return None
         ctx.cache = "hit"
+        if coalesced:
+            ctx.shared = "coalesced"
+            store.stats.coalesced += 1
         inp, out = usage_of(ctx.endpoint, body)
         ctx.usage = Usage(input_tokens=inp, output_tokens=out, reported=True)
         if ctx.stream:
@@ -216,6 +247,14 @@ class CachePlugin:
 
     @hookimpl
     async def log(self, ctx: RequestContext) -> None:
+        leader = ctx.stash.get(_LEADER)
+        try:
+            await self._store_reply(ctx)
+        finally:
+            if leader is not None and self.store is not None:
+                await self.store.release(leader)  # waiting instances take the answer or go on
+
+    async def _store_reply(self, ctx: RequestContext) -> None:
         plan = ctx.stash.get(_PLAN)
         if plan is None or not plan[2] or ctx.cache != "miss" or self.store is None:
             return

@@ -51,6 +51,7 @@ degrades to a counted miss without the per-call Task.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
@@ -93,6 +94,7 @@ class CacheStats:
     decrypt_failures: int = 0
     errors: int = 0
     oversize: int = 0
+    coalesced: int = 0  # answers taken from another instance's request in flight
 
 
 def parse_key(secret: str) -> bytes:
@@ -329,6 +331,7 @@ class CacheStore:
         self.set_keys(keys)
         self._namespace = namespace
         self._stats = CacheStats()
+        self._instance = os.urandom(8).hex().encode()  # who holds a flight lock
         self._memory: BoundedMemoryCache | None = None
         scheme = urlsplit(url).scheme
         if scheme == "memory":
@@ -404,8 +407,11 @@ class CacheStore:
             "response cache %s failed on %s backend: %s", op, self._kind, type(exc).__name__
         )
 
-    async def get(self, key: str) -> bytes | None:
-        """The cached plaintext, or None on miss, expiry, undecryptable entry or backend error."""
+    async def get(self, key: str, count: bool = True) -> bytes | None:
+        """The cached plaintext, or None on miss, expiry, undecryptable entry or backend error.
+
+        ``count=False``: a poll while waiting for another instance, not a lookup: the hit and
+        miss counters are left alone."""
         memory = self._memory
         try:
             if memory is not None:  # our own backend, called directly: see the module docstring
@@ -418,11 +424,13 @@ class CacheStore:
         if blob is not None:
             value = self._open(key, blob)
             if value is not None:
-                self._stats.hits += 1
+                if count:
+                    self._stats.hits += 1
                 return value
             self._stats.decrypt_failures += 1
             log.debug("response cache entry failed to decrypt; treated as a miss")
-        self._stats.misses += 1
+        if count:
+            self._stats.misses += 1
         return None
 
     async def set(self, key: str, value: bytes, ttl: float, owner: str | None = None) -> None:
@@ -453,6 +461,60 @@ class CacheStore:
             self._stats.sets += 1
         else:
             self._stats.oversize += 1
+
+    @property
+    def shared(self) -> bool:
+        """Whether other instances see this store (Redis), so a flight lock means something."""
+        return self._memory is None
+
+    async def claim(self, key: str, ttl: float) -> str:
+        """Take the flight lock of ``key`` for ``ttl`` seconds. ``"lead"``: this request calls
+        the provider; ``"here"``: another request of this instance does (local coalescing
+        takes care of it); ``"elsewhere"``: another instance's request does. A backend failure
+        answers "lead": the cache fails open, never blocks a request."""
+        try:
+            holder = await self._backend.raw(
+                "set",
+                f"{self._namespace}flight:{key}",
+                self._instance,
+                nx=True,
+                get=True,
+                px=max(1, int(ttl * 1000)),
+            )
+        except Exception as exc:
+            self._backend_error("claim", exc)
+            return "lead"
+        if holder is None:
+            return "lead"
+        return "here" if holder == self._instance else "elsewhere"
+
+    async def release(self, key: str) -> None:
+        try:
+            await self._backend.raw("delete", f"{self._namespace}flight:{key}")
+        except Exception as exc:
+            self._backend_error("release", exc)
+
+    async def await_flight(self, key: str, longest: float) -> bytes | None:
+        """Wait while another instance's request for ``key`` is in flight; its stored answer,
+        or None when it ended without one (an error, a reply not to be stored) or took longer
+        than ``longest`` seconds. Polls: a few Redis reads per waiting request, no subscription."""
+        lock = f"{self._namespace}flight:{key}"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + longest
+        delay = 0.005
+        while loop.time() < deadline:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+            value = await self.get(key, count=False)
+            if value is not None:
+                return value
+            try:
+                if not await self._backend.raw("exists", lock):
+                    return await self.get(key, count=False)  # stored just before the release
+            except Exception as exc:
+                self._backend_error("await_flight", exc)
+                return None
+        return None
 
     async def forget_owner(self, owner: str) -> int:
         """Delete every entry stored for ``owner``; returns how many were deleted.
