@@ -1,7 +1,8 @@
 """privacy: personal data and secrets are redacted from a request before any provider sees it.
 
 Every text a provider would receive is scanned: chat and Anthropic message contents (strings
-and text blocks), system prompts, completion prompts and embeddings inputs. What matches one
+and text blocks, tool results), the arguments of earlier tool calls, system prompts, completion
+prompts and embeddings inputs. What matches one
 of the enabled detectors is replaced by a placeholder (``[EMAIL]``, ``[CARD]``, ...), in
 ``access``, so everything after this plugin (routing, cache key, coalescing, the provider)
 sees only the redacted request: two prompts that differ only in an email address share one
@@ -291,8 +292,18 @@ def visit_texts(body: dict[str, Any], fn: Callable[[str], str | None]) -> None:
     messages = body.get("messages")
     if isinstance(messages, list):
         for m in messages:
-            if isinstance(m, dict) and "content" in m:
+            if not isinstance(m, dict):
+                continue
+            if "content" in m:
                 m["content"] = _blocks(m["content"], fn)
+            calls = m.get("tool_calls")  # an assistant's earlier calls: arguments are text too
+            if isinstance(calls, list):
+                for call in calls:
+                    function = call.get("function") if isinstance(call, dict) else None
+                    if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                        out = fn(function["arguments"])
+                        if out is not None:
+                            function["arguments"] = out
     if "system" in body:
         body["system"] = _blocks(body["system"], fn)
     for field in ("prompt", "input"):

@@ -141,6 +141,31 @@ async def test_the_provider_sees_placeholders(make_gateway: Any, emulator: Emula
     assert "tollway_redacted_requests_total 1.0" in text
 
 
+async def test_tool_call_arguments_are_redacted(make_gateway: Any, emulator: Emulator) -> None:
+    gw: Gw = await make_gateway(chain())
+    await gw.openai(await gw.create_key()).chat.completions.create(
+        model="gpt-5.4-mini",
+        messages=[
+            {"role": "user", "content": "email my manager"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "send", "arguments": f'{{"to": "{EMAIL}"}}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": f"sent to {EMAIL}"},
+        ],
+    )
+    sent = (await emulator.last())["body"]["messages"]
+    assert sent[1]["tool_calls"][0]["function"]["arguments"] == '{"to": "[EMAIL]"}'
+    assert sent[2]["content"] == "sent to [EMAIL]"
+
+
 async def test_anthropic_completions_and_embeddings(make_gateway: Any, emulator: Emulator) -> None:
     gw: Gw = await make_gateway(chain())
     key = await gw.create_key()
