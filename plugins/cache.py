@@ -248,10 +248,14 @@ class CachePlugin:
     @hookimpl
     async def log(self, ctx: RequestContext) -> None:
         leader = ctx.stash.get(_LEADER)
+        if leader is None:
+            if _PLAN in ctx.stash:  # a bypassed request has no plan: nothing to do
+                await self._store_reply(ctx)
+            return
         try:
             await self._store_reply(ctx)
         finally:
-            if leader is not None and self.store is not None:
+            if self.store is not None:
                 await self.store.release(leader)  # waiting instances take the answer or go on
 
     async def _store_reply(self, ctx: RequestContext) -> None:
