@@ -8,6 +8,11 @@ complete successful replies are stored: a whole body from ``response_body``, or 
 assembled event by event in ``response_chunk`` and stored in ``log`` only if it finished (a
 stream the client abandoned is not). ``Cache-Control: no-cache`` skips the read, ``no-store``
 the write. Every reply of a cacheable endpoint carries ``X-Tollway-Cache: hit|miss|bypass``.
+
+With the shared backend (``backend: state``) a miss that may be stored takes a flight lock in
+Redis, so an identical request on another instance waits for this one's stored answer instead
+of calling the provider too (``coalesce_instances``); the lock is released in ``log`` whatever
+happened, and a waiter whose twin ended without an answer calls the provider itself.
 """
 
 from __future__ import annotations

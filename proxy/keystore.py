@@ -123,8 +123,12 @@ class KeyStore:
     # ---- changes made by other instances (proxy.keysync) --------------------------------
 
     def replace_issued(self, records: list[KeyRecord]) -> None:
-        """Make the issued keys exactly ``records`` (policy-declared keys stay)."""
-        for rec in [r for r in self._by_id.values() if r.source == "api"]:
+        """Make the issued keys exactly ``records`` (policy-declared keys stay); the file is
+        written only when that changed something (a periodic resync usually does not)."""
+        current = [r for r in self._by_id.values() if r.source == "api"]
+        if set(current) == set(records):
+            return
+        for rec in current:
             self._by_id.pop(rec.id, None)
             self._by_hash.pop(rec.sha256, None)
         for rec in records:
