@@ -14,7 +14,7 @@ import logging
 import os
 
 from proxy.cli.data import cmd_export, cmd_invoice, cmd_report, cmd_sql
-from proxy.cli.keys import cmd_keys
+from proxy.cli.keys import cmd_forget, cmd_keys
 from proxy.cli.meter import cmd_meter
 from proxy.cli.serve import cmd_check, cmd_demo, cmd_emulator, cmd_serve
 
@@ -82,6 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     ex = data_cmd("export", "write usage as Parquet partitioned by day")
     ex.add_argument("--parquet", required=True, metavar="DIR")
     ex.set_defaults(fn=cmd_export)
+
+    f = sub.add_parser(
+        "forget", help="delete a user's keys, usage rows, cache entries and quota counts"
+    )
+    f.add_argument("--user", required=True)
+    f.add_argument(
+        "--url",
+        default=os.environ.get("TOLLWAY_URL", "http://127.0.0.1:8080"),
+        help="the running gateway (admin key from TOLLWAY_ADMIN_KEY)",
+    )
+    f.set_defaults(fn=cmd_forget)
 
     m = sub.add_parser("meter", help="load the usage stream of many gateways into DuckDB")
     m.add_argument("--policy", default="policies.yaml")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -63,4 +64,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
         else:
             _admin(args.url, "DELETE", f"/admin/keys/{args.id}")
         print(f"revoked {args.id}")
+    return 0
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    """Delete everything kept about a user, through the running gateway's admin API."""
+    quoted = urllib.parse.quote(args.user, safe="")
+    out = _admin(args.url, "DELETE", f"/admin/users/{quoted}/data")
+    print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
     return 0

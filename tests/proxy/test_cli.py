@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -110,6 +111,24 @@ def test_serve_keys_and_sighup_reload(emulator_port: int, tmp_path: Path) -> Non
         with pytest.raises(openai.AuthenticationError):
             client.models.list()
         client.close()
+
+        subprocess.run(
+            [*TOLLWAY, "keys", "--url", url, "create", "--user", "zoe", "--tier", "pro", "-q"],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            check=True,
+            capture_output=True,
+        )
+        forgot = subprocess.run(
+            [*TOLLWAY, "forget", "--url", url, "--user", "zoe"],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert json.loads(forgot.stdout)["deleted"]["keys"] == 1
+        assert "zoe" not in (tmp_path / "state" / "keys.json").read_text()
     assert gw.popen.returncode == 0
     assert key not in gw.text()  # no secret in the gateway's own output
 
