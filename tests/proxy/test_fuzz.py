@@ -50,7 +50,7 @@ class Http:
 
 
 ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages"]
-MODELS = ["gpt-5.4-mini", "claude-sonnet", "text-embedding-3-small", "nope", "", 3, None]
+MODELS = ["gpt-5.4-mini", "claude-sonnet", "text-embedding-3-small", "auto", "nope", "", 3, None]
 
 POLICY = """\
 version: 1
@@ -75,6 +75,10 @@ chain:
   - name: auth
   - name: limits
     config: {{user: [100000/minute], ip: [100000/minute], global: {{concurrent_requests: 50}}}}
+  - name: privacy
+  - name: routing
+    config: {{auto: {{cheap: gpt-5.4-mini, strong: claude-sonnet}},
+              fallbacks: {{gpt-5.4-mini: [claude-sonnet]}}}}
   - name: cache
     config: {{default_ttl: 1h}}
   - name: batching
