@@ -43,9 +43,9 @@ async def ask(gw: Gw, key: str, **headers: str) -> tuple[str, str]:
 async def test_one_call_across_instances(pair: tuple[Gw, Gw], emulator: Emulator) -> None:
     gw1, gw2 = pair
     k1, k2 = await gw1.create_key("ann"), await gw2.create_key("bob")
-    slow = {"x-emulator-latency-ms": "300"}
+    slow = {"x-emulator-latency-ms": "600"}
     first = asyncio.create_task(ask(gw1, k1, **slow))
-    await asyncio.sleep(0.1)  # the first is in flight on instance 1
+    await asyncio.sleep(0.2)  # the first is in flight on instance 1
     others = await asyncio.gather(*(ask(gw2, k2, **slow) for _ in range(3)))
     lead = await first
     assert (await emulator.stats())["requests"] == 1
@@ -61,8 +61,8 @@ async def test_a_failed_leader_lets_the_others_ask(pair: tuple[Gw, Gw], emulator
     gw1, gw2 = pair
     k1, k2 = await gw1.create_key("ann"), await gw2.create_key("bob")
     fail = {"x-emulator-fail-times": "3", "x-emulator-key": "leader", "x-emulator-status": "500"}
-    first = asyncio.create_task(ask(gw1, k1, **fail, **{"x-emulator-latency-ms": "200"}))
-    await asyncio.sleep(0.1)
+    first = asyncio.create_task(ask(gw1, k1, **fail, **{"x-emulator-latency-ms": "300"}))
+    await asyncio.sleep(0.2)
     second = await ask(gw2, k2)
     with pytest.raises(openai.InternalServerError):
         await first
