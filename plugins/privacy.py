@@ -82,7 +82,9 @@ PASSES: list[tuple[str | None, str, list[tuple[str, str]]]] = [
                 r"(?<=\+)[1-9][0-9]{0,2}[ .-]?(?:\([0-9]{2,4}\)[ .-]?|[0-9]{2,4}[ .-])"
                 r"[0-9]{2,4}[ .-]?[0-9]{3,4}\b"
                 r"|(?<=\()[0-9]{2,4}\)[ .-]?[0-9]{2,4}[ .-]?[0-9]{3,4}\b"
-                r"|(?<=[0-9])[0-9]{1,3}[ .-][0-9]{2,4}[ .-]?[0-9]{3,4}\b",
+                # without a country code or parentheses only the 3-3-4 shape with one kind of
+                # separator (415-555-0100): "100 200 3000" in code or data is not a phone number
+                r"|(?<=[0-9])[0-9]{2}(?P<sep>[ .-])[0-9]{3}(?P=sep)[0-9]{4}\b",
             ),
         ],
     ),

@@ -42,6 +42,7 @@ def test_detectors_find_each_kind() -> None:
     for text in (
         "(415) 555-0100",
         "415.555.0100",
+        "415 555 0100",
         "+1-415-555-0100",
         "5500-0000-0000-0004",
         "DE89370400440532013000",
@@ -66,6 +67,8 @@ def test_detectors_find_each_kind() -> None:
         "def total(xs):\n    return sum(xs) * 100 + 42\n",
         "a task-related sk-learn question",
         "count to 123456789 and back",
+        "a matrix row: 1000 2000 3000 and 12 345 678",
+        "mixed separators 415-555 0100",
     ],
 )
 def test_detectors_leave_lookalikes_alone(text: str) -> None:
