@@ -83,7 +83,10 @@ class Meter:
         self.client = _redis(url)
         self.stream = stream
         self.group = group
-        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
+        # stable across restarts, so a restarted meter picks up what it read and did not
+        # acknowledge at once (other meters take it over after CLAIM_IDLE_MS); two meters on
+        # one host need names of their own (``tollway meter --name``)
+        self.consumer = consumer or socket.gethostname()
         self.folder = Path(tempfile.mkdtemp(prefix="tollway-meter-"))
         self.loaded_rows = 0
         try:

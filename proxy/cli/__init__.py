@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--policy", default="policies.yaml")
     m.add_argument("--host", default="127.0.0.1")
     m.add_argument("--port", type=int, default=8090)
+    m.add_argument(
+        "--name", default=None, help="consumer name (default: the host name; unique per meter)"
+    )
     m.set_defaults(fn=cmd_meter)
 
     d = sub.add_parser("demo", help="emulator + gateway with the demo policy and a demo key")

@@ -48,7 +48,7 @@ class MeterBackend:
         return await asyncio.to_thread(self.db.export_parquet, folder)  # type: ignore[no-any-return]
 
 
-def build_meter_app(loaded: Any) -> tuple[web.Application, Any]:
+def build_meter_app(loaded: Any, name: str | None = None) -> tuple[web.Application, Any]:
     """The meter's web app and its consumer, from a policy whose metering plugin has sink redis."""
     from plugins.metering import MeteringConfig
     from plugins.usage_db import UsageDB
@@ -69,7 +69,7 @@ def build_meter_app(loaded: Any) -> tuple[web.Application, Any]:
     config = MeteringConfig.model_validate(items[0].config)
     if not policy.state.url.startswith(("redis://", "rediss://")):
         raise ValueError("tollway meter reads the usage stream of state.url: redis://...")
-    meter = Meter(UsageDB(config.database, config.memory_limit), policy.state.url)
+    meter = Meter(UsageDB(config.database, config.memory_limit), policy.state.url, name)
     plan_costs = {name: t.monthly_cost for name, t in policy.tiers.items()}
     sla = frozenset(n for n, t in policy.tiers.items() if "sla_guarantee" in t.perks)
     meter.db.set_plan_prices(plan_costs, sla)
@@ -100,8 +100,8 @@ def consume(meter: Any, stop: threading.Event) -> None:
             stop.wait(1.0)
 
 
-async def _run_meter(loaded: Any, host: str, port: int) -> None:
-    app, meter = build_meter_app(loaded)
+async def _run_meter(loaded: Any, host: str, port: int, name: str | None) -> None:
+    app, meter = build_meter_app(loaded, name)
     stop = threading.Event()
     thread = threading.Thread(target=consume, args=(meter, stop), name="tollway-meter")
     thread.start()
@@ -126,7 +126,7 @@ async def _run_meter(loaded: Any, host: str, port: int) -> None:
 def cmd_meter(args: argparse.Namespace) -> int:
     loaded = _load(args.policy)
     try:
-        _run(_run_meter(loaded, args.host, args.port))
+        _run(_run_meter(loaded, args.host, args.port, args.name))
     except ValueError as e:
         print(f"tollway meter: {e}", file=sys.stderr)
         return 1
