@@ -226,6 +226,8 @@ class RoutingPlugin:
             model: tuple(self.routes[m] for m in others)
             for model, others in config.fallbacks.items()
         }
+        # listed by GET /v1/models beside the policy's models
+        self.extra_models: tuple[str, ...] = (auto.name,) if auto is not None else ()
         self.auto_requests = {"cheap": 0, "strong": 0}
         self.fallbacks_taken = 0
 

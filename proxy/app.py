@@ -123,6 +123,12 @@ async def list_models(request: web.Request) -> web.Response:
                 status=e.status, body=reject_body(e, ctx.dialect), content_type="application/json"
             )
     names = list(rt.routes)
+    owners = {n: r.provider for n, r in rt.routes.items()}
+    for plugin in rt.chain.plugins:  # names a plugin answers for itself (routing's "auto")
+        for extra in getattr(plugin, "extra_models", ()):
+            if extra not in owners:
+                names.append(extra)
+                owners[extra] = "tollway"
     if dialect == "anthropic":
         data: dict[str, Any] = {
             "data": [
@@ -137,7 +143,7 @@ async def list_models(request: web.Request) -> web.Response:
         data = {
             "object": "list",
             "data": [
-                {"id": n, "object": "model", "created": 0, "owned_by": rt.routes[n].provider}
+                {"id": n, "object": "model", "created": 0, "owned_by": owners[n]}
                 for n in names
             ],
         }

@@ -159,6 +159,8 @@ async def test_auto_picks_cheap_or_strong(make_gateway: Any, emulator: Emulator)
         ("auto", "gpt-5.5"),
         ("gpt-5.4-mini", "gpt-5.4-mini"),
     ]
+    listed = {m.id: m.owned_by for m in (await client.models.list()).data}
+    assert listed["auto"] == "tollway" and listed["gpt-5.5"] == "openai"
     async with gw.http.get(f"{gw.url}/metrics") as r:
         text = await r.text()
     assert 'tollway_auto_routed_total{choice="cheap"} 1.0' in text
