@@ -143,8 +143,7 @@ async def list_models(request: web.Request) -> web.Response:
         data = {
             "object": "list",
             "data": [
-                {"id": n, "object": "model", "created": 0, "owned_by": owners[n]}
-                for n in names
+                {"id": n, "object": "model", "created": 0, "owned_by": owners[n]} for n in names
             ],
         }
     return web.Response(body=orjson.dumps(data), content_type="application/json")
