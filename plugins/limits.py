@@ -193,6 +193,7 @@ class LimitsPlugin:
         if policy.default_feature:
             self.known_features.add(policy.default_feature)
         self.state_url = policy.state.url
+        self.shared_state = policy.state.shared
         state_dir = policy.state.dir
         self.quota_path = (
             Path(state_dir) / config.quota_file if state_dir and config.quota_file else None
@@ -251,7 +252,7 @@ class LimitsPlugin:
         return windows
 
     def _open_quota(self, shared: Any) -> MonthlyQuota | RedisQuota:
-        if self.state_url.startswith(("redis://", "rediss://")):
+        if self.shared_state:
             remote = RedisQuota(self.state_url)
             shared.on_close(remote.stop)
             return remote

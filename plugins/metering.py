@@ -249,14 +249,14 @@ class MeteringPlugin:
     Config = MeteringConfig
 
     def __init__(self, config: MeteringConfig, policy: Policy) -> None:
-        if config.sink == "redis" and not policy.state.url.startswith(("redis://", "rediss://")):
+        if config.sink == "redis" and not policy.state.shared:
             raise ValueError("sink redis needs state.url: redis://...")
         self.config = config
         self.policy = policy
         self.prices = {name: f.price_per_request for name, f in policy.features.items()}
         self.tier_prices = {name: t.prices for name, t in policy.tiers.items() if t.prices}
-        self.plan_costs = {name: t.monthly_cost for name, t in policy.tiers.items()}
-        self.sla_plans = frozenset(n for n, t in policy.tiers.items() if "sla_guarantee" in t.perks)
+        self.plan_costs = policy.plan_costs()
+        self.sla_plans = policy.plans_with("sla_guarantee")
         self.store: UsageStore | None = None
         self._ip_hashes: dict[str, str] = {}
 

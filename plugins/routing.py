@@ -217,9 +217,7 @@ class RoutingPlugin:
         self.routes = policy.routes()
         self.allowed = {name: policy.allowed_models(name) for name in policy.tiers}
         # plans with the dedicated_instances perk: models with a dedicated_provider go there
-        self.dedicated_plans = frozenset(
-            name for name, t in policy.tiers.items() if "dedicated_instances" in t.perks
-        )
+        self.dedicated_plans = policy.plans_with("dedicated_instances")
         self.dedicated = policy.routes(dedicated=True)
         self.scorer = Scorer(auto) if auto is not None else None
         self.fallbacks = {

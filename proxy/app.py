@@ -54,9 +54,9 @@ def create_app(
     app[METRICS] = gw.metrics
     gw.app = app
     app.cleanup_ctx.append(_upstream_session)
-    url = loaded.policy.state.url
-    if url.startswith(("redis://", "rediss://")):
-        gw.keysync = KeySync(keystore, url)
+    state = loaded.policy.state
+    if state.shared:
+        gw.keysync = KeySync(keystore, state.url)
         app.cleanup_ctx.append(_key_sync)
     app.cleanup_ctx.append(_chain_lifespan)
     for path, (endpoint, dialect) in CLIENT_ENDPOINTS.items():

@@ -87,6 +87,11 @@ class State(Strict):
         "data", description="Folder for embedded state (issued keys); null keeps it in memory."
     )
 
+    @property
+    def shared(self) -> bool:
+        """Whether the state lives in Redis, where several instances share it."""
+        return self.url.startswith(("redis://", "rediss://"))
+
 
 class Timeouts(Strict):
     connect: float = Field(5.0, gt=0, description="Seconds to open a provider connection.")
@@ -228,6 +233,14 @@ class Policy(Strict):
             return frozenset(t.models) if t.models is not None else None
         base = set(t.models) if t.models is not None else set(self.models)
         return frozenset(base - custom)
+
+    def plans_with(self, perk: Perk) -> frozenset[str]:
+        """The plans that have ``perk``."""
+        return frozenset(name for name, t in self.tiers.items() if perk in t.perks)
+
+    def plan_costs(self) -> dict[str, float]:
+        """Each plan's subscription price (USD per month): MRR and invoices."""
+        return {name: t.monthly_cost for name, t in self.tiers.items()}
 
     def priority(self, tier: str) -> int:
         """Admission-queue priority: the plan's, at least 1 with the priority_support perk."""

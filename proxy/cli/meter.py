@@ -67,12 +67,11 @@ def build_meter_app(loaded: Any, name: str | None = None) -> tuple[web.Applicati
     if not items:
         raise ValueError("the policy's chain has no metering plugin")
     config = MeteringConfig.model_validate(items[0].config)
-    if not policy.state.url.startswith(("redis://", "rediss://")):
+    if not policy.state.shared:
         raise ValueError("tollway meter reads the usage stream of state.url: redis://...")
     meter = Meter(UsageDB(config.database, config.memory_limit), policy.state.url, name)
-    plan_costs = {name: t.monthly_cost for name, t in policy.tiers.items()}
-    sla = frozenset(n for n, t in policy.tiers.items() if "sla_guarantee" in t.perks)
-    meter.db.set_plan_prices(plan_costs, sla)
+    plan_costs = policy.plan_costs()
+    meter.db.set_plan_prices(plan_costs, policy.plans_with("sla_guarantee"))
     # the admin handlers, with a gateway that has no chain: same key check, same answers
     gw = Gateway(Runtime.build(loaded, Chain(loaded=loaded, plugins=(), names=())), KeyStore())
     app = web.Application()
