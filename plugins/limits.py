@@ -345,7 +345,7 @@ class LimitsPlugin:
         if monthly is not None:
             now = time.time()
             month, reset = self.month.current(now)
-            if isinstance(quota, MonthlyQuota):
+            if isinstance(quota, MonthlyQuota):  # in process: checked here, counted when admitted
                 full = quota.used(user, month) >= monthly
             else:  # shared by instances: take the place atomically now
                 full = not await quota.take(user, month, monthly)
@@ -425,11 +425,8 @@ class LimitsPlugin:
 
     @hookimpl
     async def forget_user(self, user_id: str) -> dict[str, int]:
-        quota = self.quota
-        assert quota is not None
-        if isinstance(quota, MonthlyQuota):
-            return {"quota_months": quota.forget(user_id)}
-        return {"quota_months": await quota.forget(user_id)}
+        assert self.quota is not None
+        return {"quota_months": await self.quota.forget(user_id)}
 
     @hookimpl
     async def log(self, ctx: RequestContext) -> None:
@@ -442,10 +439,7 @@ class LimitsPlugin:
         quota = self.quota
         if month is not None and principal is not None and quota is not None:
             if ctx.status >= 400 and ctx.status != 499:  # failed requests are not billed
-                if isinstance(quota, MonthlyQuota):
-                    quota.add(principal.user_id, month, -1)
-                else:
-                    await quota.give_back(principal.user_id, month)
+                await quota.give_back(principal.user_id, month)
         rule = self.plans.get(principal.tier) if principal and principal.tier else None
         if rule is not None and rule.tokens is not None and ctx.usage.reported and self.limiter:
             cost = ctx.usage.input_tokens + ctx.usage.output_tokens

@@ -122,6 +122,8 @@ class UsageStore:
             from plugins.usage_db import UsageDB
 
             self.db = UsageDB(db_path, config.memory_limit)
+        # where the loader puts a closed spool segment: the database, or the stream
+        self._sink = self.db.ingest if self.db is not None else self.shipper.ship  # type: ignore[union-attr]
         spool_dir = Path(config.spool_dir) if config.spool_dir else db_path.with_suffix(".spool")
         self.spool = Spool(spool_dir)
         self.batch_rows = config.batch_rows
@@ -201,8 +203,7 @@ class UsageStore:
         loop = asyncio.get_running_loop()
         for segment in self.spool.closed():
             t0 = time.perf_counter()
-            sink = self.db.ingest if self.db is not None else self.shipper.ship  # type: ignore[union-attr]
-            n = await loop.run_in_executor(self._loader, sink, segment)
+            n = await loop.run_in_executor(self._loader, self._sink, segment)
             self.load_seconds += time.perf_counter() - t0
             self.loaded_rows += n
 

@@ -58,7 +58,11 @@ class MonthlyQuota:
         users[user] = max(0, users.get(user, 0) + n)
         self._dirty = True
 
-    def forget(self, user: str) -> int:
+    async def give_back(self, user: str, month: str) -> None:
+        """A request that ended in an error does not count (``RedisQuota``'s interface too)."""
+        self.add(user, month, -1)
+
+    async def forget(self, user: str) -> int:
         """Drop the user's counts; returns how many months had one."""
         n = sum(users.pop(user, None) is not None for users in self._counts.values())
         self._dirty = self._dirty or n > 0
@@ -119,10 +123,6 @@ class RedisQuota:
         """A request that ended in an error does not count."""
         if int(await self.client.hincrby(self.prefix + user, month, -1)) < 0:
             await self.client.hset(self.prefix + user, month, 0)  # the user was forgotten
-
-    async def used(self, user: str, month: str) -> int:
-        value = await self.client.hget(self.prefix + user, month)
-        return int(value or 0)
 
     async def forget(self, user: str) -> int:
         """Drop the user's counts; returns how many months had one."""

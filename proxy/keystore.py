@@ -60,6 +60,10 @@ class KeyStore:
         self._by_hash[rec.sha256] = rec
         self._by_id[rec.id] = rec
 
+    def _remove(self, rec: KeyRecord) -> None:
+        self._by_id.pop(rec.id, None)
+        self._by_hash.pop(rec.sha256, None)
+
     def _save(self) -> None:
         if self.path is None:
             return
@@ -101,24 +105,23 @@ class KeyStore:
 
     def revoke(self, key_id: str) -> KeyRecord | None:
         """Remove a key; returns its record, or None when there is no such key."""
-        rec = self._by_id.pop(key_id, None)
+        rec = self._by_id.get(key_id)
         if rec is None:
             return None
-        self._by_hash.pop(rec.sha256, None)
+        self._remove(rec)
         self._save()
         return rec
 
     def forget_user(self, user: str) -> tuple[list[KeyRecord], int]:
         """Delete the user's issued keys; returns (deleted, kept): keys declared in the policy
         are managed there and stay until the policy drops them."""
-        mine = [r for r in self._by_id.values() if r.user == user]
-        issued = [r for r in mine if r.source == "api"]
+        issued = self.issued_to(user)
         for rec in issued:
-            self._by_id.pop(rec.id, None)
-            self._by_hash.pop(rec.sha256, None)
+            self._remove(rec)
         if issued:
             self._save()
-        return issued, len(mine) - len(issued)
+        kept = sum(1 for r in self._by_id.values() if r.user == user)  # the policy's
+        return issued, kept
 
     # ---- changes made by other instances (proxy.keysync) --------------------------------
 
@@ -129,8 +132,7 @@ class KeyStore:
         if set(current) == set(records):
             return
         for rec in current:
-            self._by_id.pop(rec.id, None)
-            self._by_hash.pop(rec.sha256, None)
+            self._remove(rec)
         for rec in records:
             self._add(rec)
         self._save()
@@ -143,8 +145,7 @@ class KeyStore:
     def drop_remote(self, sha256: str) -> None:
         rec = self._by_hash.get(sha256)
         if rec is not None and rec.source == "api":
-            self._by_hash.pop(sha256, None)
-            self._by_id.pop(rec.id, None)
+            self._remove(rec)
             self._save()
 
     def lookup(self, key: str) -> KeyRecord | None:
@@ -158,8 +159,7 @@ class KeyStore:
     def set_declared(self, records: list[tuple[str, str, str, str]]) -> None:
         """Replace the policy-declared keys (id, user, tier, sha256) after a policy load."""
         for rec in [r for r in self._by_id.values() if r.source == "policy"]:
-            self._by_id.pop(rec.id, None)
-            self._by_hash.pop(rec.sha256, None)
+            self._remove(rec)
         for id, user, tier, sha256 in records:
             self.declare(id, user, tier, sha256)
 
