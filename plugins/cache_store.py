@@ -451,9 +451,12 @@ class CacheStore:
                 stored = await self._backend.set(key, blob, ttl=max(float(ttl), 0.001))
                 if owner is not None:  # a set per owner, living as long as its longest entry
                     index = f"{self._namespace}owner:{owner}"
-                    await self._backend.raw("sadd", index, self._namespace + key)
-                    await self._backend.raw("expire", index, max(1, math.ceil(ttl)), gt=True)
-                    await self._backend.raw("expire", index, max(1, math.ceil(ttl)), nx=True)
+                    seconds = max(1, math.ceil(ttl))
+                    async with self._backend.client.pipeline(transaction=False) as pipe:
+                        pipe.sadd(index, self._namespace + key)
+                        pipe.expire(index, seconds, gt=True)  # longer than the set's TTL, or
+                        pipe.expire(index, seconds, nx=True)  # the set had none: one round trip
+                        await pipe.execute()
         except Exception as exc:
             self._backend_error("set", exc)
             return

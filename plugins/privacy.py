@@ -233,13 +233,16 @@ class Redactor:
         return out
 
     def may_match(self, text: str) -> bool:
-        """False when no detector can match anywhere in ``text`` (one RE2 pass)."""
-        if self.custom:  # operators' patterns may use lookarounds, which RE2 lacks: no gate
-            return True
+        """False when no built-in detector can match anywhere in ``text`` (one RE2 pass).
+        Custom detectors are not in the gate (they may use lookarounds, which RE2 lacks)."""
         return self.gate is not None and self.gate.search(text.encode()) is not None
 
-    def redact(self, text: str, counts: dict[str, int]) -> str:
-        if self.gate is not None and self.gate.search(text.encode()) is not None:
+    def redact(self, text: str, counts: dict[str, int], builtin: bool | None = None) -> str:
+        """``text`` with every match replaced. ``builtin``: whether the built-in detectors may
+        match, when the caller already asked ``may_match`` (None: ask it here)."""
+        if builtin is None:
+            builtin = self.may_match(text)
+        if builtin:
             text = self._run(self.passes, text, counts)
         if self.custom:
             text = self._run(self.custom, text, counts)
@@ -361,11 +364,14 @@ class PrivacyPlugin:
         texts: list[str] = []
         visit_texts(body, texts.append)  # type: ignore[arg-type]
         redactor = self.redactor
+        if not texts:
+            return
         # one gate over everything: most requests hold nothing to redact and stop here
-        if not texts or not redactor.may_match(texts[0] if len(texts) == 1 else "\n".join(texts)):
+        builtin = redactor.may_match(texts[0] if len(texts) == 1 else "\n".join(texts))
+        if not builtin and not redactor.custom:
             return
         counts: dict[str, int] = {}
-        visit_texts(body, partial(redactor.redact, counts=counts))
+        visit_texts(body, partial(redactor.redact, counts=counts, builtin=builtin))
         if counts:
             self.requests += 1
             for kind, n in counts.items():
