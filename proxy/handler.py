@@ -232,28 +232,30 @@ async def call_provider(
             if not ctx.fallbacks or e.status not in (502, 504):
                 raise
             failure = e
-        else:
-            if not ctx.fallbacks or resp.status not in upstream.FALLBACK_STATUSES:
-                if fell_back:
-                    resp.route = ctx.route
-                return resp
+        if resp is not None and (
+            not ctx.fallbacks or resp.status not in upstream.FALLBACK_STATUSES
+        ):
+            break
         failed = ctx.route
         nxt = await _next_fallback(rt, ctx)
-        if nxt is None:
+        if nxt is None:  # none left: the last failure is the answer
             if resp is None:
                 assert failure is not None
                 raise failure
-            resp.route = ctx.route if fell_back else None
-            return resp
+            break
         fell_back = True
+        why = failure.status if failure is not None else resp.status if resp is not None else 0
         log.info(
             "request %s: %s failed (%s), falling back to %s",
             ctx.request_id,
             failed.model if failed else "?",
-            failure.status if failure else resp.status if resp else "?",
-            ctx.route.model if ctx.route else "?",
+            why,
+            route.model if (route := ctx.route) else "?",
         )
         req = nxt
+    if fell_back:
+        resp.route = ctx.route
+    return resp
 
 
 async def _next_fallback(rt: Runtime, ctx: RequestContext) -> UpstreamRequest | None:
