@@ -21,12 +21,13 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator, Callable
 from functools import partial
-from typing import Any, Literal
+from typing import Literal
 
 import re2  # type: ignore[import-untyped]
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from plugins.texts import visit_texts
 from proxy.appkeys import METRICS
 from proxy.context import RequestContext
 from proxy.hookspecs import hookimpl
@@ -270,55 +271,6 @@ class Redactor:
             return found
         counts[kind] = counts.get(kind, 0) + 1
         return self.replacement[kind]
-
-
-def _blocks(value: Any, fn: Callable[[str], str | None]) -> Any:
-    """Apply ``fn`` to the texts of a message content (a string or a list of blocks); where
-    it returns a string, that replaces the text."""
-    if isinstance(value, str):
-        out = fn(value)
-        return value if out is None else out
-    if isinstance(value, list):
-        for block in value:
-            if isinstance(block, dict):
-                text = block.get("text")
-                if isinstance(text, str):
-                    out = fn(text)
-                    if out is not None:
-                        block["text"] = out
-                if "content" in block:  # Anthropic tool_result blocks nest a content
-                    block["content"] = _blocks(block["content"], fn)
-    return value
-
-
-def visit_texts(body: dict[str, Any], fn: Callable[[str], str | None]) -> None:
-    """Call ``fn`` on every text of a chat, messages, completions or embeddings request,
-    replacing a text where ``fn`` returns a string (None leaves it)."""
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        for m in messages:
-            if not isinstance(m, dict):
-                continue
-            if "content" in m:
-                m["content"] = _blocks(m["content"], fn)
-            calls = m.get("tool_calls")  # an assistant's earlier calls: arguments are text too
-            if isinstance(calls, list):
-                for call in calls:
-                    function = call.get("function") if isinstance(call, dict) else None
-                    if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-                        out = fn(function["arguments"])
-                        if out is not None:
-                            function["arguments"] = out
-    if "system" in body:
-        body["system"] = _blocks(body["system"], fn)
-    for field in ("prompt", "input"):
-        value = body.get(field)
-        if isinstance(value, str | list):
-            body[field] = (
-                _blocks(value, fn)
-                if isinstance(value, str)
-                else [_blocks(v, fn) if isinstance(v, str) else v for v in value]
-            )
 
 
 class PrivacyPlugin:

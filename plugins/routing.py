@@ -37,6 +37,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from plugins.texts import texts_of
 from proxy.appkeys import METRICS
 from proxy.context import RequestContext, Route, StashKey
 from proxy.errors import Reject
@@ -109,33 +110,22 @@ class RoutingConfig(BaseModel):
         return self
 
 
-def _text(content: Any) -> str:
-    """The text of a message content: a string, or the text parts of a list of blocks."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(
-            str(p.get("text", "")) for p in content if isinstance(p, dict) and "text" in p
-        )
-    return ""
-
-
 def prompt_texts(body: dict[str, Any]) -> tuple[list[str], list[str]]:
     """(every text of the prompt, what the user wrote) for chat, messages and completions."""
     texts: list[str] = []
     user: list[str] = []
     system = body.get("system")
     if system is not None:
-        texts.append(_text(system))
+        texts.extend(texts_of(system))
     messages = body.get("messages")
     if isinstance(messages, list):
         for m in messages:
             if not isinstance(m, dict):
                 continue
-            t = _text(m.get("content"))
-            texts.append(t)
+            t = texts_of(m.get("content"))
+            texts.extend(t)
             if m.get("role") == "user":
-                user.append(t)
+                user.extend(t)
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         texts.append(prompt)
