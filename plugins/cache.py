@@ -222,7 +222,6 @@ class CachePlugin:
         ctx.cache = "hit"
         if coalesced:
             ctx.shared = "coalesced"
-            store.stats.coalesced += 1
         inp, out = usage_of(ctx.endpoint, body)
         ctx.usage = Usage(input_tokens=inp, output_tokens=out, reported=True)
         if ctx.stream:

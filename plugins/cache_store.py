@@ -509,14 +509,18 @@ class CacheStore:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.05)
             value = await self.get(key, count=False)
-            if value is not None:
-                return value
-            try:
-                if not await self._backend.raw("exists", lock):
-                    return await self.get(key, count=False)  # stored just before the release
-            except Exception as exc:
-                self._backend_error("await_flight", exc)
-                return None
+            if value is None:
+                try:
+                    if await self._backend.raw("exists", lock):
+                        continue
+                except Exception as exc:
+                    self._backend_error("await_flight", exc)
+                    return None
+                value = await self.get(key, count=False)  # stored just before the release
+                if value is None:
+                    return None
+            self._stats.coalesced += 1
+            return value
         return None
 
     async def forget_owner(self, owner: str) -> int:
