@@ -23,6 +23,14 @@ from proxy.policy import Policy
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class DeclaredKey(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     id: str = Field(description="A stable id for the key (shown in usage rows).")
@@ -73,7 +81,10 @@ class AuthPlugin:
                 "No API key provided. Send 'Authorization: Bearer KEY' or 'x-api-key: KEY'.",
                 code="missing_api_key",
             )
-        rec = self.store.lookup(key) if self.store is not None else None
+        # a key that is not UTF-8 (lone surrogates: aiohttp decodes headers with
+        # surrogateescape) cannot be hashed, and no key was issued or declared with such bytes
+        valid = key.isascii() or _utf8(key)
+        rec = self.store.lookup(key) if self.store is not None and valid else None
         if rec is None:
             raise Reject(401, "Incorrect API key provided.", code="invalid_api_key")
         return Principal(user_id=rec.user, key_id=rec.id, tier=rec.tier)

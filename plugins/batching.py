@@ -10,10 +10,19 @@ subscriber's disconnect cuts the others' stream; the call is cancelled only when
 subscriber left. An error reaches every subscriber. Followers are marked
 ``ctx.shared = "coalesced"`` (metering bills them no provider cost).
 
-Embeddings batching: requests for the same provider, model, encoding and dimensions arriving
-within ``window`` go upstream as one call with an input array (at most ``max_inputs``), and each
+Embeddings batching: requests for the same provider, model and parameters arriving within
+``window`` go upstream as one call with an input array (at most ``max_inputs``), and each
 caller gets its own vectors and its share of the usage (by the length of its inputs; the shares
 add up to the provider's count). A request that cannot be batched passes through untouched.
+
+Tenant isolation, the same rule for both: a call is shared only by requests of one ``scope``
+(the user by default, as in the cache; ``tier`` or ``global`` only when the policy says so)
+whose forwarded headers are identical. The merged call carries its first caller's headers and
+body parameters, so sharing it across different headers (``OpenAI-Project``, a client's
+``user``) would apply one caller's provider account or attribution to another's inputs. When a
+merged call fails with a client error that one member's input may have caused (400, 413, 422,
+...), each member is sent again on its own, so everyone gets their own answer or error; errors
+that are the same for every member by construction (401, 403, 404, 429) are shared as they are.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from plugins.fingerprint import Scope, fingerprint
+from plugins.fingerprint import Scope, fingerprint, scope_id
 from proxy.appkeys import METRICS
 from proxy.context import RequestContext, Route, UpstreamRequest, UpstreamResponse
 from proxy.errors import Reject
@@ -41,7 +50,10 @@ log = logging.getLogger("tollway.batching")
 class BatchingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     coalesce: bool = Field(True, description="Share one provider call among identical requests.")
-    scope: Scope = Field("user", description="Who may share a call: user, tier or global.")
+    scope: Scope = Field(
+        "user",
+        description="Who may share a call or a merged embeddings batch: user, tier or global.",
+    )
     window: float = Field(0.1, ge=0, description="How long an embeddings batch waits to fill.")
     max_inputs: int = Field(64, ge=1, description="Most inputs in one merged embeddings call.")
     embeddings: bool = Field(True, description="Merge small embeddings requests.")
@@ -134,14 +146,24 @@ class WholeFlight:
                 fut.set_result(outcome)
 
 
+FlightKey = tuple[str, frozenset[tuple[str, str]], bool]
+"""What identical requests share: the answer's fingerprint (tenant scope included), the
+forwarded headers, and whether it is streamed."""
+
+
+def flight_key(fp: str, req: UpstreamRequest) -> FlightKey:
+    """A request's coalescing key; a frozenset, so the clients' header order does not matter."""
+    return (fp, frozenset(req.headers.items()), req.stream)
+
+
 class Coalescer:
     def __init__(self) -> None:
-        self.flights: dict[str, Flight] = {}
-        self.whole: dict[str, WholeFlight] = {}
+        self.flights: dict[FlightKey, Flight] = {}
+        self.whole: dict[FlightKey, WholeFlight] = {}
         self.coalesced = 0
 
     async def send_whole(
-        self, key: str, ctx: RequestContext, req: UpstreamRequest
+        self, key: FlightKey, ctx: RequestContext, req: UpstreamRequest
     ) -> UpstreamResponse:
         assert ctx.call_upstream is not None
         while True:
@@ -177,7 +199,9 @@ class Coalescer:
             flight.settle(resp)
         return resp
 
-    async def send(self, key: str, ctx: RequestContext, req: UpstreamRequest) -> UpstreamResponse:
+    async def send(
+        self, key: FlightKey, ctx: RequestContext, req: UpstreamRequest
+    ) -> UpstreamResponse:
         flight = self.flights.get(key)
         if flight is None:
             flight = Flight()
@@ -229,7 +253,7 @@ class Coalescer:
         if flight.subscribers <= 0 and not flight.done and flight.task is not None:
             flight.task.cancel()  # nobody is listening any more: stop paying for it
 
-    def _forget(self, key: str, flight: Flight) -> None:
+    def _forget(self, key: FlightKey, flight: Flight) -> None:
         if self.flights.get(key) is flight:
             del self.flights[key]
 
@@ -237,16 +261,49 @@ class Coalescer:
 # ---- embeddings batching -------------------------------------------------------------------
 
 
+BatchKey = tuple[Any, ...]
+
+_SAME_FOR_EVERY_MEMBER = frozenset({401, 403, 404, 429})
+"""Client errors of a merged call that no single member's input causes: the members share the
+key, the model and the headers, so each would get the same alone (and a 429 is made worse by
+more calls). Any other 4xx may be one member's input: the members are then sent one by one."""
+
+
+def batch_key(ctx: RequestContext, req: UpstreamRequest, scope: Scope) -> BatchKey | None:
+    """What requests must share to be merged into one call; None: this one is sent alone.
+
+    The tenant scope, the provider URL, every body parameter but ``input`` (model, encoding,
+    dimensions, the client's ``user``), the headers the call would carry and the fallbacks:
+    the merged call is the first caller's request with everyone's inputs, so nothing of it may
+    differ between them. A few microseconds: the parameters without the inputs are tiny.
+    """
+    try:
+        params = orjson.dumps(
+            {k: v for k, v in req.body.items() if k != "input"}, option=orjson.OPT_SORT_KEYS
+        )
+    except orjson.JSONEncodeError:
+        return None
+    return (
+        scope_id(ctx, scope),
+        req.provider,
+        req.url,
+        params,
+        frozenset(req.headers.items()),
+        ctx.fallbacks,
+    )
+
+
 @dataclass(eq=False)
 class _Caller:
+    ctx: RequestContext
+    req: UpstreamRequest  # its own request: sent as it is if the merged call must be split
     inputs: list[str]
     future: asyncio.Future[UpstreamResponse]
 
 
 @dataclass(eq=False)
 class _Batch:
-    ctx: RequestContext
-    req: UpstreamRequest
+    req: UpstreamRequest  # the first caller's: the members share all of it but the inputs
     callers: list[_Caller] = field(default_factory=list)
     size: int = 0
     timer: asyncio.TimerHandle | None = None
@@ -256,9 +313,10 @@ class Batcher:
     def __init__(self, window: float, max_inputs: int) -> None:
         self.window = window
         self.max_inputs = max_inputs
-        self.open: dict[tuple[Any, ...], _Batch] = {}
+        self.open: dict[BatchKey, _Batch] = {}
         self.batched = 0
         self.calls = 0
+        self.splits = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
     @staticmethod
@@ -271,26 +329,18 @@ class Batcher:
         return None  # token arrays and odd shapes pass through untouched
 
     async def send(
-        self, ctx: RequestContext, req: UpstreamRequest, inputs: list[str]
+        self, key: BatchKey, ctx: RequestContext, req: UpstreamRequest, inputs: list[str]
     ) -> UpstreamResponse:
-        body = req.body
-        key = (
-            req.provider,
-            req.url,
-            body.get("model"),
-            body.get("encoding_format"),
-            body.get("dimensions"),
-        )
         batch = self.open.get(key)
         if batch is not None and batch.size + len(inputs) > self.max_inputs:
             self._flush(key)
             batch = None
         if batch is None:
-            batch = _Batch(ctx, req)
+            batch = _Batch(req)
             self.open[key] = batch
             batch.timer = asyncio.get_running_loop().call_later(self.window, self._flush, key)
         fut: asyncio.Future[UpstreamResponse] = asyncio.get_running_loop().create_future()
-        batch.callers.append(_Caller(inputs, fut))
+        batch.callers.append(_Caller(ctx, req, inputs, fut))
         batch.size += len(inputs)
         if batch.size >= self.max_inputs:
             self._flush(key)
@@ -298,7 +348,7 @@ class Batcher:
             ctx.shared = "batched"
         return await asyncio.shield(fut)
 
-    def _flush(self, key: tuple[Any, ...]) -> None:
+    def _flush(self, key: BatchKey) -> None:
         batch = self.open.pop(key, None)
         if batch is None:
             return
@@ -309,7 +359,13 @@ class Batcher:
         task.add_done_callback(self._tasks.discard)
 
     async def _call(self, batch: _Batch) -> None:
-        callers = batch.callers
+        # a caller whose client left during the window is gone (the handler cleared its
+        # call_upstream): its inputs are not sent, and the call is made on a present one's behalf
+        callers = [c for c in batch.callers if c.ctx.call_upstream is not None]
+        if not callers:
+            return
+        call = callers[0].ctx.call_upstream
+        assert call is not None
         if len(callers) > 1:
             self.batched += len(callers)
         self.calls += 1
@@ -324,22 +380,51 @@ class Batcher:
             stream=False,
         )
         try:
-            assert batch.ctx.call_upstream is not None
-            resp = await batch.ctx.call_upstream(req)
+            resp = await call(req)
             if resp.release is not None:
                 resp.release()
             if resp.status != 200 or resp.body is None:
+                if (
+                    len(callers) > 1
+                    and 400 <= resp.status < 500
+                    and resp.status not in _SAME_FOR_EVERY_MEMBER
+                ):
+                    # maybe one member's input: nobody else's request may fail for it
+                    self.splits += 1
+                    await asyncio.gather(*(self._alone(c) for c in callers))
+                    return
                 for c in callers:
                     _resolve(c.future, resp)
                 return
             for c, part in zip(callers, _split(resp.body, callers), strict=True):
-                _resolve(c.future, UpstreamResponse(status=200, headers=resp.headers, body=part))
+                _resolve(
+                    c.future,
+                    UpstreamResponse(status=200, headers=resp.headers, body=part, route=resp.route),
+                )
         except BaseException as e:
             for c in callers:
                 if not c.future.done():
                     c.future.set_exception(e)
             if isinstance(e, asyncio.CancelledError):
                 raise
+
+    async def _alone(self, c: _Caller) -> None:
+        """Send one member's own request, as if it had never been batched."""
+        call = c.ctx.call_upstream
+        if c.future.done() or call is None:
+            return  # its client has left (the handler cleared call_upstream): nobody to answer
+        c.ctx.shared = None  # its answer comes from a call of its own
+        try:
+            resp = await call(c.req)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # this member's failure is its own
+            if not c.future.done():
+                c.future.set_exception(e)
+            return
+        if resp.release is not None:
+            resp.release()
+        _resolve(c.future, resp)
 
 
 def _resolve(fut: asyncio.Future[UpstreamResponse], resp: UpstreamResponse) -> None:
@@ -409,6 +494,13 @@ class BatchingPlugin:
                     (),
                 ),
                 "tollway_batch_calls": ("counter", "Merged embeddings calls sent.", b.calls, ()),
+                "tollway_batch_splits": (
+                    "counter",
+                    "Merged embeddings calls refused with a client error, then sent again one "
+                    "request at a time.",
+                    b.splits,
+                    (),
+                ),
             },
         )
         yield
@@ -422,12 +514,14 @@ class BatchingPlugin:
         if ctx.endpoint == "embeddings" and self.config.embeddings:
             inputs = Batcher.inputs_of(req.body)
             if inputs is not None and len(inputs) < self.config.max_inputs:
-                return await self.batcher.send(ctx, req, inputs)
+                bkey = batch_key(ctx, req, self.config.scope)
+                if bkey is not None:
+                    return await self.batcher.send(bkey, ctx, req, inputs)
         if self.config.coalesce:
-            key = fingerprint(ctx, self.config.scope)
+            key = flight_key(fingerprint(ctx, self.config.scope), req)
             if not req.stream:
                 return await self.coalescer.send_whole(key, ctx, req)
             # a stream is shared live: its call runs in a task of its own, so a disconnecting
             # client (the first one included) never cuts the others' stream
-            return await self.coalescer.send(key + ":stream", ctx, req)
+            return await self.coalescer.send(key, ctx, req)
         return None

@@ -34,6 +34,7 @@ from proxy.appkeys import METRICS, SHARED
 from proxy.context import Reply, RequestContext, Route, StashKey, StreamEvent, Usage
 from proxy.hookspecs import hookimpl
 from proxy.policy import Policy, parse_duration
+from proxy.statewatch import STATE_WATCH, StateWatch
 
 log = logging.getLogger("tollway.cache")
 
@@ -164,10 +165,13 @@ class CachePlugin:
         else:
             raise ValueError("a shared cache backend needs config.key so instances can decrypt")
         self.store: CacheStore | None = None
+        self.watch: StateWatch | None = None  # Redis's health, with backend: state
 
     @hookimpl
     async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
         shared = app[SHARED]
+        if self.config.backend == "state":
+            self.watch = shared.find(STATE_WATCH)
         store = shared.find(STORE)
         if store is None:
             store = CacheStore(url=self.url, max_bytes=self.config.max_bytes, keys=self.keys)
@@ -190,8 +194,9 @@ class CachePlugin:
         if ctx.endpoint not in CACHEABLE or ctx.route is None or self.store is None:
             return None
         ttl = self._ttl(ctx.feature)
-        if ttl is None:
-            ctx.cache = "bypass"
+        watch = self.watch
+        if ttl is None or (watch is not None and not watch.available):
+            ctx.cache = "bypass"  # while Redis is unreachable: no lookup waits on its timeout
             return None
         no_cache, no_store = _cache_control(ctx.request.headers.get("cache-control"))
         key = fingerprint(ctx, self.config.scope)

@@ -75,6 +75,8 @@ NONCE_LEN = 12
 TAG_LEN = 16
 KEY_LEN = 32
 DEFAULT_REDIS_TIMEOUT = 0.5
+ERROR_LOG_EVERY = 10.0
+"""Seconds between two log lines about backend failures (the rest are counted)."""
 
 
 @dataclass
@@ -331,6 +333,8 @@ class CacheStore:
         self.set_keys(keys)
         self._namespace = namespace
         self._stats = CacheStats()
+        self._error_logged = -ERROR_LOG_EVERY
+        self._errors_unlogged = 0
         self._instance = os.urandom(8).hex().encode()  # who holds a flight lock
         self._memory: BoundedMemoryCache | None = None
         scheme = urlsplit(url).scheme
@@ -402,9 +406,21 @@ class CacheStore:
 
     def _backend_error(self, op: str, exc: Exception) -> None:
         self._stats.errors += 1
+        # One line per interval, not per request: a Redis outage fails every lookup, and
+        # each one is already a miss (the request goes to the provider).
+        now = time.monotonic()
+        if now - self._error_logged < ERROR_LOG_EVERY:
+            self._errors_unlogged += 1
+            return
+        self._error_logged = now
+        more, self._errors_unlogged = self._errors_unlogged, 0
         # Only the exception type: messages can embed keys or payloads.
         log.warning(
-            "response cache %s failed on %s backend: %s", op, self._kind, type(exc).__name__
+            "response cache %s failed on %s backend: %s (%d more failures since the last line)",
+            op,
+            self._kind,
+            type(exc).__name__,
+            more,
         )
 
     async def get(self, key: str, count: bool = True) -> bytes | None:

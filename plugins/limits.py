@@ -11,6 +11,11 @@ Windows are sliding-window counters (``plugins.windows``; the ``limits`` library
 when ``state.url`` is Redis), and ``Retry-After`` is computed from the counters: the seconds
 until one more request fits. Counters, quota counts and the admission queue
 are kept across policy reloads (``proxy.shared``).
+
+While Redis is unreachable (``proxy.statewatch``), ``state.on_unavailable`` decides: ``serve``
+checks every layer and the quota on this instance alone (``FailoverWindows``, ``RedisQuota``'s
+own counts), ``refuse`` answers 503 ``state_unavailable``. Nothing here adds a Redis call to
+a request: the health is a flag the watch and failed calls keep.
 """
 
 from __future__ import annotations
@@ -28,13 +33,22 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from plugins.admission import Admission, QueueFull, QueueTimeout
-from plugins.quota import MonthlyQuota, RedisQuota, month_of, next_month_start
-from plugins.windows import Admit, BoundLayers, Layer, MemoryWindows, close_windows, open_windows
+from plugins.quota import MonthlyQuota, RedisQuota, instance_id, month_of, next_month_start
+from plugins.windows import (
+    Admit,
+    BoundLayers,
+    FailoverWindows,
+    Layer,
+    MemoryWindows,
+    close_windows,
+    open_windows,
+)
 from proxy.appkeys import METRICS, SHARED
 from proxy.context import RequestContext, StashKey, UpstreamRequest
 from proxy.errors import Reject
 from proxy.hookspecs import hookimpl
 from proxy.policy import Policy, parse_duration
+from proxy.statewatch import STATE_WATCH, StateWatch
 
 WINDOWS: StashKey[Any] = StashKey()
 QUOTA: StashKey[MonthlyQuota | RedisQuota] = StashKey()
@@ -195,6 +209,7 @@ class LimitsPlugin:
         self.state_url = policy.state.url
         self.shared_state = policy.state.shared
         state_dir = policy.state.dir
+        self.state_dir = Path(state_dir) if state_dir else None
         self.quota_path = (
             Path(state_dir) / config.quota_file if state_dir and config.quota_file else None
         )
@@ -202,12 +217,16 @@ class LimitsPlugin:
         self._layer_cache: dict[tuple[str, str, str | None], BoundLayers] = {}
         self.quota: MonthlyQuota | RedisQuota | None = None
         self.admission: Admission | None = None
+        self.watch: StateWatch | None = None  # Redis's health (state.url: redis://)
 
     @hookimpl
     async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
         shared = app[SHARED]
+        self.watch = shared.find(STATE_WATCH)
         self.limiter = shared.get(WINDOWS, lambda: self._open_windows(shared))
         self.quota = shared.get(QUOTA, lambda: self._open_quota(shared))
+        if isinstance(self.quota, RedisQuota):
+            await self.quota.open()  # once: puts this instance's shares back if Redis lost them
         g = self.config.global_
         if g is not None:
             adm = shared.get(
@@ -249,12 +268,18 @@ class LimitsPlugin:
     def _open_windows(self, shared: Any) -> Any:
         windows = open_windows(self.state_url)
         shared.on_close(lambda: close_windows(windows))
+        if self.watch is not None:
+            return FailoverWindows(windows, self.watch)
         return windows
 
     def _open_quota(self, shared: Any) -> MonthlyQuota | RedisQuota:
         if self.shared_state:
-            remote = RedisQuota(self.state_url)
+            # this instance's own counts, in its own file: what Redis is re-seeded from
+            own = MonthlyQuota(self.quota_path)
+            remote = RedisQuota(self.state_url, own, instance_id(self.state_dir), self.watch)
             shared.on_close(remote.stop)
+            if self.watch is not None:
+                self.watch.on_recover(remote.restore)
             return remote
         quota = MonthlyQuota(self.quota_path)
         quota.start()
@@ -341,6 +366,9 @@ class LimitsPlugin:
         user = principal.user_id if principal else "anonymous"
         monthly = rule.monthly if rule is not None else None
         quota = self.quota
+        watch = self.watch
+        if watch is not None and not watch.available and watch.refuse:
+            raise watch.reject()  # state.on_unavailable: refuse
         taken = False  # a place in a shared (Redis) quota, given back if a later layer refuses
         if monthly is not None:
             now = time.time()
@@ -386,6 +414,10 @@ class LimitsPlugin:
                 h["x-ratelimit-limit-requests"] = str(layers[res.layer][0])
                 h["x-ratelimit-remaining-requests"] = str(res.remaining)
                 h["x-ratelimit-reset-requests"] = reset_string(res.wait)
+            if watch is not None and not watch.available:  # decided without Redis
+                if watch.refuse:
+                    raise watch.reject()
+                watch.affected()
         except Reject:
             if taken:
                 await quota.give_back(user, month)  # type: ignore[union-attr]

@@ -17,13 +17,20 @@ Billing rules (written here because invoices depend on them):
 - A stream the client abandons is billed for what was delivered: the provider's token counts
   where it sent them, else output tokens = content events relayed (about one token each) and
   input tokens = prompt bytes / 4; such rows have ``usage_estimated = true``.
+- A stream that broke after it started (the provider's connection broke or timed out, it sent
+  an error or a malformed event, or it stopped before its terminal event) is a failed request:
+  its row has ``error_code = 'upstream_stream_error'`` and the failure's ``status`` (502, or 504
+  for a timeout), though the client first got a 200; ``price_usd`` is 0 (the customer did not
+  get the reply, and the request is given back to the monthly quota), while ``cost_usd`` keeps
+  what the provider may charge for the tokens it produced: its counts where they arrived, else
+  the same estimate as for an abandoned stream (``usage_estimated = true``). Complete streams
+  are ``status < 400``; broken ones ``WHERE error_code = 'upstream_stream_error'``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 import threading
@@ -36,20 +43,26 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from plugins.analytics import Analytics, QueryLimits
+from plugins.ip_hash import IpHasher, key_file, load_or_create_key
 from plugins.spool import Spool
 from plugins.usage_stream import StreamShipper
 from proxy.appkeys import KEYSTORE, METRICS, SHARED
-from proxy.context import RequestContext, StashKey
+from proxy.context import STREAM_BROKEN, RequestContext, StashKey
 from proxy.hookspecs import hookimpl
 from proxy.policy import Policy, parse_duration
-from proxy.usage import USAGE
+from proxy.statewatch import is_state_error
+from proxy.usage import USAGE, export_target
 
 if TYPE_CHECKING:
     from plugins.usage_db import UsageDB
 
 log = logging.getLogger("tollway.metering")
+
+_ENDED_EARLY = frozenset({"client_disconnected", STREAM_BROKEN})
+"""A stream's ``error_code`` when it ended before its reply did: its tokens may be estimated."""
 
 _STORE: StashKey[UsageStore] = StashKey()
 _WRITTEN: StashKey[bool] = StashKey()
@@ -71,6 +84,37 @@ class MeteringConfig(BaseModel):
         pattern=r"^\d+(\.\d+)?\s*[KMGT]i?B$",
         description="DuckDB's memory cap, e.g. 512MB.",
     )
+    # admin SQL (/admin/sql, tollway sql) is bounded so that no query can stop the admin
+    # plane or the gateway (plugins.analytics)
+    query_timeout: float = Field(
+        5.0, gt=0, description="An admin SQL query running longer is interrupted (a 400)."
+    )
+    query_max_rows: int = Field(
+        100_000, ge=1, description="Largest admin SQL answer in rows; more is a 400."
+    )
+    query_max_bytes: int = Field(
+        16 << 20, ge=1024, description="Largest admin SQL answer in bytes of JSON; more is a 400."
+    )
+    query_concurrency: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Admin SQL queries running at once; one more is refused with a 429.",
+    )
+    query_memory_limit: str = Field(
+        "256MB",
+        pattern=r"^\d+(\.\d+)?\s*[KMGT]i?B$",
+        description="Memory one admin SQL query may use for sorts, joins and aggregates.",
+    )
+    temp_limit: str = Field(
+        "1GB",
+        pattern=r"^\d+(\.\d+)?\s*[KMGT]i?B$",
+        description="Disk DuckDB may spill to (DATABASE.tmp); a query needing more fails.",
+    )
+    export_dir: str = Field(
+        "data/exports",
+        description="/admin/export writes only into folders under this one (relative names).",
+    )
 
     sink: Literal["duckdb", "redis"] = Field(
         "duckdb",
@@ -80,11 +124,50 @@ class MeteringConfig(BaseModel):
     retention: float | None = Field(
         None, gt=0, description="Delete usage rows older than this (e.g. 400d); null keeps all."
     )
+    ip_hash_key: SecretStr | None = Field(
+        None,
+        min_length=16,
+        description="Key of the HMAC-SHA256 that turns client IPs into client_ip_hash (at least "
+        "16 characters, e.g. {$env: NAME}); null: a random key created once in a file beside "
+        "the database (DATABASE with suffix .ip_hash_key). Set it so several instances (sink "
+        "redis) hash alike.",
+    )
 
-    @field_validator("flush_interval", "retention", mode="before")
+    @field_validator("flush_interval", "retention", "query_timeout", mode="before")
     @classmethod
     def _duration(cls, v: Any) -> float | None:
         return None if v is None else parse_duration(v)
+
+    @model_validator(mode="after")
+    def _export_dir_apart(self) -> MeteringConfig:
+        # the database may read its export directory, so admin SQL can: it must not hold the
+        # database's neighbours (keys.json, the ip_hash_key file)
+        exports = os.path.join(os.path.realpath(self.export_dir), "")
+        if os.path.realpath(self.database).startswith(exports):
+            raise ValueError("export_dir must be a folder of its own, not one holding database")
+        return self
+
+    def query_limits(self) -> QueryLimits:
+        return QueryLimits(
+            timeout=self.query_timeout,
+            max_rows=self.query_max_rows,
+            max_bytes=self.query_max_bytes,
+            concurrency=self.query_concurrency,
+            memory_limit=self.query_memory_limit,
+        )
+
+    def open_database(self, spool_dir: str | Path | None = None) -> UsageDB:
+        """The database, sandboxed: DuckDB may touch files only in the spool folder the
+        loader reads (default DATABASE.spool) and the export directory."""
+        from plugins.usage_db import UsageDB  # DuckDB only where a database is opened
+
+        return UsageDB(
+            self.database,
+            self.memory_limit,
+            spool_dir=spool_dir,
+            export_dirs=(self.export_dir,),
+            temp_limit=self.temp_limit,
+        )
 
 
 PRUNE_EVERY = 3600.0
@@ -117,14 +200,15 @@ class UsageStore:
         # sink redis: rows go to the stream and ``tollway meter`` owns the database
         self.shipper = StreamShipper(state_url) if config.sink == "redis" else None
         self.db: UsageDB | None = None
+        self.analytics: Analytics | None = None
+        self.export_dir = config.export_dir
+        spool_dir = Path(config.spool_dir) if config.spool_dir else db_path.with_suffix(".spool")
         if self.shipper is None:
-            # imported here: a gateway with sink redis never loads DuckDB (~60 MB resident)
-            from plugins.usage_db import UsageDB
-
-            self.db = UsageDB(db_path, config.memory_limit)
+            # a gateway with sink redis never loads DuckDB (~60 MB resident)
+            self.db = config.open_database(spool_dir)
+            self.analytics = Analytics(self.db, config.query_limits(), config.export_dir)
         # where the loader puts a closed spool segment: the database, or the stream
         self._sink = self.db.ingest if self.db is not None else self.shipper.ship  # type: ignore[union-attr]
-        spool_dir = Path(config.spool_dir) if config.spool_dir else db_path.with_suffix(".spool")
         self.spool = Spool(spool_dir)
         self.batch_rows = config.batch_rows
         self.interval = config.flush_interval
@@ -163,8 +247,16 @@ class UsageStore:
             self._wake.clear()
             try:
                 await self.flush()
-            except Exception:
-                log.exception("loading usage rows failed; they stay in the spool and are retried")
+            except Exception as e:
+                if is_state_error(e):  # sink redis with Redis down: one line a flush, no trace
+                    log.warning(
+                        "shipping usage rows failed (%s); they stay in the spool and are retried",
+                        type(e).__name__,
+                    )
+                else:
+                    log.exception(
+                        "loading usage rows failed; they stay in the spool and are retried"
+                    )
             try:
                 await self.prune()
             except Exception:
@@ -208,6 +300,8 @@ class UsageStore:
             self.loaded_rows += n
 
     async def close(self) -> None:
+        if self.analytics is not None:  # first: shutdown never waits on an admin query
+            await self.analytics.close()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -215,8 +309,8 @@ class UsageStore:
         await self.flush()
         self._loader.shutdown()
         self.spool.close()
-        if self.db is not None:
-            self.db.close()
+        if self.db is not None and not (self.analytics and self.analytics.busy):
+            self.db.close()  # (a call that ignored its interrupt keeps it: the process exits)
         if self.shipper is not None:
             self.shipper.close()
 
@@ -227,9 +321,15 @@ class UsageStore:
         assert self.db is not None, "no database here: sink redis (tollway meter owns it)"
         return self.db
 
+    @property
+    def _analytics(self) -> Analytics:
+        assert self.analytics is not None, "no database here: sink redis (tollway meter owns it)"
+        return self.analytics
+
     async def sql(self, query: str) -> tuple[list[str], list[list[Any]]]:
+        self._analytics.check_capacity()  # refused before any work
         await self.flush()
-        return await asyncio.to_thread(self.database.query, query)
+        return await self._analytics.sql(query)
 
     async def invoice(self, user: str, month: str) -> dict[str, Any]:
         await self.flush()
@@ -237,11 +337,12 @@ class UsageStore:
         if self._keystore is not None:
             tiers = [r.tier for r in self._keystore.list() if r.user == user]
             current = tiers[-1] if tiers else None
-        return await asyncio.to_thread(self.database.invoice, user, month, self.plan_costs, current)
+        return await self._analytics.invoice(user, month, self.plan_costs, current)
 
-    async def export_parquet(self, folder: str) -> int:
+    async def export_parquet(self, folder: str) -> tuple[str, int]:
+        export_target(self.export_dir, folder)  # a bad name is refused before any work
         await self.flush()
-        return await asyncio.to_thread(self.database.export_parquet, folder)
+        return await self._analytics.export_parquet(folder)
 
 
 class MeteringPlugin:
@@ -259,10 +360,16 @@ class MeteringPlugin:
         self.plan_costs = policy.plan_costs()
         self.sla_plans = policy.plans_with("sla_guarantee")
         self.store: UsageStore | None = None
-        self._ip_hashes: dict[str, str] = {}
+        self.ip_hash: IpHasher | None = None  # set in lifespan (reads or creates the key)
 
     @hookimpl
     async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
+        secret = self.config.ip_hash_key
+        self.ip_hash = IpHasher(
+            secret.get_secret_value().encode("utf-8", "surrogateescape")
+            if secret is not None
+            else load_or_create_key(key_file(self.config.database))
+        )
         shared = app[SHARED]
         store = shared.find(_STORE)
         if store is None:
@@ -303,6 +410,18 @@ class MeteringPlugin:
                     store.load_seconds,
                     (),
                 ),
+                "tollway_admin_queries_stopped": (
+                    "counter",
+                    "Admin SQL queries interrupted at query_timeout.",
+                    store.analytics.timeouts if store.analytics else 0,
+                    (),
+                ),
+                "tollway_admin_queries_refused": (
+                    "counter",
+                    "Admin SQL queries refused because query_concurrency were running.",
+                    store.analytics.refused if store.analytics else 0,
+                    (),
+                ),
             },
         )
         yield
@@ -317,21 +436,12 @@ class MeteringPlugin:
             return override[feature]
         return self.prices.get(feature, 0.0)
 
-    def ip_hash(self, ip: str) -> str:
-        """A short hash of the client IP (the address itself is never stored), memoised."""
-        h = self._ip_hashes.get(ip)
-        if h is None:
-            if len(self._ip_hashes) > 10_000:
-                self._ip_hashes.clear()
-            h = self._ip_hashes[ip] = hashlib.sha256(ip.encode()).hexdigest()[:16]
-        return h
-
     def row(self, ctx: RequestContext) -> dict[str, Any]:
         route = ctx.route
         principal = ctx.principal
         usage = ctx.usage
         inp, out, estimated = usage.input_tokens, usage.output_tokens, False
-        if ctx.stream and ctx.error_code == "client_disconnected":
+        if ctx.stream and ctx.error_code in _ENDED_EARLY:
             # the provider's closing counts win once they arrived (an Anthropic message_start
             # carries only a placeholder output count, so it is not final)
             if not usage.final:
@@ -369,7 +479,8 @@ class MeteringPlugin:
             "saved_input": inp if hit else 0,
             "saved_output": out if hit else 0,
             "retries": ctx.retries,
-            "client_ip_hash": self.ip_hash(ctx.client_ip),
+            # keyed, never the address itself (plugins.ip_hash); set before any request
+            "client_ip_hash": self.ip_hash(ctx.client_ip) if self.ip_hash else None,
             "shared": ctx.shared,
         }
 

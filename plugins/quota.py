@@ -6,8 +6,19 @@ it never hands out a fresh quota. A process killed with SIGKILL can lose at most
 of counts (the usage table of the metering plugin is the exact record).
 
 With ``state.url`` on Redis, ``RedisQuota`` keeps the counts there instead, so every instance
-draws from one quota: a request takes its place atomically (``HINCRBY``, and back when that
-went over), so N instances can never hand out more than the plan's requests between them.
+draws from one quota: a request takes its place atomically (one script: count it, sum the
+month, take it back when that went over), so N instances can never hand out more than the
+plan's requests between them.
+
+Redis holds a copy, never the only record. A user's hash (``tollway:quota:USER``) has one field
+per month and instance (``2025-06/i-3f2a...``): each instance's own share, which the instance
+also counts in its own file (``MonthlyQuota``, ``state.dir/quota.json``, flushed once a second;
+the instance id is kept in ``state.dir/instance-id``). When Redis comes back empty, or after an
+outage, every instance puts its shares back (``restore``: a field is raised to the instance's
+count, never lowered), so a restarted Redis resets no quota; what can be lost is what an
+instance counted in its last second before a crash that coincided with Redis losing its data.
+While Redis is unreachable an instance decides alone (``state.on_unavailable: serve``): the
+month's total as last seen plus its own requests since; the shares are put back on recovery.
 """
 
 from __future__ import annotations
@@ -16,10 +27,14 @@ import asyncio
 import calendar
 import contextlib
 import os
+import secrets
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import orjson
+
+from proxy.statewatch import StateWatch, is_state_error
 
 QUOTA_TTL = 62 * 86400
 """Seconds a user's Redis counts outlive their last request (this month's and the last)."""
@@ -57,6 +72,10 @@ class MonthlyQuota:
         users = self._counts.setdefault(month, {})
         users[user] = max(0, users.get(user, 0) + n)
         self._dirty = True
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        """A copy of the counts, ``{month: {user: count}}``."""
+        return {m: dict(users) for m, users in self._counts.items()}
 
     async def give_back(self, user: str, month: str) -> None:
         """A request that ended in an error does not count (``RedisQuota``'s interface too)."""
@@ -98,38 +117,172 @@ class MonthlyQuota:
         self.flush()
 
 
-class RedisQuota:
-    """Monthly counts on Redis, one hash per user (``month -> count``), shared by instances."""
+def instance_id(folder: Path | None) -> str:
+    """This instance's stable name for its quota shares: kept in ``folder/instance-id``
+    (each instance needs a state.dir of its own), or new per process without a folder."""
+    if folder is None:
+        return "i-" + secrets.token_hex(6)
+    path = folder / "instance-id"
+    if path.exists():
+        return path.read_text().strip()
+    folder.mkdir(parents=True, exist_ok=True)
+    name = "i-" + secrets.token_hex(6)
+    path.write_text(name + "\n")
+    return name
 
-    def __init__(self, url: str, prefix: str = "tollway:quota:") -> None:
+
+# KEYS[1] user hash; ARGV: own field, month, limit, ttl. Returns the month's total after
+# counting this request, or -1 (nothing counted) when that would pass the limit. A field named
+# just MONTH is a count kept before per-instance shares existed: it still counts.
+_TAKE = """
+redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+local total, month, prefix = 0, ARGV[2], ARGV[2] .. '/'
+local fields = redis.call('HGETALL', KEYS[1])
+for i = 1, #fields, 2 do
+  local f = fields[i]
+  if f == month or string.sub(f, 1, #prefix) == prefix then total = total + tonumber(fields[i + 1]) end
+end
+if total > tonumber(ARGV[3]) then
+  redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
+  return -1
+end
+return total
+"""
+
+_GIVE_BACK = """
+if redis.call('HINCRBY', KEYS[1], ARGV[1], -1) < 0 then redis.call('HSET', KEYS[1], ARGV[1], 0) end
+"""
+
+# raise a share to the instance's own count (never lower it: Redis may be ahead of a file
+# that was last flushed a moment before a crash)
+_RESTORE = """
+local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if tonumber(ARGV[2]) > cur then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+"""
+
+
+class RedisQuota:
+    """Monthly counts on Redis, one hash per user (a field per month and instance)."""
+
+    def __init__(
+        self,
+        url: str,
+        own: MonthlyQuota | None = None,
+        instance: str | None = None,
+        watch: StateWatch | None = None,
+        prefix: str = "tollway:quota:",
+    ) -> None:
         import redis.asyncio as aioredis  # only a Redis deployment loads redis-py
 
-        self.client = aioredis.from_url(url)
+        self.client: Any = aioredis.from_url(url)
         self.prefix = prefix
+        self.own = own if own is not None else MonthlyQuota(None)
+        self.instance = instance or instance_id(None)
+        self.watch = watch
+        # the month's total of the other instances as last seen: what a decision made alone
+        # (Redis unreachable) adds this instance's own count to
+        self._others: dict[tuple[str, str], int] = {}
+        self._changes = 0  # own counts changed while Redis was unreachable or being re-seeded
+        self._opened = False
+        self._take = self.client.register_script(_TAKE)
+        self._give_back = self.client.register_script(_GIVE_BACK)
+        self._restore = self.client.register_script(_RESTORE)
+
+    def _field(self, month: str) -> str:
+        return f"{month}/{self.instance}"
+
+    def _shared(self) -> bool:
+        return self.watch is None or self.watch.available
+
+    def _lost(self, exc: Exception) -> None:
+        """A Redis call failed: an outage (decide alone from now on) or a bug (raise)."""
+        if self.watch is None or not is_state_error(exc):
+            raise exc
+        self.watch.failed(exc)
 
     async def take(self, user: str, month: str, limit: int) -> bool:
         """Count one request if the quota allows it; False (and nothing counted) otherwise."""
-        key = self.prefix + user
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.hincrby(key, month, 1)
-            pipe.expire(key, QUOTA_TTL)
-            count, _ = await pipe.execute()
-        if int(count) > limit:
-            await self.client.hincrby(key, month, -1)
+        if self._shared():
+            try:
+                total = int(
+                    await self._take(
+                        keys=[self.prefix + user],
+                        args=[self._field(month), month, limit, QUOTA_TTL],
+                    )
+                )
+            except Exception as e:
+                self._lost(e)
+            else:
+                if total < 0:
+                    return False
+                self.own.add(user, month)
+                self._others[(user, month)] = total - self.own.used(user, month)
+                return True
+        # alone: the others' total as last seen, plus this instance's own requests
+        if self._others.get((user, month), 0) + self.own.used(user, month) >= limit:
             return False
+        self.own.add(user, month)
+        self._changes += 1
         return True
 
     async def give_back(self, user: str, month: str) -> None:
         """A request that ended in an error does not count."""
-        if int(await self.client.hincrby(self.prefix + user, month, -1)) < 0:
-            await self.client.hset(self.prefix + user, month, 0)  # the user was forgotten
+        self.own.add(user, month, -1)
+        if self._shared():
+            try:
+                await self._give_back(keys=[self.prefix + user], args=[self._field(month)])
+                return
+            except Exception as e:
+                self._lost(e)
+        self._changes += 1
+
+    async def restore(self) -> None:
+        """Put this instance's shares back (after Redis lost them, or an outage): each field
+        is raised to the instance's own count. Repeated while requests counted alone changed
+        the counts meanwhile, so the shares are complete when the state is shared again."""
+        for _ in range(3):
+            changes = self._changes
+            counts = self.own.snapshot()
+            for k in [k for k in self._others if k[1] not in counts]:
+                del self._others[k]  # months the own file no longer keeps
+            if counts:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for month, users in counts.items():
+                        for user, n in users.items():
+                            await self._restore(
+                                keys=[self.prefix + user],
+                                args=[self._field(month), n, QUOTA_TTL],
+                                client=pipe,
+                            )
+                    await pipe.execute()
+            if self._changes == changes:
+                return
 
     async def forget(self, user: str) -> int:
-        """Drop the user's counts; returns how many months had one."""
+        """Drop the user's counts; returns how many months had one. Raises when Redis is
+        unreachable: a deletion must not be reported done when it was not."""
         key = self.prefix + user
-        months = int(await self.client.hlen(key))
+        fields = await self.client.hkeys(key)
         await self.client.delete(key)
-        return months
+        await self.own.forget(user)
+        for k in [k for k in self._others if k[0] == user]:
+            del self._others[k]
+        return len({f.split(b"/", 1)[0] for f in fields})
+
+    async def open(self) -> None:
+        """Start keeping the own counts and put the shares back (idempotent: a reload's
+        chain gets the same object)."""
+        if self._opened:
+            return
+        self._opened = True
+        self.own.start()
+        try:
+            await self.restore()  # Redis may have lost them while this instance was down
+        except Exception as e:
+            self._lost(e)  # starts an outage: the watch restores once Redis is back
 
     async def stop(self) -> None:
+        await self.own.stop()
         await self.client.aclose()

@@ -4,12 +4,22 @@ DuckDB locks its file to one process, so while the gateway runs it is the only w
 admin API runs queries here, on cursors of the gateway's own connection, in worker threads. All
 money is DECIMAL, computed in SQL from token counts and per-million prices, so sums are exact and
 an invoice adds up to the cent.
+
+Admin SQL is arbitrary text from whoever holds the admin key, and DuckDB can read and write
+files, load extensions and change its own settings. So a query can only read the usage
+database, by three independent walls: DuckDB's parser must find exactly one SELECT (or EXPLAIN
+[ANALYZE] of one), it runs in a READ ONLY transaction, and the database itself is opened
+sandboxed: external access off (no file, URL or environment outside ``file_dirs``, the folders
+the gateway's own loads and exports use), no extension install or autoload, and the
+configuration locked, so no statement can undo any of it.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import threading
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -18,7 +28,7 @@ from typing import Any
 import duckdb
 import orjson
 
-from proxy.usage import QueryError, ReadOnlyQuery
+from proxy.usage import QueryError, QueryTimeout, ReadOnlyQuery, ResultTooLarge, json_default
 
 MONEY = "DECIMAL(18, 9)"
 
@@ -248,22 +258,127 @@ def _segment_id(segment: Path) -> str | None:
     return None
 
 
-_READ_ONLY = {"SELECT", "EXPLAIN", "PRAGMA", "SHOW", "DESCRIBE"}
 _CENT = Decimal("0.01")
+_SELECT = duckdb.StatementType.SELECT
+_EXPLAIN = duckdb.StatementType.EXPLAIN
+_COMMENT = duckdb.token_type.comment
+_FETCH = 1000
+"""Rows converted to Python at a time while the row and byte limits are counted."""
+
+
+def _explained(query: str) -> str | None:
+    """The statement an ``EXPLAIN [ANALYZE] <statement>`` explains (None: EXPLAIN options).
+
+    Found with DuckDB's own tokenizer (comments skipped), so the text checked is the text run.
+    """
+    starts = [pos for pos, kind in duckdb.tokenize(query) if kind != _COMMENT]
+    words = [query[a:b].strip().upper() for a, b in itertools.pairwise([*starts, len(query)])]
+    if len(words) < 2 or words[0] != "EXPLAIN":
+        return None
+    at = 2 if words[1] in ("ANALYZE", "ANALYSE") else 1
+    if at >= len(starts) or words[at].startswith("("):
+        return None
+    return query[starts[at] :]
+
+
+def read_statement(cur: duckdb.DuckDBPyConnection, sql: str) -> duckdb.Statement:
+    """The one statement of ``sql``, if it can only read; else ReadOnlyQuery or QueryError.
+
+    EXPLAIN ANALYZE runs what it explains, so an EXPLAIN passes only when DuckDB parses what
+    it explains as one SELECT. PRAGMA, SET, CALL, ATTACH, COPY, LOAD and the rest are refused
+    by type; a SELECT's own table functions are bounded by the sandbox (see the module doc).
+    """
+    statements = cur.extract_statements(sql)
+    if not statements:
+        raise QueryError("empty query")
+    for st in statements:
+        if st.type == _EXPLAIN:
+            inner = _explained(st.query)
+            explained = cur.extract_statements(inner) if inner is not None else []
+            if len(explained) != 1 or explained[0].type != _SELECT:
+                raise ReadOnlyQuery("only reads are allowed: EXPLAIN takes one SELECT")
+        elif st.type != _SELECT:
+            raise ReadOnlyQuery(f"only reads are allowed, not {st.type.name}")
+    if len(statements) > 1:
+        raise QueryError("one statement per query")
+    return statements[0]
+
+
+def _dir_prefix(folder: str | Path) -> str:
+    """A folder as DuckDB's allowed_directories matches it: absolute, with a final slash (so
+    that ``/data/x`` does not also let ``/data/xy`` through)."""
+    return os.path.join(os.path.realpath(folder), "")
 
 
 class UsageDB:
-    """One DuckDB database, one writer connection; readers use cursors in worker threads."""
+    """One DuckDB database, one writer connection; readers use cursors in worker threads.
 
-    def __init__(self, path: str | Path, memory_limit: str = "512MB") -> None:
+    The only folders DuckDB may read or write files in are ``spool_dir`` (segments to load;
+    default DATABASE.spool) and ``export_dirs``; everything else on the host is out of reach
+    of any SQL, ours or an admin's. ``temp_limit`` bounds what queries may spill to disk.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        memory_limit: str = "512MB",
+        *,
+        spool_dir: str | Path | None = None,
+        export_dirs: Iterable[str | Path] = (),
+        temp_limit: str = "1GB",
+    ) -> None:
         self.path = str(path)
+        self.spool_dir: Path | None = None
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self.spool_dir = Path(spool_dir or Path(self.path).with_suffix(".spool"))
+        elif spool_dir is not None:
+            self.spool_dir = Path(spool_dir)
+        file_dirs = [*([self.spool_dir] if self.spool_dir else []), *export_dirs]
         # one DuckDB thread: the loader must not compete with the event loop for the CPU; a
         # memory cap, since DuckDB's default (80% of RAM) is meant for a database server
-        self.con = duckdb.connect(self.path, config={"threads": 1, "memory_limit": memory_limit})
+        self.con = duckdb.connect(
+            self.path,
+            config={
+                "threads": 1,
+                "memory_limit": memory_limit,
+                "max_temp_directory_size": temp_limit,
+                "autoinstall_known_extensions": False,
+                "autoload_known_extensions": False,
+                "allow_community_extensions": False,
+                # the one setting a query cursor changes (its own memory cap) once locked
+                "allowed_configs": ["operator_memory_limit"],
+            },
+        )
+        self.file_dirs = sorted({_dir_prefix(d) for d in file_dirs})
         self._write_lock = threading.Lock()
         self.migrate()
+        self._sandbox()
+
+    def _sandbox(self) -> None:
+        """External access off but for ``file_dirs``, then the configuration locked.
+
+        DuckDB accepts allowed_directories only once the database runs, and nothing can turn
+        access back on after it is off, so this is the last step of opening. DuckDB shares one
+        database per file within a process: a second UsageDB on an open file finds it locked,
+        and must not need folders the first did not allow.
+        """
+        con = self.con
+        row = con.execute(
+            "SELECT current_setting('lock_configuration'), current_setting('allowed_directories')"
+        ).fetchone()
+        if row is not None and row[0]:
+            missing = set(self.file_dirs) - set(row[1] or [])
+            if missing:
+                raise RuntimeError(
+                    f"{self.path} is already open in this process without access to "
+                    f"{sorted(missing)}"
+                )
+            return
+        listed = ", ".join("'" + d.replace("'", "''") + "'" for d in self.file_dirs)
+        con.execute(f"SET allowed_directories = [{listed}]")
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
 
     def migrate(self) -> int:
         """Apply pending migrations in order; the applied version is recorded in a table."""
@@ -299,7 +414,12 @@ class UsageDB:
         the next load recognises and deletes. Returns the rows loaded from the segment (the first
         time); a torn last line (a killed process) is skipped.
         """
-        mark = _segment_id(segment)
+        try:
+            mark = _segment_id(segment)
+        except FileNotFoundError:
+            # loaded and deleted by a load that was still running when this one was queued
+            # (a flush cancelled at shutdown leaves its load running): nothing left to do
+            return 0
         marks = "stream_loads" if stream else "spool_loads"
         rows = 0
         if mark is not None:
@@ -312,8 +432,8 @@ class UsageDB:
                     ).fetchone()
                     if done is not None:
                         rows = int(done[0])
-                    else:
-                        inserted = cur.execute(_INGEST, [str(segment)]).fetchone()
+                    else:  # resolved: allowed_directories compares the path as given
+                        inserted = cur.execute(_INGEST, [os.path.realpath(segment)]).fetchone()
                         rows = int(inserted[0]) if inserted else 0
                         cur.execute(f"INSERT INTO {marks} VALUES (?, ?, now())", [mark, rows])
                     cur.execute("COMMIT")
@@ -340,24 +460,40 @@ class UsageDB:
                     [tier, cost, tier in sla],
                 )
 
-    def query(self, sql: str) -> tuple[list[str], list[list[Any]]]:
-        """Run read-only SQL on a fresh cursor; raises ReadOnlyQuery or QueryError."""
-        cur = self.con.cursor()
+    def query(
+        self,
+        sql: str,
+        *,
+        cur: duckdb.DuckDBPyConnection | None = None,
+        max_rows: int | None = None,
+        max_bytes: int | None = None,
+        memory_limit: str | None = None,
+    ) -> tuple[list[str], list[list[Any]]]:
+        """Run one read-only statement; raises ReadOnlyQuery, QueryError or its subclasses
+        QueryTimeout (interrupted) and ResultTooLarge (over ``max_rows`` or ``max_bytes`` of
+        JSON). ``cur``: the caller's cursor (so another thread can interrupt it), else a new
+        one. ``memory_limit``: DuckDB's cap on this query's intermediates."""
+        own = cur is None
+        c = self.con.cursor() if cur is None else cur
         try:
-            statements = cur.extract_statements(sql)
-            if not statements:
-                raise QueryError("empty query")
-            for st in statements:
-                if st.type.name not in _READ_ONLY:
-                    raise ReadOnlyQuery(f"only reads are allowed, not {st.type.name}")
-            result = cur.execute(sql)
-            columns = [d[0] for d in result.description or []]
-            rows = [list(r) for r in result.fetchall()]
+            statement = read_statement(c, sql)
+            if memory_limit is not None:
+                c.execute(f"SET operator_memory_limit = '{memory_limit}'")
+            c.execute("BEGIN TRANSACTION READ ONLY")
+            try:
+                c.execute(statement)
+                columns = [d[0] for d in c.description or []]
+                rows = _fetch(c, max_rows, max_bytes)
+            finally:
+                c.execute("ROLLBACK")
             return columns, rows
+        except duckdb.InterruptException:
+            raise QueryTimeout("the query was interrupted") from None
         except duckdb.Error as e:
             raise QueryError(str(e)) from None
         finally:
-            cur.close()
+            if own:
+                c.close()
 
     def invoice(
         self,
@@ -365,6 +501,7 @@ class UsageDB:
         month: str,
         plan_costs: dict[str, float] | None = None,
         current_tier: str | None = None,
+        cur: duckdb.DuckDBPyConnection | None = None,
     ) -> dict[str, Any]:
         """The month's invoice: the plan's subscription line plus usage lines, exact to the cent.
 
@@ -377,7 +514,8 @@ class UsageDB:
             if start.month == 12
             else start.replace(month=start.month + 1)
         )
-        cur = self.con.cursor()
+        own = cur is None
+        cur = self.con.cursor() if cur is None else cur
         try:
             rows = cur.execute(
                 """
@@ -400,7 +538,8 @@ class UsageDB:
                     for t, c in cur.execute("SELECT tier, monthly_cost FROM plans").fetchall()
                 }
         finally:
-            cur.close()
+            if own:
+                cur.close()
         tier = tier_row[0] if tier_row else current_tier
         lines: list[dict[str, Any]] = []
         if tier is not None:
@@ -429,19 +568,32 @@ class UsageDB:
             "total": str(grand.quantize(_CENT, ROUND_HALF_UP)),
         }
 
-    def export_parquet(self, folder: str) -> int:
-        """Write the usage table as Parquet files partitioned by UTC day (``day=YYYY-MM-DD``)."""
+    def export_parquet(
+        self, folder: str | Path, cur: duckdb.DuckDBPyConnection | None = None
+    ) -> int:
+        """Write the usage table as Parquet files partitioned by UTC day (``day=YYYY-MM-DD``).
+
+        ``folder`` must be inside ``file_dirs`` (DuckDB refuses any other). The count and the
+        files come from one transaction's snapshot, so they agree without holding the write
+        lock: loading goes on while an export runs.
+        """
         Path(folder).mkdir(parents=True, exist_ok=True)
-        with self._write_lock:
-            cur = self.con.cursor()
+        path = os.path.realpath(folder)
+        own = cur is None
+        cur = self.con.cursor() if cur is None else cur
+        try:
+            cur.execute("BEGIN TRANSACTION READ ONLY")
             try:
                 row = cur.execute("SELECT count(*) FROM usage").fetchone()
-                escaped = folder.replace("'", "''")
+                escaped = path.replace("'", "''")
                 cur.execute(
                     f"COPY (SELECT *, CAST(ts AS DATE) AS day FROM usage) TO '{escaped}' "
                     "(FORMAT parquet, PARTITION_BY (day), OVERWRITE_OR_IGNORE)"
                 )
             finally:
+                cur.execute("ROLLBACK")
+        finally:
+            if own:
                 cur.close()
         return int(row[0]) if row else 0
 
@@ -467,6 +619,33 @@ class UsageDB:
 
     def close(self) -> None:
         self.con.close()
+
+
+def _fetch(
+    cur: duckdb.DuckDBPyConnection, max_rows: int | None, max_bytes: int | None
+) -> list[list[Any]]:
+    """The result's rows, refused once past ``max_rows`` or ``max_bytes`` of JSON.
+
+    The result streams from DuckDB, so a query that would return a billion rows stops after
+    the first ``max_rows + 1``; the bytes are counted as the admin API will encode them.
+    """
+    rows: list[list[Any]] = []
+    size = 0
+    while chunk := cur.fetchmany(_FETCH):
+        rows.extend(list(r) for r in chunk)
+        if max_rows is not None and len(rows) > max_rows:
+            raise ResultTooLarge(
+                f"the result has more than {max_rows} rows (query_max_rows): aggregate, "
+                "or add LIMIT"
+            )
+        if max_bytes is not None:
+            size += len(orjson.dumps(chunk, default=json_default, option=orjson.OPT_NON_STR_KEYS))
+            if size > max_bytes:
+                raise ResultTooLarge(
+                    f"the result is larger than {max_bytes} bytes (query_max_bytes): select "
+                    "fewer columns or rows"
+                )
+    return rows
 
 
 def _money(value: Decimal, places: str = "0.01") -> str:

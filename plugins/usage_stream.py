@@ -87,10 +87,16 @@ class Meter:
         # acknowledge at once (other meters take it over after CLAIM_IDLE_MS); two meters on
         # one host need names of their own (``tollway meter --name``)
         self.consumer = consumer or socket.gethostname()
-        self.folder = Path(tempfile.mkdtemp(prefix="tollway-meter-"))
+        # inside the database's spool folder: the one folder its sandbox lets DuckDB read
+        if db.spool_dir is not None:
+            db.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.folder = Path(tempfile.mkdtemp(prefix="meter-", dir=db.spool_dir))
         self.loaded_rows = 0
+        self._create_group()
+
+    def _create_group(self) -> None:
         try:
-            self.client.xgroup_create(stream, group, id="0", mkstream=True)
+            self.client.xgroup_create(self.stream, self.group, id="0", mkstream=True)
         except Exception as e:  # BUSYGROUP: it exists (another meter, or an earlier run)
             if "BUSYGROUP" not in str(e):
                 raise
@@ -98,7 +104,13 @@ class Meter:
     def step(self, block_ms: int = 1000, count: int = 20) -> int:
         """Handle what is pending (this meter's unacknowledged entries first, then entries
         another meter left unacknowledged too long, then new ones); returns entries handled."""
-        entries = self._read("0", 0, count)  # ours, read before a crash and not acknowledged
+        try:
+            entries = self._read("0", 0, count)  # ours, read before a crash, not acknowledged
+        except Exception as e:  # NOGROUP: Redis restarted without its data; start over
+            if "NOGROUP" not in str(e):
+                raise
+            self._create_group()
+            entries = []
         if not entries:
             claimed = self.client.xautoclaim(
                 self.stream, self.group, self.consumer, CLAIM_IDLE_MS, "0-0", count=count

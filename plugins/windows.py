@@ -16,11 +16,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import limits
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.storage import storage_from_string
+
+from proxy.statewatch import StateWatch, is_state_error
 
 
 class WindowStats(NamedTuple):
@@ -226,6 +228,53 @@ class MemoryWindows:
 
     def __len__(self) -> int:
         return len(self._counts)
+
+
+class FailoverWindows:
+    """The shared windows on Redis, or this instance's own (``MemoryWindows``) while the shared
+    state is unreachable: each instance then enforces every limit alone (a deployment of N
+    instances admits up to N times a limit for the outage) instead of failing requests. Whether
+    a request may be served that way at all is the limits plugin's decision
+    (``state.on_unavailable``). Rate windows are not restored after an outage: they are at most
+    one period long, and the shared ones resume where Redis left them (or empty)."""
+
+    def __init__(self, remote: Any, watch: StateWatch) -> None:
+        self.remote = remote
+        self.local = MemoryWindows()
+        self.watch = watch
+
+    @property
+    def storage(self) -> Any:
+        return self.remote.storage  # what close_windows closes
+
+    def _lost(self, exc: Exception) -> None:
+        if not is_state_error(exc):
+            raise exc
+        self.watch.failed(exc)
+
+    async def test(self, item: limits.RateLimitItem, *ids: str, cost: int = 1) -> bool:
+        if self.watch.available:
+            try:
+                return bool(await self.remote.test(item, *ids, cost=cost))
+            except Exception as e:
+                self._lost(e)
+        return await self.local.test(item, *ids, cost=cost)
+
+    async def hit(self, item: limits.RateLimitItem, *ids: str, cost: int = 1) -> bool:
+        if self.watch.available:
+            try:
+                return bool(await self.remote.hit(item, *ids, cost=cost))
+            except Exception as e:
+                self._lost(e)
+        return await self.local.hit(item, *ids, cost=cost)
+
+    async def get_window_stats(self, item: limits.RateLimitItem, *ids: str) -> Any:
+        if self.watch.available:
+            try:
+                return await self.remote.get_window_stats(item, *ids)
+            except Exception as e:
+                self._lost(e)
+        return await self.local.get_window_stats(item, *ids)
 
 
 def open_windows(url: str) -> MemoryWindows | SlidingWindowCounterRateLimiter:

@@ -6,12 +6,10 @@ key in the policy the admin API is disabled (403), never open.
 
 from __future__ import annotations
 
-import datetime
 import hmac
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from decimal import Decimal
 
 import orjson
 from aiohttp import web
@@ -20,7 +18,19 @@ from proxy import dashboard
 from proxy.appkeys import GATEWAY, SHARED
 from proxy.errors import Reject, reject_body
 from proxy.policy import PolicyError
-from proxy.usage import USAGE, QueryError, ReadOnlyQuery, UsageBackend, invoice_csv
+from proxy.statewatch import is_state_error
+from proxy.usage import (
+    USAGE,
+    InvalidExportPath,
+    QueryBusy,
+    QueryError,
+    QueryTimeout,
+    ReadOnlyQuery,
+    ResultTooLarge,
+    UsageBackend,
+    invoice_csv,
+    json_default,
+)
 
 _MONTH = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
 
@@ -55,15 +65,21 @@ def admin_only(fn: AdminHandler) -> AdminHandler:
                     code="admin_disabled",
                 )
             scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            # surrogateescape gives back the bytes as sent: aiohttp decodes headers (and Python
+            # the environment a $env secret comes from) with it, so neither can make encode fail
             if scheme.lower() != "bearer" or not hmac.compare_digest(
-                token.strip().encode(), secret.get_secret_value().encode()
+                token.strip().encode("utf-8", "surrogateescape"),
+                secret.get_secret_value().encode("utf-8", "surrogateescape"),
             ):
                 raise Reject(401, "a valid admin key is required", code="invalid_admin_key")
             return await fn(request)
         except Reject as e:
             return _error(e)
-        except Exception:
-            log.exception("admin request %s %s failed", request.method, request.path)
+        except Exception as e:
+            if is_state_error(e):  # e.g. forgetting a user's quota counts with Redis down
+                return _error(_state_unavailable(e, "retry when it is back"))
+            # %r: a decoded path may hold a newline (%0A) that would forge a log line
+            log.exception("admin request %s %r failed", request.method, request.path)
             return _error(Reject(500, "internal gateway error", code="internal_error"))
 
     return wrapped
@@ -72,6 +88,8 @@ def admin_only(fn: AdminHandler) -> AdminHandler:
 async def _body(request: web.Request) -> dict[str, object]:
     try:
         data = orjson.loads(await request.read() or b"{}")
+    except web.HTTPRequestEntityTooLarge:  # over client_max_size (listen.max_body_bytes)
+        raise Reject(413, "request body is too large", code="request_too_large") from None
     except orjson.JSONDecodeError:
         raise Reject(400, "request body is not valid JSON", code="invalid_json") from None
     if not isinstance(data, dict):
@@ -156,14 +174,6 @@ def _usage(request: web.Request) -> UsageBackend:
     return backend
 
 
-def _json_default(obj: object) -> object:
-    if isinstance(obj, Decimal):
-        return str(obj)  # exact money, never a float
-    if isinstance(obj, datetime.timedelta):
-        return obj.total_seconds()
-    return str(obj)
-
-
 @admin_only
 async def run_sql(request: web.Request) -> web.StreamResponse:
     data = await _body(request)
@@ -174,10 +184,16 @@ async def run_sql(request: web.Request) -> web.StreamResponse:
         columns, rows = await _usage(request).sql(query)
     except ReadOnlyQuery as e:
         raise Reject(403, f"read-only: {e}", code="read_only") from None
+    except QueryBusy as e:
+        raise Reject(429, str(e), code="too_many_queries", headers={"Retry-After": "1"}) from None
+    except QueryTimeout as e:  # 4xx: the same query would fail again; it must change
+        raise Reject(400, str(e), code="query_timeout", param="query") from None
+    except ResultTooLarge as e:
+        raise Reject(400, str(e), code="result_too_large", param="query") from None
     except QueryError as e:
         raise Reject(400, str(e), code="sql_error") from None
     body = orjson.dumps(
-        {"columns": columns, "rows": rows}, default=_json_default, option=orjson.OPT_NON_STR_KEYS
+        {"columns": columns, "rows": rows}, default=json_default, option=orjson.OPT_NON_STR_KEYS
     )
     return web.Response(body=body, content_type="application/json")
 
@@ -200,8 +216,11 @@ async def export(request: web.Request) -> web.StreamResponse:
     folder = data.get("dir")
     if not isinstance(folder, str) or not folder:
         raise Reject(400, "'dir' is required", code="invalid_request", param="dir")
-    rows = await _usage(request).export_parquet(folder)
-    return _json({"dir": folder, "rows": rows})
+    try:
+        path, rows = await _usage(request).export_parquet(folder)
+    except InvalidExportPath as e:
+        raise Reject(400, str(e), code="invalid_request", param="dir") from None
+    return _json({"dir": folder, "path": path, "rows": rows})
 
 
 @admin_only

@@ -26,6 +26,7 @@ from proxy.keysync import KeySync
 from proxy.policy import LoadedPolicy
 from proxy.runtime import Runtime
 from proxy.shared import Shared
+from proxy.statewatch import STATE_WATCH, StateWatch
 
 CLIENT_ENDPOINTS = {
     "/v1/chat/completions": ("chat", "openai"),
@@ -47,7 +48,18 @@ def create_app(
         state_dir = loaded.policy.state.dir
         keystore = KeyStore(Path(state_dir) / "keys.json" if state_dir else None)
     gw = Gateway(Runtime.build(loaded, chain), keystore, extra_plugins)
-    app = web.Application(client_max_size=1 << 31)
+    listen = loaded.policy.listen
+    app = web.Application(
+        # bodies aiohttp reads itself (the admin API's) get the client endpoints' bound
+        client_max_size=listen.max_body_bytes,
+        handler_args={
+            # request bodies are inflated by proxy/body.py with a bound on the inflated size;
+            # aiohttp's own inflating checks only the compressed size (a decompression bomb)
+            "auto_decompress": False,
+            "keepalive_timeout": listen.keepalive_timeout,
+        },
+    )
+    app.on_response_prepare.append(_request_id)
     app[GATEWAY] = gw
     app[KEYSTORE] = keystore
     app[SHARED] = Shared()
@@ -56,7 +68,9 @@ def create_app(
     app.cleanup_ctx.append(_upstream_session)
     state = loaded.policy.state
     if state.shared:
-        gw.keysync = KeySync(keystore, state.url)
+        watch = StateWatch(state.url, state.on_unavailable, state.check_interval)
+        app[SHARED].put(STATE_WATCH, watch)  # limits and quotas fall back on what it reports
+        gw.keysync = KeySync(keystore, state.url, watch)
         app.cleanup_ctx.append(_key_sync)
     app.cleanup_ctx.append(_chain_lifespan)
     for path, (endpoint, dialect) in CLIENT_ENDPOINTS.items():
@@ -81,10 +95,13 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
 
 async def _key_sync(app: web.Application) -> AsyncIterator[None]:
     sync = app[GATEWAY].keysync
-    assert sync is not None
+    watch = app[SHARED].find(STATE_WATCH)
+    assert sync is not None and watch is not None
+    await watch.start()
     await sync.start()  # every issued key is known before the gateway serves
     yield
     await sync.stop()
+    await watch.stop()
 
 
 async def _chain_lifespan(app: web.Application) -> AsyncIterator[None]:
@@ -170,14 +187,39 @@ async def metrics(request: web.Request) -> web.Response:
     )
 
 
+async def _request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """Every reply carries X-Request-Id, also the ones not made by the request handler (ops,
+    admin, 404s); the handler's own replies already carry their request's id."""
+    if "X-Request-Id" not in response.headers:
+        response.headers["X-Request-Id"] = new_request_id()
+
+
+async def _allowed_methods(request: web.Request) -> set[str]:
+    """The methods the routes of ``request.path`` accept (empty: no route has this path)."""
+    allowed: set[str] = set()
+    catch_all = request.match_info.route.resource  # not_found's own route matches every path
+    for resource in request.app.router.resources():
+        if resource is catch_all:
+            continue
+        _, methods = await resource.resolve(request)
+        allowed |= methods
+    return allowed
+
+
 async def not_found(request: web.Request) -> web.Response:
-    """Unknown path (404) or wrong method on a known one (405), in the route's error shape."""
+    """Unknown path (404), or wrong method on a known one (405 with ``Allow``), in the route's
+    error shape; OPTIONS on a known path is a 204 with ``Allow``."""
     dialect = _dialect_of(request)
-    if request.path in CLIENT_ENDPOINTS or request.path in ("/v1/models", "/metrics"):
+    allowed = await _allowed_methods(request)
+    if allowed:
+        allow = ", ".join(sorted(allowed | {"OPTIONS"}))
+        if request.method == "OPTIONS":
+            return web.Response(status=204, headers={"Allow": allow})
         exc = Reject(
             405,
             f"method {request.method} is not allowed on {request.path}",
             code="method_not_allowed",
+            headers={"Allow": allow},
         )
     else:
         exc = Reject(404, f"unknown path {request.path}", code="not_found")
@@ -185,4 +227,5 @@ async def not_found(request: web.Request) -> web.Response:
         status=exc.status,
         body=reject_body(exc, dialect),  # type: ignore[arg-type]
         content_type="application/json",
+        headers=exc.headers,
     )

@@ -22,6 +22,12 @@ Dialect = Literal["openai", "anthropic"]
 
 Endpoint = Literal["chat", "completions", "embeddings", "messages"]
 
+STREAM_BROKEN = "upstream_stream_error"
+"""``ctx.error_code`` of a stream that failed after its 200 headers went out: the provider's
+connection broke or timed out, it sent an error event or a malformed one, or it ended without
+its terminal event. ``ctx.status`` is then the failure's status (502, or 504 for a timeout),
+not the 200 the client saw first, so usage rows, limits and metrics count it as failed."""
+
 
 class StashKey(Generic[T]):
     """A typed key for ``Stash``; create one per plugin at module level."""

@@ -53,7 +53,9 @@ def lifespan(app: web.Application) -> AsyncIterator[None]:
 async def authenticate(ctx: RequestContext) -> Principal | None:
     """Identify the caller.
 
-    :param ctx: the request; ``ctx.request`` gives the headers.
+    :param ctx: the request; ``ctx.request`` gives the headers. It runs before the body is
+        read (an unauthenticated caller must cost no upload, inflating or parsing), so
+        ``ctx.body``, ``ctx.model`` and ``ctx.route`` are still empty here.
     :return: the first non-None Principal wins and is stored in ``ctx.principal``.
     Raise ``Reject(401)`` to refuse. If plugins implement this hook and every one returns None,
     the request is refused with 401. With no plugin implementing it, callers are anonymous.

@@ -3,6 +3,12 @@
 The key store is a shared resource like the state backend: the ``auth`` plugin reads it on
 every request (one SHA-256 and one dict lookup), the admin API and CLI write it. Writes go to a
 small JSON file (atomic replace) so keys survive a restart; reads never touch disk.
+
+A revoked (or forgotten) key leaves a tombstone: its hash and the revocation time, never the
+user. The file, ``{"keys": [...], "revoked": {sha256: time}}``, is this instance's durable
+record of both, so the shared copy in Redis (``proxy.keysync``) can be rebuilt from the
+instances' files after Redis lost its data, and a stale copy can never bring a revoked key
+back: issued keys are the union of every record seen, minus the union of every tombstone.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import hmac
 import os
 import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -52,9 +59,15 @@ class KeyStore:
         self.path = path
         self._by_hash: dict[str, KeyRecord] = {}
         self._by_id: dict[str, KeyRecord] = {}
+        self._revoked: dict[str, float] = {}  # tombstones: sha256 -> revocation time
         if path is not None and path.exists():
-            for item in orjson.loads(path.read_bytes()):
-                self._add(KeyRecord(**item))
+            data = orjson.loads(path.read_bytes())
+            if isinstance(data, list):  # the format before tombstones: a list of records
+                data = {"keys": data}
+            self._revoked = {str(s): float(t) for s, t in data.get("revoked", {}).items()}
+            for item in data.get("keys", []):
+                if item["sha256"] not in self._revoked:
+                    self._add(KeyRecord(**item))
 
     def _add(self, rec: KeyRecord) -> None:
         self._by_hash[rec.sha256] = rec
@@ -64,13 +77,20 @@ class KeyStore:
         self._by_id.pop(rec.id, None)
         self._by_hash.pop(rec.sha256, None)
 
+    def _bury(self, rec: KeyRecord, when: float | None = None) -> None:
+        """Remove a key for good: its tombstone outlives every copy of its record."""
+        self._remove(rec)
+        if rec.source == "api":
+            self._revoked.setdefault(rec.sha256, time.time() if when is None else when)
+
     def _save(self) -> None:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         items = [asdict(r) for r in self._by_id.values() if r.source == "api"]
-        tmp.write_bytes(orjson.dumps(items, option=orjson.OPT_INDENT_2))
+        data = {"keys": items, "revoked": self._revoked}
+        tmp.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2))
         os.chmod(tmp, 0o600)
         tmp.replace(self.path)
 
@@ -108,7 +128,7 @@ class KeyStore:
         rec = self._by_id.get(key_id)
         if rec is None:
             return None
-        self._remove(rec)
+        self._bury(rec)
         self._save()
         return rec
 
@@ -117,7 +137,7 @@ class KeyStore:
         are managed there and stay until the policy drops them."""
         issued = self.issued_to(user)
         for rec in issued:
-            self._remove(rec)
+            self._bury(rec)
         if issued:
             self._save()
         kept = sum(1 for r in self._by_id.values() if r.user == user)  # the policy's
@@ -125,27 +145,51 @@ class KeyStore:
 
     # ---- changes made by other instances (proxy.keysync) --------------------------------
 
-    def replace_issued(self, records: list[KeyRecord]) -> None:
-        """Make the issued keys exactly ``records`` (policy-declared keys stay); the file is
-        written only when that changed something (a periodic resync usually does not)."""
-        current = [r for r in self._by_id.values() if r.source == "api"]
-        if set(current) == set(records):
-            return
-        for rec in current:
-            self._remove(rec)
+    @property
+    def revoked(self) -> dict[str, float]:
+        """The tombstones (sha256 -> revocation time); read-only."""
+        return dict(self._revoked)
+
+    def merge(
+        self, records: Iterable[KeyRecord], revoked: dict[str, float]
+    ) -> tuple[list[KeyRecord], dict[str, float]]:
+        """Take in the shared copy (its records and tombstones) and return what the copy
+        lacks: (records, tombstones) to put back. A tombstone from either side wins over a
+        record from either side; nothing is dropped only because the copy lacks it (an empty
+        Redis is a lost copy, not a revocation). The file is written only on a change."""
+        changed = False
+        for sha, when in revoked.items():
+            if sha not in self._revoked:
+                self._revoked[sha] = when
+                changed = True
+            rec = self._by_hash.get(sha)
+            if rec is not None and rec.source == "api":
+                self._remove(rec)
+                changed = True
+        shared = set()
         for rec in records:
-            self._add(rec)
-        self._save()
+            shared.add(rec.sha256)
+            if rec.sha256 not in self._revoked and self._by_hash.get(rec.sha256) != rec:
+                self._add(rec)
+                changed = True
+        if changed:
+            self._save()
+        missing = [r for r in self._by_id.values() if r.source == "api" and r.sha256 not in shared]
+        buried = {s: t for s, t in self._revoked.items() if s not in revoked}
+        return missing, buried
 
     def apply_remote(self, rec: KeyRecord) -> None:
-        if self._by_hash.get(rec.sha256) != rec:
+        if rec.sha256 not in self._revoked and self._by_hash.get(rec.sha256) != rec:
             self._add(rec)
             self._save()
 
     def drop_remote(self, sha256: str) -> None:
         rec = self._by_hash.get(sha256)
         if rec is not None and rec.source == "api":
-            self._remove(rec)
+            self._bury(rec)
+            self._save()
+        elif rec is None and sha256 not in self._revoked:
+            self._revoked[sha256] = time.time()  # announced before its record reached us
             self._save()
 
     def lookup(self, key: str) -> KeyRecord | None:

@@ -4,10 +4,16 @@ Each instance keeps answering from its own in-memory ``KeyStore`` (a request nev
 Redis to authenticate); this keeps those stores equal. Redis holds every issued key's record
 (a hash, ``tollway:keys:records``: SHA-256 -> record; never the key itself), and changes are
 announced on a channel, so a key created through one instance's admin API works on all of them
-within milliseconds, and a revoked one stops working everywhere. An instance loads the whole
-set when it starts (offering Redis the keys of its own ``keys.json`` that Redis does not have
-yet: the first instance of a deployment seeds it) and loads it again every ``resync`` seconds,
-which heals an announcement missed while the connection was down.
+within milliseconds, and a revoked one stops working everywhere. Revocations leave
+tombstones (``tollway:keys:revoked``: SHA-256 -> time) beside the records.
+
+Redis holds a copy, never the only record: every instance keeps its keys and tombstones in its
+``keys.json`` (``proxy.keystore``), and a sync merges both ways: the instance takes in what
+Redis has, and puts back the records and tombstones Redis lacks. A tombstone wins over a
+record, so an empty Redis (restarted without persistence) is re-seeded with every issued key
+and brings back no revoked one. A sync runs at start, after every re-subscription (the
+connection broke: announcements may have been missed), when the state watch reports a restart
+or the end of an outage (``proxy.statewatch``), and every ``resync`` seconds.
 """
 
 from __future__ import annotations
@@ -15,48 +21,100 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import asdict
 from typing import Any
 
 import orjson
 
 from proxy.keystore import KeyRecord, KeyStore
+from proxy.statewatch import StateWatch, is_state_error
 
 log = logging.getLogger("tollway.keys")
 
 
 class KeySync:
     def __init__(
-        self, store: KeyStore, url: str, prefix: str = "tollway:keys:", resync: float = 30.0
+        self,
+        store: KeyStore,
+        url: str,
+        watch: StateWatch | None = None,
+        prefix: str = "tollway:keys:",
+        resync: float = 30.0,
     ) -> None:
         import redis.asyncio as aioredis  # only a Redis deployment loads redis-py
 
         self.store = store
         self.client: Any = aioredis.from_url(url)
+        self.watch = watch
         self.records = prefix + "records"
+        self.revoked = prefix + "revoked"
         self.channel = prefix + "events"
         self.resync = resync
+        self.retry = watch.interval if watch is not None else 1.0
         self._tasks: list[asyncio.Task[None]] = []
         self._pubsub: Any = None
 
     async def start(self) -> None:
-        """Seed Redis with local keys it lacks, load the whole set, then follow changes."""
-        mine = {r.sha256: r for r in self.store.list() if r.source == "api"}
-        for sha, rec in mine.items():
-            await self.client.hsetnx(self.records, sha, orjson.dumps(asdict(rec)))
-        self._pubsub = pubsub = self.client.pubsub()
-        await pubsub.subscribe(self.channel)  # before loading: no change falls in between
-        await self.load()
+        """Subscribe, merge with Redis, then follow changes. With Redis unreachable the
+        instance starts on its own ``keys.json``; the follower merges once it is back."""
+        try:
+            await self._subscribe()  # before merging: no change falls in between
+            await self.sync()
+        except Exception as e:
+            if not is_state_error(e):
+                raise
+            self._failed(e)
+            await self._unsubscribe()
         loop = asyncio.get_running_loop()
-        self._tasks = [
-            loop.create_task(self._follow(pubsub)),
-            loop.create_task(self._resync()),
-        ]
+        self._tasks = [loop.create_task(self._follow()), loop.create_task(self._resync())]
+        if self.watch is not None:
+            self.watch.on_recover(self.sync)
 
-    async def load(self) -> None:
-        raw = await self.client.hgetall(self.records)
-        records = [KeyRecord(**orjson.loads(v)) for v in raw.values()]
-        self.store.replace_issued(records)
+    async def _subscribe(self) -> None:
+        self._pubsub = self.client.pubsub()
+        await self._pubsub.subscribe(self.channel)
+
+    async def _unsubscribe(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+
+    def _failed(self, exc: BaseException) -> None:
+        if self.watch is not None:
+            self.watch.failed(exc)  # the watch logs the outage, once per interval
+        else:
+            log.warning("shared key store unreachable (%s)", type(exc).__name__)
+
+    async def sync(self) -> None:
+        """Merge this instance's keys and tombstones with Redis's, both ways."""
+        async with self.client.pipeline(transaction=True) as pipe:  # one consistent view
+            pipe.hgetall(self.records)
+            pipe.hgetall(self.revoked)
+            raw, dead = await pipe.execute()
+        missing, buried = self.store.merge(
+            [KeyRecord(**orjson.loads(v)) for v in raw.values()],
+            {k.decode(): float(v) for k, v in dead.items()},
+        )
+        tombstones = self.store.revoked
+        stale = [k for k in raw if k.decode() in tombstones]
+        if not (missing or buried or stale):
+            return
+        async with self.client.pipeline(transaction=True) as pipe:
+            if buried:
+                pipe.hset(self.revoked, mapping=buried)
+            if stale:
+                pipe.hdel(self.records, *stale)
+            for rec in missing:
+                pipe.hsetnx(self.records, rec.sha256, orjson.dumps(asdict(rec)))
+            await pipe.execute()
+        if missing or buried:
+            log.info(
+                "put back %d keys and %d revocations the shared key store lacked",
+                len(missing),
+                len(buried),
+            )
 
     async def add(self, rec: KeyRecord) -> None:
         """Publish a key created here (before its secret is shown to anyone)."""
@@ -68,19 +126,32 @@ class KeySync:
         """Revoke keys everywhere."""
         if not recs:
             return
-        await self.client.hdel(self.records, *(r.sha256 for r in recs))
+        now = time.time()
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(self.revoked, mapping={r.sha256: now for r in recs})
+            pipe.hdel(self.records, *(r.sha256 for r in recs))
+            await pipe.execute()
         for rec in recs:
             await self.client.publish(self.channel, b"del " + rec.sha256.encode())
 
-    async def _follow(self, pubsub: Any) -> None:
+    async def _follow(self) -> None:
+        """Apply announcements; after a broken connection, subscribe again and merge (what
+        was announced meanwhile is in Redis's records and tombstones)."""
         while True:
             try:
-                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if self._pubsub is None:
+                    await self._subscribe()
+                    await self.sync()
+                msg = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # the connection broke: the resync heals what was missed
-                log.warning("key announcements interrupted (%s); retrying", type(e).__name__)
-                await asyncio.sleep(1.0)
+            except Exception as e:
+                if is_state_error(e):
+                    self._failed(e)
+                else:
+                    log.warning("key announcements interrupted (%s); retrying", type(e).__name__)
+                await self._unsubscribe()
+                await asyncio.sleep(self.retry)
                 continue
             if msg is None:
                 continue
@@ -94,17 +165,19 @@ class KeySync:
         while True:
             await asyncio.sleep(self.resync)
             try:
-                await self.load()
+                await self.sync()
             except Exception as e:
-                log.warning(
-                    "key resync failed (%s); next try in %ss", type(e).__name__, self.resync
-                )
+                if is_state_error(e):
+                    self._failed(e)
+                else:
+                    log.warning(
+                        "key resync failed (%s); next try in %ss", type(e).__name__, self.resync
+                    )
 
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self._pubsub is not None:
-            await self._pubsub.aclose()
+        await self._unsubscribe()
         await self.client.aclose()

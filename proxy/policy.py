@@ -54,11 +54,37 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+Encoding = Literal["gzip", "deflate"]
+_ENCODINGS: tuple[Encoding, ...] = ("gzip", "deflate")
+
+
 class Listen(Strict):
     host: str = Field("127.0.0.1", description="Interface to bind.")
     port: int = Field(8080, ge=0, le=65535, description="TCP port to bind (0 picks a free one).")
     max_body_bytes: int = Field(
-        10 * 1024 * 1024, ge=1024, description="Largest request body accepted; larger is a 413."
+        10 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body accepted, counted after decompression; larger is a 413.",
+    )
+    request_encodings: list[Encoding] = Field(
+        default_factory=lambda: list(_ENCODINGS),
+        description="Content-Encodings accepted on request bodies (inflated with the "
+        "max_body_bytes bound, sent to the provider plain); others are a 415. [] refuses all.",
+    )
+    header_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a client has to send a request's complete headers, counted from "
+        "the connection's opening or the first byte of the request; then it is closed.",
+    )
+    keepalive_timeout: float = Field(
+        75.0, gt=0, description="Seconds an idle keep-alive connection is kept open."
+    )
+    shutdown_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds SIGTERM/SIGINT lets in-flight requests finish before they are "
+        "cancelled; closing the plugins then has as long again, and the process exits anyway.",
     )
     trusted_proxies: list[str] = Field(
         default_factory=list,
@@ -71,6 +97,11 @@ class Listen(Strict):
         for net in v:
             ipaddress.ip_network(net, strict=False)  # ValueError names the bad entry
         return v
+
+    @field_validator("header_timeout", "keepalive_timeout", "shutdown_timeout", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        return parse_duration(v)
 
 
 class Admin(Strict):
@@ -86,6 +117,23 @@ class State(Strict):
     dir: str | None = Field(
         "data", description="Folder for embedded state (issued keys); null keeps it in memory."
     )
+    on_unavailable: Literal["serve", "refuse"] = Field(
+        "serve",
+        description="While Redis is unreachable: serve (each instance enforces limits and "
+        "quotas alone, answers keys from memory, bypasses the cache) or refuse (a limited "
+        "request is a 503 state_unavailable with Retry-After).",
+    )
+    check_interval: float = Field(
+        1.0,
+        gt=0,
+        description="Seconds between an instance's checks of Redis: how soon it notices an "
+        "outage's end or a restart that emptied Redis, and re-seeds it.",
+    )
+
+    @field_validator("check_interval", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        return parse_duration(v)
 
     @property
     def shared(self) -> bool:
@@ -126,6 +174,21 @@ class Provider(Strict):
     default_max_tokens: int = Field(
         4096, ge=1, description="max_tokens sent to Anthropic when an OpenAI client gave none."
     )
+    forward_headers: list[str] = Field(
+        default_factory=list,
+        description="Provider-account headers a client may set on this provider (e.g. "
+        "OpenAI-Project, anthropic-beta); without this they are dropped. Credentials, framing "
+        "and Tollway's own headers can never be forwarded.",
+    )
+
+    @field_validator("forward_headers")
+    @classmethod
+    def _forwardable(cls, v: list[str]) -> list[str]:
+        from proxy.upstream import forwardable  # upstream imports this module: resolve late
+
+        for name in v:
+            forwardable(name)  # ValueError names the header and why it cannot be forwarded
+        return [name.lower() for name in v]
 
 
 class Model(Strict):

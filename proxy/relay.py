@@ -16,7 +16,14 @@ from aiohttp import web
 
 from proxy import sse, translate
 from proxy.chain import Chain
-from proxy.context import Reply, RequestContext, Route, StreamEvent, UpstreamResponse
+from proxy.context import (
+    STREAM_BROKEN,
+    Reply,
+    RequestContext,
+    Route,
+    StreamEvent,
+    UpstreamResponse,
+)
 from proxy.errors import Reject, convert_error, error_body, reject_body
 
 _JSON = "application/json"
@@ -181,10 +188,21 @@ async def send_reply(
 class _StreamState:
     """Per-stream translation and usage bookkeeping, chosen once per stream."""
 
-    __slots__ = ("ctx", "hooks", "route", "to_chat", "to_messages", "wants_usage")
+    __slots__ = (
+        "ctx",
+        "ended",
+        "hooks",
+        "route",
+        "sent_error",
+        "to_chat",
+        "to_messages",
+        "wants_usage",
+    )
 
     def __init__(self, chain: Chain, ctx: RequestContext, route: Route, wants_usage: bool) -> None:
         self.ctx = ctx
+        self.ended = False  # the provider's terminal event arrived: the stream is complete
+        self.sent_error = False  # the provider's own error event went to the client
         self.route = route
         self.wants_usage = wants_usage
         self.hooks = chain.response_chunk
@@ -219,6 +237,13 @@ class _StreamState:
         name, data = sse.parse_event(raw)
         ctx = self.ctx
         ctx.usage.events += 1
+        if name is not None:  # Anthropic's events are named, OpenAI's are not
+            if name == "message_stop":
+                self.ended = True
+            elif name == "error":
+                self.sent_error = self.to_chat is None  # translated, it raises StreamError
+        elif data == sse.DONE:
+            self.ended = True
         if self.to_chat is not None:
             if name is None and not data:
                 return
@@ -298,7 +323,14 @@ class _StreamState:
 async def relay_stream(
     chain: Chain, ctx: RequestContext, route: Route, resp: UpstreamResponse, wants_usage: bool
 ) -> web.StreamResponse:
-    """Relay a provider stream event by event; a failure mid-stream becomes an error event."""
+    """Relay a provider stream event by event; a failure mid-stream becomes an error event.
+
+    A stream that fails after its 200 went out (the provider's connection breaks or times out,
+    an event is malformed, the provider sends an error event or stops before its terminal
+    event) ends with a provider-shaped error event, never with a clean finish, and is recorded
+    as failed: ``ctx.status`` becomes the failure's status and ``ctx.error_code``
+    ``STREAM_BROKEN`` (see ``proxy.context``).
+    """
     assert resp.chunks is not None
     ctx.status = resp.status
     headers = base_headers(ctx)
@@ -327,6 +359,15 @@ async def relay_stream(
         tail = splitter.rest().strip()
         if tail:
             state.process(tail, frames)
+        if not state.ended:  # the provider closed cleanly, but not at the end of its reply
+            if frames:
+                await out.write(b"".join(frames))
+                frames.clear()
+            raise Reject(
+                502,
+                f"upstream provider {route.provider} ended the stream before its end",
+                code=STREAM_BROKEN,
+            )
         if state.to_chat is not None:
             frames.append(sse.frame(sse.DONE))
         frames[:0] = held
@@ -345,9 +386,14 @@ async def relay_stream(
     ) as e:
         status = e.status if isinstance(e, Reject) else 502
         message = e.message if isinstance(e, Reject | translate.StreamError) else "malformed stream"
-        ctx.error_code = e.code if isinstance(e, Reject) and e.code else "upstream_stream_error"
+        # the client saw a 200; the row, the quota and the metrics see what really happened
+        ctx.status = status
+        code = e.code if isinstance(e, Reject) else None
+        own = code is not None and not code.startswith("upstream")  # a plugin's refusal
+        ctx.error_code = code if own else STREAM_BROKEN
         ctx.error_message = message
-        body = error_body(ctx.dialect, status, message, code=ctx.error_code)
-        await out.write(sse.frame_json(body, "error" if ctx.dialect == "anthropic" else None))
+        if not state.sent_error:  # the provider's own error event already told the client
+            body = error_body(ctx.dialect, status, message, code=ctx.error_code)
+            await out.write(sse.frame_json(body, "error" if ctx.dialect == "anthropic" else None))
     await out.write_eof()
     return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -39,9 +40,12 @@ _NOT_FORWARDED = frozenset(
         "host",
         "content-length",
         "accept-encoding",
+        # the body is always sent plain: the client's encoding was undone when it was read
+        "content-encoding",
         # the client's credentials belong to Tollway, never to the provider
         "authorization",
         "x-api-key",
+        "api-key",
         "cookie",
         "forwarded",
         "x-forwarded-for",
@@ -50,6 +54,31 @@ _NOT_FORWARDED = frozenset(
         "x-real-ip",
     }
 )
+
+# Headers that act on the operator's provider account (organisation, project, beta features
+# and their billing): a tenant must not choose them, so they pass only where the provider's
+# ``forward_headers`` lists them. anthropic-version is the exception: it pins the API
+# version, not the account, and clients' SDKs set it.
+_ACCOUNT_PREFIXES = ("openai-", "anthropic-", "x-openai-", "x-anthropic-")
+_ACCOUNT_EXCEPTIONS = frozenset({"anthropic-version"})
+
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def forwardable(name: str) -> None:
+    """Refuse (ValueError) a ``forward_headers`` entry that may never reach a provider."""
+    lk = name.lower()
+    if not _TOKEN.match(name):
+        raise ValueError(f"{name!r} is not a header name")
+    if lk in _NOT_FORWARDED or lk.startswith("x-tollway-"):
+        raise ValueError(
+            f"{name} is never forwarded (a credential, framing or Tollway's own header)"
+        )
+
+
+def _account_header(lk: str) -> bool:
+    return lk.startswith(_ACCOUNT_PREFIXES) and lk not in _ACCOUNT_EXCEPTIONS
+
 
 _OPENAI_PATHS = {
     "chat": "/chat/completions",
@@ -76,6 +105,8 @@ class ProviderClient:
     backoff: float
     max_backoff: float
     default_max_tokens: int
+    # provider-account header names (lowercase) the policy lets clients set
+    allowed: frozenset[str] = frozenset()
     # client header name as sent -> the name forwarded ("" = not forwarded); see ``headers``
     forwarded_names: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -100,6 +131,7 @@ class ProviderClient:
             backoff=p.retries.backoff,
             max_backoff=p.retries.max_backoff,
             default_max_tokens=p.default_max_tokens,
+            allowed=frozenset(h.lower() for h in p.forward_headers),
         )
 
     def url(self, endpoint: str) -> str:
@@ -109,7 +141,8 @@ class ProviderClient:
         return self.base_url + _OPENAI_PATHS[endpoint]
 
     def headers(self, client_headers: CIMultiDictProxy[str]) -> dict[str, str]:
-        """Client headers minus hop-by-hop, credentials and Tollway's own; plus the provider's.
+        """Client headers minus hop-by-hop, credentials, Tollway's own and the provider-account
+        headers the policy does not allow; plus the provider's credentials.
 
         Which names pass is decided once per distinct name (clients send the same few headers
         on every request), not lowercased and tested again for each request.
@@ -138,7 +171,8 @@ class ProviderClient:
         if (
             lk in _NOT_FORWARDED
             or lk.startswith("x-tollway-")
-            or (self.kind == "openai" and lk.startswith("anthropic-"))
+            or (_account_header(lk) and lk not in self.allowed)
+            or (self.kind == "openai" and lk == "anthropic-version")
         ):
             lk = ""
         names = self.forwarded_names

@@ -7,7 +7,11 @@ implementation in ``proxy.shared.Shared``; the core never imports a plugin.
 from __future__ import annotations
 
 import csv
+import datetime
 import io
+import os
+from decimal import Decimal
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 from proxy.context import StashKey
@@ -20,8 +24,10 @@ class UsageBackend(Protocol):
     async def invoice(self, user: str, month: str) -> dict[str, Any]:
         """The user's invoice for a calendar month (``YYYY-MM``, UTC)."""
 
-    async def export_parquet(self, folder: str) -> int:
-        """Write the usage table as Parquet partitioned by day; returns the row count."""
+    async def export_parquet(self, folder: str) -> tuple[str, int]:
+        """Write the usage table as Parquet partitioned by day into ``folder``, a relative
+        name under the configured export directory (``export_target``); returns the folder
+        written (absolute) and the row count. Raises InvalidExportPath for any other name."""
 
 
 class ReadOnlyQuery(Exception):
@@ -36,7 +42,62 @@ class QueryError(Exception):
     """
 
 
+class QueryTimeout(QueryError):
+    """The query ran past the time limit and was interrupted."""
+
+
+class ResultTooLarge(QueryError):
+    """The answer has more rows or bytes than the limits allow."""
+
+
+class QueryBusy(QueryError):
+    """As many analytics queries as allowed are running; try again shortly (a QueryError, so
+    a caller that shows what it can, like the dashboard, skips the figure)."""
+
+
+class InvalidExportPath(ValueError):
+    """An export folder that is not a relative name under the export directory."""
+
+
 USAGE: StashKey[UsageBackend] = StashKey()
+
+
+def export_target(root: str | Path, name: str) -> Path:
+    """The folder an export named ``name`` goes to: a relative name under ``root``, resolved.
+
+    The admin API writes files as the gateway's user, so the name must not reach outside the
+    export directory: absolute names, ``..`` parts and symlinks that lead out are refused, as
+    is a name of an existing file (Parquet needs a folder).
+    """
+    if not name or "\x00" in name:
+        raise InvalidExportPath("'dir' must be a non-empty folder name")
+    rel = PurePosixPath(name)
+    if rel.is_absolute() or name.startswith("~"):
+        raise InvalidExportPath(
+            "'dir' must be a folder name relative to the export directory (metering "
+            "config export_dir), not an absolute path"
+        )
+    if ".." in rel.parts:
+        raise InvalidExportPath("'dir' must not contain '..'")
+    base = Path(os.path.realpath(root))
+    target = Path(os.path.realpath(base / rel))  # follows symlinks: where files would land
+    if target == base or not target.is_relative_to(base):
+        raise InvalidExportPath("'dir' must name a folder inside the export directory")
+    at = target
+    while not at.exists():  # the nearest existing part of the path must be a folder
+        at = at.parent
+    if not at.is_dir():
+        raise InvalidExportPath("'dir' names an existing file, not a folder")
+    return target
+
+
+def json_default(obj: object) -> object:
+    """orjson's fallback for values DuckDB returns that JSON has no type for."""
+    if isinstance(obj, Decimal):
+        return str(obj)  # exact money, never a float
+    if isinstance(obj, datetime.timedelta):
+        return obj.total_seconds()
+    return str(obj)
 
 
 def invoice_csv(invoice: dict[str, Any]) -> str:

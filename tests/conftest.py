@@ -29,6 +29,7 @@ from proxy.chain import compile_chain
 from proxy.emulator import create_emulator_app
 from proxy.gateway import Gateway
 from proxy.policy import PolicyError, load_text
+from proxy.server import GatewayRunner
 
 ADMIN_KEY = "test-admin-key"
 
@@ -39,8 +40,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def start_site(app: web.Application) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+async def start_site(
+    app: web.Application, runner: web.AppRunner | None = None
+) -> tuple[web.AppRunner, str]:
+    runner = runner or web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     port = free_port()
     site = web.TCPSite(runner, "127.0.0.1", port)
@@ -192,7 +195,14 @@ async def make_gateway(emulator: Emulator, tmp_path: Path) -> AsyncIterator[Call
             path.write_text(text)
         loaded = load_text(text, base=tmp_path, path=path)
         app = create_app(loaded, extra_plugins=extra_plugins)
-        runner, url = await start_site(app)
+        # the connection handling `tollway serve` uses: header deadline, JSON protocol errors
+        runner = GatewayRunner(
+            app,
+            handler_cancellation=True,
+            access_log=None,
+            header_timeout=loaded.policy.listen.header_timeout,
+        )
+        runner, url = await start_site(app, runner)
         runners.append(runner)
         return Gw(url, app, http, clients)
 

@@ -80,7 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     rep = data_cmd("report", "KPIs against the targets, and the business figures")
     rep.set_defaults(fn=cmd_report)
     ex = data_cmd("export", "write usage as Parquet partitioned by day")
-    ex.add_argument("--parquet", required=True, metavar="DIR")
+    ex.add_argument(
+        "--parquet",
+        required=True,
+        metavar="DIR",
+        help="with --url: a folder name under the gateway's metering export_dir; "
+        "with --db: any local folder",
+    )
     ex.set_defaults(fn=cmd_export)
 
     f = sub.add_parser(

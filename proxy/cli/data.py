@@ -19,13 +19,17 @@ import orjson
 from proxy.cli.keys import _admin
 
 
-def _offline_db(path: str) -> Any:
-    """Open a stopped gateway's usage database, loading rows its spool still holds."""
+def _offline_db(path: str, export_dir: str | None = None) -> Any:
+    """Open a stopped gateway's usage database, loading rows its spool still holds.
+
+    Sandboxed as the gateway opens it (SQL reads the usage tables and nothing else on the
+    host); ``export_dir``: the one folder an export may write to.
+    """
     from plugins.spool import Spool
     from plugins.usage_db import UsageDB
 
     try:
-        db = UsageDB(path)
+        db = UsageDB(path, export_dirs=[export_dir] if export_dir else [])
     except Exception as e:  # duckdb raises IOException when the gateway holds the lock
         raise SystemExit(f"cannot open {path}: {e}\n(is the gateway running? use --url)") from None
     spool_dir = Path(path).with_suffix(".spool")
@@ -134,14 +138,15 @@ def _fmt(value: Any) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    folder = str(Path(args.parquet).resolve())
-    if args.db:
-        db = _offline_db(args.db)
+    if args.db:  # this machine's files, as the user running the command: any local folder
+        folder = str(Path(args.parquet).resolve())
+        db = _offline_db(args.db, folder)
         try:
             rows = db.export_parquet(folder)
         finally:
             db.close()
-    else:
-        rows = _admin(args.url, "POST", "/admin/export", {"dir": folder})["rows"]
+    else:  # the gateway writes only under its metering export_dir: DIR is a name there
+        out = _admin(args.url, "POST", "/admin/export", {"dir": args.parquet})
+        folder, rows = out["path"], out["rows"]
     print(f"exported {rows} rows to {folder} (Parquet, partitioned by day)")
     return 0

@@ -15,6 +15,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from typing import Any
 
 from aiohttp import web
@@ -26,32 +27,36 @@ log = logging.getLogger("tollway.meter")
 
 class MeterBackend:
     """The admin API's usage interface (``proxy.usage.UsageBackend``) over the meter's
-    database; a query first takes in what the stream holds, as a gateway loads its spool."""
+    database; a query first takes in what the stream holds, as a gateway loads its spool.
+    Queries, invoices and exports run with the gateway's limits (``plugins.analytics``)."""
 
-    def __init__(self, meter: Any, plan_costs: dict[str, float]) -> None:
+    def __init__(self, meter: Any, plan_costs: dict[str, float], analytics: Any) -> None:
         self.meter = meter
         self.db = meter.db
         self.plan_costs = plan_costs
+        self.analytics = analytics
 
     async def sql(self, query: str) -> tuple[list[str], list[list[Any]]]:
+        self.analytics.check_capacity()
         await asyncio.to_thread(self.meter.drain)
-        return await asyncio.to_thread(self.db.query, query)  # type: ignore[no-any-return]
+        return await self.analytics.sql(query)  # type: ignore[no-any-return]
 
     async def invoice(self, user: str, month: str) -> dict[str, Any]:
         await asyncio.to_thread(self.meter.drain)
-        return await asyncio.to_thread(  # type: ignore[no-any-return]
-            self.db.invoice, user, month, self.plan_costs, None
-        )
+        return await self.analytics.invoice(user, month, self.plan_costs, None)  # type: ignore[no-any-return]
 
-    async def export_parquet(self, folder: str) -> int:
+    async def export_parquet(self, folder: str) -> tuple[str, int]:
+        from proxy.usage import export_target
+
+        export_target(self.analytics.export_dir, folder)  # a bad name is refused first
         await asyncio.to_thread(self.meter.drain)
-        return await asyncio.to_thread(self.db.export_parquet, folder)  # type: ignore[no-any-return]
+        return await self.analytics.export_parquet(folder)  # type: ignore[no-any-return]
 
 
 def build_meter_app(loaded: Any, name: str | None = None) -> tuple[web.Application, Any]:
     """The meter's web app and its consumer, from a policy whose metering plugin has sink redis."""
+    from plugins.analytics import Analytics
     from plugins.metering import MeteringConfig
-    from plugins.usage_db import UsageDB
     from plugins.usage_stream import Meter
     from proxy import admin
     from proxy.appkeys import GATEWAY, SHARED
@@ -69,7 +74,7 @@ def build_meter_app(loaded: Any, name: str | None = None) -> tuple[web.Applicati
     config = MeteringConfig.model_validate(items[0].config)
     if not policy.state.shared:
         raise ValueError("tollway meter reads the usage stream of state.url: redis://...")
-    meter = Meter(UsageDB(config.database, config.memory_limit), policy.state.url, name)
+    meter = Meter(config.open_database(), policy.state.url, name)
     plan_costs = policy.plan_costs()
     meter.db.set_plan_prices(plan_costs, policy.plans_with("sla_guarantee"))
     # the admin handlers, with a gateway that has no chain: same key check, same answers
@@ -77,7 +82,8 @@ def build_meter_app(loaded: Any, name: str | None = None) -> tuple[web.Applicati
     app = web.Application()
     app[GATEWAY] = gw
     app[SHARED] = shared = Shared()
-    shared.put(USAGE, MeterBackend(meter, plan_costs))
+    analytics = Analytics(meter.db, config.query_limits(), config.export_dir)
+    shared.put(USAGE, MeterBackend(meter, plan_costs, analytics))
     app.router.add_post("/admin/sql", admin.run_sql)
     app.router.add_get("/admin/invoices/{user}", admin.get_invoice)
     app.router.add_post("/admin/export", admin.export)
@@ -90,12 +96,20 @@ async def _ok(request: web.Request) -> web.Response:
 
 
 def consume(meter: Any, stop: threading.Event) -> None:
-    """The consumer loop (a thread: the Redis reads block); errors are logged and retried."""
+    """The consumer loop (a thread: the Redis reads block); errors are logged and retried
+    (Redis unreachable: one line per ``REPORT_EVERY`` seconds, not a traceback a second)."""
+    from proxy.statewatch import REPORT_EVERY, is_state_error
+
+    reported = -REPORT_EVERY
     while not stop.is_set():
         try:
             meter.step(block_ms=500)
-        except Exception:
-            log.exception("loading usage entries failed; they stay pending and are retried")
+        except Exception as e:
+            if not is_state_error(e):
+                log.exception("loading usage entries failed; they stay pending and are retried")
+            elif time.monotonic() - reported >= REPORT_EVERY:
+                reported = time.monotonic()
+                log.warning("Redis unreachable (%s); retrying every second", type(e).__name__)
             stop.wait(1.0)
 
 
@@ -111,15 +125,22 @@ async def _run_meter(loaded: Any, host: str, port: int, name: str | None) -> Non
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, done.set)
+    from proxy.appkeys import SHARED
+    from proxy.usage import USAGE
+
+    analytics = app[SHARED].find(USAGE).analytics  # type: ignore[union-attr]
     try:
         await done.wait()
     finally:
+        analytics.interrupt_all()  # running queries answer at once: cleanup need not wait
         await runner.cleanup()
+        await analytics.close()
         stop.set()
         await asyncio.to_thread(thread.join)
         meter.drain()  # what arrived meanwhile is loaded before the database closes
         meter.close()
-        meter.db.close()
+        if not analytics.busy:
+            meter.db.close()
 
 
 def cmd_meter(args: argparse.Namespace) -> int:

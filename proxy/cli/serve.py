@@ -3,8 +3,9 @@
 What it takes to get a gateway serving lives here: loading and checking the policy, running on
 uvloop when it is installed, binding (a failure is one line, not a traceback), keeping the
 garbage collector off the request path, and the signals (``SIGHUP`` reloads the policy,
-``SIGTERM`` and ``SIGINT`` stop). ``demo`` runs the emulator and the gateway in one process and
-prints a demo key with ready-to-run examples.
+``SIGTERM`` and ``SIGINT`` stop, in-flight requests getting ``listen.shutdown_timeout``).
+``demo`` runs the emulator and the gateway in one process and prints a demo key with
+ready-to-run examples.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import os
 import secrets
 import signal
 import sys
+import threading
 from typing import Any
 
 from aiohttp import web
 
-from proxy.policy import LoadedPolicy, PolicyError, load_file
+from proxy.policy import Listen, LoadedPolicy, PolicyError, load_file
+from proxy.server import GatewayRunner
 
 
 def _run(coro: Any) -> None:
@@ -43,9 +46,29 @@ def _load(path: str) -> LoadedPolicy:
         raise SystemExit(1) from None
 
 
-async def _start(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
-    """Set up and bind; a failure (a plugin that cannot start, a taken port) is one line."""
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+async def _start(
+    app: web.Application, host: str, port: int, listen: Listen | None = None
+) -> tuple[web.AppRunner, int]:
+    """Set up and bind; a failure (a plugin that cannot start, a taken port) is one line.
+
+    With ``listen`` (the gateway, not the demo's emulator) connections get the policy's header
+    deadline and JSON protocol errors (proxy/server.py), and in-flight requests get
+    ``shutdown_timeout`` to finish when the runner is cleaned up.
+    """
+    runner: web.AppRunner
+    if listen is None:
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    else:
+        runner = GatewayRunner(
+            app,
+            handler_cancellation=True,
+            access_log=None,
+            header_timeout=listen.header_timeout,
+            # aiohttp waits this long for a busy connection's handler, then as long again
+            # before it cancels it: half the policy's timeout each, so a request still
+            # running shutdown_timeout after SIGTERM is cancelled then
+            shutdown_timeout=listen.shutdown_timeout / 2,
+        )
     try:
         await runner.setup()
         site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
@@ -96,7 +119,8 @@ async def _run_gateway(loaded: LoadedPolicy, host: str, port: int, banner: Any =
         for line in e.errors:
             print(f"  {line}", file=sys.stderr)
         raise SystemExit(1) from None
-    runner, bound = await _start(app, host, port)
+    listen = loaded.policy.listen
+    runner, bound = await _start(app, host, port, listen)
     _tune_gc()
     print(f"tollway listening on http://{host}:{bound}", flush=True)
     if banner is not None:
@@ -124,7 +148,28 @@ async def _run_gateway(loaded: LoadedPolicy, host: str, port: int, banner: Any =
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     await stop.wait()
-    await runner.cleanup()
+    _exit_if_stuck(2 * listen.shutdown_timeout)
+    await runner.cleanup()  # in-flight requests get shutdown_timeout, then plugins close
+
+
+def _exit_if_stuck(seconds: float) -> None:
+    """End the process ``seconds`` from now if it has not exited by itself.
+
+    In-flight requests get ``shutdown_timeout`` and closing the plugins gets as long again;
+    something that ignores cancellation (a query in a worker thread, a blocked loop) must not
+    keep a stopping gateway alive past that, so a daemon thread, which neither the event
+    loop nor the interpreter's exit waits for, ends it.
+    """
+
+    def expire() -> None:
+        print(f"tollway: shutdown took longer than {seconds:g}s; exiting", file=sys.stderr)
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(1)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

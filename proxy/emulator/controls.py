@@ -40,6 +40,7 @@ class _Controls:
     key: str = ""  # x-emulator-key: whose fail_times budget this request spends
     hang: bool = False  # x-emulator-hang: never answer
     abort_after: int | None = None  # x-emulator-stream-abort-after: drop the stream after N
+    stop_after: int | None = None  # x-emulator-stream-stop-after: end it cleanly after N
 
     @classmethod
     def parse(cls, headers: Mapping[str, str], body: Json) -> _Controls:
@@ -64,6 +65,7 @@ class _Controls:
         ctl.key = get("x-emulator-key", "")
         ctl.hang = get("x-emulator-hang", "0").lower() not in ("0", "", "false", "no")
         ctl.abort_after = _int(get("x-emulator-stream-abort-after"))
+        ctl.stop_after = _int(get("x-emulator-stream-stop-after"))
         return ctl
 
 
@@ -85,7 +87,13 @@ def _seconds(ms: str) -> float:
 
 
 async def _stream(request: web.Request, events: list[bytes], ctl: _Controls) -> web.StreamResponse:
-    """Send SSE events, honouring chunk delay and abort; a vanished client ends it quietly."""
+    """Send SSE events, honouring chunk delay and abort; a vanished client ends it quietly.
+
+    An abort drops the connection mid-body (a provider dying); a stop ends the body properly
+    but before the terminal event (an intermediary cutting the stream short).
+    """
+    if ctl.stop_after is not None:
+        events = events[: ctl.stop_after]
     resp = web.StreamResponse(headers=_SSE_HEADERS)
     try:
         await resp.prepare(request)

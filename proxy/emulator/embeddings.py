@@ -20,6 +20,7 @@ from proxy.emulator.replies import _count
 from proxy.emulator.wire import Json, _BadRequest, _json
 
 _MAX_DIMENSIONS = 8192
+_MAX_INPUT_TOKENS = 8192  # OpenAI's embedding models: the most tokens in one input
 
 
 @lru_cache(maxsize=8192)
@@ -45,6 +46,18 @@ class _EmbeddingsEndpoint:
     ) -> web.StreamResponse:
         """Embeddings in float or base64 (the openai SDK asks for base64 unless told otherwise)."""
         model, texts = _model(body), _prompts(body.get("input"), "input")
+        tokens = 0
+        for text in texts:  # like OpenAI, one bad input fails the whole request
+            if not text:
+                raise _BadRequest("'input' cannot contain an empty string", "input")
+            n = _count(text)
+            tokens += n
+            if n > _MAX_INPUT_TOKENS:
+                raise _BadRequest(
+                    f"This model's maximum context length is {_MAX_INPUT_TOKENS} tokens, "
+                    f"however you requested {n} tokens. Please reduce your prompt.",
+                    "input",
+                )
         dim = _positive(body, "dimensions", 8) or 8
         if dim > _MAX_DIMENSIONS:
             raise _BadRequest(f"'dimensions' must be at most {_MAX_DIMENSIONS}", "dimensions")
@@ -56,6 +69,5 @@ class _EmbeddingsEndpoint:
             {"object": "embedding", "index": i, "embedding": _vector(text, dim)[slot]}
             for i, text in enumerate(texts)
         ]
-        tokens = sum(_count(t) for t in texts)
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         return _json({"object": "list", "data": data, "model": model, "usage": usage})

@@ -290,7 +290,7 @@ async def test_backend_errors_are_counted_misses(
         assert await s.get("user:42") is None
         await s.delete("user:42")
     assert (s.stats.errors, s.stats.misses, s.stats.sets) == (3, 1, 0)
-    assert len(caplog.records) == 3
+    assert len(caplog.records) == 1  # one line per interval, the others are counted
     assert "user:42" not in caplog.text and "SSN" not in caplog.text
     await s.close()
 

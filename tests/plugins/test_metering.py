@@ -37,7 +37,8 @@ BASE = BASE_POLICY.split("features:")[0] + PLANS
 def chain(db: Path) -> str:
     return (
         "chain:\n  - name: auth\n  - name: limits\n    config: {}\n"
-        f"  - name: metering\n    config: {{database: {db}, flush_interval: 50ms}}\n"
+        f"  - name: metering\n    config: {{database: {db}, flush_interval: 50ms, "
+        f"export_dir: {db.parent / 'exports'}}}\n"
     )
 
 
@@ -142,7 +143,9 @@ def test_a_segment_loaded_twice_counts_once(tmp_path: Path, monkeypatch: Any) ->
         {"ts": 1.7e9 + i, "request_id": f"req_twice_{i}", "status": 200, "input_tokens": 10}
         for i in range(3)
     ]
-    segment = tmp_path / "000000000001.jsonl"
+    spool = tmp_path / "u.spool"  # the one folder the database's sandbox lets it read
+    spool.mkdir()
+    segment = spool / "000000000001.jsonl"
     segment.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows) + b'{"ts": 1.7e9, "re')
     db = UsageDB(tmp_path / "u.duckdb")
     try:
@@ -162,7 +165,7 @@ def test_a_segment_loaded_twice_counts_once(tmp_path: Path, monkeypatch: Any) ->
         ids = db.query("SELECT request_id FROM usage ORDER BY 1")[1]
         assert ids == [[f"req_twice_{i}"] for i in range(3)]
         assert db.query("SELECT count(*) FROM spool_loads")[1] == [[0]]
-        other = tmp_path / "000000000002.jsonl"  # a different segment still loads
+        other = spool / "000000000002.jsonl"  # a different segment still loads
         other.write_bytes(orjson.dumps({"ts": 1.7e9, "request_id": "req_other"}) + b"\n")
         assert db.ingest(other) == 1
         assert db.query("SELECT count(*) FROM usage")[1] == [[4]]
@@ -241,13 +244,13 @@ async def test_admin_invoice_and_export_input(metered: Gw, tmp_path: Path) -> No
             assert err["code"] == "invalid_request" and err["param"] == "month"
     async with gw.http.post(f"{gw.url}/admin/export", json={}, headers=ADMIN) as r:
         assert r.status == 400 and (await r.json())["error"]["param"] == "dir"
-    out = tmp_path / "export"
-    async with gw.http.post(f"{gw.url}/admin/export", json={"dir": str(out)}, headers=ADMIN) as r:
+    out = tmp_path / "exports" / "export"  # a name under the metering export_dir
+    async with gw.http.post(f"{gw.url}/admin/export", json={"dir": "export"}, headers=ADMIN) as r:
         assert r.status == 200
-        assert (await r.json())["rows"] == 1
+        assert await r.json() == {"dir": "export", "path": str(out), "rows": 1}
     files = list(out.rglob("*.parquet"))
     assert files and all(f.parent.name.startswith("day=") for f in files)
-    async with gw.http.post(f"{gw.url}/admin/export", json={"dir": str(out)}) as r:
+    async with gw.http.post(f"{gw.url}/admin/export", json={"dir": "export"}) as r:
         assert r.status == 401  # the admin key guards every admin route
 
 

@@ -55,7 +55,7 @@ chain:
     config:
       keys: [{{id: crash-key, user: crash, tier: pro, sha256: {sha}}}]
   - name: metering
-    config: {{database: {db}, flush_interval: 30s}}
+    config: {{database: {db}, flush_interval: 30s, export_dir: {exports}}}
 """
 ENV = {"TOLLWAY_ADMIN_KEY": ADMIN}
 REQUESTS = 60
@@ -147,7 +147,11 @@ def test_kill_9_restart_and_the_data_commands(emulator_port: int, tmp_path: Path
     policy = tmp_path / "policy.yaml"
     policy.write_text(
         POLICY.format(
-            port=port, emu=emulator_port, db=db, sha=hashlib.sha256(KEY.encode()).hexdigest()
+            port=port,
+            emu=emulator_port,
+            db=db,
+            exports=tmp_path / "exports",
+            sha=hashlib.sha256(KEY.encode()).hexdigest(),
         )
     )
     serve = [*TOLLWAY, "serve", "--policy", str(policy)]
@@ -249,8 +253,9 @@ def test_kill_9_restart_and_the_data_commands(emulator_port: int, tmp_path: Path
             assert line.rstrip().endswith(verdict), line
         assert re.search(rf"^ +requests +{len(live)}$", out, re.M), out
 
-        parquet = tmp_path / "parquet"
-        res = tollway("export", *where, "--parquet", str(parquet))
+        parquet = tmp_path / "exports" / "parquet"
+        # a folder name under the gateway's export_dir
+        res = tollway("export", *where, "--parquet", parquet.name)
         assert res.returncode == 0, res.stderr
         assert f"exported {len(live)} rows" in res.stdout
         days = sorted(p.name for p in parquet.iterdir())

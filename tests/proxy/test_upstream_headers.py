@@ -9,9 +9,12 @@ from proxy.policy import Provider
 from proxy.upstream import ProviderClient
 
 
-def _client(kind: str) -> ProviderClient:
+def _client(kind: str, **extra: object) -> ProviderClient:
     return ProviderClient.build(
-        "p", Provider.model_validate({"kind": kind, "base_url": "http://x", "api_key": "sk-up"})
+        "p",
+        Provider.model_validate(
+            {"kind": kind, "base_url": "http://x", "api_key": "sk-up", **extra}
+        ),
     )
 
 
@@ -38,12 +41,14 @@ def test_same_names_in_any_case_give_the_same_answer_every_time() -> None:
             }
 
 
-def test_anthropic_provider_keeps_anthropic_headers_and_the_clients_version() -> None:
-    c = _client("anthropic")
-    out = c.headers(_headers(("anthropic-version", "2023-01-01"), ("anthropic-beta", "b")))
+def test_anthropic_provider_keeps_the_clients_version_and_allowed_account_headers() -> None:
+    pairs = (("anthropic-version", "2023-01-01"), ("anthropic-beta", "b"))
+    out = _client("anthropic").headers(_headers(*pairs))
     assert out["anthropic-version"] == "2023-01-01"
-    assert out["anthropic-beta"] == "b"
+    assert "anthropic-beta" not in out  # an account header: only where the policy allows it
     assert out["x-api-key"] == "sk-up"
+    out = _client("anthropic", forward_headers=["Anthropic-Beta"]).headers(_headers(*pairs))
+    assert out["anthropic-beta"] == "b"
 
 
 def test_memo_of_header_names_is_bounded() -> None:

@@ -1,0 +1,209 @@
+"""The health of the shared state (``state.url: redis://...``): outages and restarts.
+
+Redis is often run without persistence, so it holds hot copies, never the only record: issued
+keys and revocations live in every instance's ``keys.json``, monthly counts in each instance's
+``quota.json`` (its own share). This watch notices when Redis has to be given those copies
+back, without adding anything to a request's path:
+
+* an outage is noticed by whoever hits it (a request's Redis call fails: ``failed``) or by the
+  background check; until the check reaches Redis again, ``available`` is False and users of
+  the state answer without it (``state.on_unavailable``: per-instance limits, or 503);
+* a restart (or a flush) is noticed by the check: the sentinel key ``tollway:epoch`` holds a
+  random value set by the first instance that finds it missing, so a changed or missing value
+  means Redis lost its data;
+* either way the registered ``on_recover`` callbacks re-seed Redis from the durable records
+  before ``available`` turns True again.
+
+The outage is logged once when it starts, then at most once per ``REPORT_EVERY`` seconds with
+the number of affected requests, and once when it ends: never a line (or a traceback) per
+request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from proxy.context import StashKey
+from proxy.errors import Reject
+
+log = logging.getLogger("tollway.state")
+
+EPOCH_KEY = "tollway:epoch"
+REPORT_EVERY = 10.0
+"""Seconds between two log lines about one outage."""
+
+_STATE_ERRORS: tuple[type[BaseException], ...] | None = None
+
+
+def is_state_error(exc: BaseException) -> bool:
+    """Whether ``exc`` means the shared state cannot be reached (as opposed to a bug or a
+    refused command): connection refused or reset, a timeout, Redis still loading its data."""
+    global _STATE_ERRORS
+    if _STATE_ERRORS is None:
+        from redis import exceptions  # only a Redis deployment gets here
+
+        # not OSError at large: a full disk or a bad path is not an unreachable Redis
+        _STATE_ERRORS = (exceptions.ConnectionError, exceptions.TimeoutError, ConnectionError)
+    return isinstance(exc, _STATE_ERRORS)
+
+
+class StateWatch:
+    """One per application; users report failures, the background check reports the rest."""
+
+    def __init__(
+        self, url: str, on_unavailable: str = "serve", check_interval: float = 1.0
+    ) -> None:
+        import redis.asyncio as aioredis  # only a Redis deployment loads redis-py
+
+        self.interval = check_interval
+        timeout = max(0.5, min(check_interval, 5.0))  # a dead host must not stall the check
+        self.client: Any = aioredis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+        self.refuse = on_unavailable == "refuse"
+        self.available = True
+        self.epoch: bytes | None = None
+        self.outages = 0
+        self.reseeds = 0
+        self._recover: list[Callable[[], Awaitable[object]]] = []
+        self._affected = 0  # requests answered without the shared state since the last line
+        self._total_affected = 0
+        self._down_since = 0.0
+        self._reported = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def on_recover(self, fn: Callable[[], Awaitable[object]]) -> None:
+        """Run ``fn`` after an outage or a restart, before the state counts as available."""
+        self._recover.append(fn)
+
+    # ---- called by users of the state (cheap: no I/O) ----------------------------------
+
+    def failed(self, exc: BaseException) -> None:
+        """A call to the shared state failed with a state error: the outage starts now."""
+        if not self.available:
+            return
+        self.available = False
+        self.outages += 1
+        self._down_since = self._reported = time.monotonic()
+        log.warning(
+            "shared state (state.url) unreachable (%s); %s until it is back",
+            type(exc).__name__,
+            "refusing requests that need it with 503"
+            if self.refuse
+            else "each instance enforces limits and quotas alone",
+        )
+
+    def affected(self) -> None:
+        """One request was answered without the shared state (counted for the log)."""
+        self._affected += 1
+
+    def reject(self) -> Reject:
+        """The answer to a request that needs the shared state while it is unreachable."""
+        self._affected += 1
+        return Reject(
+            503,
+            "the gateway's shared state is unreachable; retry shortly",
+            code="state_unavailable",
+            headers={"Retry-After": str(max(1, round(self.interval)))},
+        )
+
+    # ---- the background check ------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Read the epoch once (a failure only starts an outage), then check periodically."""
+        try:
+            self.epoch = await self._read_epoch()
+        except Exception as e:
+            if not is_state_error(e):
+                raise
+            self.failed(e)
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _read_epoch(self) -> bytes:
+        """The sentinel's value; set (once, by whoever comes first) when it is missing."""
+        value = await self.client.get(EPOCH_KEY)
+        if value is None:
+            await self.client.set(EPOCH_KEY, secrets.token_hex(8), nx=True)
+            value = await self.client.get(EPOCH_KEY)
+        return bytes(value or b"")
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.check()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug in a callback must not end the watch
+                log.exception("shared state check failed")
+
+    async def check(self) -> None:
+        """One check: notice an outage, its end, or a restart; re-seed when needed."""
+        try:
+            epoch = await self._read_epoch()
+        except Exception as e:
+            if not is_state_error(e):
+                raise
+            self.failed(e)
+            self._report()
+            return
+        restarted = self.epoch is not None and epoch != self.epoch
+        if self.available and not restarted:
+            return
+        try:
+            for fn in self._recover:
+                await fn()
+        except Exception as e:
+            if not is_state_error(e):
+                raise
+            self.failed(e)  # lost again while re-seeding: the next check retries
+            self._report()
+            return
+        self.epoch = epoch
+        self.reseeds += 1
+        if not self.available:
+            self.available = True
+            total = self._total_affected + self._affected
+            log.warning(
+                "shared state reachable again after %.1fs (%d requests answered without it)%s; "
+                "re-seeded from this instance's records",
+                time.monotonic() - self._down_since,
+                total,
+                ", and it had lost its data" if restarted else "",
+            )
+            self._affected = self._total_affected = 0
+        else:
+            log.warning("shared state lost its data (restart or flush); re-seeded it")
+
+    def _report(self) -> None:
+        now = time.monotonic()
+        if now - self._reported < REPORT_EVERY:
+            return
+        self._reported = now
+        log.warning(
+            "shared state still unreachable after %.0fs (%d requests answered without it "
+            "since the last report)",
+            now - self._down_since,
+            self._affected,
+        )
+        self._total_affected += self._affected
+        self._affected = 0
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        with contextlib.suppress(Exception):
+            await self.client.aclose()
+
+
+STATE_WATCH: StashKey[StateWatch] = StashKey()
+"""Where ``proxy.shared.Shared`` keeps the application's watch (absent without Redis)."""
