@@ -12,7 +12,9 @@ never ends by itself. So that no query can stop the admin plane, the gateway or 
 - answers are capped in rows and bytes (ResultTooLarge), and each query's intermediates in
   memory (DuckDB's operator_memory_limit; spills to disk are capped for the database);
 - invoices and exports have executors of their own, so hostile queries never delay them;
-- ``close`` interrupts whatever still runs and waits only briefly for it.
+- ``stop_all`` (when a shutdown begins) stops every running call, which answers at once
+  (ShuttingDown), and refuses new ones; ``close`` interrupts whatever still runs and waits
+  only briefly for it.
 
 DuckDB resets a connection's interrupt flag when a query starts, so an interrupt sent just
 before ``execute`` would be lost: it is repeated until the worker thread returns.
@@ -32,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from proxy.usage import QueryBusy, QueryTimeout, export_target
+from proxy.usage import QueryBusy, QueryTimeout, ShuttingDown, export_target
 
 if TYPE_CHECKING:
     from plugins.usage_db import UsageDB
@@ -127,6 +129,7 @@ class Analytics:
         self._queries_running = 0
         self._active: dict[_Running, asyncio.Future[Any]] = {}
         self._watchers: set[asyncio.Task[None]] = set()
+        self.stopping = False  # a shutdown began: calls are stopped and refused
         self.timeouts = 0
         self.refused = 0
 
@@ -187,6 +190,8 @@ class Analytics:
         """Run ``fn(*args, cur=<a cursor of its own>, **kwargs)`` on ``pool``; interrupt it
         after ``limit`` seconds or when cancelled. ``slot``: a query slot is held until the
         thread returns (not merely until this coroutine does), so the cap counts what runs."""
+        if self.stopping:
+            raise ShuttingDown("the server is shutting down; retry on another instance")
         running = _Running()
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(pool, self._call, running, fn, args, kwargs)
@@ -215,6 +220,10 @@ class Analytics:
         except asyncio.CancelledError:
             self._stop(running, fut)
             raise
+        except Exception:
+            if self.stopping:  # interrupted by stop_all: not the query's fault
+                raise ShuttingDown("the server is shutting down; the call was stopped") from None
+            raise
 
     def _call(
         self, running: _Running, fn: Callable[..., T], args: tuple[Any, ...], kw: dict[str, Any]
@@ -242,8 +251,17 @@ class Analytics:
             running.interrupt()
             await asyncio.sleep(REINTERRUPT_EVERY)
 
+    def stop_all(self) -> None:
+        """A shutdown begins: stop every running call, so its request answers at once
+        (ShuttingDown) instead of holding the shutdown, and refuse new ones. Each call is
+        interrupted until its thread returns, not once (an interrupt sent just before DuckDB
+        starts a query would be lost)."""
+        self.stopping = True
+        for running, fut in list(self._active.items()):
+            self._stop(running, fut)
+
     def interrupt_all(self) -> None:
-        """Interrupt every call running now (a shutdown begins: their answers are errors)."""
+        """Interrupt every call running now, once (``close`` repeats it until they return)."""
         for running in list(self._active):
             running.interrupt()
 

@@ -377,6 +377,8 @@ class MeteringPlugin:
             await store.start()
             shared.put(_STORE, store)
             shared.on_close(store.close)
+            if store.analytics is not None:  # admin queries stop when the shutdown begins
+                shared.on_shutdown(store.analytics.stop_all)
         store._keystore = app[KEYSTORE]
         store.plan_costs = self.plan_costs
         if store.db is not None:  # with sink redis, analytics are the meter's

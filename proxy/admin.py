@@ -27,6 +27,7 @@ from proxy.usage import (
     QueryTimeout,
     ReadOnlyQuery,
     ResultTooLarge,
+    ShuttingDown,
     UsageBackend,
     invoice_csv,
     json_default,
@@ -75,6 +76,8 @@ def admin_only(fn: AdminHandler) -> AdminHandler:
             return await fn(request)
         except Reject as e:
             return _error(e)
+        except ShuttingDown as e:  # an admin query, invoice or export stopped by the shutdown
+            return _error(_shutting_down(e))
         except Exception as e:
             if is_state_error(e):  # e.g. forgetting a user's quota counts with Redis down
                 return _error(_state_unavailable(e, "retry when it is back"))
@@ -95,6 +98,10 @@ async def _body(request: web.Request) -> dict[str, object]:
     if not isinstance(data, dict):
         raise Reject(400, "request body must be a JSON object", code="invalid_json")
     return data
+
+
+def _shutting_down(exc: ShuttingDown) -> Reject:
+    return Reject(503, str(exc), code="shutting_down", headers={"Retry-After": "1"})
 
 
 def _state_unavailable(exc: Exception, what: str) -> Reject:
@@ -184,6 +191,8 @@ async def run_sql(request: web.Request) -> web.StreamResponse:
         columns, rows = await _usage(request).sql(query)
     except ReadOnlyQuery as e:
         raise Reject(403, f"read-only: {e}", code="read_only") from None
+    except ShuttingDown as e:  # before QueryError, its base
+        raise _shutting_down(e) from None
     except QueryBusy as e:
         raise Reject(429, str(e), code="too_many_queries", headers={"Retry-After": "1"}) from None
     except QueryTimeout as e:  # 4xx: the same query would fail again; it must change

@@ -73,6 +73,7 @@ def create_app(
         gw.keysync = KeySync(keystore, state.url, watch)
         app.cleanup_ctx.append(_key_sync)
     app.cleanup_ctx.append(_chain_lifespan)
+    app.on_shutdown.append(_shutdown_begins)
     for path, (endpoint, dialect) in CLIENT_ENDPOINTS.items():
         app.router.add_post(path, make_handler(endpoint, dialect))  # type: ignore[arg-type]
     app.router.add_get("/v1/models", list_models)
@@ -112,6 +113,16 @@ async def _chain_lifespan(app: web.Application) -> AsyncIterator[None]:
     gw.ready = False
     await gw.close()
     await app[SHARED].close()
+
+
+async def _shutdown_begins(app: web.Application) -> None:
+    """The listener is closed; in-flight requests get ``listen.shutdown_timeout`` from now.
+
+    Readiness goes off, and what plugins registered with ``Shared.on_shutdown`` runs now (an
+    admin query is stopped and answered at once rather than holding the shutdown open until
+    its handler is cancelled)."""
+    app[GATEWAY].ready = False
+    await app[SHARED].shutdown()
 
 
 def _dialect_of(request: web.Request) -> str:

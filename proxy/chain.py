@@ -99,12 +99,13 @@ class Chain:
                 await agen.__anext__()
             except Exception as e:
                 await self.stop()
-                owner = getattr(fn, "__self__", None)
-                name = next(
-                    (n for p, n in zip(self.plugins, self.names, strict=True) if p is owner), "?"
-                )
-                raise PluginStartError(f"plugin {name} could not start: {e}") from e
+                raise PluginStartError(f"plugin {self.name_of(fn)} could not start: {e}") from e
             self._open.append(agen)
+
+    def name_of(self, hook: Hook) -> str:
+        """The chain name of the plugin a hook belongs to (for logs naming a failing plugin)."""
+        owner = getattr(hook, "__self__", None)
+        return next((n for p, n in zip(self.plugins, self.names, strict=True) if p is owner), "?")
 
     async def stop(self) -> None:
         """Exit the lifespans in reverse order; every one runs even if another fails."""

@@ -4,10 +4,15 @@ Streams are relayed event by event as they arrive (one socket write per upstream
 parsed only where needed: the few events carrying usage, every event when translating between
 dialects, and every event only if some plugin implements ``response_chunk``. Responses are
 written and finished here, before ``log`` hooks run, so logging never delays a reply.
+
+A response-side hook that raises (anything but a Reject) turns the reply into a 500
+``internal_error``; on the way to an error reply hooks cannot stop it: a failure there is
+logged and the provider-shaped error still goes out.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -15,18 +20,24 @@ import orjson
 from aiohttp import web
 
 from proxy import sse, translate
-from proxy.chain import Chain
+from proxy.chain import Chain, Hook
 from proxy.context import (
     STREAM_BROKEN,
     Reply,
     RequestContext,
     Route,
+    StashKey,
     StreamEvent,
     UpstreamResponse,
 )
 from proxy.errors import Reject, convert_error, error_body, reject_body
 
+log = logging.getLogger("tollway")
+
 _JSON = "application/json"
+_FAILED: StashKey[set[str]] = StashKey()
+"""The plugins whose response-side hook raised in this request: each is logged once, though
+the error reply runs its hooks again."""
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 
@@ -41,17 +52,66 @@ def base_headers(ctx: RequestContext) -> dict[str, str]:
     return headers
 
 
+def _hook_failed(chain: Chain, ctx: RequestContext, hook: Hook) -> None:
+    """Log a hook's exception (being handled) once per request and plugin: the plugin, the
+    hook, the request id and the traceback; never the request or reply body."""
+    name = chain.name_of(hook)
+    failed = ctx.stash.get(_FAILED)
+    if failed is None:
+        failed = ctx.stash[_FAILED] = set()
+    if name in failed:
+        return
+    failed.add(name)
+    hook_name = getattr(hook, "__name__", "hook")
+    log.exception("plugin %s failed in %s for request %s", name, hook_name, ctx.request_id)
+
+
+def _internal(chain: Chain, ctx: RequestContext, hook: Hook) -> Reject:
+    """The 500 a failing hook turns its reply into (logged here, so the handler does not)."""
+    _hook_failed(chain, ctx, hook)
+    return Reject(500, "internal gateway error", code="internal_error")
+
+
 async def _run_header_hooks(
     chain: Chain, ctx: RequestContext, headers: dict[str, str], stop_at: int
 ) -> None:
     for position, hook in chain.response_headers:
         if position < stop_at:
-            await hook(ctx, headers)
+            try:
+                await hook(ctx, headers)
+            except Reject:
+                raise
+            except Exception:
+                raise _internal(chain, ctx, hook) from None
 
 
 async def _complete(chain: Chain, ctx: RequestContext) -> None:
     for hook in chain.response_complete:
-        await hook(ctx)
+        try:
+            await hook(ctx)
+        except Reject:
+            raise
+        except Exception:
+            raise _internal(chain, ctx, hook) from None
+
+
+async def _body_hooks(
+    chain: Chain, ctx: RequestContext, body: Any, stop_at: int
+) -> tuple[Any, bool]:
+    """Run ``response_body`` of the plugins above ``stop_at``: the body, and whether one
+    replaced it."""
+    changed = False
+    for position, hook in chain.response_body:
+        if position < stop_at:
+            try:
+                new = await hook(ctx, body)
+            except Reject:
+                raise
+            except Exception:
+                raise _internal(chain, ctx, hook) from None
+            if new is not None:
+                body, changed = new, True
+    return body, changed
 
 
 def _terminal(frame: bytes) -> bool:
@@ -77,8 +137,20 @@ async def send_error(chain: Chain, ctx: RequestContext, exc: Reject) -> web.Stre
     ctx.error_message = exc.message
     headers = base_headers(ctx)
     headers.update(exc.headers)
-    await _run_header_hooks(chain, ctx, headers, len(chain.plugins))
-    await _complete(chain, ctx)
+    # Every hook runs, and none can replace this reply: a hook that raises (even a Reject) is
+    # logged and its header edits are undone, so the client still gets the provider's shape.
+    for _, hook in chain.response_headers:
+        before = dict(headers)
+        try:
+            await hook(ctx, headers)
+        except Exception:
+            _hook_failed(chain, ctx, hook)
+            headers = before
+    for hook in chain.response_complete:
+        try:
+            await hook(ctx)
+        except Exception:
+            _hook_failed(chain, ctx, hook)
     return await _finish(ctx, exc.status, reject_body(exc, ctx.dialect), headers)
 
 
@@ -143,10 +215,9 @@ async def relay_body(
                     code="upstream_invalid",
                 ) from None
             changed = True
-        for _, hook in chain.response_body:
-            new = await hook(ctx, data)
-            if new is not None:
-                data, changed = new, True
+        if chain.response_body:
+            data, edited = await _body_hooks(chain, ctx, data, len(chain.plugins))
+            changed = changed or edited
         if changed:
             raw = orjson.dumps(data)
     ctx.status = status
@@ -175,12 +246,8 @@ async def send_reply(
         await resp.write_eof()
         return resp
     body = reply.body
-    if isinstance(body, dict):
-        for position, hook in chain.response_body:
-            if position < stop_at:
-                new = await hook(ctx, body)
-                if new is not None:
-                    body = new
+    if isinstance(body, dict) and chain.response_body:
+        body, _ = await _body_hooks(chain, ctx, body, stop_at)
     raw = body if isinstance(body, bytes) else orjson.dumps(body)
     return await _finish(ctx, reply.status, raw, headers)
 
@@ -189,6 +256,7 @@ class _StreamState:
     """Per-stream translation and usage bookkeeping, chosen once per stream."""
 
     __slots__ = (
+        "chain",
         "ctx",
         "ended",
         "hooks",
@@ -200,6 +268,7 @@ class _StreamState:
     )
 
     def __init__(self, chain: Chain, ctx: RequestContext, route: Route, wants_usage: bool) -> None:
+        self.chain = chain
         self.ctx = ctx
         self.ended = False  # the provider's terminal event arrived: the stream is complete
         self.sent_error = False  # the provider's own error event went to the client
@@ -225,7 +294,12 @@ class _StreamState:
         if self.hooks:
             ev = StreamEvent(name=name, data=data)
             for _, hook in self.hooks:
-                hook(self.ctx, ev)
+                try:
+                    hook(self.ctx, ev)
+                except Reject:
+                    raise
+                except Exception:  # a plugin's fault, not a malformed stream: a 500 event
+                    raise _internal(self.chain, self.ctx, hook) from None
             if ev.drop:
                 return
             data = ev.data

@@ -55,6 +55,10 @@ class QueryBusy(QueryError):
     a caller that shows what it can, like the dashboard, skips the figure)."""
 
 
+class ShuttingDown(QueryError):
+    """The process is shutting down: the call was stopped, or refused before it started."""
+
+
 class InvalidExportPath(ValueError):
     """An export folder that is not a relative name under the export directory."""
 
@@ -100,10 +104,33 @@ def json_default(obj: object) -> object:
     return str(obj)
 
 
+# A cell starting with one of these is a formula (or, with tab/CR, can become one) when the
+# CSV is opened in a spreadsheet: OWASP's list for CSV injection.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _text(value: str) -> str:
+    """A text cell a spreadsheet shows as text: a leading ``'`` neutralises a formula.
+
+    Only text cells go through this. The money and count columns are numbers the invoice
+    builds itself (a plan's ``prices`` override may be negative, a credit), and a ``'`` would
+    turn ``-5.00`` into text that no longer sums. A lone character computes nothing, so the
+    invoice's ``-`` (no feature) stays as it is.
+    """
+    return "'" + value if len(value) > 1 and value.startswith(_FORMULA_START) else value
+
+
 def invoice_csv(invoice: dict[str, Any]) -> str:
-    """The invoice as CSV: one row per line, then the total."""
+    """The invoice as CSV: one row per line, then the total.
+
+    The user, the feature (a client names it in ``X-Tollway-Feature``) and the texts built
+    from them are tenant-controlled, so text cells are neutralised against formula injection.
+    """
+    user, month = _text(str(invoice["user"])), _text(str(invoice["month"]))
     out = io.StringIO()
-    w = csv.writer(out, lineterminator="\n")
+    # RFC 4180's CRLF: the writer quotes a cell holding any character of the line terminator,
+    # so a CR inside a user id cannot start a new row (whose first cell would escape _text)
+    w = csv.writer(out, lineterminator="\r\n")
     w.writerow(
         [
             "user",
@@ -120,16 +147,16 @@ def invoice_csv(invoice: dict[str, Any]) -> str:
     for line in invoice["lines"]:
         w.writerow(
             [
-                invoice["user"],
-                invoice["month"],
-                line["description"],
-                line["service"],
-                line["endpoint"] or "",
-                line["feature"] or "",
+                user,
+                month,
+                _text(line["description"]),
+                _text(line["service"]),
+                _text(line["endpoint"] or ""),
+                _text(line["feature"] or ""),
                 line["quantity"],
                 line["unit_price"],
                 line["total"],
             ]
         )
-    w.writerow([invoice["user"], invoice["month"], "Total", "", "", "", "", "", invoice["total"]])
+    w.writerow([user, month, "Total", "", "", "", "", "", invoice["total"]])
     return out.getvalue()

@@ -11,7 +11,6 @@ import shutil
 import socket
 import subprocess
 import textwrap
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from proxy.emulator import create_emulator_app
 from proxy.gateway import Gateway
 from proxy.policy import PolicyError, load_text
 from proxy.server import GatewayRunner
+from tests.procs import reachable, start_redis
 
 ADMIN_KEY = "test-admin-key"
 
@@ -69,21 +69,13 @@ class Emulator:
             return await r.json()  # type: ignore[no-any-return]
 
 
-def _reachable(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[str]:
     """A real redis-server: CI's on :6379, else one started on :6390 from the binary.
 
     Without redis the Redis tests skip, except under CI=true, where they must run.
     """
-    if _reachable(6379):
+    if reachable(6379):
         yield "redis://127.0.0.1:6379"
         return
     server = shutil.which("redis-server")
@@ -92,14 +84,9 @@ def redis_server() -> Iterator[str]:
             pytest.fail("CI=true but no redis on :6379 and no redis-server binary to start")
         pytest.skip("no redis-server")
     started = False
-    if not _reachable(6390):
-        subprocess.run([server, "--port", "6390", "--save", "", "--daemonize", "yes"], check=True)
+    if not reachable(6390):
+        start_redis(server, 6390, daemonize=True)
         started = True
-    for _ in range(50):
-        if _reachable(6390):
-            break
-        time.sleep(0.1)
-    assert _reachable(6390), "started redis-server on :6390 but it does not answer"
     yield "redis://127.0.0.1:6390"
     if started and (cli := shutil.which("redis-cli")):
         subprocess.run([cli, "-p", "6390", "shutdown", "nosave"], check=False)

@@ -132,7 +132,7 @@ async def _run_meter(loaded: Any, host: str, port: int, name: str | None) -> Non
     try:
         await done.wait()
     finally:
-        analytics.interrupt_all()  # running queries answer at once: cleanup need not wait
+        analytics.stop_all()  # running queries answer at once: cleanup need not wait
         await runner.cleanup()
         await analytics.close()
         stop.set()

@@ -8,7 +8,6 @@ content-encoding), bodies come plain, compressed or mislabelled, and nested up t
 from __future__ import annotations
 
 import gzip
-import http.client
 import json
 import zlib
 from collections.abc import Iterator
@@ -20,42 +19,7 @@ from hypothesis import strategies as st
 
 from proxy.edge import MAX_JSON_DEPTH
 from tests.conftest import free_port
-from tests.procs import TOLLWAY, running
-
-
-class Http:
-    """A tiny keep-alive HTTP client on the standard library (one connection, reopened on error)."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-
-    def post(
-        self, path: str, body: bytes, headers: dict[str, str | bytes]
-    ) -> tuple[int, dict[str, str], bytes]:
-        return self.request("POST", path, body, headers)
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        body: bytes | None = None,
-        headers: dict[str, str | bytes] | None = None,
-    ) -> tuple[int, dict[str, str], bytes]:
-        """Header values may be bytes: they are sent as they are (any byte but CR and LF)."""
-        try:
-            self.conn.request(method, path, body=body, headers=headers or {})
-            r = self.conn.getresponse()
-            data = r.read()
-        except (http.client.HTTPException, ConnectionError):
-            self.conn.close()
-            self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-            raise
-        return r.status, {k.lower(): v for k, v in r.getheaders()}, data
-
-    def close(self) -> None:
-        self.conn.close()
-
+from tests.procs import TOLLWAY, Http, running
 
 ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages"]
 MODELS = ["gpt-5.4-mini", "claude-sonnet", "text-embedding-3-small", "auto", "nope", "", 3, None]
@@ -106,13 +70,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Http, st
         running([*TOLLWAY, "serve", "--policy", str(policy)], "tollway listening") as gw,
     ):
         client = Http(port)
-        status, _, made = client.post(
-            "/admin/keys",
-            json.dumps({"user": "fuzz", "tier": "pro"}).encode(),
-            {"Authorization": "Bearer fuzz-admin", "Content-Type": "application/json"},
-        )
-        assert status == 201
-        yield client, json.loads(made)["key"]
+        yield client, client.create_key("fuzz-admin", "fuzz", "pro")
         client.close()
         assert "Traceback" not in gw.text()
 

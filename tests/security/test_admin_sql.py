@@ -9,9 +9,8 @@ database the gateway opened, so each holds even if another one were to fail.
 
 from __future__ import annotations
 
-import asyncio
 import os
-import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +20,12 @@ import pytest
 from plugins.metering import _STORE
 from proxy.appkeys import SHARED
 from tests.conftest import ADMIN_KEY, Gw
-from tests.procs import ROOT
+from tests.procs import run_tollway
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 MSG = [{"role": "user", "content": "hello there"}]
 SECRET = "sk-live-should-never-leave-the-host"
+tollway = partial(run_tollway, env={"TOLLWAY_ADMIN_KEY": ADMIN_KEY})
 
 
 def chain(tmp: Path) -> str:
@@ -190,22 +190,6 @@ async def test_each_wall_holds_on_its_own(metered: Gw, tmp_path: Path) -> None:
         cur.close()
     assert not (tmp_path / "direct.csv").exists() and not (tmp_path / "direct.duckdb").exists()
     assert len(await snapshot(metered)) == 3
-
-
-async def tollway(*args: str) -> tuple[int, str]:
-    """The real ``tollway`` command, without blocking the loop the in-process gateway uses."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy.cli",
-        *args,
-        cwd=ROOT,
-        env={**os.environ, "TOLLWAY_ADMIN_KEY": ADMIN_KEY},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    return proc.returncode or 0, out.decode()
 
 
 async def test_tollway_sql_online_and_offline(make_gateway: Any, tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ body decoded, without the client's Content-Encoding.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import struct
@@ -23,29 +22,14 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import Emulator, free_port
+from tests.conftest import Emulator
 from tests.procs import TOLLWAY, running
 from tests.security import rawhttp
+from tests.security.helpers import static_key_policy
 
 KEY = "sk-bomb-test-key"
 MAX_BODY = 10 * 1024 * 1024
 INFLATED = 1 << 30
-
-POLICY = f"""\
-version: 1
-listen: {{host: 127.0.0.1, port: {{port}}}}
-state: {{dir: null}}
-providers:
-  openai: {{kind: openai, base_url: "http://127.0.0.1:1/v1", api_key: k}}
-models:
-  gpt-5.4-mini: {{provider: openai}}
-tiers:
-  pro: {{}}
-chain:
-  - name: auth
-    config:
-      keys: [{{id: k1, user: alice, tier: pro, sha256: {hashlib.sha256(KEY.encode()).hexdigest()}}}]
-"""
 
 
 def gzip_bomb() -> bytes:
@@ -77,9 +61,7 @@ def bomb() -> bytes:
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, int]]:
     """A real `tollway serve` process: (port, pid)."""
-    port = free_port()
-    policy = Path(tmp_path_factory.mktemp("bomb")) / "policy.yaml"
-    policy.write_text(POLICY.replace("{port}", str(port)))
+    policy, port = static_key_policy(tmp_path_factory.mktemp("bomb"), KEY)
     with running([*TOLLWAY, "serve", "--policy", str(policy)], "tollway listening") as proc:
         yield port, proc.popen.pid
 

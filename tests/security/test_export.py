@@ -8,9 +8,7 @@ write nowhere else, whatever asks it.
 
 from __future__ import annotations
 
-import asyncio
-import os
-import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +18,11 @@ import pytest
 from plugins.metering import _STORE
 from proxy.appkeys import SHARED
 from tests.conftest import ADMIN_KEY, Gw
-from tests.procs import ROOT
+from tests.procs import run_tollway
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 MSG = [{"role": "user", "content": "export me"}]
+tollway = partial(run_tollway, env={"TOLLWAY_ADMIN_KEY": ADMIN_KEY})
 
 
 @pytest.fixture
@@ -108,20 +107,6 @@ async def test_the_database_writes_nowhere_else(metered: Gw, tmp_path: Path) -> 
 async def test_tollway_export_names_a_folder_under_the_export_dir(
     metered: Gw, tmp_path: Path
 ) -> None:
-    async def tollway(*args: str) -> tuple[int, str]:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "proxy.cli",
-            *args,
-            cwd=ROOT,
-            env={**os.environ, "TOLLWAY_ADMIN_KEY": ADMIN_KEY},
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        out, _ = await asyncio.wait_for(proc.communicate(), 60)
-        return proc.returncode or 0, out.decode()
-
     code, out = await tollway("export", "--url", metered.url, "--parquet", "weekly")
     assert code == 0, out
     assert f"exported 2 rows to {tmp_path / 'exports' / 'weekly'}" in out

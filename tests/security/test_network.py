@@ -8,7 +8,6 @@ use in-process gateways over real HTTP.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import itertools
 import os
@@ -28,36 +27,16 @@ from proxy.handler import new_request_id
 from tests.conftest import ADMIN_KEY, Gw, free_port
 from tests.procs import TOLLWAY, Proc, running
 from tests.security import rawhttp
+from tests.security.helpers import static_key_policy
 
 REQUEST_ID = re.compile(r"^req_[0-9a-f]{24}$")
 KEY = "tw_network_test_key"
 
-POLICY = """\
-version: 1
-listen: {{host: 127.0.0.1, port: {port}, header_timeout: {header_timeout}, \
-keepalive_timeout: {keepalive_timeout}, shutdown_timeout: {shutdown_timeout}}}
-state: {{dir: null}}
-providers:
-  openai: {{kind: openai, base_url: "http://127.0.0.1:{emu}/v1", api_key: k}}
-models:
-  gpt-5.4-mini: {{provider: openai}}
-tiers:
-  pro: {{}}
-chain:
-  - name: auth
-    config:
-      keys: [{{id: k1, user: alice, tier: pro, sha256: {sha}}}]
-"""
 
-
-def _policy(tmp: Path, emu: int, **listen: Any) -> tuple[Path, int]:
-    port = free_port()
+def _policy(tmp: Path, emu: int, **listen: str) -> tuple[Path, int]:
     values = {"header_timeout": "500ms", "keepalive_timeout": "3s", "shutdown_timeout": "10s"}
     values.update(listen)
-    path = tmp / f"policy-{port}.yaml"
-    sha = hashlib.sha256(KEY.encode()).hexdigest()
-    path.write_text(POLICY.format(port=port, emu=emu, sha=sha, **values))
-    return path, port
+    return static_key_policy(tmp, KEY, f"http://127.0.0.1:{emu}/v1", **values)
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,7 @@ from hypothesis import strategies as st
 from plugins.privacy import ALL_KINDS, Redactor
 from plugins.texts import text_slots
 from tests.conftest import Emulator, Gw, free_port
-from tests.procs import TOLLWAY, running
-from tests.proxy.test_fuzz import Http
+from tests.procs import TOLLWAY, Http, running
 
 
 def wide(text: str) -> str:
@@ -354,13 +353,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Http, Htt
         running([*TOLLWAY, "serve", "--policy", str(policy)], "tollway listening") as gw,
     ):
         client, provider = Http(port), Http(emu)
-        status, _, made = client.post(
-            "/admin/keys",
-            json.dumps({"user": "privacy", "tier": "pro"}).encode(),
-            {"Authorization": "Bearer privacy-admin", "Content-Type": "application/json"},
-        )
-        assert status == 201
-        yield client, provider, json.loads(made)["key"]
+        yield client, provider, client.create_key("privacy-admin", "privacy", "pro")
         client.close()
         provider.close()
         assert "Traceback" not in gw.text()

@@ -24,7 +24,8 @@ import pytest
 import redis
 
 from proxy.keystore import KeyStore
-from tests.conftest import ADMIN_KEY, BASE_POLICY, Gw, _reachable, free_port
+from tests.conftest import ADMIN_KEY, BASE_POLICY, Gw, free_port
+from tests.procs import start_redis
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 CHAT = {"model": "gpt-5.4-mini", "messages": [{"role": "user", "content": "hi"}]}
@@ -51,17 +52,7 @@ class OwnRedis:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        no_persistence = ["--save", "", "--appendonly", "no"]
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", *no_persistence],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for _ in range(100):
-            if _reachable(self.port):
-                return
-            time.sleep(0.02)
-        raise AssertionError("redis-server did not start")
+        self.proc = start_redis(self.binary, self.port)
 
     def kill(self) -> None:
         """SIGKILL: no shutdown, no save (there is nothing to save it to anyway)."""
