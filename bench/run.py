@@ -1219,7 +1219,7 @@ REPEAT_NOTE = "4, into the full table"
 
 
 def _metering_defaults() -> str:
-    from plugins.metering import MeteringConfig
+    from plugins.metering.plugin import MeteringConfig
 
     fields = MeteringConfig.model_fields
     return f"{fields['flush_interval'].default:g} s / {fields['batch_rows'].default:,} rows"

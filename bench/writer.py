@@ -3,7 +3,7 @@
     python bench/writer.py [--rows 200000] [--batch-rows 5000] [--json]
 
 In one process, with the plugin's own classes and nothing else: ``plugins.spool.Spool`` appends
-``--rows`` rows shaped like ``plugins.metering``'s (one row per request, every column of
+``--rows`` rows shaped like ``plugins.metering.plugin``'s (one row per request, every column of
 ``plugins.usage_db.SPOOL_COLUMNS``), rotating every ``--batch-rows`` rows
 as the plugin's loader does, and ``plugins.usage_db.UsageDB.ingest`` loads each closed segment
 into a DuckDB file in a temporary folder, one segment at a time. Appending and loading are timed
@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere: the plugins live in the project
     sys.path.insert(0, str(ROOT))
 
-from plugins.spool import Spool  # noqa: E402
-from plugins.usage_db import SPOOL_COLUMNS, UsageDB  # noqa: E402
+from plugins.metering.database import SPOOL_COLUMNS, UsageDB  # noqa: E402
+from plugins.metering.spool import Spool  # noqa: E402
 
 FEATURES = ["basic_suggestions", "code_suggestions", "documentation", "context_awareness"]
 MODELS = [("gpt-5.4-mini", "openai", 0.25, 2.0), ("claude-sonnet", "anthropic", 3.0, 15.0)]

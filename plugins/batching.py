@@ -37,10 +37,10 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from plugins.fingerprint import Scope, fingerprint, scope_id
 from proxy.appkeys import METRICS
 from proxy.context import RequestContext, Route, UpstreamRequest, UpstreamResponse
 from proxy.errors import Reject
+from proxy.fingerprint import Scope, fingerprint, scope_id
 from proxy.hookspecs import hookimpl
 from proxy.policy import Policy, parse_duration
 

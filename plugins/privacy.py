@@ -1,6 +1,6 @@
 """privacy: personal data and secrets are redacted from a request before any provider sees it.
 
-Every text a provider would receive is scanned, as ``plugins.texts`` lists them: message
+Every text a provider would receive is scanned, as ``proxy.texts`` lists them: message
 contents of both dialects, system prompts, earlier tool calls' arguments and inputs, tool
 results, document texts, tool and schema descriptions, ``response_format`` schemas,
 ``prediction``, completion prompts and suffixes, embeddings inputs, ``user`` and ``metadata``.
@@ -45,11 +45,11 @@ import re2  # type: ignore[import-untyped]
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from plugins.texts import Slot, data_slots, text_slots
 from proxy.appkeys import METRICS
 from proxy.context import RequestContext
 from proxy.hookspecs import hookimpl
 from proxy.policy import Policy
+from proxy.texts import Slot, data_slots, text_slots
 
 Kind = Literal["email", "phone", "card", "iban", "ssn", "ip", "secret"]
 

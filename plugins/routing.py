@@ -37,12 +37,12 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from plugins.texts import texts_of
 from proxy.appkeys import METRICS
 from proxy.context import RequestContext, Route, StashKey
 from proxy.errors import Reject
 from proxy.hookspecs import hookimpl
 from proxy.policy import Policy
+from proxy.texts import texts_of
 
 DEFAULT_KEYWORDS = (
     "analyze",

@@ -27,11 +27,11 @@ if TYPE_CHECKING:
 
 BUILTIN_PLUGINS: dict[str, str] = {
     "auth": "plugins.auth:AuthPlugin",
-    "limits": "plugins.limits:LimitsPlugin",
-    "metering": "plugins.metering:MeteringPlugin",
+    "limits": "plugins.limits.plugin:LimitsPlugin",
+    "metering": "plugins.metering.plugin:MeteringPlugin",
     "privacy": "plugins.privacy:PrivacyPlugin",
     "routing": "plugins.routing:RoutingPlugin",
-    "cache": "plugins.cache:CachePlugin",
+    "cache": "plugins.cache.plugin:CachePlugin",
     "batching": "plugins.batching:BatchingPlugin",
 }
 """Built-in plugin name -> ``module:factory``; third parties use entry-point group 'tollway'."""

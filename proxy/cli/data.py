@@ -3,7 +3,7 @@
 They go through the running gateway's admin API (``--url``), since the gateway holds the
 database open; with ``--db`` they open a stopped gateway's database file directly, after
 loading the rows its spool still holds. DuckDB comes in with the metering plugin's modules
-(``plugins.usage_db``, ``plugins.spool``), imported inside ``_offline_db`` so that
+(``plugins.metering.database``, ``plugins.metering.spool``), imported inside ``_offline_db`` so that
 ``import proxy.cli`` does not load it.
 """
 
@@ -25,8 +25,8 @@ def _offline_db(path: str, export_dir: str | None = None) -> Any:
     Sandboxed as the gateway opens it (SQL reads the usage tables and nothing else on the
     host); ``export_dir``: the one folder an export may write to.
     """
-    from plugins.spool import Spool
-    from plugins.usage_db import UsageDB
+    from plugins.metering.database import UsageDB
+    from plugins.metering.spool import Spool
 
     try:
         db = UsageDB(path, export_dirs=[export_dir] if export_dir else [])

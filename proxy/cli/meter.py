@@ -1,5 +1,5 @@
 """``tollway meter``: the one process that owns the usage database when gateways run as many
-instances (``metering.sink: redis``; see ``plugins.usage_stream``).
+instances (``metering.sink: redis``; see ``plugins.metering.stream``).
 
 It consumes the usage stream into DuckDB in a thread of its own and serves the usage part of
 the admin API (``/admin/sql``, ``/admin/invoices/{user}``, ``/admin/export``, behind the same
@@ -28,7 +28,7 @@ log = logging.getLogger("tollway.meter")
 class MeterBackend:
     """The admin API's usage interface (``proxy.usage.UsageBackend``) over the meter's
     database; a query first takes in what the stream holds, as a gateway loads its spool.
-    Queries, invoices and exports run with the gateway's limits (``plugins.analytics``)."""
+    Queries, invoices and exports run with the gateway's limits (``plugins.metering.analytics``)."""
 
     def __init__(self, meter: Any, plan_costs: dict[str, float], analytics: Any) -> None:
         self.meter = meter
@@ -55,9 +55,9 @@ class MeterBackend:
 
 def build_meter_app(loaded: Any, name: str | None = None) -> tuple[web.Application, Any]:
     """The meter's web app and its consumer, from a policy whose metering plugin has sink redis."""
-    from plugins.analytics import Analytics
-    from plugins.metering import MeteringConfig
-    from plugins.usage_stream import Meter
+    from plugins.metering.analytics import Analytics
+    from plugins.metering.plugin import MeteringConfig
+    from plugins.metering.stream import Meter
     from proxy import admin
     from proxy.appkeys import GATEWAY, SHARED
     from proxy.chain import Chain

@@ -10,7 +10,7 @@ from typing import Any
 import openai
 import pytest
 
-from plugins.metering import UsageStore
+from plugins.metering.plugin import UsageStore
 from proxy.appkeys import SHARED
 from proxy.usage import USAGE
 from tests.conftest import ADMIN_KEY, Emulator, Gw

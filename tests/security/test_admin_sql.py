@@ -17,7 +17,7 @@ from typing import Any
 import duckdb
 import pytest
 
-from plugins.metering import _STORE
+from plugins.metering.plugin import _STORE
 from proxy.appkeys import SHARED
 from tests.conftest import ADMIN_KEY, Gw
 from tests.procs import run_tollway
@@ -203,7 +203,7 @@ async def test_tollway_sql_online_and_offline(make_gateway: Any, tmp_path: Path)
 
     # stopped: --db opens the file itself, with the same sandbox
     db = tmp_path / "offline.duckdb"
-    from plugins.usage_db import UsageDB
+    from plugins.metering.database import UsageDB
 
     UsageDB(db).close()
     code, out = await tollway("sql", "--db", str(db), "EXPLAIN ANALYZE DELETE FROM usage")

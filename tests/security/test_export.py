@@ -15,7 +15,7 @@ from typing import Any
 import duckdb
 import pytest
 
-from plugins.metering import _STORE
+from plugins.metering.plugin import _STORE
 from proxy.appkeys import SHARED
 from tests.conftest import ADMIN_KEY, Gw
 from tests.procs import run_tollway

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from plugins.privacy import ALL_KINDS, Redactor
-from plugins.texts import text_slots
+from proxy.texts import text_slots
 from tests.conftest import Emulator, Gw, free_port
 from tests.procs import TOLLWAY, Http, running
 

@@ -23,8 +23,8 @@ import aiohttp
 import orjson
 import pytest
 
-from plugins.analytics import Analytics
-from plugins.metering import _STORE
+from plugins.metering.analytics import Analytics
+from plugins.metering.plugin import _STORE
 from proxy.appkeys import SHARED
 from tests.conftest import ADMIN_KEY, Gw, config_error, free_port
 from tests.procs import TOLLWAY, running

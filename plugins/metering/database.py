@@ -403,7 +403,7 @@ class UsageDB:
     def ingest(self, segment: Path, *, stream: bool = False) -> int:
         """Load one spool segment and delete it; loading a segment twice adds nothing.
 
-        ``stream``: the segment is a chunk from the usage stream (``plugins.usage_stream``),
+        ``stream``: the segment is a chunk from the usage stream (``plugins.metering.stream``),
         whose copy may come again at any later time (a gateway killed after shipping ships it
         again), so its marker is kept, in ``stream_loads``, instead of deleted.
 

@@ -13,8 +13,8 @@ import openai
 import pytest
 from pydantic import ValidationError
 
-from plugins.limits import LimitsConfig as Config
-from plugins.limits import compile_plans, reset_string
+from plugins.limits.plugin import LimitsConfig as Config
+from plugins.limits.plugin import compile_plans, reset_string
 from proxy.context import RequestContext
 from proxy.hookspecs import hookimpl
 from proxy.policy import Policy, Tier

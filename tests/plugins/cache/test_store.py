@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from plugins.cache_store import (
+from plugins.cache.store import (
     NONCE_LEN,
     TAG_LEN,
     BoundedMemoryCache,
@@ -285,7 +285,7 @@ async def test_backend_errors_are_counted_misses(
     monkeypatch.setattr(s.raw_backend(), "read", boom)
     monkeypatch.setattr(s.raw_backend(), "write", boom)
     monkeypatch.setattr(s.raw_backend(), "_delete", aboom)
-    with caplog.at_level(logging.WARNING, logger="plugins.cache_store"):
+    with caplog.at_level(logging.WARNING, logger="plugins.cache.store"):
         await s.set("user:42", SECRET, 60)
         assert await s.get("user:42") is None
         await s.delete("user:42")
@@ -371,7 +371,7 @@ def test_redis_client_is_loaded_only_for_a_redis_backend() -> None:
     """A gateway on memory:// does not carry redis-py (7 MB); a Redis policy still gets it."""
     script = (
         "import sys\n"
-        "import plugins.cache_store as cs\n"
+        "import plugins.cache.store as cs\n"
         "assert 'redis' not in sys.modules, 'redis-py loaded by the memory backend'\n"
         "backend = cs._redis_backend('redis://127.0.0.1:6379/0', 'ns')\n"
         "assert 'redis' in sys.modules\n"

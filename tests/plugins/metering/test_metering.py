@@ -14,8 +14,8 @@ import openai
 import orjson
 import pytest
 
-from plugins.metering import LOADER_NICE, MeteringConfig, UsageStore
-from plugins.usage_db import MIGRATIONS, UsageDB
+from plugins.metering.database import MIGRATIONS, UsageDB
+from plugins.metering.plugin import LOADER_NICE, MeteringConfig, UsageStore
 from tests.conftest import ADMIN_KEY, BASE_POLICY, Gw
 from tests.procs import fresh_interpreter
 
@@ -220,10 +220,10 @@ def test_duckdb_is_loaded_only_with_metering(tmp_path: Path) -> None:
     script = (
         "import sys\n"
         "import proxy.cli, proxy.app, proxy.admin\n"
-        "import plugins.auth, plugins.limits, plugins.cache, plugins.batching\n"
-        "import plugins.privacy, plugins.routing, plugins.metering\n"
+        "import plugins.auth, plugins.limits.plugin, plugins.cache.plugin, plugins.batching\n"
+        "import plugins.privacy, plugins.routing, plugins.metering.plugin\n"
         "assert 'duckdb' not in sys.modules, 'DuckDB loaded without a usage database'\n"
-        "from plugins.metering import MeteringConfig, UsageStore\n"
+        "from plugins.metering.plugin import MeteringConfig, UsageStore\n"
         f"UsageStore(MeteringConfig(database='{tmp_path}/u.duckdb'))\n"
         "assert 'duckdb' in sys.modules\n"
         "print('ok')\n"

@@ -66,7 +66,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from plugins.aiocache_base import BaseCache, NullSerializer
+from plugins.cache.aiocache_base import BaseCache, NullSerializer
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +285,7 @@ class BoundedMemoryCache(BaseCache):  # type: ignore[misc]
 
 def _redis_backend(url: str, namespace: str) -> BaseCache:
     """Build aiocache's RedisCache from a URL, configured for the hot path (see docstring)."""
-    # lazy: redis-py is loaded only for a Redis backend (plugins.aiocache_base)
+    # lazy: redis-py is loaded only for a Redis backend (plugins.cache.aiocache_base)
     from aiocache.backends.redis import RedisCache
 
     class _RedisCache(RedisCache):  # type: ignore[misc,valid-type]

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from tests.conftest import ADMIN_KEY, BASE_POLICY
-from tests.plugins.test_limits import CHAT, PLANS, limits_chain, post
+from tests.plugins.limits.test_limits import CHAT, PLANS, limits_chain, post
 
 
 async def test_two_instances_share_one_user_limit(make_gateway: Any, redis_server: str) -> None:

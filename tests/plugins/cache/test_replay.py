@@ -19,7 +19,7 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import TypeAdapter
 
-from plugins.replies import PIECE_CHARS, Assembler, replay, usage_of
+from plugins.cache.replay import PIECE_CHARS, Assembler, replay, usage_of
 from proxy import sse, translate
 
 LONG = "Héllo wörld — 你好世界! 🎉👩‍👩‍👧 naïve café " * 6 + "\n\nend."
@@ -210,7 +210,7 @@ def assemble(endpoint: str, evs: list[tuple[str | None, Any]], n: int = 1) -> di
 
 
 def visible(endpoint: str, body: dict[str, Any], include_usage: bool) -> dict[str, Any]:
-    """The body minus the fields a stream does not carry (documented in plugins.replies)."""
+    """The body minus the fields a stream does not carry (documented in plugins.cache.replay)."""
     body = copy.deepcopy(body)
     if endpoint == "chat":
         for choice in body["choices"]:

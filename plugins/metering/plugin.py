@@ -1,6 +1,6 @@
 """metering: one usage row per request into DuckDB, written off the hot path, never lost.
 
-Per request the plugin builds one small dict and appends it to the spool (``plugins.spool``)
+Per request the plugin builds one small dict and appends it to the spool (``plugins.metering.spool``)
 in ``response_complete``, before the reply's last bytes (a whole body, an error, a stream's
 terminal event) are sent, and in ``log`` for what never completed (an abandoned or failed
 stream). A background task rotates the spool every ``flush_interval`` (5 s) or ``batch_rows``
@@ -45,10 +45,10 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from plugins.analytics import Analytics, QueryLimits
-from plugins.ip_hash import IpHasher, key_file, load_or_create_key
-from plugins.spool import Spool
-from plugins.usage_stream import StreamShipper
+from plugins.metering.analytics import Analytics, QueryLimits
+from plugins.metering.ip_hash import IpHasher, key_file, load_or_create_key
+from plugins.metering.spool import Spool
+from plugins.metering.stream import StreamShipper
 from proxy.appkeys import KEYSTORE, METRICS, SHARED
 from proxy.context import STREAM_BROKEN, RequestContext, StashKey
 from proxy.hookspecs import hookimpl
@@ -57,7 +57,7 @@ from proxy.statewatch import is_state_error
 from proxy.usage import USAGE, export_target
 
 if TYPE_CHECKING:
-    from plugins.usage_db import UsageDB
+    from plugins.metering.database import UsageDB
 
 log = logging.getLogger("tollway.metering")
 
@@ -85,7 +85,7 @@ class MeteringConfig(BaseModel):
         description="DuckDB's memory cap, e.g. 512MB.",
     )
     # admin SQL (/admin/sql, tollway sql) is bounded so that no query can stop the admin
-    # plane or the gateway (plugins.analytics)
+    # plane or the gateway (plugins.metering.analytics)
     query_timeout: float = Field(
         5.0, gt=0, description="An admin SQL query running longer is interrupted (a 400)."
     )
@@ -159,7 +159,7 @@ class MeteringConfig(BaseModel):
     def open_database(self, spool_dir: str | Path | None = None) -> UsageDB:
         """The database, sandboxed: DuckDB may touch files only in the spool folder the
         loader reads (default DATABASE.spool) and the export directory."""
-        from plugins.usage_db import UsageDB  # DuckDB only where a database is opened
+        from plugins.metering.database import UsageDB  # DuckDB only where a database is opened
 
         return UsageDB(
             self.database,
@@ -481,7 +481,7 @@ class MeteringPlugin:
             "saved_input": inp if hit else 0,
             "saved_output": out if hit else 0,
             "retries": ctx.retries,
-            # keyed, never the address itself (plugins.ip_hash); set before any request
+            # keyed, never the address itself (plugins.metering.ip_hash); set before any request
             "client_ip_hash": self.ip_hash(ctx.client_ip) if self.ip_hash else None,
             "shared": ctx.shared,
         }

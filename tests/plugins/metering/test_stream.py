@@ -15,8 +15,8 @@ import aiohttp
 import pytest
 import redis
 
-from plugins.usage_db import UsageDB
-from plugins.usage_stream import Meter, StreamShipper
+from plugins.metering.database import UsageDB
+from plugins.metering.stream import Meter, StreamShipper
 from proxy.cli.meter import build_meter_app, consume
 from proxy.policy import load_text
 from tests.conftest import ADMIN_KEY, BASE_POLICY, Gw, start_site
@@ -193,7 +193,7 @@ def test_tollway_meter_refuses_a_policy_without_metering(tmp_path: Path) -> None
 def test_a_gateway_with_sink_redis_never_loads_duckdb(url: str, tmp_path: Path) -> None:
     script = (
         "import sys, asyncio\n"
-        "from plugins.metering import MeteringConfig, UsageStore\n"
+        "from plugins.metering.plugin import MeteringConfig, UsageStore\n"
         f"cfg = MeteringConfig(sink='redis', database='{tmp_path}/x.duckdb')\n"
         f"store = UsageStore(cfg, '{url}')\n"
         "print('duckdb' in sys.modules, store.db is None)\n"

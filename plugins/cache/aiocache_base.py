@@ -3,7 +3,7 @@
 Importing the ``aiocache`` package imports redis-py whenever it is installed, to register its
 Redis backend: 7 MB of resident memory (measured), which a gateway on ``state.url: memory://``
 never uses. ``redis`` is masked while aiocache initialises, so aiocache skips that registration;
-``plugins.cache_store`` imports the Redis backend, and redis-py with it, from
+``plugins.cache.store`` imports the Redis backend, and redis-py with it, from
 ``aiocache.backends.redis`` when a policy asks for Redis. If something imported redis or
 aiocache first, nothing is masked.
 """

@@ -30,7 +30,7 @@ import openai
 import orjson
 import pytest
 
-from plugins.usage_db import MIGRATIONS
+from plugins.metering.database import MIGRATIONS
 from tests.conftest import free_port
 from tests.procs import ROOT, TOLLWAY, Proc, running
 

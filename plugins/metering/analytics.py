@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from proxy.usage import QueryBusy, QueryTimeout, ShuttingDown, export_target
 
 if TYPE_CHECKING:
-    from plugins.usage_db import UsageDB
+    from plugins.metering.database import UsageDB
 
 log = logging.getLogger("tollway.analytics")
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from plugins.usage_db import UsageDB
+    from plugins.metering.database import UsageDB
 
 log = logging.getLogger("tollway.meter")
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from plugins.cache import STORE
+from plugins.cache.plugin import STORE
 from proxy.appkeys import SHARED
 from tests.conftest import ADMIN_KEY, BASE_POLICY, Emulator, Gw
 

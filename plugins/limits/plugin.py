@@ -7,7 +7,7 @@ counts against nothing. A request that ends in an error is given back to the mon
 Model allow-lists and the global admission queue are applied in ``upstream_request``, once the
 route is final (a routing plugin may have changed the model) and just before the provider call.
 
-Windows are sliding-window counters (``plugins.windows``; the ``limits`` library's Redis storage
+Windows are sliding-window counters (``plugins.limits.windows``; the ``limits`` library's Redis storage
 when ``state.url`` is Redis), and ``Retry-After`` is computed from the counters: the seconds
 until one more request fits. Counters, quota counts and the admission queue
 are kept across policy reloads (``proxy.shared``).
@@ -32,9 +32,9 @@ import limits
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from plugins.admission import Admission, QueueFull, QueueTimeout
-from plugins.quota import MonthlyQuota, RedisQuota, instance_id, month_of, next_month_start
-from plugins.windows import (
+from plugins.limits.admission import Admission, QueueFull, QueueTimeout
+from plugins.limits.quota import MonthlyQuota, RedisQuota, instance_id, month_of, next_month_start
+from plugins.limits.windows import (
     Admit,
     BoundLayers,
     FailoverWindows,

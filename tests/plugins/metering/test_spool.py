@@ -12,7 +12,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from plugins.spool import Spool, trim
+from plugins.metering.spool import Spool, trim
 
 
 def rows_in(paths: list[Path]) -> list[dict[str, object]]:
@@ -76,12 +76,12 @@ def test_trim_drops_the_zero_tail_and_a_torn_row(tmp_path: Path) -> None:
 
 def test_rows_survive_a_sigkill_of_the_writer(tmp_path: Path) -> None:
     """Rows copied into the map are in the page cache: a killed writer loses none of them."""
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     script = textwrap.dedent(
         f"""
         import os, signal, sys
         sys.path.insert(0, {str(root)!r})
-        from plugins.spool import Spool
+        from plugins.metering.spool import Spool
         spool = Spool(__import__("pathlib").Path({str(tmp_path)!r}), segment_bytes=8192)
         for i in range(100):
             spool.append({{"request_id": f"r{{i}}", "pad": "y" * 100}})

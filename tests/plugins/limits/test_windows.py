@@ -5,7 +5,7 @@ from __future__ import annotations
 import limits
 import pytest
 
-from plugins.windows import BoundLayers, MemoryWindows
+from plugins.limits.windows import BoundLayers, MemoryWindows
 
 
 class Clock:

@@ -1,8 +1,8 @@
 """cache: exact-answer cache per tenant, TTL per feature, encrypted at rest.
 
-A request's key (``plugins.fingerprint``) is the tenant scope, endpoint, the model that will
+A request's key (``proxy.fingerprint``) is the tenant scope, endpoint, the model that will
 really serve (this plugin sits after routing) and the canonical answer-changing body. A hit is
-answered from ``access`` as a ``Reply``: whole, or replayed as a valid stream (``plugins.replies``)
+answered from ``access`` as a ``Reply``: whole, or replayed as a valid stream (``plugins.cache.replay``)
 with usage, whichever the client asked for, since one canonical whole body is stored. Only
 complete successful replies are stored: a whole body from ``response_body``, or a stream
 assembled event by event in ``response_chunk`` and stored in ``log`` only if it finished (a
@@ -27,11 +27,11 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from plugins.cache_store import CacheStore, parse_key
-from plugins.fingerprint import Scope, fingerprint
-from plugins.replies import Assembler, replay, usage_of
+from plugins.cache.replay import Assembler, replay, usage_of
+from plugins.cache.store import CacheStore, parse_key
 from proxy.appkeys import METRICS, SHARED
 from proxy.context import Reply, RequestContext, Route, StashKey, StreamEvent, Usage
+from proxy.fingerprint import Scope, fingerprint
 from proxy.hookspecs import hookimpl
 from proxy.policy import Policy, parse_duration
 from proxy.statewatch import STATE_WATCH, StateWatch
