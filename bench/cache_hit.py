@@ -23,10 +23,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import aiohttp
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: the harness is imported as the `bench` package
+    sys.path.insert(0, str(ROOT))
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import ROOT, Processes, bench_policy, create_bench_key, wait_ready, write_variant
+import aiohttp  # noqa: E402
+
+from bench.load import wait_ready  # noqa: E402
+from bench.policy import bench_policy, create_bench_key, write_variant  # noqa: E402
+from bench.procs import TOLLWAY, Processes  # noqa: E402
 
 BODY = {"model": "gpt-5.4-mini", "messages": [{"role": "user", "content": "explain this code"}]}
 
@@ -91,16 +96,16 @@ def main() -> int:
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="tollway-cachehit-"))
     py = sys.executable
-    procs = Processes(tmp)
+    procs = Processes()
     try:
-        _, emu_port = procs.start("emulator", [py, "-m", "proxy.cli", "emulator", "--port", "0"])
+        _, emu_port = procs.start("emulator", [*TOLLWAY, "emulator", "--port", "0"])
         emu_url = f"http://127.0.0.1:{emu_port}"
         policy, _, env_names = bench_policy(ROOT / "policies.yaml", emu_url)
         env = dict(os.environ) | {name: "bench" for name in env_names}
-        key = create_bench_key([py, "-m", "proxy.cli"], tmp / "keys", policy, env)
+        key = create_bench_key(TOLLWAY, tmp / "keys", policy, env)
         items = len(policy.get("chain") or [])
         path, names, _ = write_variant(policy, items, tmp / "gw", tmp / "keys" / "keys.json")
-        serve = [py, "-m", "proxy.cli", "serve", "--policy", str(path), "--port", "0"]
+        serve = [*TOLLWAY, "serve", "--policy", str(path), "--port", "0"]
         _, gw_port = procs.start("gateway", serve, env=env)
         gw_url = f"http://127.0.0.1:{gw_port}"
         wait_ready(f"{gw_url}/readyz")

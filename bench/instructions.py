@@ -37,21 +37,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: the harness is imported as the `bench` package
+    sys.path.insert(0, str(ROOT))
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import (
-    ROOT,
-    BenchError,
-    Processes,
-    bench_policy,
-    chain_label,
-    create_bench_key,
-    git_revision,
-    unique_body,
-    wait_ready,
-    write_variant,
-)
+import aiohttp  # noqa: E402
+
+from bench.load import unique_body, wait_ready  # noqa: E402
+from bench.policy import bench_policy, chain_label, create_bench_key, write_variant  # noqa: E402
+from bench.procs import TOLLWAY, BenchError, Processes  # noqa: E402
+from bench.report import git_revision  # noqa: E402
 
 HIT_FEATURE = "confidence_analysis"
 HIT_BODY = {"model": "gpt-5.4-mini", "messages": [{"role": "user", "content": "explain this"}]}
@@ -117,8 +112,7 @@ def count(
     subprocess.run([*control, "-i", "off", str(proc.pid)], check=True, capture_output=True)
     subprocess.run([*control, "-d", str(proc.pid)], check=True, capture_output=True)
     time.sleep(0.5)
-    proc.terminate()
-    proc.wait(60)
+    proc.stop(timeout=60)
     main, other = _totals(out)
     return main / n / 1000, other / n / 1000
 
@@ -133,16 +127,16 @@ def main(argv: list[str] | None = None) -> int:
         print("needs valgrind (apt-get install valgrind)", file=sys.stderr)
         return 2
     tmp = Path(tempfile.mkdtemp(prefix="tollway-instr-"))
-    procs = Processes(tmp)
+    procs = Processes()
     py = sys.executable
     rows: list[tuple[str, float, float]] = []
     try:
-        _, emu_port = procs.start("emulator", [py, "-m", "proxy.cli", "emulator", "--port", "0"])
+        _, emu_port = procs.start("emulator", [*TOLLWAY, "emulator", "--port", "0"])
         emu = f"http://127.0.0.1:{emu_port}"
         base, _, env_names = bench_policy(args.policy, emu)
         env = dict(os.environ) | {n: "bench" for n in env_names}
         env["TOLLWAY_ADMIN_KEY"] = "bench-admin"
-        key = create_bench_key([py, "-m", "proxy.cli"], tmp / "keys", base, env)
+        key = create_bench_key(TOLLWAY, tmp / "keys", base, env)
 
         def driver(path: str, hit: bool = False, ready: bool = True) -> Any:
             def run(port: int, phase: str) -> int:
@@ -159,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         bare = [py, str(ROOT / "bench" / "bare_proxy.py"), "--upstream", emu]
         direct = driver(chat, ready=False)
         rows.append(("bare proxy", *count(procs, "bare", bare, env, tmp, direct)))
-        emulator = [py, "-m", "proxy.cli", "emulator", "--port", "0"]
+        emulator = [*TOLLWAY, "emulator", "--port", "0"]
         rows.append(
             ("emulator, answering directly", *count(procs, "emu", emulator, env, tmp, direct))
         )
@@ -168,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         for n, hit in runs:
             folder = tmp / f"gw{n}{'-hit' if hit else ''}"
             path, names, _ = write_variant(base, n, folder, tmp / "keys" / "keys.json")
-            serve = [py, "-m", "proxy.cli", "serve", "--policy", str(path), "--port", "0"]
+            serve = [*TOLLWAY, "serve", "--policy", str(path), "--port", "0"]
             label = f"gateway, chain: {chain_label(names)}" + (", cache hits" if hit else "")
             print(f"  {label} ...", file=sys.stderr, flush=True)
             rows.append((label, *count(procs, folder.name, serve, env, tmp, driver(chat, hit))))

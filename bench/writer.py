@@ -2,11 +2,11 @@
 
     python bench/writer.py [--rows 200000] [--batch-rows 5000] [--json]
 
-In one process, with the plugin's own classes and nothing else: ``plugins.spool.Spool`` appends
-``--rows`` rows shaped like ``plugins.metering.plugin``'s (one row per request, every column of
-``plugins.usage_db.SPOOL_COLUMNS``), rotating every ``--batch-rows`` rows
-as the plugin's loader does, and ``plugins.usage_db.UsageDB.ingest`` loads each closed segment
-into a DuckDB file in a temporary folder, one segment at a time. Appending and loading are timed
+In one process, with the plugin's own classes and nothing else: ``plugins.metering.spool.Spool``
+appends ``--rows`` rows shaped like ``plugins.metering.plugin``'s (one row per request, every
+column of ``plugins.metering.database.SPOOL_COLUMNS``), rotating every ``--batch-rows`` rows as
+the plugin's loader does, and ``plugins.metering.database.UsageDB.ingest`` loads each closed
+segment into a DuckDB file in a temporary folder, one segment at a time. Appending and loading are timed
 separately (they alternate, they never overlap), so the numbers are each side's own cost:
 
 - append: µs per row and rows/s of ``Spool.append`` (orjson + one copy into the mapped segment), the part the

@@ -11,14 +11,14 @@ import re
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from proxy.appkeys import KEYSTORE
 from proxy.context import Principal, RequestContext
 from proxy.errors import Reject
 from proxy.hookspecs import hookimpl
 from proxy.keystore import KeyStore
-from proxy.policy import Policy
+from proxy.policy import Policy, policy_of
 
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 
@@ -38,6 +38,14 @@ class DeclaredKey(BaseModel):
     tier: str = Field(description="The user's plan: a key of tiers:.")
     sha256: str = Field(pattern=_SHA256.pattern, description="SHA-256 hex of the key.")
 
+    @field_validator("tier")
+    @classmethod
+    def _known_tier(cls, v: str, info: ValidationInfo) -> str:
+        policy = policy_of(info)
+        if policy is not None and policy.tiers and v not in policy.tiers:
+            raise ValueError(f"unknown tier {v!r}")
+        return v
+
 
 class AuthConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -52,9 +60,6 @@ class AuthPlugin:
     Config = AuthConfig
 
     def __init__(self, config: AuthConfig, policy: Policy) -> None:
-        for k in config.keys:
-            if policy.tiers and k.tier not in policy.tiers:
-                raise ValueError(f"key {k.id!r}: unknown tier {k.tier!r}")
         self.config = config
         self.store: KeyStore | None = None
 

@@ -38,11 +38,18 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from proxy.appkeys import METRICS
-from proxy.context import RequestContext, Route, UpstreamRequest, UpstreamResponse
+from proxy.context import (
+    RequestContext,
+    Route,
+    UpstreamCall,
+    UpstreamRequest,
+    UpstreamResponse,
+)
 from proxy.errors import Reject
 from proxy.fingerprint import Scope, fingerprint, scope_id
 from proxy.hookspecs import hookimpl
 from proxy.policy import Policy, parse_duration
+from proxy.tokens import openai_tokens
 
 log = logging.getLogger("tollway.batching")
 
@@ -87,11 +94,10 @@ class Flight:
         self.changed.set()
         self.changed = asyncio.Event()
 
-    async def run(self, ctx: RequestContext, req: UpstreamRequest) -> None:
-        assert ctx.call_upstream is not None
+    async def run(self, call: UpstreamCall, req: UpstreamRequest) -> None:
         resp = None
         try:
-            resp = await ctx.call_upstream(req)
+            resp = await call(req)
             self.status, self.headers, self.route = resp.status, resp.headers, resp.route
             if resp.chunks is None:
                 self.body = resp.body
@@ -163,9 +169,8 @@ class Coalescer:
         self.coalesced = 0
 
     async def send_whole(
-        self, key: FlightKey, ctx: RequestContext, req: UpstreamRequest
+        self, key: FlightKey, ctx: RequestContext, req: UpstreamRequest, call: UpstreamCall
     ) -> UpstreamResponse:
-        assert ctx.call_upstream is not None
         while True:
             flight = self.whole.get(key)
             if flight is None:
@@ -185,7 +190,7 @@ class Coalescer:
                 )
         flight = self.whole[key] = WholeFlight()
         try:
-            resp = await ctx.call_upstream(req)
+            resp = await call(req)
         except asyncio.CancelledError:
             del self.whole[key]
             flight.settle(_RETRY)
@@ -200,13 +205,13 @@ class Coalescer:
         return resp
 
     async def send(
-        self, key: FlightKey, ctx: RequestContext, req: UpstreamRequest
+        self, key: FlightKey, ctx: RequestContext, req: UpstreamRequest, call: UpstreamCall
     ) -> UpstreamResponse:
         flight = self.flights.get(key)
         if flight is None:
             flight = Flight()
             self.flights[key] = flight
-            flight.task = asyncio.get_running_loop().create_task(flight.run(ctx, req))
+            flight.task = asyncio.get_running_loop().create_task(flight.run(call, req))
             flight.task.add_done_callback(lambda _t: self._forget(key, flight))
         else:
             ctx.shared = "coalesced"
@@ -297,8 +302,9 @@ def batch_key(ctx: RequestContext, req: UpstreamRequest, scope: Scope) -> BatchK
 class _Caller:
     ctx: RequestContext
     req: UpstreamRequest  # its own request: sent as it is if the merged call must be split
+    call: UpstreamCall  # its provider call: the merged call is made with a present member's
     inputs: list[str]
-    future: asyncio.Future[UpstreamResponse]
+    future: asyncio.Future[UpstreamResponse]  # cancelled when its client leaves
 
 
 @dataclass(eq=False)
@@ -329,7 +335,12 @@ class Batcher:
         return None  # token arrays and odd shapes pass through untouched
 
     async def send(
-        self, key: BatchKey, ctx: RequestContext, req: UpstreamRequest, inputs: list[str]
+        self,
+        key: BatchKey,
+        ctx: RequestContext,
+        req: UpstreamRequest,
+        call: UpstreamCall,
+        inputs: list[str],
     ) -> UpstreamResponse:
         batch = self.open.get(key)
         if batch is not None and batch.size + len(inputs) > self.max_inputs:
@@ -340,13 +351,17 @@ class Batcher:
             self.open[key] = batch
             batch.timer = asyncio.get_running_loop().call_later(self.window, self._flush, key)
         fut: asyncio.Future[UpstreamResponse] = asyncio.get_running_loop().create_future()
-        batch.callers.append(_Caller(ctx, req, inputs, fut))
+        batch.callers.append(_Caller(ctx, req, call, inputs, fut))
         batch.size += len(inputs)
         if batch.size >= self.max_inputs:
             self._flush(key)
         if len(batch.callers) > 1:
             ctx.shared = "batched"
-        return await asyncio.shield(fut)
+        try:
+            return await asyncio.shield(fut)  # a leaving client must not cancel the others' call
+        except asyncio.CancelledError:
+            fut.cancel()  # its client left: the batch sends nobody's inputs for it
+            raise
 
     def _flush(self, key: BatchKey) -> None:
         batch = self.open.pop(key, None)
@@ -359,13 +374,12 @@ class Batcher:
         task.add_done_callback(self._tasks.discard)
 
     async def _call(self, batch: _Batch) -> None:
-        # a caller whose client left during the window is gone (the handler cleared its
-        # call_upstream): its inputs are not sent, and the call is made on a present one's behalf
-        callers = [c for c in batch.callers if c.ctx.call_upstream is not None]
+        # a caller whose client left during the window is gone (its future was cancelled):
+        # its inputs are not sent, and the call is made on a present one's behalf
+        callers = [c for c in batch.callers if not c.future.done()]
         if not callers:
             return
-        call = callers[0].ctx.call_upstream
-        assert call is not None
+        call = callers[0].call
         if len(callers) > 1:
             self.batched += len(callers)
         self.calls += 1
@@ -410,12 +424,11 @@ class Batcher:
 
     async def _alone(self, c: _Caller) -> None:
         """Send one member's own request, as if it had never been batched."""
-        call = c.ctx.call_upstream
-        if c.future.done() or call is None:
-            return  # its client has left (the handler cleared call_upstream): nobody to answer
+        if c.future.done():
+            return  # its client has left (its future was cancelled): nobody to answer
         c.ctx.shared = None  # its answer comes from a call of its own
         try:
-            resp = await call(c.req)
+            resp = await c.call(c.req)
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # this member's failure is its own
@@ -436,8 +449,7 @@ def _split(raw: bytes, callers: list[_Caller]) -> list[bytes]:
     """Each caller's vectors (re-indexed from 0) and its share of the usage."""
     data = orjson.loads(raw)
     items = sorted(data.get("data") or [], key=lambda d: d.get("index", 0))
-    usage = data.get("usage") or {}
-    total = int(usage.get("prompt_tokens") or 0)
+    total = openai_tokens(data.get("usage") or {})[0]  # embeddings: input tokens only
     weights = [sum(len(t) for t in c.inputs) or 1 for c in callers]
     shares, given = [], 0
     for i, w in enumerate(weights):
@@ -507,21 +519,19 @@ class BatchingPlugin:
 
     @hookimpl
     async def send_upstream(
-        self, ctx: RequestContext, req: UpstreamRequest
+        self, ctx: RequestContext, req: UpstreamRequest, call: UpstreamCall
     ) -> UpstreamResponse | None:
-        if ctx.call_upstream is None:
-            return None
         if ctx.endpoint == "embeddings" and self.config.embeddings:
             inputs = Batcher.inputs_of(req.body)
             if inputs is not None and len(inputs) < self.config.max_inputs:
                 bkey = batch_key(ctx, req, self.config.scope)
                 if bkey is not None:
-                    return await self.batcher.send(bkey, ctx, req, inputs)
+                    return await self.batcher.send(bkey, ctx, req, call, inputs)
         if self.config.coalesce:
             key = flight_key(fingerprint(ctx, self.config.scope), req)
             if not req.stream:
-                return await self.coalescer.send_whole(key, ctx, req)
+                return await self.coalescer.send_whole(key, ctx, req, call)
             # a stream is shared live: its call runs in a task of its own, so a disconnecting
             # client (the first one included) never cuts the others' stream
-            return await self.coalescer.send(key, ctx, req)
+            return await self.coalescer.send(key, ctx, req, call)
         return None

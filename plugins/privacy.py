@@ -43,12 +43,12 @@ from typing import Any, Literal
 import orjson
 import re2  # type: ignore[import-untyped]
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from proxy.appkeys import METRICS
-from proxy.context import RequestContext
+from proxy.context import RequestContext, StashKey
 from proxy.hookspecs import hookimpl
-from proxy.policy import Policy
+from proxy.policy import Loc, Policy, errors_at
 from proxy.texts import Slot, data_slots, text_slots
 
 Kind = Literal["email", "phone", "card", "iban", "ssn", "ip", "secret"]
@@ -305,6 +305,22 @@ class PrivacyConfig(BaseModel):
         default_factory=list, description="Features (request types) sent unredacted."
     )
 
+    @model_validator(mode="after")
+    def _names_once(self) -> PrivacyConfig:
+        # a detector's name is its placeholder and its count's label: one detector each
+        seen: set[str] = set()
+        errors: list[tuple[Loc, str]] = []
+        for loc, name in [
+            *((("redact", i), k) for i, k in enumerate(self.redact)),
+            *((("custom", i, "name"), c.name) for i, c in enumerate(self.custom)),
+        ]:
+            if name in seen:
+                errors.append((loc, f"detector name {name!r} is used twice (or is a built-in's)"))
+            seen.add(name)
+        if errors:
+            raise errors_at("PrivacyConfig", errors)
+        return self
+
 
 class Redactor:
     """The enabled detectors as compiled passes; ``redact(text, counts)`` counts by kind."""
@@ -452,15 +468,16 @@ def _encode(value: Any, raw: str, edits: list[tuple[str, str]], redactor: Redact
         return redactor.redact(raw, {}, True)
 
 
+_REDACTED: StashKey[str] = StashKey()
+"""What ``access`` redacted (``email=1,phone=2``): the reply's ``X-Tollway-Redacted`` header."""
+
+
 class PrivacyPlugin:
     """Redacts the request in ``access``; see the module docstring."""
 
     Config = PrivacyConfig
 
     def __init__(self, config: PrivacyConfig, policy: Policy) -> None:
-        names = [*config.redact, *(c.name for c in config.custom)]
-        if len(set(names)) != len(names):
-            raise ValueError("custom: a detector name is used twice (or is a built-in's)")
         self.redactor = Redactor(list(config.redact), list(config.custom), config.placeholder)
         self.skip = frozenset(config.skip_features)
         self.redactions: dict[str, int] = dict.fromkeys(self.redactor.names, 0)
@@ -518,6 +535,10 @@ class PrivacyPlugin:
             self.requests += 1
             for kind, n in counts.items():
                 self.redactions[kind] += n
-            ctx.response_headers["X-Tollway-Redacted"] = ",".join(
-                f"{k}={n}" for k, n in sorted(counts.items())
-            )
+            ctx.stash[_REDACTED] = ",".join(f"{k}={n}" for k, n in sorted(counts.items()))
+
+    @hookimpl
+    async def response_headers(self, ctx: RequestContext, headers: dict[str, str]) -> None:
+        redacted = ctx.stash.get(_REDACTED)
+        if redacted is not None:
+            headers["X-Tollway-Redacted"] = redacted

@@ -35,13 +35,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from proxy.appkeys import METRICS
 from proxy.context import RequestContext, Route, StashKey
 from proxy.errors import Reject
 from proxy.hookspecs import hookimpl
-from proxy.policy import Policy
+from proxy.policy import Loc, Policy, errors_at, policy_of
 from proxy.texts import texts_of
 
 DEFAULT_KEYWORDS = (
@@ -72,6 +72,7 @@ _CODE_LINE = re.compile(
 )
 
 _FIRST: StashKey[Route] = StashKey()  # the route before any fallback
+_CHOICE: StashKey[str] = StashKey()  # model auto's choice and why: the X-Tollway-Route header
 
 
 class AutoConfig(BaseModel):
@@ -93,6 +94,22 @@ class AutoConfig(BaseModel):
         description="Words asking for reasoning; any of them in the user's text is a point.",
     )
 
+    @field_validator("cheap", "strong")
+    @classmethod
+    def _a_model(cls, v: str, info: ValidationInfo) -> str:
+        policy = policy_of(info)
+        if policy is not None and v not in policy.models:
+            raise ValueError(f"unknown model {v!r} (not in models:)")
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _not_a_model(cls, v: str, info: ValidationInfo) -> str:
+        policy = policy_of(info)
+        if policy is not None and v in policy.models:
+            raise ValueError(f"{v!r} is a model of models:; pick another")
+        return v
+
 
 class RoutingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -103,10 +120,21 @@ class RoutingConfig(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _no_self_fallback(self) -> RoutingConfig:
+    def _fallbacks_are_models(self, info: ValidationInfo) -> RoutingConfig:
+        policy = policy_of(info)
+        known = policy.models if policy is not None else None
+        errors: list[tuple[Loc, str]] = []
         for model, others in self.fallbacks.items():
             if model in others:
-                raise ValueError(f"fallbacks.{model}: a model cannot be its own fallback")
+                errors.append((("fallbacks", model), "a model cannot be its own fallback"))
+            if known is not None:
+                errors.extend(
+                    (("fallbacks", model), f"unknown model {name!r} (not in models:)")
+                    for name in [model, *others]
+                    if name not in known
+                )
+        if errors:
+            raise errors_at("RoutingConfig", errors)
         return self
 
 
@@ -190,19 +218,7 @@ class RoutingPlugin:
     Config = RoutingConfig
 
     def __init__(self, config: RoutingConfig, policy: Policy) -> None:
-        known = policy.models
         auto = config.auto
-        if auto is not None:
-            for role in ("cheap", "strong"):
-                name = getattr(auto, role)
-                if name not in known:
-                    raise ValueError(f"auto.{role}: unknown model {name!r} (not in models:)")
-            if auto.name in known:
-                raise ValueError(f"auto.name: {auto.name!r} is a model of models:; pick another")
-        for model, others in config.fallbacks.items():
-            for name in [model, *others]:
-                if name not in known:
-                    raise ValueError(f"fallbacks.{model}: unknown model {name!r} (not in models:)")
         self.config = config
         self.routes = policy.routes()
         self.allowed = {name: policy.allowed_models(name) for name in policy.tiers}
@@ -214,10 +230,13 @@ class RoutingPlugin:
             model: tuple(self.routes[m] for m in others)
             for model, others in config.fallbacks.items()
         }
-        # listed by GET /v1/models beside the policy's models
-        self.extra_models: tuple[str, ...] = (auto.name,) if auto is not None else ()
         self.auto_requests = {"cheap": 0, "strong": 0}
         self.fallbacks_taken = 0
+
+    @hookimpl
+    def model_names(self) -> tuple[str, ...]:
+        # the auto model: GET /v1/models lists it beside the policy's models
+        return (self.config.auto.name,) if self.config.auto is not None else ()
 
     @hookimpl
     async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
@@ -264,7 +283,7 @@ class RoutingPlugin:
             self.auto_requests[choice] += 1
             ctx.route = self.routes[name]
             why = ",".join(reasons) or "-"
-            ctx.response_headers["X-Tollway-Route"] = f"{choice}; score={points}; {why}"
+            ctx.stash[_CHOICE] = f"{choice}; score={points}; {why}"
         route = ctx.route
         if route is None:
             return
@@ -279,6 +298,12 @@ class RoutingPlugin:
                 fallbacks = tuple(r for r in fallbacks if r.model in allowed)
             ctx.fallbacks = fallbacks
             ctx.stash[_FIRST] = route
+
+    @hookimpl
+    async def response_headers(self, ctx: RequestContext, headers: dict[str, str]) -> None:
+        choice = ctx.stash.get(_CHOICE)
+        if choice is not None:
+            headers["X-Tollway-Route"] = choice
 
     @hookimpl
     async def log(self, ctx: RequestContext) -> None:

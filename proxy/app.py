@@ -6,6 +6,7 @@ session first, then the chain's plugin lifespans, closed in reverse on shutdown.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -16,17 +17,19 @@ from aiohttp import web
 
 from proxy import admin
 from proxy.appkeys import GATEWAY, KEYSTORE, METRICS, SHARED
-from proxy.chain import compile_chain
+from proxy.chain import Chain, compile_chain
 from proxy.context import RequestContext
 from proxy.errors import Reject, reject_body
 from proxy.gateway import Gateway
 from proxy.handler import authenticate, make_handler, new_request_id
 from proxy.keystore import KeyStore
 from proxy.keysync import KeySync
-from proxy.policy import LoadedPolicy
+from proxy.policy import LoadedPolicy, PolicyError
 from proxy.runtime import Runtime
 from proxy.shared import Shared
 from proxy.statewatch import STATE_WATCH, StateWatch
+
+log = logging.getLogger("tollway")
 
 CLIENT_ENDPOINTS = {
     "/v1/chat/completions": ("chat", "openai"),
@@ -81,8 +84,75 @@ def create_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     admin.add_routes(app)
+    _add_plugin_routes(app, chain)
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app
+
+
+def _add_plugin_routes(app: web.Application, chain: Chain) -> None:
+    """Serve the routes plugins added (``register_routes``) beside the core's own.
+
+    aiohttp's router is fixed once the server starts, so each route is registered once, with a
+    handler that finds the route in the chain live when a request arrives: after a reload the
+    new plugin instance answers, and a route the new chain dropped is a 404. A route that would
+    shadow one of the core's is refused like a config error, naming the plugin.
+    """
+    taken = {(r.method, r.resource.canonical) for r in app.router.routes() if r.resource}
+    clashes = [
+        chain.loaded.error(
+            ("chain", _chain_index(chain, route.plugin)),
+            f"route {method} {path} is the gateway's own",
+        )
+        for (method, path), route in chain.routes.items()
+        if (method, path) in taken or ("*", path) in taken
+    ]
+    if clashes:
+        raise PolicyError(clashes)
+    for key, route in chain.routes.items():
+        web.RouteDef(route.method, route.path, _plugin_route(key), route.kwargs).register(
+            app.router
+        )
+    app[GATEWAY].route_keys = frozenset(chain.routes)
+
+
+def _chain_index(chain: Chain, name: str) -> int:
+    return next(i for i, item in enumerate(chain.loaded.policy.chain) if item.name == name)
+
+
+def _plugin_route(key: tuple[str, str]) -> Callable[[web.Request], Any]:
+    """The handler registered for one plugin route: runs the live chain's handler for it,
+    counted in that chain's requests so a reload closes its plugins only after it finished."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        gw = request.app[GATEWAY]
+        chain = gw.runtime.chain
+        route = chain.routes.get(key)
+        try:
+            if route is None:  # the policy was reloaded without the plugin that added it
+                raise Reject(404, f"unknown path {request.path}", code="not_found")
+            chain.in_flight += 1
+            try:
+                return await route.handler(request)  # type: ignore[no-any-return]
+            finally:
+                chain.in_flight -= 1
+                if chain.retired and chain.in_flight == 0:
+                    gw.retire(chain)
+        except Reject as e:
+            exc = e
+        except web.HTTPException:
+            raise  # the plugin's own answer (a redirect, a 404 of its own)
+        except Exception:
+            # %r: a decoded path may hold a newline (%0A) that would forge a log line
+            log.exception("plugin %s route %s %r failed", route and route.plugin, *key)
+            exc = Reject(500, "internal gateway error", code="internal_error")
+        return web.Response(
+            status=exc.status,
+            body=reject_body(exc, _dialect_of(request)),  # type: ignore[arg-type]
+            content_type="application/json",
+            headers=exc.headers,
+        )
+
+    return handle
 
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
@@ -152,11 +222,10 @@ async def list_models(request: web.Request) -> web.Response:
             )
     names = list(rt.routes)
     owners = {n: r.provider for n, r in rt.routes.items()}
-    for plugin in rt.chain.plugins:  # names a plugin answers for itself (routing's "auto")
-        for extra in getattr(plugin, "extra_models", ()):
-            if extra not in owners:
-                names.append(extra)
-                owners[extra] = "tollway"
+    for extra in rt.chain.model_names:  # names plugins answer for themselves (routing's "auto")
+        if extra not in owners:
+            names.append(extra)
+            owners[extra] = "tollway"
     if dialect == "anthropic":
         data: dict[str, Any] = {
             "data": [

@@ -9,6 +9,7 @@ an empty tuple and costs nothing.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 from collections.abc import AsyncIterator, Callable
@@ -20,7 +21,7 @@ import pluggy
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from proxy import hookspecs
-from proxy.policy import LoadedPolicy, PolicyError
+from proxy.policy import LoadedPolicy, PolicyError, validation_context
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -46,8 +47,13 @@ ASYNC_HOOKS = (
     "response_complete",
     "log",
     "forget_user",
+    "dashboard_figures",
 )
 SYNC_HOOKS = ("response_chunk",)
+COLD_HOOKS = ("register_routes", "model_names")
+"""Plain ``def`` hooks called once per compile: what a plugin adds to the application."""
+STATIC_HOOKS = ("register_commands",)
+"""Hooks called on the plugin's class, before any policy exists: ``@staticmethod``."""
 
 
 class PluginStartError(Exception):
@@ -61,6 +67,17 @@ class EmptyConfig(BaseModel):
 
 
 Hook = Callable[..., Any]
+
+
+@dataclass(slots=True, frozen=True)
+class PluginRoute:
+    """An HTTP route a plugin added with ``register_routes``, and the plugin that owns it."""
+
+    plugin: str
+    method: str
+    path: str
+    handler: Hook
+    kwargs: dict[str, Any]
 
 
 @dataclass(slots=True, eq=False)
@@ -86,6 +103,11 @@ class Chain:
     log: tuple[Hook, ...] = ()
     forget_user: tuple[Hook, ...] = ()
     lifespans: tuple[Hook, ...] = ()
+    dashboard_figures: tuple[Hook, ...] = ()
+    routes: dict[tuple[str, str], PluginRoute] = field(default_factory=dict)
+    """The plugins' routes by ``(METHOD, path)``, read when a request to one arrives."""
+    model_names: tuple[str, ...] = ()
+    """Model names the plugins answer for themselves, listed by ``GET /v1/models``."""
     in_flight: int = 0
     retired: bool = False
     _open: list[AsyncIterator[None]] = field(default_factory=list)
@@ -135,73 +157,209 @@ def compile_chain(
     *,
     extra_plugins: dict[str, Callable[..., Any]] | None = None,
 ) -> Chain:
-    """Build, validate and compile the policy's chain; raise PolicyError naming each plugin.
+    """Validate, build and compile the policy's chain; raise PolicyError with every problem
+    of the policy (``loaded.errors`` first), each with its path and line.
 
+    Every enabled item's plugin and config is validated even when other items or the top
+    level have errors, so one run reports them all; plugins are built only from a valid
+    policy. A plugin whose config holds an unresolved secret (a policy read with optional
+    secrets, ``tollway check``) is validated, not built: it would see a stand-in value.
     ``extra_plugins`` maps names to factories in addition to built-ins and entry points (tests
     register throwaway plugins this way, never on a global manager).
     """
+    errors = list(loaded.errors)
+    valid = _validate(loaded, extra_plugins, errors)
+    if errors:
+        raise PolicyError(errors)
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
-    errors: list[str] = []
     plugins: list[Any] = []
     names: list[str] = []
-    for index, item in enumerate(loaded.policy.chain):
-        if not item.enabled:
-            continue
-        where = f"chain[{index}] ({item.name})"
-        try:
-            factory = (extra_plugins or {}).get(item.name) or resolve_factory(item.name)
-        except (LookupError, ImportError) as e:
-            errors.append(f"{where}: {e}")
-            continue
-        config_model: type[BaseModel] = getattr(factory, "Config", EmptyConfig)
-        try:
-            config = config_model.model_validate(item.config)
-        except ValidationError as e:
-            errors.extend(loaded.config_errors(index, e))
+    indices: list[int] = []
+    for index, name, factory, config in valid:
+        where = ("chain", index)
+        if loaded.has_unset((*where, "config")):
             continue
         try:
             plugin = factory(config, loaded.policy)
         except (ValueError, TypeError) as e:
-            errors.append(f"{where}.config: {e}")
+            errors.append(loaded.error((*where, "config"), str(e)))
             continue
         try:
-            pm.register(plugin, name=item.name)
+            pm.register(plugin, name=name)
         except (pluggy.PluginValidationError, ValueError) as e:
-            errors.append(f"{where}: {e}")
+            errors.append(loaded.error(where, str(e)))
             continue
-        errors.extend(_check_kinds(plugin, where, pm))
+        errors.extend(loaded.error(where, message) for message in _check_kinds(plugin, pm))
         plugins.append(plugin)
-        names.append(item.name)
+        names.append(name)
+        indices.append(index)
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as e:
-        errors.append(f"{_where_of(e.plugin, plugins, names, loaded)}: {e}")
+        owner = next((i for p, i in zip(plugins, indices, strict=True) if p is e.plugin), None)
+        errors.append(loaded.error(("chain",) if owner is None else ("chain", owner), str(e)))
+    routes, models = _contributions(pm, plugins, names, indices, loaded, errors)
     if errors:
         raise PolicyError(errors)
-    return _compile(loaded, pm, tuple(plugins), tuple(names))
+    chain = _compile(loaded, pm, tuple(plugins), tuple(names))
+    chain.routes, chain.model_names = routes, models
+    return chain
 
 
-def _where_of(plugin: Any, plugins: list[Any], names: list[str], loaded: LoadedPolicy) -> str:
-    for p, n in zip(plugins, names, strict=True):
-        if p is plugin:
-            index = next(i for i, c in enumerate(loaded.policy.chain) if c.name == n)
-            return f"chain[{index}] ({n})"
-    return "chain"
+def _contributions(
+    pm: pluggy.PluginManager,
+    plugins: list[Any],
+    names: list[str],
+    indices: list[int],
+    loaded: LoadedPolicy,
+    errors: list[str],
+) -> tuple[dict[tuple[str, str], PluginRoute], tuple[str, ...]]:
+    """Call ``register_routes`` and ``model_names`` once, in chain order, and check what they
+    return; a bad answer (or a hook that raises) is an error naming the plugin, like its config."""
+    from aiohttp import web  # the CLI imports this module; aiohttp only where a chain compiles
+
+    routes: dict[tuple[str, str], PluginRoute] = {}
+    models: list[str] = []
+    listed = set(loaded.policy.models)
+    for plugin, name, index in zip(plugins, names, indices, strict=True):
+        where = ("chain", index)
+        for impl in pm.hook.register_routes.get_hookimpls():
+            if impl.plugin is not plugin or not _plain(impl.function):
+                continue
+            try:
+                result: Any = impl.function()
+                defs = list(result or ())
+            except Exception as e:
+                errors.append(loaded.error(where, f"hook register_routes failed: {e}"))
+                continue
+            for d in defs:
+                if not isinstance(d, web.RouteDef):
+                    errors.append(
+                        loaded.error(
+                            where,
+                            "register_routes must return aiohttp route definitions "
+                            f"(web.get(...)), not {type(d).__name__}",
+                        )
+                    )
+                    continue
+                key = (d.method.upper(), d.path)
+                if key in routes:
+                    errors.append(
+                        loaded.error(
+                            where,
+                            f"route {key[0]} {key[1]} is already plugin {routes[key].plugin}'s",
+                        )
+                    )
+                    continue
+                routes[key] = PluginRoute(name, key[0], d.path, d.handler, dict(d.kwargs))
+        for impl in pm.hook.model_names.get_hookimpls():
+            if impl.plugin is not plugin or not _plain(impl.function):
+                continue
+            try:
+                answer: Any = impl.function()
+                found = list(answer or ())
+            except Exception as e:
+                errors.append(loaded.error(where, f"hook model_names failed: {e}"))
+                continue
+            for model in found:
+                if not isinstance(model, str) or not model:
+                    errors.append(
+                        loaded.error(where, f"model_names must return names, not {model!r}")
+                    )
+                elif model not in listed:
+                    listed.add(model)
+                    models.append(model)
+    return routes, tuple(models)
 
 
-def _check_kinds(plugin: Any, where: str, pm: pluggy.PluginManager) -> list[str]:
+def _plain(fn: Hook) -> bool:
+    """Not async: an async implementation of a plain hook is refused (``_check_kinds``) and
+    never called, or its coroutine would be left un-awaited."""
+    return not (inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn))
+
+
+def check_chain(
+    loaded: LoadedPolicy, *, extra_plugins: dict[str, Callable[..., Any]] | None = None
+) -> list[str]:
+    """Every error of a policy read with ``read_file``: its own and each enabled item's
+    plugin and config, without building a plugin (for reporting a policy with errors)."""
+    errors = list(loaded.errors)
+    _validate(loaded, extra_plugins, errors)
+    return errors
+
+
+def _validate(
+    loaded: LoadedPolicy,
+    extra_plugins: dict[str, Callable[..., Any]] | None,
+    errors: list[str],
+) -> list[tuple[int, str, Callable[..., Any], BaseModel]]:
+    """(index, name, factory, config) of each enabled item that resolves and validates; the
+    others' errors go to ``errors``. Configs are validated with the policy as pydantic's
+    validation context (``proxy.policy.policy_of``), so a config's references to other
+    sections are checked by its model and reported at their path and line."""
+    context = validation_context(loaded.policy)
+    valid = []
+    for index, item in loaded.chain_items():
+        if not item.enabled:
+            continue
+        try:
+            factory = (extra_plugins or {}).get(item.name) or resolve_factory(item.name)
+        except (LookupError, ImportError) as e:
+            errors.append(loaded.error(("chain", index), str(e)))
+            continue
+        config_model: type[BaseModel] = getattr(factory, "Config", EmptyConfig)
+        try:
+            config = config_model.model_validate(item.config, context=context)
+        except ValidationError as e:
+            errors.extend(loaded.config_errors(index, e))
+            continue
+        valid.append((index, item.name, factory, config))
+    return valid
+
+
+def _check_kinds(plugin: Any, pm: pluggy.PluginManager) -> list[str]:
     """A sync implementation of an async hook would return an un-awaited value: refuse it."""
     errors = []
     for impl in pm.get_hookcallers(plugin) or []:
         fn = next(i.function for i in impl.get_hookimpls() if i.plugin is plugin)
         if impl.name in ASYNC_HOOKS and not inspect.iscoroutinefunction(fn):
-            errors.append(f"{where}: hook {impl.name} must be 'async def'")
+            errors.append(f"hook {impl.name} must be 'async def'")
         elif impl.name in SYNC_HOOKS and inspect.iscoroutinefunction(fn):
-            errors.append(f"{where}: hook {impl.name} must be a plain 'def' (runs per event)")
+            errors.append(f"hook {impl.name} must be a plain 'def' (runs per event)")
         elif impl.name == "lifespan" and not inspect.isasyncgenfunction(fn):
-            errors.append(f"{where}: hook lifespan must be an async generator (async def + yield)")
+            errors.append("hook lifespan must be an async generator (async def + yield)")
+        elif impl.name in COLD_HOOKS and (
+            inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
+        ):
+            errors.append(f"hook {impl.name} must be a plain 'def' (called once a load)")
+        elif impl.name in STATIC_HOOKS and inspect.ismethod(fn):
+            errors.append(
+                f"hook {impl.name} must be a @staticmethod (the CLI calls it on the class, "
+                "before any policy is loaded)"
+            )
     return errors
+
+
+def _by_position(fn: Hook, spec: tuple[str, ...], takes: tuple[str, ...]) -> Hook:
+    """``fn``, callable with its spec's arguments by position though it takes fewer of them.
+
+    pluggy accepts an implementation that declares a subset of its spec's arguments, in any
+    order (it calls by name); the chain calls by position, which costs less per request. An
+    implementation taking exactly the spec's arguments is used as it is; another gets this
+    adapter, built once per load, so a hook that gains an argument (``send_upstream``'s
+    ``call``) keeps serving the plugins written before it instead of failing per request.
+    """
+    if takes == spec:
+        return fn
+    pick = tuple(spec.index(name) for name in takes)
+
+    @functools.wraps(fn)
+    def adapted(*args: Any) -> Any:
+        return fn(*[args[i] for i in pick])
+
+    adapted.__self__ = getattr(fn, "__self__", None)  # type: ignore[attr-defined]  # name_of
+    return adapted
 
 
 def _compile(
@@ -211,7 +369,15 @@ def _compile(
 
     def ordered(hook: str) -> list[tuple[int, Hook]]:
         caller = getattr(pm.hook, hook)
-        impls = [(position[id(i.plugin)], i.function) for i in caller.get_hookimpls()]
+        spec = tuple(caller.spec.argnames)
+        impls = [
+            (
+                position[id(i.plugin)],
+                # lifespan is called by keyword (Chain.start): any subset already fits
+                i.function if hook == "lifespan" else _by_position(i.function, spec, i.argnames),
+            )
+            for i in caller.get_hookimpls()
+        ]
         return sorted(impls, key=lambda x: x[0])
 
     def fwd(hook: str) -> tuple[Hook, ...]:
@@ -235,4 +401,5 @@ def _compile(
         log=fwd("log"),
         forget_user=fwd("forget_user"),
         lifespans=fwd("lifespan"),
+        dashboard_figures=fwd("dashboard_figures"),
     )

@@ -168,6 +168,14 @@ class UpstreamResponse:
     route: Route | None = None  # set when a fallback served the call: the route that answered
 
 
+UpstreamCall = Callable[[UpstreamRequest], Awaitable[UpstreamResponse]]
+"""The core's provider call for one request, handed to ``send_upstream`` hooks as ``call``.
+
+An argument rather than an attribute of the context: a callable bound to the request and kept
+on it would close a reference cycle (context -> call -> context), and a cycle leaves every
+request's objects to the cyclic collector (``tests/proxy/test_cycles.py``)."""
+
+
 @dataclass(slots=True, weakref_slot=True)
 class RequestContext:
     """Everything known about one request, shared by every phase and plugin.
@@ -177,9 +185,12 @@ class RequestContext:
     provider of ``route`` fails, ``cache``, ``shared``: "coalesced" when the reply came from
     another request's provider call, "batched" when the call was shared); the
     core fills ``usage``, ``status`` and ``timings`` as the reply goes out, so ``log`` hooks see
-    the whole story. ``call_upstream(req)`` is set for ``send_upstream`` hooks: the core's own
-    provider call (pooled session, timeouts, retries, fallbacks), for plugins that share or
-    merge calls. After a fallback, ``route`` is the route that answered.
+    the whole story. After a fallback, ``route`` is the route that answered.
+
+    It holds facts, not channels: reply headers are set in the ``response_headers`` hook (a
+    value decided earlier waits in ``stash``), and the provider call reaches ``send_upstream``
+    as its ``call`` argument. The core derives its own headers from the facts: ``request_id``,
+    ``route`` (``X-Tollway-Model``) and ``cache`` (``X-Tollway-Cache``).
     """
 
     request_id: str
@@ -201,7 +212,5 @@ class RequestContext:
     error_message: str | None = None
     retries: int = 0
     timings: Timings = field(default_factory=Timings)
-    response_headers: dict[str, str] = field(default_factory=dict)
     shared: str | None = None
-    call_upstream: Callable[[UpstreamRequest], Awaitable[UpstreamResponse]] | None = None
     stash: Stash = field(default_factory=Stash)

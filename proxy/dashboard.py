@@ -5,7 +5,9 @@ The page is static HTML with a little script and carries no data: it asks for th
 server), keeps it in the tab's session storage and polls ``/admin/stats`` with it every two
 seconds. So the business figures stay behind the admin key like the rest of the admin API, and
 the page costs the request path nothing: stats are computed from the counters the gateway keeps
-anyway, and the usage views are queried only when someone is looking.
+anyway, and the plugins' figures (``dashboard_figures``: metering's usage views, the limits
+plugin's admission queue...) are asked for only when someone is looking. The page knows no
+plugin: it renders the cards and tables it receives by their format (``proxy.figures``).
 
 ``/admin/stats`` also carries the autoscaling signals an orchestrator can poll: CPU (the
 gateway process, since the last poll), memory, requests in flight and waiting for a slot, and a
@@ -15,16 +17,24 @@ budget or 50 queued; down below 30 % CPU and 5 queued).
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import resource
 import time
-from typing import Any
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
 
-from proxy.appkeys import GATEWAY, METRICS, SHARED
-from proxy.usage import USAGE, QueryError
+from proxy.appkeys import GATEWAY, METRICS
+from proxy.figures import Figures
+
+if TYPE_CHECKING:
+    from proxy.chain import Chain
+
+log = logging.getLogger("tollway")
 
 SCALE_UP = {"cpu": 70.0, "memory": 80.0, "queue": 50}
 SCALE_DOWN = {"cpu": 30.0, "queue": 5}
@@ -80,27 +90,41 @@ def _plain(value: Any) -> Any:
     return value
 
 
-async def _views(request: web.Request) -> dict[str, Any] | None:
-    usage = request.app[SHARED].find(USAGE)
-    if usage is None:
-        return None
-    out: dict[str, Any] = {}
-    for view, query in (
-        ("kpis", "SELECT * FROM kpis"),
-        ("business", "SELECT * FROM business ORDER BY month DESC LIMIT 1"),
-        (
-            "top_users",
-            "SELECT user_id, count(*) AS requests, sum(price_usd) AS revenue_usd "
-            "FROM usage WHERE user_id IS NOT NULL GROUP BY user_id ORDER BY requests DESC LIMIT 5",
-        ),
-    ):
+async def _figures(chain: Chain) -> list[Figures]:
+    """Each plugin's figures (``dashboard_figures``), in chain order; one that fails is left
+    out and logged, so a broken plugin never costs the page the others' figures."""
+    out: list[Figures] = []
+    for hook in chain.dashboard_figures:
         try:
-            columns, rows = await usage.sql(query)
-        except QueryError:
+            figures = await hook()
+        except Exception:
+            log.exception("dashboard figures of plugin %s failed", chain.name_of(hook))
             continue
-        records = [dict(zip(columns, r, strict=True)) for r in rows]
-        out[view] = records if view == "top_users" else (records[0] if records else None)
+        if figures is not None:
+            out.append(figures)
     return out
+
+
+def _add_figures(body: dict[str, Any], figures: list[Figures]) -> None:
+    """The plugins' cards, tables and sections into the answer; a name already taken (by the
+    core or an earlier plugin) is dropped, since it is an element id on the page."""
+    taken = set(PAGE_IDS)
+    cards: list[dict[str, Any]] = []
+    tables: list[dict[str, Any]] = []
+    body["cards"] = cards
+    body["tables"] = tables
+    for f in figures:
+        for card in f.cards:
+            if card.name not in taken:
+                taken.add(card.name)
+                cards.append(asdict(card))
+        for table in f.tables:
+            if table.name not in taken:
+                taken.add(table.name)
+                tables.append(asdict(table))
+        for name, section in f.sections.items():
+            if name not in body:
+                body[name] = section
 
 
 async def stats(request: web.Request) -> web.Response:
@@ -119,7 +143,8 @@ async def stats(request: web.Request) -> web.Response:
             cache[cache_status] = cache.get(cache_status, 0) + n
     total = sum(by_endpoint.values())
     plugins = {name: _plain(v) for name, v in metrics.snapshot().items()}
-    queued = int(plugins.get("tollway_admission_queue_length", 0) or 0)
+    figures = await _figures(gw.runtime.chain)
+    queued = sum(f.queued for f in figures)
     looked_up = cache.get("hit", 0) + cache.get("miss", 0)
     body = {
         "time": time.time(),
@@ -137,8 +162,8 @@ async def stats(request: web.Request) -> web.Response:
         ),
         "plugins": plugins,
         "scaling": scaling(gw.cpu.percent(), rss_mb(), metrics.in_flight, queued),
-        "usage": await _views(request),
     }
+    _add_figures(body, figures)
     return web.Response(body=orjson.dumps(body, default=str), content_type="application/json")
 
 
@@ -178,16 +203,11 @@ td,th{padding:6px 10px;border-bottom:1px solid #e4e6eb;text-align:left}
 <div class="card"><span>cache hit rate</span><b id="cache_hit_rate">-</b></div>
 <div class="card"><span>error rate (5xx)</span><b id="error_rate">-</b></div>
 <div class="card"><span>avg latency</span><b id="avg_latency_ms">-</b></div>
-<div class="card"><span>revenue this month</span><b id="revenue_usd">-</b></div>
-<div class="card"><span>provider cost this month</span><b id="provider_cost_usd">-</b></div>
-<div class="card"><span>margin</span><b id="profit_margin">-</b></div>
-<div class="card"><span>MRR</span><b id="mrr_usd">-</b></div>
-<div class="card"><span>active users</span><b id="active_users">-</b></div>
+<div id="plugin_cards" style="display:contents"></div>
 <div class="card"><span>scaling</span><b id="recommendation">-</b>
 <span id="scaling_detail"></span></div>
 </main>
-<section><h3>Top users</h3><table><thead><tr><th>user</th><th>requests</th>
-<th>revenue</th></tr></thead><tbody id="top_users"></tbody></table></section>
+<div id="plugin_tables"></div>
 <section><h3>Requests by status</h3><table><tbody id="by_status"></tbody></table></section>
 <script>
 "use strict";
@@ -200,10 +220,43 @@ const m = location.hash.match(/key=([^&]+)/);
 if (m) { key = decodeURIComponent(m[1]); sessionStorage.setItem("tollway-admin-key", key);
          history.replaceState(null, "", location.pathname); }
 let last = null;
-function row(cells) {
+function el(tag, text, cls) {
+  const e = document.createElement(tag);
+  if (text !== undefined) e.textContent = text;
+  if (cls) e.className = cls;
+  return e;
+}
+function row(cells, tag = "td") {
   const tr = document.createElement("tr");
-  for (const c of cells) { const td = document.createElement("td"); td.textContent = c; tr.append(td); }
+  for (const c of cells) tr.append(el(tag, c));
   return tr;
+}
+// a plugin's value, written by the format it names (proxy/figures.py)
+function show(v, format) {
+  if (v === null || v === undefined) return "-";
+  if (format === "money") return money(v);
+  if (format === "percent") return fmt(Number(v), " %", 1);
+  if (format === "ms") return fmt(Number(v), " ms");
+  return String(v);
+}
+function card(c) {
+  const d = el("div", undefined, "card");
+  const b = el("b", show(c.value, c.format));
+  b.id = c.name;
+  d.append(el("span", c.label), b);
+  return d;
+}
+function table(t) {
+  const body = el("tbody");
+  body.id = t.name;
+  body.replaceChildren(...t.rows.map((r) => row(t.columns.map((c) => show(r[c.key], c.format)))));
+  const head = el("thead");
+  head.append(row(t.columns.map((c) => c.heading), "th"));
+  const tab = el("table");
+  tab.append(head, body);
+  const s = el("section");
+  s.append(el("h3", t.title), tab);
+  return s;
 }
 function render(s) {
   $("requests").textContent = s.requests;
@@ -216,18 +269,12 @@ function render(s) {
   $("cache_hit_rate").textContent = fmt(s.cache_hit_rate, " %", 1);
   $("error_rate").textContent = fmt(s.error_rate, " %");
   $("avg_latency_ms").textContent = fmt(s.avg_latency_ms, " ms");
-  const b = (s.usage && s.usage.business) || {};
-  $("revenue_usd").textContent = money(b.revenue_usd);
-  $("provider_cost_usd").textContent = money(b.provider_cost_usd);
-  $("profit_margin").textContent = fmt(b.profit_margin === undefined ? null : Number(b.profit_margin), " %", 1);
-  $("mrr_usd").textContent = money(b.mrr_usd);
-  $("active_users").textContent = b.active_users === undefined ? "-" : b.active_users;
+  $("plugin_cards").replaceChildren(...(s.cards || []).map(card));
   const sc = s.scaling;
   $("recommendation").textContent = sc.recommendation.replace("_", " ");
   $("recommendation").className = sc.recommendation === "scale_up" ? "up" : sc.recommendation === "scale_down" ? "down" : "";
   $("scaling_detail").textContent = `CPU ${fmt(sc.cpu_percent, " %", 0)}, ${fmt(sc.memory_mb, " MB", 0)}, ${sc.queued} queued`;
-  const users = (s.usage && s.usage.top_users) || [];
-  $("top_users").replaceChildren(...users.map((u) => row([u.user_id, u.requests, money(u.revenue_usd)])));
+  $("plugin_tables").replaceChildren(...(s.tables || []).map(table));
   $("by_status").replaceChildren(...Object.entries(s.by_status).sort().map(([k, v]) => row([k, v])));
   $("state").textContent = `live · chain: ${s.chain.join(", ")} · up ${Math.round(s.uptime_s)} s`;
 }
@@ -250,3 +297,6 @@ $("login").addEventListener("submit", (e) => {
 poll();
 </script></body></html>
 """
+
+PAGE_IDS = frozenset(re.findall(r'id="([^"]+)"', PAGE))
+"""The page's own element ids: a plugin's card or table may not take one."""

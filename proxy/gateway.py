@@ -22,7 +22,7 @@ from proxy.dashboard import CpuMeter
 from proxy.keystore import KeyStore
 from proxy.keysync import KeySync
 from proxy.metrics import Metrics
-from proxy.policy import LoadedPolicy, PolicyError, load_file
+from proxy.policy import LoadedPolicy, PolicyError, read_file
 from proxy.runtime import Runtime
 
 log = logging.getLogger("tollway")
@@ -48,6 +48,8 @@ class Gateway:
         self.app: web.Application | None = None
         self.ready = False
         self.reloads = 0
+        # the plugin routes registered at start (aiohttp's router is fixed once it serves)
+        self.route_keys: frozenset[tuple[str, str]] = frozenset()
         self._retired: set[Chain] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
@@ -62,7 +64,7 @@ class Gateway:
                 path = self.runtime.loaded.path
                 if path is None:
                     raise PolicyError(["this gateway was not started from a policy file"])
-                loaded = load_file(Path(path))
+                loaded = read_file(Path(path))  # compile_chain reports all errors at once
             chain = compile_chain(loaded, extra_plugins=self.extra_plugins)
             assert self.app is not None
             await chain.start(self.app)
@@ -75,6 +77,12 @@ class Gateway:
             else:
                 self._retired.add(old.chain)
             log.info("policy reloaded (%d plugins)", len(chain.plugins))
+            for key in sorted(set(chain.routes) - self.route_keys):
+                log.warning(
+                    "plugin %s adds route %s %s: served after a restart",
+                    chain.routes[key].plugin,
+                    *key,
+                )
             return self.runtime
 
     def retire(self, chain: Chain) -> None:

@@ -215,9 +215,10 @@ async def serve(rt: Runtime, ctx: RequestContext) -> web.StreamResponse:
     assert session is not None  # opened by the app's cleanup context before serving
     resp = None
     if chain.send_upstream:
-        ctx.call_upstream = partial(call_provider, session, rt, ctx)
+        # an argument, never stored on ctx: no cycle for the collector (see UpstreamCall)
+        call = partial(call_provider, session, rt, ctx)
         for hook in chain.send_upstream:
-            resp = await hook(ctx, req)
+            resp = await hook(ctx, req, call)
             if resp is not None:
                 break
     if resp is None:
@@ -243,7 +244,7 @@ async def call_provider(
     tried: its request is built from ``ctx.body`` in its own dialect and the
     ``upstream_request`` hooks run again for it. The reply that is returned carries the route
     that answered in ``route``; with every fallback failed it is the last failure.
-    ``send_upstream`` plugins reach this through ``ctx.call_upstream``.
+    ``send_upstream`` plugins get it, bound to the request, as their ``call`` argument.
     """
     fell_back = False
     while True:
@@ -351,10 +352,6 @@ def make_handler(endpoint: Endpoint, dialect: Dialect) -> Any:
                     await hook(ctx)
                 except Exception:
                     log.exception("log hook failed for request %s", ctx.request_id)
-            # ctx.call_upstream (set in serve) is a partial over ctx itself: break that cycle so
-            # the request's objects are freed by reference counting, not left to the cyclic
-            # collector (the largest single cost under load before; tests/proxy/test_cycles.py)
-            ctx.call_upstream = None
             chain.in_flight -= 1
             if chain.retired and chain.in_flight == 0:
                 gw.retire(chain)

@@ -10,8 +10,22 @@ runs top to bottom of ``chain:``; the response side (``response_headers``, ``res
 ``response_body``) bottom to top. If ``access`` of the plugin at position k returns a Reply, the
 response side runs only for plugins above k. ``log`` runs for every plugin, always.
 
-Every hook except ``lifespan`` and ``response_chunk`` must be ``async def``; a plugin with a
-synchronous implementation of an async hook is refused at startup.
+Every hook except ``lifespan``, ``response_chunk`` and the hooks that contribute to the
+application (``register_routes``, ``model_names``: plain ``def``; ``register_commands``: a
+``@staticmethod``) must be ``async def``; a plugin with an implementation of the wrong kind is
+refused at startup. An implementation may take fewer arguments than its spec (as pluggy
+allows), by name and in any order: the compiled chain passes it just those.
+
+A plugin contributes what the core serves beside the request path through hooks alone, the
+way Datasette and llm plugins do: HTTP routes (``register_routes``), ``tollway`` subcommands
+(``register_commands``), model names (``model_names``) and dashboard figures
+(``dashboard_figures``). The core never imports a plugin nor probes its attributes, so a
+third-party plugin can do all that a built-in does.
+
+Everything a plugin gives the core travels through a hook's arguments or its result, never
+through a callable or a mailbox left on the context: the provider call comes as
+``send_upstream``'s ``call``, reply headers are set in ``response_headers`` (the one way), and
+state a plugin keeps from one phase to a later one goes in ``ctx.stash``.
 """
 
 from __future__ import annotations
@@ -22,6 +36,9 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Iterable
+
     from aiohttp import web
 
     from proxy.context import (
@@ -29,9 +46,11 @@ if TYPE_CHECKING:
         Reply,
         RequestContext,
         StreamEvent,
+        UpstreamCall,
         UpstreamRequest,
         UpstreamResponse,
     )
+    from proxy.figures import Figures
 
 PROJECT = "tollway"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -83,11 +102,20 @@ async def upstream_request(ctx: RequestContext, req: UpstreamRequest) -> None:
 
 
 @hookspec(firstresult=True)
-async def send_upstream(ctx: RequestContext, req: UpstreamRequest) -> UpstreamResponse | None:
+async def send_upstream(
+    ctx: RequestContext, req: UpstreamRequest, call: UpstreamCall
+) -> UpstreamResponse | None:
     """Take over the provider call (coalescing identical requests, batching).
 
+    :param req: this request's provider request, ``upstream_request`` hooks already run.
+    :param call: the core's own provider call for this request, ``await call(req)``: the
+        pooled session, timeouts, retries, then ``ctx.fallbacks`` (it may replace
+        ``ctx.route``; the response's ``route`` names a fallback that answered). Call it with
+        this request's ``req`` or one built from it (a merged batch); a plugin that shares one
+        call among requests makes it on behalf of the others. It holds this request's context:
+        drop it once the request is answered, or it keeps the request alive.
     :return: the first non-None UpstreamResponse is used instead of calling the provider;
-    None lets the next plugin, and finally the core's pooled client, send it.
+        None lets the next plugin, and finally ``call`` itself, send it.
     """
 
 
@@ -95,7 +123,15 @@ async def send_upstream(ctx: RequestContext, req: UpstreamRequest) -> UpstreamRe
 async def response_headers(ctx: RequestContext, headers: dict[str, str]) -> None:
     """The status (``ctx.status``) and headers are known; nothing is sent yet.
 
-    Edit ``headers`` in place to add or remove reply headers. Runs bottom to top.
+    The one way a plugin sets reply headers: edit ``headers`` in place to add, replace or
+    remove them. It arrives holding the core's headers (``X-Request-Id``, ``X-Tollway-Model``,
+    ``X-Tollway-Cache`` from ``ctx.cache``), the few provider headers relayed, a ``Reply``'s or
+    a ``Reject``'s own headers (``Retry-After``), and the edits of the plugins below. A value
+    decided earlier (in ``access``: a rate limit's remaining count) is kept in ``ctx.stash``
+    until this hook writes it.
+
+    Runs bottom to top; after an ``access`` Reply at position k only for the plugins above k;
+    on an error reply for every plugin (a hook that raises there has its edits undone).
     """
 
 
@@ -144,4 +180,62 @@ async def forget_user(user_id: str) -> dict[str, int] | None:
     Called once per plugin of the live chain, in chain order, never on the request path.
     Return what was deleted as ``{kind: count}`` (e.g. ``{"usage_rows": 12}``) for the admin
     API's answer; raise if the deletion could not be done, so it is not reported as done.
+    """
+
+
+@hookspec
+def register_routes() -> Iterable[web.RouteDef] | None:
+    """Add HTTP routes to the gateway: return aiohttp route definitions (``web.get(...)``).
+
+    Called once per chain compile (start and each policy reload), never per request; the
+    handlers are usually the plugin's bound methods and receive the ``web.Request``. Routes
+    are served beside the core's, outside the request chain (no ``authenticate``, limits or
+    metering): guard an admin route with ``proxy.admin.admin_only``, which checks the admin key.
+    A ``Reject`` raised by a handler becomes an error body in the caller's dialect, any other
+    exception a logged 500 that shows no detail. A route that clashes with the core's or another plugin's is
+    refused at load, naming the plugin. Each request runs on the handler of the chain live
+    when it arrives, so a reload that changes the plugin's config serves the new instance;
+    a route first added by a reload is served after the next restart (aiohttp's router is
+    fixed once the server starts; the reload logs it), and one the new chain dropped is a 404.
+    """
+
+
+@hookspec
+def register_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add subcommands to the ``tollway`` command line (``subparsers.add_parser(...)``).
+
+    Write it as a ``@staticmethod`` of the plugin's class: the CLI calls it on the class of
+    every built-in plugin and every entry point of group ``tollway``, before any policy is
+    loaded and whether or not a chain enables the plugin. Give each command a function with
+    ``set_defaults(fn=...)``: it receives the parsed ``argparse.Namespace`` and returns the
+    exit status. Import what a command needs inside its function, so that ``tollway`` starts
+    fast whatever is installed (the metering plugin's ``tollway meter`` loads DuckDB only when
+    it runs). To let the data commands (``sql``, ``invoice``, ``report``, ``export``) read
+    from elsewhere than the gateway's admin API, use ``proxy.cli.data.add_usage_source``
+    (metering's ``--db``). The core's other commands (``serve``, ``check``, ``keys``...) are
+    parsed without importing any plugin, so a gateway loads only the plugins its chain names.
+    """
+
+
+@hookspec
+def model_names() -> Iterable[str] | None:
+    """Model names this plugin answers for itself, beside the policy's ``models:``.
+
+    Called once per chain compile, never per request. ``GET /v1/models`` lists them (owned by
+    ``tollway``) after the policy's models; a name the policy already lists is not repeated.
+    The plugin must also make such a model servable: set ``ctx.route`` in its ``access`` hook
+    (routing's ``auto`` picks a model of ``models:``), else the request ends in a 404.
+    """
+
+
+@hookspec
+async def dashboard_figures() -> Figures | None:
+    """What this plugin shows on the dashboard (``GET /dashboard``, ``GET /admin/stats``).
+
+    Called once per plugin of the live chain, in chain order, each time ``/admin/stats`` is
+    polled (every two seconds while someone looks at the page), never on the request path.
+    Return ``proxy.figures.Figures``: cards (a named value and its format), tables (named
+    rows), JSON sections added to ``/admin/stats`` as they are, and ``queued`` (requests the
+    plugin holds waiting, the autoscaling signal). The page renders what it gets. A hook that
+    raises is logged and its figures left out; the rest of the answer is unaffected.
     """

@@ -5,6 +5,11 @@ serves a request, and reported where the operator can fix it: every error names 
 line (``chain[1] (limits).config.user[0]: ... (line 24)``). Secrets are written as
 ``{$env: NAME}`` or ``{$file: path}`` and resolved once, at load. Unknown keys are rejected at
 every level (a typo must not silently disable a limit).
+
+Every error of a file is found in one run: the top level here (``read_text``), each plugin's
+config in ``proxy.chain`` with the policy as its validation context (``policy_of``), so a
+reference to another section is checked by the model that holds it and reported at its path.
+A secret the machine does not have is a warning for ``tollway check``, an error to serve.
 """
 
 from __future__ import annotations
@@ -12,11 +17,23 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from proxy.context import Route
 
@@ -30,6 +47,32 @@ class PolicyError(Exception):
     def __init__(self, errors: list[str]) -> None:
         super().__init__("\n".join(errors))
         self.errors = errors
+
+
+Loc = tuple[str | int, ...]
+"""A path into the policy (or into the model being validated): keys and list indices."""
+
+
+def errors_at(title: str, errors: Iterable[tuple[Loc, str]]) -> ValidationError:
+    """Several errors of one validator, each at its own path relative to the model validated.
+
+    A check across fields or sections (a model naming an unknown provider, a fallback naming
+    an unknown model) runs in a validator of the model that holds the references. Raising
+    this instead of one ValueError puts each finding at the path where it was written, so the
+    loader gives it its line; pydantic nests the paths under the model's own.
+    """
+    return ValidationError.from_exception_data(
+        title,
+        [
+            InitErrorDetails(
+                # "{message}": a message holding braces (a placeholder '[{KIND}]') stays as is
+                type=PydanticCustomError("value_error", "{message}", {"message": message}),
+                loc=loc,
+                input=None,
+            )
+            for loc, message in errors
+        ],
+    )
 
 
 def parse_duration(value: Any) -> float:
@@ -204,7 +247,6 @@ class Model(Strict):
 
 class Feature(Strict):
     price_per_request: float = Field(0.0, ge=0, description="USD charged per request.")
-    cache: bool = Field(True, description="Whether replies for this feature may be cached.")
 
 
 Perk = Literal["priority_support", "custom_models", "dedicated_instances", "sla_guarantee"]
@@ -254,20 +296,30 @@ class Policy(Strict):
     tiers: dict[str, Tier] = Field(default_factory=dict)
     chain: list[ChainItem] = Field(default_factory=list)
 
-    def model_post_init(self, _ctx: Any) -> None:
-        errors = []
-        for name, m in self.models.items():
-            if m.provider not in self.providers:
-                errors.append(f"models.{name}.provider: unknown provider {m.provider!r}")
-            if m.dedicated_provider is not None and m.dedicated_provider not in self.providers:
-                errors.append(
-                    f"models.{name}.dedicated_provider: unknown provider {m.dedicated_provider!r}"
-                )
-        for name, t in self.tiers.items():
-            if t.includes is not None and t.includes not in self.tiers:
-                errors.append(f"tiers.{name}.includes: unknown tier {t.includes!r}")
+    @model_validator(mode="after")
+    def _references_resolve(self) -> Policy:
+        errors = self.reference_errors()
         if errors:
-            raise ValueError("; ".join(errors))
+            raise errors_at("Policy", errors)
+        return self
+
+    def reference_errors(self) -> list[tuple[Loc, str]]:
+        """Names one section uses that another does not declare, each at its path.
+
+        Only fields an entry sets are read: the loader's stand-in for an invalid entry sets
+        only its fields of the right type, so a broken value is not reported twice.
+        """
+        errors: list[tuple[Loc, str]] = []
+        for name, m in self.models.items():
+            for field in ("provider", "dedicated_provider"):
+                ref = getattr(m, field) if field in m.model_fields_set else None
+                if ref is not None and ref not in self.providers:
+                    errors.append((("models", name, field), f"unknown provider {ref!r}"))
+        for name, t in self.tiers.items():
+            if "includes" in t.model_fields_set and t.includes is not None:
+                if t.includes not in self.tiers:
+                    errors.append((("tiers", name, "includes"), f"unknown tier {t.includes!r}"))
+        return errors
 
     def routes(self, dedicated: bool = False) -> dict[str, Route]:
         """Client model name -> Route, computed once per policy load. ``dedicated``: only the
@@ -311,6 +363,87 @@ class Policy(Strict):
         return max(t.priority, 1) if "priority_support" in t.perks else t.priority
 
 
+def validation_context(policy: Policy) -> dict[str, Any]:
+    """The pydantic validation context a plugin's config is validated with (``policy_of``)."""
+    return {"policy": policy}
+
+
+def policy_of(info: ValidationInfo) -> Policy | None:
+    """The policy a plugin's config is validated against, for a validator that checks what
+    the config names in other sections (models, tiers) or needs from them (``state.url``).
+
+    None when a config is validated on its own (a unit test, ``tollway meter``): such checks
+    are then skipped. When the policy has errors of its own this is a stand-in that declares
+    every name the file declares (an invalid entry with its fields of the right type), so a
+    config is checked in the same run and a broken entry is not reported again as unknown
+    wherever it is named.
+    """
+    context = info.context
+    policy = context.get("policy") if isinstance(context, dict) else None
+    return policy if isinstance(policy, Policy) else None
+
+
+_NAMED: dict[str, type[Strict]] = {
+    "providers": Provider,
+    "models": Model,
+    "features": Feature,
+    "tiers": Tier,
+}
+"""Sections whose entries other sections name: a stand-in keeps every entry's name."""
+
+
+def _stand_in(data: dict[str, Any]) -> Policy:
+    """The policy as far as it is valid, for checking the rest of a file that has errors.
+
+    Each section that validates is used as it is. Of an invalid section or entry, what has
+    the right type is kept and the rest takes its default, so every name the file declares
+    is there and ``state.url`` is the one written. Not validated as a whole (its references
+    are checked by ``reference_errors``), and never served.
+    """
+    fields: dict[str, Any] = {}
+    for name, info in Policy.model_fields.items():
+        if name not in data:
+            continue
+        fitting = _fitting(info.annotation, data[name])
+        if fitting is not _UNFIT:
+            fields[name] = fitting
+        elif isinstance(data[name], dict) and name in _NAMED:
+            fields[name] = {k: _partial(_NAMED[name], v) for k, v in data[name].items()}
+        elif isinstance(data[name], dict) and isinstance(info.annotation, type):
+            if issubclass(info.annotation, Strict):
+                fields[name] = _partial(info.annotation, data[name])
+    return Policy.model_construct(**fields)
+
+
+_UNFIT = object()
+
+
+def _fitting(annotation: Any, value: Any) -> Any:
+    """``value`` validated as ``annotation``, or ``_UNFIT``."""
+    if annotation is None:
+        return _UNFIT
+    try:
+        return TypeAdapter(annotation).validate_python(value)
+    except ValidationError:
+        return _UNFIT
+
+
+def _partial(model: type[Strict], value: Any) -> Strict:
+    """``model`` from ``value``: validated, or (invalid) built from the fields of the right
+    type alone; the fields it sets are the ones ``reference_errors`` reads."""
+    try:
+        return model.model_validate(value)
+    except ValidationError:
+        pass
+    fields: dict[str, Any] = {}
+    for key, raw in value.items() if isinstance(value, dict) else ():
+        info = model.model_fields.get(key) if isinstance(key, str) else None
+        fitting = _fitting(info.annotation if info is not None else None, raw)
+        if fitting is not _UNFIT:
+            fields[key] = fitting
+    return model.model_construct(**fields)
+
+
 # ---- YAML with line numbers -------------------------------------------------------------
 
 
@@ -328,40 +461,47 @@ class _Lines:
         return self.by_path.get(())
 
 
+UNSET_SECRET = ""
+"""What an unresolved secret reads as while the rest of the file is checked: a value, so a
+check that a secret is configured (a shared cache's key) sees it configured. Errors at its
+own path are dropped: the missing secret is the one thing reported there."""
+
+
 def _construct(
     node: yaml.Node,
     path: tuple[Any, ...],
     lines: _Lines,
     ctor: yaml.constructor.SafeConstructor,
     base: Path,
-    errors: list[str],
+    unset: dict[tuple[Any, ...], str],
 ) -> Any:
     lines.by_path[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         keys = [k.value for k, _ in node.value if isinstance(k, yaml.ScalarNode)]
         if keys and keys[0] in ("$env", "$file") and len(node.value) == 1:
-            return _secret(keys[0], node.value[0][1], path, lines, base, errors)
+            return _secret(keys[0], node.value[0][1], path, base, unset)
         out: dict[Any, Any] = {}
         for knode, vnode in node.value:
             key = ctor.construct_object(knode)
-            out[key] = _construct(vnode, (*path, key), lines, ctor, base, errors)
+            out[key] = _construct(vnode, (*path, key), lines, ctor, base, unset)
         return out
     if isinstance(node, yaml.SequenceNode):
         return [
-            _construct(v, (*path, i), lines, ctor, base, errors) for i, v in enumerate(node.value)
+            _construct(v, (*path, i), lines, ctor, base, unset) for i, v in enumerate(node.value)
         ]
     return ctor.construct_object(node)
 
 
 def _secret(
-    kind: str, node: yaml.Node, path: tuple[Any, ...], lines: _Lines, base: Path, errors: list[str]
-) -> str | None:
+    kind: str, node: yaml.Node, path: tuple[Any, ...], base: Path, unset: dict[Any, str]
+) -> str:
+    """The secret's value; an unresolved one is recorded in ``unset`` (path -> why)."""
     ref = str(node.value) if isinstance(node, yaml.ScalarNode) else ""
-    where = f"{_fmt_path(path, {})} (line {lines.by_path[path]})"
     if kind == "$env":
         value = os.environ.get(ref)
         if value is None:
-            errors.append(f"{where}: environment variable {ref} is not set")
+            unset[path] = f"environment variable {ref} is not set"
+            return UNSET_SECRET
         return value
     p = Path(ref).expanduser()
     if not p.is_absolute():
@@ -369,8 +509,8 @@ def _secret(
     try:
         return p.read_text().strip()
     except OSError as e:
-        errors.append(f"{where}: cannot read secret file {ref}: {e.strerror}")
-        return None
+        unset[path] = f"cannot read secret file {ref}: {e.strerror}"
+        return UNSET_SECRET
 
 
 def _fmt_path(loc: tuple[Any, ...], data: Any) -> str:
@@ -395,41 +535,139 @@ def _has(node: Any, part: Any) -> bool:
     return isinstance(part, int) and 0 <= part < len(node)
 
 
+_PREFIXES = ("Value error, ", "Assertion failed, ")
+"""What pydantic puts before the message of a ValueError/AssertionError a validator raised."""
+
+
 def format_validation_error(
-    exc: ValidationError, data: Any, lines: _Lines, prefix: tuple[Any, ...] = ()
+    exc: ValidationError,
+    data: Any,
+    lines: _Lines,
+    prefix: tuple[Any, ...] = (),
+    unset: Iterable[tuple[Any, ...]] = (),
 ) -> list[str]:
-    """One ``path: message (line N)`` per pydantic error."""
-    out = []
+    """One ``path: message (line N)`` per path with errors, in the order of the file (a value
+    that fits no member of a union has one error per member: they are joined). Errors at the
+    path of an ``unset`` secret are left out: that the secret is missing is what is wrong."""
+    return [text for _, text in _located(exc, data, lines, prefix, unset)]
+
+
+def _located(
+    exc: ValidationError,
+    data: Any,
+    lines: _Lines,
+    prefix: tuple[Any, ...] = (),
+    unset: Iterable[tuple[Any, ...]] = (),
+) -> list[tuple[int, str]]:
+    """``format_validation_error`` with each error's line, sorted by it."""
+    unset = tuple(unset)
+    by_path: dict[tuple[Any, ...], list[str]] = {}
     for err in exc.errors():
         loc = prefix + tuple(p for p in err["loc"] if not str(p).startswith("function-"))
         # pydantic adds the union member's name to the location ("int", "literal[...]").
         loc = tuple(
             p for p in loc if not (isinstance(p, str) and ("[" in p or p in ("int", "str")))
         )
+        if any(_within(loc, secret) for secret in unset):
+            continue
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        line = lines.line(loc)
-        out.append(f"{_fmt_path(loc, data)}: {msg}" + (f" (line {line})" if line else ""))
-    return out
+        for text in _PREFIXES:
+            msg = msg.removeprefix(text)
+        messages = by_path.setdefault(loc, [])
+        if msg not in messages:
+            messages.append(msg)
+    located = [
+        (lines.line(loc) or 0, _format(loc, "; ".join(msgs), data, lines))
+        for loc, msgs in by_path.items()
+    ]
+    return sorted(located, key=lambda found: found[0])
+
+
+def _within(loc: tuple[Any, ...], secret: tuple[Any, ...]) -> bool:
+    """Whether an error at ``loc`` is about the secret at ``secret``: at or under its path,
+    or at the list holding it (a validator of a whole list reports at the list)."""
+    if loc[: len(secret)] == secret:
+        return True
+    return bool(secret) and isinstance(secret[-1], int) and loc == secret[:-1]
+
+
+def _format(loc: tuple[Any, ...], message: str, data: Any, lines: _Lines) -> str:
+    line = lines.line(loc)
+    return f"{_fmt_path(loc, data)}: {message}" + (f" (line {line})" if line else "")
 
 
 class LoadedPolicy:
-    """A validated policy with the raw data and line map (plugins validate their config later)."""
+    """A policy file read: the policy, the raw data and its line map (plugins validate their
+    config later, ``proxy.chain``), and what reading it found wrong.
 
-    def __init__(self, policy: Policy, data: dict[str, Any], lines: _Lines, path: Path | None):
+    ``load_text``/``load_file`` return only valid policies. ``read_text``/``read_file``
+    return a policy with its ``errors`` (then ``policy`` is a stand-in, never to be served)
+    so the chain's configs are checked in the same run; with optional secrets, a missing
+    one is a ``warning`` and its path is in ``unset``.
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        data: dict[str, Any],
+        lines: _Lines,
+        path: Path | None,
+        *,
+        errors: list[str] | None = None,
+        warnings: list[str] | None = None,
+        unset: frozenset[tuple[Any, ...]] = frozenset(),
+    ):
         self.policy = policy
         self.data = data
         self.lines = lines
         self.path = path
+        self.errors = errors or []
+        self.warnings = warnings or []
+        self.unset = unset
+
+    def error(self, loc: tuple[Any, ...], message: str) -> str:
+        """``path: message (line N)`` for a problem found at ``loc``."""
+        return _format(loc, message, self.data, self.lines)
 
     def config_errors(self, index: int, exc: ValidationError) -> list[str]:
         """Errors of ``chain[index].config`` with paths and lines."""
-        return format_validation_error(exc, self.data, self.lines, ("chain", index, "config"))
+        prefix = ("chain", index, "config")
+        return format_validation_error(exc, self.data, self.lines, prefix, self.unset)
+
+    def chain_items(self) -> list[tuple[int, ChainItem]]:
+        """The chain's items with their index in the file. When the policy has errors: the
+        items that are valid by themselves (the others' errors are among ``errors``)."""
+        if not self.errors:
+            return list(enumerate(self.policy.chain))
+        raw = self.data.get("chain")
+        out = []
+        for index, item in enumerate(raw if isinstance(raw, list) else []):
+            try:
+                out.append((index, ChainItem.model_validate(item)))
+            except ValidationError:
+                continue
+        return out
+
+    def has_unset(self, loc: tuple[Any, ...]) -> bool:
+        """Whether a secret at or under ``loc`` is unresolved (optional secrets only)."""
+        return any(secret[: len(loc)] == loc for secret in self.unset)
 
 
-def load_text(text: str, *, base: Path | None = None, path: Path | None = None) -> LoadedPolicy:
-    """Parse and validate policy YAML text; raise PolicyError with every problem found."""
+def read_text(
+    text: str,
+    *,
+    base: Path | None = None,
+    path: Path | None = None,
+    secrets_required: bool = True,
+) -> LoadedPolicy:
+    """Parse and validate policy YAML text, collecting every problem of the top level.
+
+    Raises PolicyError only when there is nothing to check (invalid YAML, not a mapping).
+    ``secrets_required=False`` (``tollway check`` on a machine without the secrets): a
+    secret that cannot be resolved is a warning, and the rest is checked as if it were set.
+    """
     base = base or Path.cwd()
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -440,24 +678,50 @@ def load_text(text: str, *, base: Path | None = None, path: Path | None = None) 
     if root is None:
         raise PolicyError(["the policy is empty"])
     lines = _Lines()
-    errors: list[str] = []
-    data = _construct(root, (), lines, yaml.constructor.SafeConstructor(), base, errors)
+    unset: dict[tuple[Any, ...], str] = {}
+    data = _construct(root, (), lines, yaml.constructor.SafeConstructor(), base, unset)
     if not isinstance(data, dict):
         raise PolicyError(["the policy must be a mapping of sections"])
-    if errors:
-        raise PolicyError(errors)
+    missing = [
+        (lines.by_path[p], f"{_fmt_path(p, data)} (line {lines.by_path[p]}): {why}")
+        for p, why in unset.items()
+    ]
+    found, warnings = (missing, []) if secrets_required else ([], [m for _, m in missing])
     try:
         policy = Policy.model_validate(data)
     except ValidationError as e:
-        raise PolicyError(format_validation_error(e, data, lines)) from None
-    return LoadedPolicy(policy, data, lines, path)
+        found.extend(_located(e, data, lines, unset=unset))
+        policy = _stand_in(data)
+        # the references of the valid part: pydantic checks them only when all of it is valid
+        for loc, message in policy.reference_errors():
+            found.append((lines.line(loc) or 0, _format(loc, message, data, lines)))
+    errors = list(dict.fromkeys(text for _, text in sorted(found, key=lambda f: f[0])))
+    return LoadedPolicy(
+        policy, data, lines, path, errors=errors, warnings=warnings, unset=frozenset(unset)
+    )
 
 
-def load_file(path: str | Path) -> LoadedPolicy:
-    """Load a policy file; relative ``$file`` secrets resolve against the file's folder."""
+def load_text(text: str, *, base: Path | None = None, path: Path | None = None) -> LoadedPolicy:
+    """Parse and validate policy YAML text; raise PolicyError with every problem found."""
+    loaded = read_text(text, base=base, path=path)
+    if loaded.errors:
+        raise PolicyError(loaded.errors)
+    return loaded
+
+
+def read_file(path: str | Path, *, secrets_required: bool = True) -> LoadedPolicy:
+    """``read_text`` of a file; relative ``$file`` secrets resolve against its folder."""
     p = Path(path)
     try:
         text = p.read_text()
     except OSError as e:
         raise PolicyError([f"{p}: {e.strerror}"]) from None
-    return load_text(text, base=p.resolve().parent, path=p)
+    return read_text(text, base=p.resolve().parent, path=p, secrets_required=secrets_required)
+
+
+def load_file(path: str | Path) -> LoadedPolicy:
+    """Load a policy file; relative ``$file`` secrets resolve against the file's folder."""
+    loaded = read_file(path)
+    if loaded.errors:
+        raise PolicyError(loaded.errors)
+    return loaded

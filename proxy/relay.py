@@ -31,6 +31,13 @@ from proxy.context import (
     UpstreamResponse,
 )
 from proxy.errors import Reject, convert_error, error_body, reject_body
+from proxy.tokens import (
+    Tokens,
+    openai_chunk_tokens,
+    openai_tokens,
+    read_anthropic_event,
+    reply_tokens,
+)
 
 log = logging.getLogger("tollway")
 
@@ -42,13 +49,13 @@ _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"
 
 
 def base_headers(ctx: RequestContext) -> dict[str, str]:
+    """The core's own reply headers, derived from the context's facts; plugins add theirs in
+    ``response_headers`` hooks, the one way (see ``proxy.hookspecs``)."""
     headers = {"X-Request-Id": ctx.request_id}
     if ctx.route is not None:
         headers["X-Tollway-Model"] = ctx.route.model
     if ctx.cache is not None:
         headers["X-Tollway-Cache"] = ctx.cache
-    if ctx.response_headers:
-        headers.update(ctx.response_headers)
     return headers
 
 
@@ -154,20 +161,7 @@ async def send_error(chain: Chain, ctx: RequestContext, exc: Reject) -> web.Stre
     return await _finish(ctx, exc.status, reject_body(exc, ctx.dialect), headers)
 
 
-def usage_from_body(kind: str, data: dict[str, Any]) -> tuple[int, int] | None:
-    """(input, output) tokens of a whole provider reply in the provider's dialect."""
-    usage = data.get("usage")
-    if not isinstance(usage, dict):
-        return None
-    if kind == "anthropic":
-        inp = int(usage.get("input_tokens") or 0)
-        inp += int(usage.get("cache_creation_input_tokens") or 0)
-        inp += int(usage.get("cache_read_input_tokens") or 0)
-        return inp, int(usage.get("output_tokens") or 0)
-    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-
-
-def _set_usage(ctx: RequestContext, tokens: tuple[int, int] | None, final: bool = True) -> None:
+def _set_usage(ctx: RequestContext, tokens: Tokens | None, final: bool = True) -> None:
     if tokens is not None:
         ctx.usage.input_tokens, ctx.usage.output_tokens = tokens
         ctx.usage.reported = True
@@ -198,7 +192,7 @@ async def relay_body(
             raise Reject(
                 502, "upstream provider returned a malformed reply", code="upstream_invalid"
             )
-        _set_usage(ctx, usage_from_body(route.kind, data))
+        _set_usage(ctx, reply_tokens(data, route.kind))
         changed = False
         if route.kind != ctx.dialect:
             fn = (
@@ -348,24 +342,22 @@ class _StreamState:
         if self.route.kind == "anthropic":
             if name in ("message_start", "message_delta"):
                 obj = orjson.loads(data)
-                self._anthropic_usage(name, obj)
+                u = ctx.usage
+                if read_anthropic_event(name, obj, u):
+                    u.reported = True
+                    if name == "message_delta":  # message_start's output is a placeholder
+                        u.final = True
         elif data != sse.DONE:
             if self.hooks:
                 obj = orjson.loads(data)
                 usage = obj.get("usage")
                 if isinstance(usage, dict):
-                    _set_usage(
-                        ctx,
-                        (
-                            int(usage.get("prompt_tokens") or 0),
-                            int(usage.get("completion_tokens") or 0),
-                        ),
-                    )
+                    _set_usage(ctx, openai_tokens(usage))
                     if not self.wants_usage and not obj.get("choices"):
                         self._emit(obj, name, out, withhold=True)
                         return
             else:
-                tokens = sse.openai_usage(data)
+                tokens = openai_chunk_tokens(data)
                 if tokens is not None:
                     _set_usage(ctx, tokens)
                     if not self.wants_usage and sse.is_usage_only_chunk(data):
@@ -374,24 +366,6 @@ class _StreamState:
             self._emit(obj if obj is not None else orjson.loads(data), name, out)
         else:
             out.append(raw + b"\n\n")
-
-    def _anthropic_usage(self, name: str, obj: dict[str, Any]) -> None:
-        """Anthropic counts: input in message_start, the closing output in message_delta."""
-        usage = (
-            (obj.get("message") or {}).get("usage") if name == "message_start" else obj.get("usage")
-        )
-        if not isinstance(usage, dict):
-            return
-        u = self.ctx.usage
-        if usage.get("input_tokens") is not None:
-            u.input_tokens = (
-                int(usage.get("input_tokens") or 0)
-                + int(usage.get("cache_creation_input_tokens") or 0)
-                + int(usage.get("cache_read_input_tokens") or 0)
-            )
-        u.output_tokens = int(usage.get("output_tokens") or 0)
-        u.reported = True
-        u.final = u.final or name == "message_delta"
 
 
 async def relay_stream(

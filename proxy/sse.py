@@ -1,8 +1,9 @@
-"""Server-sent events: split a byte stream into events, frame events, sniff usage cheaply.
+"""Server-sent events: split a byte stream into events, frame events, spot the usage chunk.
 
 A provider stream arrives in arbitrary TCP-sized pieces; the relay forwards whole events as
 soon as each is complete, and parses JSON only for the few events that carry usage (OpenAI's
-last chunk, Anthropic's message_start and message_delta) unless a plugin asks for every event.
+last chunk, Anthropic's message_start and message_delta; their counts are read by
+``proxy.tokens``) unless a plugin asks for every event.
 """
 
 from __future__ import annotations
@@ -60,27 +61,6 @@ def frame(data: bytes, event: str | None = None) -> bytes:
 
 def frame_json(obj: object, event: str | None = None) -> bytes:
     return frame(orjson.dumps(obj), event)
-
-
-def openai_usage(data: bytes) -> tuple[int, int] | None:
-    """(prompt, completion) tokens if this OpenAI chunk carries usage, else None.
-
-    With include_usage every chunk has ``"usage": null``; only the last has an object, so the
-    substring test skips JSON parsing for all the others.
-    """
-    i = data.find(b'"usage"')
-    if i < 0:
-        return None
-    rest = data[i + 7 : i + 16].lstrip(b": ")
-    if rest.startswith(b"null"):
-        return None
-    try:
-        usage = orjson.loads(data).get("usage")
-    except (orjson.JSONDecodeError, AttributeError):
-        return None
-    if not isinstance(usage, dict):
-        return None
-    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
 
 
 def is_usage_only_chunk(data: bytes) -> bool:

@@ -6,12 +6,12 @@ against in-process servers that still speak real HTTP over TCP sockets.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import socket
-import subprocess
 import textwrap
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,8 @@ import aiohttp
 import anthropic
 import openai
 import pytest
+import redis
+import yaml
 from aiohttp import web
 
 from proxy.app import create_app
@@ -29,7 +31,7 @@ from proxy.emulator import create_emulator_app
 from proxy.gateway import Gateway
 from proxy.policy import PolicyError, load_text
 from proxy.server import GatewayRunner
-from tests.procs import reachable, start_redis
+from tests.procs import start_redis, stop_redis
 
 ADMIN_KEY = "test-admin-key"
 
@@ -64,32 +66,48 @@ class Emulator:
         async with self.http.post(f"{self.url}/_emulator/reset") as r:
             assert r.status == 200
 
+    async def in_flight(self) -> int:
+        """Requests the emulator is answering now (a condition for :func:`until`)."""
+        return int((await self.stats())["in_flight"])
+
     async def last(self) -> dict[str, Any]:
         async with self.http.get(f"{self.url}/_emulator/last") as r:
             return await r.json()  # type: ignore[no-any-return]
 
 
+def redis_binary() -> str:
+    """The redis-server binary the Redis tests start. Without one they skip, except under
+    CI=true, where a missing binary fails the run (.ci/run installs it)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but no redis-server binary: the Redis tests must run")
+        pytest.skip("no redis-server")
+    return binary
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[str]:
-    """A real redis-server: CI's on :6379, else one started on :6390 from the binary.
+    """The suite's own redis-server (``redis://127.0.0.1:PORT``): started on a free port
+    without persistence, stopped at the end of the run.
 
-    Without redis the Redis tests skip, except under CI=true, where they must run.
+    Never a Redis the suite did not start: a developer's own on :6379 keeps its data.
     """
-    if reachable(6379):
-        yield "redis://127.0.0.1:6379"
-        return
-    server = shutil.which("redis-server")
-    if server is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI=true but no redis on :6379 and no redis-server binary to start")
-        pytest.skip("no redis-server")
-    started = False
-    if not reachable(6390):
-        start_redis(server, 6390, daemonize=True)
-        started = True
-    yield "redis://127.0.0.1:6390"
-    if started and (cli := shutil.which("redis-cli")):
-        subprocess.run([cli, "-p", "6390", "shutdown", "nosave"], check=False)
+    port = free_port()
+    proc = start_redis(redis_binary(), port)
+    try:
+        yield f"redis://127.0.0.1:{port}"
+    finally:
+        stop_redis(proc)
+
+
+@pytest.fixture
+def redis_url(redis_server: str) -> str:
+    """An empty database of the suite's redis-server, this test's alone: everything a
+    previous test left there is gone (the server is the suite's, so it may be flushed)."""
+    with redis.Redis.from_url(f"{redis_server}/0") as client:
+        client.flushall()
+    return f"{redis_server}/0"
 
 
 @pytest.fixture(scope="session")
@@ -119,6 +137,44 @@ tiers:
   free: {{requests_per_month: 1000, requests_per_minute: 5, features: [basic_suggestions]}}
   pro: {{includes: free, requests_per_month: 25000, requests_per_minute: 30, monthly_cost: 29}}
 """
+
+
+def policy(start: Mapping[str, Any] | None = None, /, **overrides: Any) -> dict[str, Any]:
+    """A test policy as a fresh dict: ``start`` (the tests' base policy, ``BASE_POLICY``,
+    when omitted) with ``overrides`` merged in. A mapping merges key by key into the mapping
+    it names, at any depth; any other value replaces. For ``make_gateway(base=...)``, instead
+    of editing a policy's text::
+
+        policy(state={"url": redis_url}, providers={"openai": {"timeout": {"read": "300ms"}}})
+        policy(PLANS_BASE, tiers={"free": {"requests_per_month": 3}})
+        {**policy(), "features": {...}, "tiers": {...}}   # whole sections replaced
+
+    ``"{emu}"`` in a string stands for the emulator's URL; paths may be ``Path``s.
+    """
+    return _merged(copy.deepcopy(_BASE if start is None else start), overrides)
+
+
+def _merged(base: Any, override: Any) -> Any:
+    if isinstance(override, Mapping):
+        merged = dict(base) if isinstance(base, Mapping) else {}
+        for key, value in override.items():
+            merged[key] = _merged(merged.get(key), value)
+        return merged
+    if isinstance(override, Path):
+        return str(override)
+    if isinstance(override, list):
+        return [_merged(None, v) for v in override]
+    return copy.deepcopy(override)
+
+
+def policy_text(data: Mapping[str, Any], emu: str | None = None) -> str:
+    """A policy dict (from :func:`policy`) as the YAML text a policy file holds; ``emu``:
+    the provider URL that ``{emu}`` stands for (make_gateway fills in its emulator's)."""
+    text = yaml.safe_dump(_merged(None, data), sort_keys=False)
+    return text if emu is None else text.replace("{emu}", emu)
+
+
+_BASE: dict[str, Any] = yaml.safe_load(BASE_POLICY.format(admin=ADMIN_KEY, emu="{emu}"))
 
 
 @dataclass
@@ -161,22 +217,29 @@ GatewayFactory = Callable[..., Any]
 
 @pytest.fixture
 async def make_gateway(emulator: Emulator, tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    """Start gateways from policy text: ``await make_gateway(chain_yaml, extra_yaml=...)``.
+    """Start gateways: ``await make_gateway(chain, base=...)``.
 
-    ``{emu}`` in the text is the emulator URL; the base policy supplies providers and models.
+    ``chain``: the ``chain:`` section's text, or its entries as a list of dicts. ``base``: the
+    rest of the policy, a :func:`policy` dict or a ``BASE_POLICY``-style text template (its
+    ``{admin}`` and ``{emu}`` filled in). ``{emu}`` anywhere is the emulator's URL.
     """
     runners: list[web.AppRunner] = []
     clients: list[Any] = []
     http = aiohttp.ClientSession()
 
     async def start(
-        chain: str = "chain:\n  - name: auth\n",
+        chain: str | list[dict[str, Any]] = "chain:\n  - name: auth\n",
         *,
-        base: str = BASE_POLICY,
+        base: str | Mapping[str, Any] = BASE_POLICY,
         extra_plugins: dict[str, Any] | None = None,
         path: Path | None = None,
     ) -> Gw:
-        text = base.format(admin=ADMIN_KEY, emu=emulator.url) + textwrap.dedent(chain)
+        if isinstance(chain, list):  # the chain's entries as data: dumped, never text-edited
+            chain = policy_text({"chain": chain})
+        if isinstance(base, Mapping):
+            text = policy_text(base) + textwrap.dedent(chain)
+        else:
+            text = base.format(admin=ADMIN_KEY, emu=emulator.url) + textwrap.dedent(chain)
         text = text.replace("{emu}", emulator.url)
         if path is not None:
             path.write_text(text)

@@ -1,92 +1,30 @@
 """Run the real `tollway` command as subprocesses (serve, emulator, demo) for end-to-end tests,
-talk to them (a small HTTP client), and start the redis-server they may need."""
+talk to them (a small HTTP client), start the redis-server they may need, and wait for a
+condition (never for a fixed time)."""
 
 from __future__ import annotations
 
 import asyncio
 import http.client
+import inspect
 import json
 import os
-import queue
-import re
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 
-ROOT = Path(__file__).resolve().parents[1]
-TOLLWAY = [sys.executable, "-m", "proxy.cli"]
+import redis
 
+# The one helper that runs a child process, shared with the benchmark.
+from bench.procs import ROOT, TOLLWAY
+from bench.procs import NotPrinted as NotPrinted
+from bench.procs import Proc as Proc
+from bench.procs import running as running
 
-class Proc:
-    """A child process whose output lines are collected by a reader thread."""
-
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
-        self.popen = subprocess.Popen(
-            args,
-            cwd=ROOT,
-            env={**os.environ, **(env or {})},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.output: list[str] = []
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            self.output.append(line)
-            self.lines.put(line)
-
-    def wait_for(self, pattern: str, timeout: float = 20.0) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        rx = re.compile(pattern)
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.1)
-            except queue.Empty:
-                if self.popen.poll() is not None:
-                    break
-                continue
-            m = rx.search(line)
-            if m:
-                return m
-        raise AssertionError(f"{pattern!r} not printed; output:\n{''.join(self.output)}")
-
-    def text(self) -> str:
-        return "".join(self.output)
-
-    def stop(self) -> int:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(10)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-        self.reader.join(5)
-        if self.popen.stdout is not None:
-            self.popen.stdout.close()
-        return self.popen.returncode
-
-
-@contextmanager
-def running(args: list[str], ready: str, env: dict[str, str] | None = None) -> Iterator[Proc]:
-    proc = Proc(args, env)
-    try:
-        proc.wait_for(ready)
-        yield proc
-    finally:
-        proc.stop()
+POLL = 0.01  # seconds between two looks at a condition a test waits for
+What = str | Callable[[], str]  # what a wait was for: text, or a function giving it
 
 
 def fresh_interpreter(script: str) -> str:
@@ -160,6 +98,42 @@ class Http:
         self.conn.close()
 
 
+def wait_for(predicate: Callable[[], object], timeout: float = 5.0, what: What = "") -> None:
+    """Poll ``predicate`` until it is true; fail naming ``what`` after ``timeout`` seconds
+    (a callable ``what`` is asked then: a process's output so far).
+
+    Tests wait for a state (a request in flight, a row written, a port open), never for an
+    amount of time: on a busy machine a fixed sleep is either too short (a flaky test) or
+    wasted. The poll is short, so a test goes on as soon as the state is there.
+    """
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s: {_told(what) or predicate}")
+        time.sleep(POLL)
+
+
+async def until(
+    predicate: Callable[[], object | Awaitable[object]], within: float = 5.0, what: What = ""
+) -> None:
+    """:func:`wait_for` inside the event loop: ``predicate`` may be a coroutine function, and
+    the loop keeps serving the in-process gateways while the test waits."""
+    deadline = time.monotonic() + within
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {within}s: {_told(what) or predicate}")
+        await asyncio.sleep(POLL)
+
+
+def _told(what: What) -> str:
+    return what() if callable(what) else what
+
+
 def reachable(port: int) -> bool:
     """Whether something accepts connections on ``127.0.0.1:port``."""
     try:
@@ -169,23 +143,42 @@ def reachable(port: int) -> bool:
         return False
 
 
-def start_redis(binary: str, port: int, *, daemonize: bool = False) -> subprocess.Popen[bytes]:
+def start_redis(binary: str, port: int) -> subprocess.Popen[bytes]:
     """Start a redis-server without persistence on ``port``; return once it answers.
 
-    ``daemonize``: it outlives the test run (the session's shared server, stopped at its end
-    with ``redis-cli shutdown``); else it is this Popen's child, to kill and start again.
+    It is this Popen's child (to stop, or kill and start again empty), and the one answering
+    is checked to be it: a server someone else runs on that port is never talked to.
     """
     no_persistence = ["--save", "", "--appendonly", "no"]
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", *no_persistence]
-        + (["--daemonize", "yes"] if daemonize else []),
+        [binary, "--port", str(port), "--bind", "127.0.0.1", *no_persistence],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    if daemonize:  # the parent returns once the daemon forked
-        assert proc.wait(10) == 0, f"redis-server --daemonize on :{port} failed"
-    for _ in range(250):
-        if reachable(port):
-            return proc
-        time.sleep(0.02)
-    raise AssertionError(f"started redis-server on :{port} but it does not answer")
+
+    def answers() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"redis-server on :{port} exited ({proc.returncode})")
+        return reachable(port)
+
+    try:
+        wait_for(answers, 5.0, f"redis-server on :{port} answering")
+        with redis.Redis(port=port, socket_timeout=5) as client:
+            pid = client.info("server")["process_id"]
+        assert pid == proc.pid, f":{port} is answered by another redis-server (pid {pid})"
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc
+
+
+def stop_redis(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a server :func:`start_redis` started (SIGTERM; it has nothing to save)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -25,16 +25,25 @@ from typing import Any, Literal
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from plugins.cache.replay import Assembler, replay, usage_of
+from plugins.cache.replay import Assembler, replay
 from plugins.cache.store import CacheStore, parse_key
 from proxy.appkeys import METRICS, SHARED
 from proxy.context import Reply, RequestContext, Route, StashKey, StreamEvent, Usage
 from proxy.fingerprint import Scope, fingerprint
 from proxy.hookspecs import hookimpl
-from proxy.policy import Policy, parse_duration
+from proxy.policy import Policy, errors_at, parse_duration, policy_of
 from proxy.statewatch import STATE_WATCH, StateWatch
+from proxy.tokens import reply_tokens
 
 log = logging.getLogger("tollway.cache")
 
@@ -98,6 +107,17 @@ class CacheConfig(BaseModel):
             if k is not None:
                 parse_key(k.get_secret_value())
         return v
+
+    @model_validator(mode="after")
+    def _shared_needs_key(self, info: ValidationInfo) -> CacheConfig:
+        # a per-process key would leave every other instance unable to decrypt an entry
+        policy = policy_of(info)
+        if policy is None or self.backend != "state" or self.key is not None:
+            return self
+        if not policy.state.url.startswith("memory://"):
+            message = "a shared cache backend needs config.key so instances can decrypt"
+            raise errors_at("CacheConfig", [(("backend",), message)])
+        return self
 
 
 def _key_id(key: bytes) -> str:
@@ -227,7 +247,8 @@ class CachePlugin:
         ctx.cache = "hit"
         if coalesced:
             ctx.shared = "coalesced"
-        inp, out = usage_of(ctx.endpoint, body)
+        # read by the usage keys, so a stored body of either dialect counts right
+        inp, out = reply_tokens(body) or (0, 0)
         ctx.usage = Usage(input_tokens=inp, output_tokens=out, reported=True)
         if ctx.stream:
             opts = ctx.body.get("stream_options")

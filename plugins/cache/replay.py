@@ -471,22 +471,3 @@ def replay(endpoint: str, body: dict[str, Any], *, include_usage: bool) -> list[
     if endpoint in ("chat", "completions"):
         return _replay_openai(endpoint == "chat", body, include_usage)
     raise ValueError(f"no streamed replies for endpoint {endpoint!r}")
-
-
-def usage_of(endpoint: str, body: dict[str, Any]) -> tuple[int, int]:
-    """(input, output) tokens of a whole reply of either shape; ``(0, 0)`` if it has none.
-
-    Anthropic cache reads and writes count as input, as the relay meters them. The shape is
-    read from the usage keys, so a body of the other dialect is still counted right.
-    """
-    usage = body.get("usage")
-    if not isinstance(usage, dict):
-        return 0, 0
-    if "prompt_tokens" in usage or "completion_tokens" in usage:
-        return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-    return (
-        int(usage.get("input_tokens") or 0)
-        + int(usage.get("cache_creation_input_tokens") or 0)
-        + int(usage.get("cache_read_input_tokens") or 0),
-        int(usage.get("output_tokens") or 0),
-    )

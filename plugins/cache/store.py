@@ -1,16 +1,8 @@
-"""Encrypted, byte-bounded storage layer for the response cache, built on aiocache.
+"""The response cache's store: entries encrypted at rest, counted, and failing open.
 
-Why this exists: cached responses are user data (prompts, completions), so they are encrypted
-at rest with AES-256-GCM, and the in-process cache must not grow without bound, which
-aiocache's ``SimpleMemoryCache`` does. ``CacheStore`` therefore wraps an aiocache backend:
-
-* ``memory://`` (default): :class:`BoundedMemoryCache`, an aiocache backend over an
-  ``OrderedDict`` with per-entry expiry, total-bytes accounting and LRU eviction.
-* ``redis://[:password@]host[:port][/db][?timeout=seconds]`` (``rediss://`` for TLS):
-  aiocache's ``RedisCache`` (redis-py), TTL enforced by the server.
-
-Entry format (all backends store opaque bytes; ``NullSerializer(encoding=None)`` so redis
-returns bytes instead of decoding them as UTF-8)::
+Cached responses are user data (prompts, completions), so they are encrypted at rest with
+AES-256-GCM before a backend (``plugins.cache.backend``: in process, or Redis) keeps them.
+Entry format::
 
     version (1 byte = 0x01) | len(key_id) (1 byte) | key_id | nonce (12 bytes) | ciphertext+tag
 
@@ -20,33 +12,9 @@ hold all fail authentication and read as a miss (``stats.decrypt_failures``). Th
 of the key ring encrypts; all keys decrypt, so rotation is "prepend the new key, drop the old
 one after the longest TTL".
 
-Hot path: aiocache wraps every public call in four decorators (an ``AIOCACHE_DISABLE``
-``os.getenv``, ``asyncio.wait_for`` when a timeout is set, a plugin loop, debug logging).
-Measured with a micro-benchmark on the dev box (2 shared vCPUs, Python 3.11, aiocache
-0.12.3; 200-byte value, 64-char key, warm key, best of 15 x 20k awaited calls; µs per call)::
-
-                                                   get     set
-    SimpleMemoryCache(), defaults (timeout=5)      29.3    34.4
-    SimpleMemoryCache(timeout=None)                 4.5     8.9   (set: a TimerHandle per ttl)
-    BoundedMemoryCache, timeout=5                  30.8    32.0
-    BoundedMemoryCache, timeout=None                5.0     6.1
-      + HitMissRatioPlugin + TimingPlugin          13.6    14.9
-      + PickleSerializer instead of Null            5.6     7.0
-    BoundedMemoryCache read/write (no API wrapper)  0.6     1.0   <- used
-    AES-256-GCM open / seal (incl. urandom nonce)   2.1     2.1
-    CacheStore.get / .set end to end, API           8.2    10.1
-    (re-measured on a quieter box: 3.8 / 4.6 through aiocache's API, 1.5 / 2.0 with read/write)
-
-``timeout=None`` is the big win (~6x): ``asyncio.wait_for`` schedules a Task per call, and the
-memory backend never awaits, so that timeout could never fire anyway. No plugins and the null
-serializer shave the rest. What remains is the wrapper stack itself (nested coroutines plus the
-env lookup). The in-process backend is this module's own class, so ``CacheStore`` skips that
-stack and calls its synchronous ``read``/``write`` (the same code its aiocache ``_get``/``_set``
-run): a cache hit is the path whose latency the cache exists for. Redis goes through aiocache's
-API: its private ``_get``/``_set`` signatures change between releases, and a network round trip
-dwarfs the wrappers. Its per-operation bound comes from redis-py's socket timeout (default
-0.5 s, ``?timeout=`` in the URL) instead of ``asyncio.wait_for``, so a slow or dead redis still
-degrades to a counted miss without the per-call Task.
+Why a layer above the backend rather than an aiocache serializer: a serializer sees only the
+value, and the associated data needs the key. The layer also turns every backend failure into
+a counted miss, logged once per interval.
 """
 
 from __future__ import annotations
@@ -55,18 +23,15 @@ import asyncio
 import base64
 import binascii
 import logging
-import math
 import os
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from plugins.cache.aiocache_base import BaseCache, NullSerializer
+from plugins.cache.backend import CacheBackend, open_backend
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +39,6 @@ FORMAT_VERSION = 1
 NONCE_LEN = 12
 TAG_LEN = 16
 KEY_LEN = 32
-DEFAULT_REDIS_TIMEOUT = 0.5
 ERROR_LOG_EVERY = 10.0
 """Seconds between two log lines about backend failures (the rest are counted)."""
 
@@ -128,192 +92,6 @@ def parse_key(secret: str) -> bytes:
     return raw
 
 
-def _join_key(key: str, namespace: str | None = None) -> str:
-    """Key builder shared by both backends (RedisCache would otherwise insert a ':')."""
-    return f"{namespace or ''}{key}"
-
-
-class BoundedMemoryCache(BaseCache):  # type: ignore[misc]
-    """aiocache backend: in-process bytes cache bounded by total size, evicting LRU entries.
-
-    Expiry is lazy (checked on access and when an entry reaches the LRU end) instead of one
-    timer per entry like ``SimpleMemoryCache``: no timer handles to leak or cancel, and
-    expired entries are the first to go once they stop being used. Everything is synchronous
-    inside the coroutines, so each operation is atomic on the event loop.
-    """
-
-    NAME = "tollway-bounded-memory"
-
-    def __init__(self, max_bytes: int, **kwargs: Any) -> None:
-        kwargs.setdefault("serializer", NullSerializer(encoding=None))
-        super().__init__(**kwargs)
-        if max_bytes <= 0:
-            raise ValueError("max_bytes must be positive")
-        self.max_bytes = max_bytes
-        self._store: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
-        self.nbytes = 0
-        self.evictions = 0
-        # which tenant an entry belongs to, kept exactly as long as the entry (forget_owner)
-        self._owner_of: dict[str, str] = {}
-        self._owned: dict[str, set[str]] = {}
-
-    def __len__(self) -> int:
-        return len(self._store)
-
-    def _live(self, key: str) -> bytes | None:
-        item = self._store.get(key)
-        if item is None:
-            return None
-        if item[1] <= time.monotonic():
-            self._drop(key)
-            return None
-        return item[0]
-
-    def _drop(self, key: str) -> int:
-        item = self._store.pop(key, None)
-        if item is None:
-            return 0
-        self.nbytes -= len(key) + len(item[0])
-        self._disown(key)
-        return 1
-
-    def _disown(self, key: str) -> None:
-        owner = self._owner_of.pop(key, None)
-        if owner is not None:
-            keys = self._owned[owner]
-            keys.discard(key)
-            if not keys:
-                del self._owned[owner]
-
-    def forget_owner(self, owner: str) -> int:
-        """Drop every live entry written for ``owner``; returns how many there were."""
-        return sum(self._drop(key) for key in list(self._owned.get(owner, ())))
-
-    def read(self, key: str) -> bytes | None:
-        """The live value of a storage key (namespace included), made most recently used."""
-        value = self._live(key)
-        if value is not None:
-            self._store.move_to_end(key)
-        return value
-
-    def write(
-        self, key: str, value: bytes, ttl: float | None = None, owner: str | None = None
-    ) -> bool:
-        """Store under a storage key; False when the value alone exceeds ``max_bytes``.
-
-        ``owner`` (a tenant) lets ``forget_owner`` find the entry again.
-        """
-        self._drop(key)  # the old value is stale either way, even if the new one is too big
-        size = len(key) + len(value)
-        if size > self.max_bytes:
-            return False
-        now = time.monotonic()
-        while self.nbytes + size > self.max_bytes:
-            old_key, (old_value, expires) = self._store.popitem(last=False)
-            self.nbytes -= len(old_key) + len(old_value)
-            self._disown(old_key)
-            if expires > now:  # dropping an already expired entry is not an eviction
-                self.evictions += 1
-        self._store[key] = (value, now + ttl if ttl else math.inf)
-        self.nbytes += size
-        if owner is not None:
-            self._owner_of[key] = owner
-            self._owned.setdefault(owner, set()).add(key)
-        return True
-
-    async def _get(self, key: str, encoding: str | None = None, _conn: Any = None) -> Any:
-        return self.read(key)
-
-    async def _gets(self, key: str, encoding: str | None = None, _conn: Any = None) -> Any:
-        return await self._get(key, encoding)
-
-    async def _multi_get(
-        self, keys: list[str], encoding: str | None = None, _conn: Any = None
-    ) -> list[Any]:
-        return [await self._get(key, encoding) for key in keys]
-
-    async def _set(
-        self,
-        key: str,
-        value: bytes,
-        ttl: float | None = None,
-        _cas_token: Any = None,
-        _conn: Any = None,
-    ) -> bool:
-        if _cas_token is not None and _cas_token != self._live(key):
-            return False
-        return self.write(key, value, ttl)
-
-    async def _multi_set(
-        self, pairs: list[tuple[str, bytes]], ttl: float | None = None, _conn: Any = None
-    ) -> bool:
-        for key, value in pairs:
-            await self._set(key, value, ttl)
-        return True
-
-    async def _add(
-        self, key: str, value: bytes, ttl: float | None = None, _conn: Any = None
-    ) -> bool:
-        if self._live(key) is not None:
-            raise ValueError(f"Key {key} already exists, use .set to update the value")
-        return await self._set(key, value, ttl)
-
-    async def _exists(self, key: str, _conn: Any = None) -> bool:
-        return self._live(key) is not None
-
-    async def _expire(self, key: str, ttl: float, _conn: Any = None) -> bool:
-        value = self._live(key)
-        if value is None:
-            return False
-        self._store[key] = (value, time.monotonic() + ttl if ttl else math.inf)
-        return True
-
-    async def _delete(self, key: str, _conn: Any = None) -> int:
-        return self._drop(key)
-
-    async def _clear(self, namespace: str | None = None, _conn: Any = None) -> bool:
-        for key in [k for k in self._store if not namespace or k.startswith(namespace)]:
-            self._drop(key)
-        return True
-
-    async def _close(self, *args: Any, _conn: Any = None, **kwargs: Any) -> None:
-        self._store.clear()
-        self._owner_of.clear()
-        self._owned.clear()
-        self.nbytes = 0
-
-
-def _redis_backend(url: str, namespace: str) -> BaseCache:
-    """Build aiocache's RedisCache from a URL, configured for the hot path (see docstring)."""
-    # lazy: redis-py is loaded only for a Redis backend (plugins.cache.aiocache_base)
-    from aiocache.backends.redis import RedisCache
-
-    class _RedisCache(RedisCache):  # type: ignore[misc,valid-type]
-        async def _close(self, *args: Any, _conn: Any = None, **kwargs: Any) -> None:
-            await self.client.aclose()  # aiocache calls the deprecated redis-py close()
-
-    parts = urlsplit(url)
-    query = parse_qs(parts.query)
-    timeout = float(query.get("timeout", [DEFAULT_REDIS_TIMEOUT])[0])
-    pool_kwargs: dict[str, Any] = {"socket_timeout": timeout}
-    if parts.username:
-        pool_kwargs["username"] = unquote(parts.username)
-    db = parts.path.strip("/") or "0"
-    return _RedisCache(
-        serializer=NullSerializer(encoding=None),
-        namespace=namespace,
-        key_builder=_join_key,
-        timeout=None,
-        endpoint=parts.hostname or "127.0.0.1",
-        port=parts.port or 6379,
-        db=int(db),
-        password=unquote(parts.password) if parts.password else None,
-        create_connection_timeout=timeout,
-        ssl=parts.scheme == "rediss",
-        connection_pool_kwargs=pool_kwargs,
-    )
-
-
 class CacheStore:
     """Encrypting bytes cache with a fail-open contract: any failure is a miss, never raised.
 
@@ -336,18 +114,8 @@ class CacheStore:
         self._error_logged = -ERROR_LOG_EVERY
         self._errors_unlogged = 0
         self._instance = os.urandom(8).hex().encode()  # who holds a flight lock
-        self._memory: BoundedMemoryCache | None = None
-        scheme = urlsplit(url).scheme
-        if scheme == "memory":
-            self._memory = BoundedMemoryCache(
-                max_bytes, namespace=namespace, key_builder=_join_key, timeout=None
-            )
-            self._backend: BaseCache = self._memory
-        elif scheme in ("redis", "rediss"):
-            self._backend = _redis_backend(url, namespace)
-        else:
-            raise ValueError(f"unsupported cache url scheme {scheme!r} (memory:// or redis://)")
-        self._kind = scheme
+        self.backend: CacheBackend = open_backend(url, namespace, max_bytes)
+        """Where the ciphertext lives (tests read and tamper with it through this too)."""
 
     def set_keys(self, keys: list[tuple[str, bytes]]) -> None:
         """Replace the keys (a policy reload rotating them): the first encrypts new entries,
@@ -371,16 +139,11 @@ class CacheStore:
 
     @property
     def stats(self) -> CacheStats:
-        """Counters; size fields are refreshed from the memory backend on each read."""
-        if self._memory is not None:
-            self._stats.entries = len(self._memory)
-            self._stats.bytes = self._memory.nbytes
-            self._stats.evictions = self._memory.evictions
-        return self._stats
-
-    def raw_backend(self) -> BaseCache:
-        """The aiocache object holding the ciphertext (tests read and tamper with it)."""
-        return self._backend
+        """Counters; size fields are refreshed from the backend on each read (zeros on Redis,
+        where the server owns them)."""
+        st = self._stats
+        st.entries, st.bytes, st.evictions = self.backend.footprint()
+        return st
 
     def _aad(self, header: bytes, key: str) -> bytes:
         return header + f"{self._namespace}{key}".encode()
@@ -418,7 +181,7 @@ class CacheStore:
         log.warning(
             "response cache %s failed on %s backend: %s (%d more failures since the last line)",
             op,
-            self._kind,
+            self.backend.kind,
             type(exc).__name__,
             more,
         )
@@ -428,12 +191,8 @@ class CacheStore:
 
         ``count=False``: a poll while waiting for another instance, not a lookup: the hit and
         miss counters are left alone."""
-        memory = self._memory
         try:
-            if memory is not None:  # our own backend, called directly: see the module docstring
-                blob = memory.read(self._namespace + key)
-            else:
-                blob = await self._backend.get(key)
+            blob = await self.backend.get(key)
         except Exception as exc:
             self._backend_error("get", exc)
             blob = None
@@ -457,22 +216,8 @@ class CacheStore:
         if ttl <= 0:
             await self.delete(key)
             return
-        blob = self._seal(key, value)
-        memory = self._memory
         try:
-            if memory is not None:
-                stored = memory.write(self._namespace + key, blob, ttl, owner)
-            else:
-                # psetex needs >= 1 ms; a float ttl makes aiocache's redis backend use ms precision
-                stored = await self._backend.set(key, blob, ttl=max(float(ttl), 0.001))
-                if owner is not None:  # a set per owner, living as long as its longest entry
-                    index = f"{self._namespace}owner:{owner}"
-                    seconds = max(1, math.ceil(ttl))
-                    async with self._backend.client.pipeline(transaction=False) as pipe:
-                        pipe.sadd(index, self._namespace + key)
-                        pipe.expire(index, seconds, gt=True)  # longer than the set's TTL, or
-                        pipe.expire(index, seconds, nx=True)  # the set had none: one round trip
-                        await pipe.execute()
+            stored = await self.backend.set(key, self._seal(key, value), ttl, owner)
         except Exception as exc:
             self._backend_error("set", exc)
             return
@@ -484,7 +229,7 @@ class CacheStore:
     @property
     def shared(self) -> bool:
         """Whether other instances see this store (Redis), so a flight lock means something."""
-        return self._memory is None
+        return self.backend.shared
 
     async def claim(self, key: str, ttl: float) -> str:
         """Take the flight lock of ``key`` for ``ttl`` seconds. ``"lead"``: this request calls
@@ -492,14 +237,7 @@ class CacheStore:
         takes care of it); ``"elsewhere"``: another instance's request does. A backend failure
         answers "lead": the cache fails open, never blocks a request."""
         try:
-            holder = await self._backend.raw(
-                "set",
-                f"{self._namespace}flight:{key}",
-                self._instance,
-                nx=True,
-                get=True,
-                px=max(1, int(ttl * 1000)),
-            )
+            holder = await self.backend.claim(key, self._instance, ttl)
         except Exception as exc:
             self._backend_error("claim", exc)
             return "lead"
@@ -509,7 +247,7 @@ class CacheStore:
 
     async def release(self, key: str) -> None:
         try:
-            await self._backend.raw("delete", f"{self._namespace}flight:{key}")
+            await self.backend.release(key)
         except Exception as exc:
             self._backend_error("release", exc)
 
@@ -517,7 +255,6 @@ class CacheStore:
         """Wait while another instance's request for ``key`` is in flight; its stored answer,
         or None when it ended without one (an error, a reply not to be stored) or took longer
         than ``longest`` seconds. Polls: a few Redis reads per waiting request, no subscription."""
-        lock = f"{self._namespace}flight:{key}"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + longest
         delay = 0.005
@@ -527,7 +264,7 @@ class CacheStore:
             value = await self.get(key, count=False)
             if value is None:
                 try:
-                    if await self._backend.raw("exists", lock):
+                    if await self.backend.in_flight(key):
                         continue
                 except Exception as exc:
                     self._backend_error("await_flight", exc)
@@ -545,22 +282,16 @@ class CacheStore:
         Unlike reads and writes this raises on a backend failure: a deletion the operator
         asked for must not be reported done when it was not.
         """
-        if self._memory is not None:
-            return self._memory.forget_owner(owner)
-        index = f"{self._namespace}owner:{owner}"
-        keys = await self._backend.raw("smembers", index)
-        deleted = int(await self._backend.raw("delete", *keys)) if keys else 0
-        await self._backend.raw("delete", index)
-        return deleted
+        return await self.backend.forget_owner(owner)
 
     async def delete(self, key: str) -> None:
         try:
-            await self._backend.delete(key)
+            await self.backend.delete(key)
         except Exception as exc:
             self._backend_error("delete", exc)
 
     async def close(self) -> None:
         try:
-            await self._backend.close()
+            await self.backend.close()
         except Exception as exc:
             self._backend_error("close", exc)

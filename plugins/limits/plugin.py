@@ -33,38 +33,36 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from plugins.limits.admission import Admission, QueueFull, QueueTimeout
-from plugins.limits.quota import MonthlyQuota, RedisQuota, instance_id, month_of, next_month_start
-from plugins.limits.windows import (
-    Admit,
-    BoundLayers,
-    FailoverWindows,
-    Layer,
-    MemoryWindows,
-    close_windows,
-    open_windows,
-)
+from plugins.limits.quota import Quota, month_of, next_month_start, open_quota
+from plugins.limits.windows import BoundLayers, Layer, Windows, open_windows
 from proxy.appkeys import METRICS, SHARED
 from proxy.context import RequestContext, StashKey, UpstreamRequest
 from proxy.errors import Reject
+from proxy.figures import Figures
 from proxy.hookspecs import hookimpl
-from proxy.policy import Policy, parse_duration
+from proxy.policy import Loc, Policy, errors_at, parse_duration
 from proxy.statewatch import STATE_WATCH, StateWatch
 
-WINDOWS: StashKey[Any] = StashKey()
-QUOTA: StashKey[MonthlyQuota | RedisQuota] = StashKey()
+WINDOWS: StashKey[Windows] = StashKey()
+QUOTA: StashKey[Quota] = StashKey()
 ADMISSION: StashKey[Admission] = StashKey()
 _COUNTED: StashKey[str] = StashKey()
 _SLOT: StashKey[bool] = StashKey()
+_RATE: StashKey[tuple[int, int, float]] = StashKey()
+"""The admitting layer's limit, remaining count and seconds to its reset, decided in ``access``
+and written as the reply's ``x-ratelimit-*`` headers by ``response_headers``."""
 
 
 def _limit_list(values: list[str]) -> list[str]:
-    for v in values:
+    """The list as given; each entry that is not a limit is reported at its index."""
+    errors: list[tuple[Loc, str]] = []
+    for i, v in enumerate(values):
         try:
             limits.parse(v)
         except ValueError:
-            raise ValueError(
-                f"{v!r} is not a limit such as '60/minute' or '5 per 2 second'"
-            ) from None
+            errors.append(((i,), f"{v!r} is not a limit such as '60/minute' or '5 per 2 second'"))
+    if errors:
+        raise errors_at("limits", errors)
     return values
 
 
@@ -89,12 +87,6 @@ class LimitsConfig(BaseModel):
     global_: GlobalConfig | None = Field(
         None, alias="global", description="Global concurrency cap and its wait queue."
     )
-    plan_period: float = Field(
-        60.0,
-        gt=0,
-        description="Window of a plan's requests_per_minute/tokens_per_minute "
-        "(seconds; 60 in production, shorter only in tests).",
-    )
     quota_file: str | None = Field(
         "quota.json", description="File under state.dir keeping monthly counts across restarts."
     )
@@ -103,11 +95,6 @@ class LimitsConfig(BaseModel):
     @classmethod
     def _limits(cls, v: list[str]) -> list[str]:
         return _limit_list(v)
-
-    @field_validator("plan_period", mode="before")
-    @classmethod
-    def _duration(cls, v: Any) -> float:
-        return parse_duration(v)
 
 
 @dataclass(slots=True, frozen=True)
@@ -195,12 +182,16 @@ class LimitsPlugin:
 
     Config = LimitsConfig
 
+    plan_period: float = 60.0
+    """Seconds of a plan's per-minute window. Not a policy key (a minute is a minute): a test
+    that must see a window pass shortens it in a subclass, given as ``extra_plugins``."""
+
     def __init__(self, config: LimitsConfig, policy: Policy) -> None:
         self.config = config
         self.user_specs = [_spec(limits.parse(s)) for s in config.user]
         self.ip_specs = [_spec(limits.parse(s)) for s in config.ip]
         self.month = MonthCache()
-        self.plans = compile_plans(policy, config.plan_period)
+        self.plans = compile_plans(policy, self.plan_period)
         self.known_features = set(policy.features).union(
             *(t.features for t in policy.tiers.values())
         )
@@ -213,9 +204,9 @@ class LimitsPlugin:
         self.quota_path = (
             Path(state_dir) / config.quota_file if state_dir and config.quota_file else None
         )
-        self.limiter: MemoryWindows | Any = None
+        self.limiter: Windows | None = None
         self._layer_cache: dict[tuple[str, str, str | None], BoundLayers] = {}
-        self.quota: MonthlyQuota | RedisQuota | None = None
+        self.quota: Quota | None = None
         self.admission: Admission | None = None
         self.watch: StateWatch | None = None  # Redis's health (state.url: redis://)
 
@@ -225,8 +216,7 @@ class LimitsPlugin:
         self.watch = shared.find(STATE_WATCH)
         self.limiter = shared.get(WINDOWS, lambda: self._open_windows(shared))
         self.quota = shared.get(QUOTA, lambda: self._open_quota(shared))
-        if isinstance(self.quota, RedisQuota):
-            await self.quota.open()  # once: puts this instance's shares back if Redis lost them
+        await self.quota.open()  # once: on Redis, puts this instance's shares back if lost
         g = self.config.global_
         if g is not None:
             adm = shared.get(
@@ -265,25 +255,20 @@ class LimitsPlugin:
             )
         yield
 
-    def _open_windows(self, shared: Any) -> Any:
-        windows = open_windows(self.state_url)
-        shared.on_close(lambda: close_windows(windows))
-        if self.watch is not None:
-            return FailoverWindows(windows, self.watch)
+    @hookimpl
+    async def dashboard_figures(self) -> Figures | None:
+        # requests waiting for a slot: the dashboard's autoscaling signal (scaling.queued)
+        return Figures(queued=self.admission.queued) if self.admission is not None else None
+
+    def _open_windows(self, shared: Any) -> Windows:
+        windows = open_windows(self.state_url, self.watch)
+        shared.on_close(windows.close)
         return windows
 
-    def _open_quota(self, shared: Any) -> MonthlyQuota | RedisQuota:
-        if self.shared_state:
-            # this instance's own counts, in its own file: what Redis is re-seeded from
-            own = MonthlyQuota(self.quota_path)
-            remote = RedisQuota(self.state_url, own, instance_id(self.state_dir), self.watch)
-            shared.on_close(remote.stop)
-            if self.watch is not None:
-                self.watch.on_recover(remote.restore)
-            return remote
-        quota = MonthlyQuota(self.quota_path)
-        quota.start()
-        shared.on_close(quota.stop)
+    def _open_quota(self, shared: Any) -> Quota:
+        redis_url = self.state_url if self.shared_state else None
+        quota = open_quota(redis_url, self.quota_path, self.state_dir, self.watch)
+        shared.on_close(quota.close)
         return quota
 
     def _layers(self, user: str, ip: str, rule: PlanRule | None) -> BoundLayers:
@@ -301,31 +286,6 @@ class LimitsPlugin:
                 self._layer_cache.clear()
             bound = self._layer_cache[key] = BoundLayers(layers)
         return bound
-
-    async def _admit_remote(self, layers: list[Layer]) -> Admit:
-        """All layers on the shared storage: test every one, then hit every one."""
-        limiter = self.limiter
-        items = [limits.RateLimitItemPerSecond(a, round(p)) for a, p, _ in layers]
-        refused: Admit | None = None
-        for i, (item, (_, _, ids)) in enumerate(zip(items, layers, strict=True)):
-            if not await limiter.test(item, *ids):
-                # as in memory: name the full layer that frees up last (the honest Retry-After)
-                stats = await limiter.get_window_stats(item, *ids)
-                wait = max(0.0, stats.reset_time - time.time())
-                if refused is None or wait > refused.wait:
-                    refused = Admit(i, i, 0, wait)
-        if refused is not None:
-            return refused
-        for i, (item, (_, _, ids)) in enumerate(zip(items, layers, strict=True)):
-            if not await limiter.hit(item, *ids):
-                stats = await limiter.get_window_stats(item, *ids)
-                return Admit(i, i, 0, max(0.0, stats.reset_time - time.time()))
-        best = Admit(-1, -1, 0, 0.0)
-        for i, (item, (_, _, ids)) in enumerate(zip(items, layers, strict=True)):
-            stats = await limiter.get_window_stats(item, *ids)
-            if best.layer < 0 or stats.remaining < best.remaining:
-                best = Admit(-1, i, stats.remaining, max(0.0, stats.reset_time - time.time()))
-        return best
 
     @staticmethod
     def _refusal(layer: Layer, wait: float, code: str | None = None) -> Reject:
@@ -369,16 +329,15 @@ class LimitsPlugin:
         watch = self.watch
         if watch is not None and not watch.available and watch.refuse:
             raise watch.reject()  # state.on_unavailable: refuse
-        taken = False  # a place in a shared (Redis) quota, given back if a later layer refuses
+        taken = False  # a place in the quota, given back if a later layer refuses
         if monthly is not None:
             now = time.time()
             month, reset = self.month.current(now)
-            if isinstance(quota, MonthlyQuota):  # in process: checked here, counted when admitted
-                full = quota.used(user, month) >= monthly
-            else:  # shared by instances: take the place atomically now
-                full = not await quota.take(user, month, monthly)
-                taken = not full
-            if full:
+            ok = quota.take_now(user, month, monthly)  # in process: a dict lookup, no await
+            if ok is None:  # shared by instances: Redis takes the place atomically
+                ok = await quota.take(user, month, monthly)
+            taken = ok
+            if not ok:
                 raise Reject(
                     429,
                     f"monthly quota of {monthly} requests for plan {rule.name!r} is used up; "  # type: ignore[union-attr]
@@ -404,27 +363,21 @@ class LimitsPlugin:
             layers = bound.layers
             if layers:
                 limiter = self.limiter
-                if isinstance(limiter, MemoryWindows):  # one synchronous pass: no other request
-                    res = limiter.admit(bound)  # can interleave between test and count
-                else:
-                    res = await self._admit_remote(layers)
+                res = limiter.admit_now(bound)  # in process: one synchronous pass, so no other
+                if res is None:  # request can interleave between test and count
+                    res = await limiter.admit(bound)  # on Redis
                 if res.failed >= 0:
                     raise self._refusal(layers[res.failed], res.wait)
-                h = ctx.response_headers
-                h["x-ratelimit-limit-requests"] = str(layers[res.layer][0])
-                h["x-ratelimit-remaining-requests"] = str(res.remaining)
-                h["x-ratelimit-reset-requests"] = reset_string(res.wait)
+                ctx.stash[_RATE] = (layers[res.layer][0], res.remaining, res.wait)
             if watch is not None and not watch.available:  # decided without Redis
                 if watch.refuse:
                     raise watch.reject()
                 watch.affected()
         except Reject:
             if taken:
-                await quota.give_back(user, month)  # type: ignore[union-attr]
+                await quota.give_back(user, month)
             raise
         if monthly is not None:
-            if isinstance(quota, MonthlyQuota):
-                quota.add(user, month)
             ctx.stash[_COUNTED] = month
 
     @hookimpl
@@ -456,6 +409,15 @@ class LimitsPlugin:
         ctx.stash[_SLOT] = True
 
     @hookimpl
+    async def response_headers(self, ctx: RequestContext, headers: dict[str, str]) -> None:
+        rate = ctx.stash.get(_RATE)
+        if rate is not None:  # OpenAI's names, so SDKs and clients read them as they are
+            limit, remaining, wait = rate
+            headers["x-ratelimit-limit-requests"] = str(limit)
+            headers["x-ratelimit-remaining-requests"] = str(remaining)
+            headers["x-ratelimit-reset-requests"] = reset_string(wait)
+
+    @hookimpl
     async def forget_user(self, user_id: str) -> dict[str, int]:
         assert self.quota is not None
         return {"quota_months": await self.quota.forget(user_id)}
@@ -473,15 +435,11 @@ class LimitsPlugin:
             if ctx.status >= 400 and ctx.status != 499:  # failed requests are not billed
                 await quota.give_back(principal.user_id, month)
         rule = self.plans.get(principal.tier) if principal and principal.tier else None
-        if rule is not None and rule.tokens is not None and ctx.usage.reported and self.limiter:
+        limiter = self.limiter  # "is not None": in-process windows without counters are falsy
+        tokens = rule.tokens if rule is not None else None
+        if tokens is not None and ctx.usage.reported and limiter is not None:
             cost = ctx.usage.input_tokens + ctx.usage.output_tokens
-            if cost > 0 and not await self.limiter.hit(
-                rule.tokens, "tokens", principal.user_id, cost=cost
-            ):
-                stats = await self.limiter.get_window_stats(
-                    rule.tokens, "tokens", principal.user_id
-                )
+            if cost > 0 and not await limiter.hit(tokens, "tokens", principal.user_id, cost=cost):
+                stats = await limiter.get_window_stats(tokens, "tokens", principal.user_id)
                 if stats.remaining > 0:
-                    await self.limiter.hit(
-                        rule.tokens, "tokens", principal.user_id, cost=stats.remaining
-                    )
+                    await limiter.hit(tokens, "tokens", principal.user_id, cost=stats.remaining)

@@ -19,6 +19,11 @@ count, never lowered), so a restarted Redis resets no quota; what can be lost is
 instance counted in its last second before a crash that coincided with Redis losing its data.
 While Redis is unreachable an instance decides alone (``state.on_unavailable: serve``): the
 month's total as last seen plus its own requests since; the shares are put back on recovery.
+
+Both speak one interface, ``Quota``, and ``open_quota`` picks one when the plugin starts. Its
+``take_now`` lets the in-process quota decide with a dict lookup and no coroutine, so the hot
+path pays nothing for the shared variant existing; the Redis quota answers there only while it
+decides alone, and otherwise defers to ``await take(...)``.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import os
 import secrets
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -50,6 +55,39 @@ def next_month_start(ts: float) -> float:
     d = datetime.fromtimestamp(ts, UTC)
     year, month = (d.year + 1, 1) if d.month == 12 else (d.year, d.month + 1)
     return float(calendar.timegm((year, month, 1, 0, 0, 0)))
+
+
+class Quota(Protocol):
+    """Monthly request counts per user: what the limits plugin asks, whichever store holds them.
+
+    A request takes its place before it is served and gives it back if it is refused later or
+    fails, so a count is never checked in one step and added in another."""
+
+    def take_now(self, user: str, month: str, limit: int) -> bool | None:
+        """Count one request if fewer than ``limit`` are counted: True, or False with nothing
+        counted. None when this cannot be decided without awaiting the shared store: then
+        ``await take(...)`` decides. Synchronous so the in-process quota costs no coroutine."""
+        ...
+
+    async def take(self, user: str, month: str, limit: int) -> bool:
+        """As ``take_now``, always decided."""
+        ...
+
+    async def give_back(self, user: str, month: str) -> None:
+        """Uncount one request (refused by a later check, or failed: failures are not billed)."""
+        ...
+
+    async def forget(self, user: str) -> int:
+        """Drop the user's counts; how many months had one. Raises if it could not."""
+        ...
+
+    async def open(self) -> None:
+        """Start keeping the counts (idempotent: a reload's chain gets the same object)."""
+        ...
+
+    async def close(self) -> None:
+        """Write what is pending and release connections (at shutdown)."""
+        ...
 
 
 class MonthlyQuota:
@@ -77,8 +115,23 @@ class MonthlyQuota:
         """A copy of the counts, ``{month: {user: count}}``."""
         return {m: dict(users) for m, users in self._counts.items()}
 
+    def take_now(self, user: str, month: str, limit: int) -> bool:
+        """Always decided here: one dict lookup (``Quota.take_now``)."""
+        users = self._counts.get(month)
+        if users is None:
+            users = self._counts[month] = {}
+        n = users.get(user, 0)
+        if n >= limit:
+            return False
+        users[user] = n + 1
+        self._dirty = True
+        return True
+
+    async def take(self, user: str, month: str, limit: int) -> bool:
+        return self.take_now(user, month, limit)
+
     async def give_back(self, user: str, month: str) -> None:
-        """A request that ended in an error does not count (``RedisQuota``'s interface too)."""
+        """A request refused by a later check, or that ended in an error, does not count."""
         self.add(user, month, -1)
 
     async def forget(self, user: str) -> int:
@@ -108,7 +161,10 @@ class MonthlyQuota:
         if self.path is not None and self._task is None:
             self._task = asyncio.get_running_loop().create_task(self.run())
 
-    async def stop(self) -> None:
+    async def open(self) -> None:
+        self.start()
+
+    async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -202,6 +258,11 @@ class RedisQuota:
             raise exc
         self.watch.failed(exc)
 
+    def take_now(self, user: str, month: str, limit: int) -> bool | None:
+        """None while Redis is reachable (the shared count decides: ``take``); decided here
+        while this instance decides alone."""
+        return None if self._shared() else self._take_alone(user, month, limit)
+
     async def take(self, user: str, month: str, limit: int) -> bool:
         """Count one request if the quota allows it; False (and nothing counted) otherwise."""
         if self._shared():
@@ -220,7 +281,10 @@ class RedisQuota:
                 self.own.add(user, month)
                 self._others[(user, month)] = total - self.own.used(user, month)
                 return True
-        # alone: the others' total as last seen, plus this instance's own requests
+        return self._take_alone(user, month, limit)
+
+    def _take_alone(self, user: str, month: str, limit: int) -> bool:
+        """Redis unreachable: the others' total as last seen, plus this instance's own."""
         if self._others.get((user, month), 0) + self.own.used(user, month) >= limit:
             return False
         self.own.add(user, month)
@@ -283,6 +347,24 @@ class RedisQuota:
         except Exception as e:
             self._lost(e)  # starts an outage: the watch restores once Redis is back
 
-    async def stop(self) -> None:
-        await self.own.stop()
+    async def close(self) -> None:
+        await self.own.close()
         await self.client.aclose()
+
+
+def open_quota(
+    redis_url: str | None,
+    path: Path | None,
+    folder: Path | None,
+    watch: StateWatch | None,
+) -> Quota:
+    """The quota for ``state``: this instance's own counts (``path``, None = memory only), or
+    shared on ``redis_url`` with those own counts as the record Redis is re-seeded from (the
+    instance's name kept in ``folder``). The one place the choice is made."""
+    own = MonthlyQuota(path)
+    if redis_url is None:
+        return own
+    remote = RedisQuota(redis_url, own, instance_id(folder), watch)
+    if watch is not None:
+        watch.on_recover(remote.restore)
+    return remote

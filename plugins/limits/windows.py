@@ -1,7 +1,12 @@
 """Rate-limit windows: an in-process sliding-window counter, or the limits library on Redis.
 
-Both speak the ``limits`` strategy API (``test``, ``hit``, ``get_window_stats``), so the limits
-plugin does not care which one runs. The algorithm is the sliding-window counter (the previous
+Each speaks one interface, ``Windows``: the ``limits`` strategy calls (``test``, ``hit``,
+``get_window_stats``) for one window, and ``admit`` for all of a request's layers at once.
+``open_windows`` picks the implementation when the plugin starts, so the plugin never asks which
+one runs. ``admit_now`` lets the in-process counter decide in one synchronous pass (no coroutine
+on the hot path); a store that must ask Redis answers None there and decides in ``admit``.
+
+The algorithm is the sliding-window counter (the previous
 fixed window's count, weighted by how much of it still overlaps the sliding window, plus the
 current window's count): O(1) time and two integers per key, where a moving-window log keeps one
 timestamp per request (10,000/day per user would be 10,000 entries per user).
@@ -16,7 +21,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import limits
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
@@ -48,7 +53,7 @@ Layer = tuple[int, float, tuple[str, ...]]
 
 
 class BoundLayers:
-    """A caller's layers and, once ``MemoryWindows.admit`` has seen them, their counters.
+    """A caller's layers and, once ``MemoryWindows.admit_now`` has seen them, their counters.
 
     A caller's next request then goes straight to its counters instead of building a key and
     looking it up per layer (the largest part of admission). The counters stay valid until the
@@ -66,6 +71,36 @@ class BoundLayers:
 
 
 _ADMIT_EMPTY = Admit(-1, -1, 0, 0.0)
+
+
+class Windows(Protocol):
+    """Rate-limit windows, wherever they are kept: what the limits plugin asks."""
+
+    def admit_now(self, bound: BoundLayers) -> Admit | None:
+        """Check every layer and count the request in all of them only if all admit it, when
+        that can be decided without awaiting; None when it needs the shared store: then
+        ``await admit(bound)``. Synchronous so the in-process windows cost no coroutine."""
+        ...
+
+    async def admit(self, bound: BoundLayers) -> Admit:
+        """As ``admit_now``, always decided."""
+        ...
+
+    async def test(self, item: limits.RateLimitItem, *ids: str, cost: int = 1) -> bool:
+        """Whether ``cost`` more fits in the window of ``item`` for ``ids`` (nothing counted)."""
+        ...
+
+    async def hit(self, item: limits.RateLimitItem, *ids: str, cost: int = 1) -> bool:
+        """Count ``cost`` if it fits; False (nothing counted) if not."""
+        ...
+
+    async def get_window_stats(self, item: limits.RateLimitItem, *ids: str) -> WindowStats:
+        """When one more request fits, and how many remain."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections (at shutdown)."""
+        ...
 
 
 class MemoryWindows:
@@ -103,7 +138,7 @@ class MemoryWindows:
     @staticmethod
     def _roll(st: list[int], index: int) -> None:
         """Roll a counter forward to window ``index``: the current window becomes the previous
-        one (or both expire). ``admit`` inlines these three lines on its hot path."""
+        one (or both expire). ``admit_now`` inlines these three lines on its hot path."""
         st[1] = st[2] if st[0] == index - 1 else 0
         st[2] = 0
         st[0] = index
@@ -119,10 +154,16 @@ class MemoryWindows:
         bound.counters = counters
         bound.generation = self.generation
 
-    def admit(self, bound: BoundLayers, cost: int = 1) -> Admit:
+    async def admit(self, bound: BoundLayers, cost: int = 1) -> Admit:
+        return self.admit_now(bound, cost)
+
+    async def close(self) -> None:
+        """Nothing to release: the counters are plain memory."""
+
+    def admit_now(self, bound: BoundLayers, cost: int = 1) -> Admit:
         """Check every layer, then count the request in all of them, in one synchronous pass:
         nothing is consumed unless every layer admits it, and no other request can interleave
-        (the event loop does not switch inside)."""
+        (the event loop does not switch inside). Always decided (``Windows.admit_now``)."""
         now = self.clock()
         if bound.generation != self.generation:
             self._resolve(bound, now)
@@ -230,6 +271,59 @@ class MemoryWindows:
         return len(self._counts)
 
 
+class RedisWindows:
+    """The windows on Redis, shared by every instance: the ``limits`` library's sliding-window
+    counter over its Redis storage (redis-py, loaded only when this is built)."""
+
+    def __init__(self, url: str) -> None:
+        self._storage: Any = storage_from_string(f"async+{url}", implementation="redispy")
+        self.limiter = SlidingWindowCounterRateLimiter(self._storage)
+
+    def admit_now(self, bound: BoundLayers) -> None:
+        """Never decided without Redis: see ``admit``."""
+        return None
+
+    async def admit(self, bound: BoundLayers) -> Admit:
+        """All layers on the shared storage: test every one, then hit every one."""
+        limiter = self.limiter
+        layers = bound.layers
+        items = [limits.RateLimitItemPerSecond(a, round(p)) for a, p, _ in layers]
+        refused: Admit | None = None
+        for i, (item, (_, _, ids)) in enumerate(zip(items, layers, strict=True)):
+            if not await limiter.test(item, *ids):
+                # as in memory: name the full layer that frees up last (the honest Retry-After)
+                stats = await limiter.get_window_stats(item, *ids)
+                wait = max(0.0, stats.reset_time - time.time())
+                if refused is None or wait > refused.wait:
+                    refused = Admit(i, i, 0, wait)
+        if refused is not None:
+            return refused
+        for i, (item, (_, _, ids)) in enumerate(zip(items, layers, strict=True)):
+            if not await limiter.hit(item, *ids):
+                stats = await limiter.get_window_stats(item, *ids)
+                return Admit(i, i, 0, max(0.0, stats.reset_time - time.time()))
+        best = _ADMIT_EMPTY
+        for i, (item, (_, _, ids)) in enumerate(zip(items, layers, strict=True)):
+            stats = await limiter.get_window_stats(item, *ids)
+            if best.layer < 0 or stats.remaining < best.remaining:
+                best = Admit(-1, i, stats.remaining, max(0.0, stats.reset_time - time.time()))
+        return best
+
+    async def test(self, item: limits.RateLimitItem, *ids: str, cost: int = 1) -> bool:
+        return await self.limiter.test(item, *ids, cost=cost)
+
+    async def hit(self, item: limits.RateLimitItem, *ids: str, cost: int = 1) -> bool:
+        return await self.limiter.hit(item, *ids, cost=cost)
+
+    async def get_window_stats(self, item: limits.RateLimitItem, *ids: str) -> WindowStats:
+        stats = await self.limiter.get_window_stats(item, *ids)
+        return WindowStats(stats.reset_time, stats.remaining)
+
+    async def close(self) -> None:
+        """Close the connection pool of the library's redis-py client."""
+        await self._storage.bridge.storage.aclose()
+
+
 class FailoverWindows:
     """The shared windows on Redis, or this instance's own (``MemoryWindows``) while the shared
     state is unreachable: each instance then enforces every limit alone (a deployment of N
@@ -238,24 +332,32 @@ class FailoverWindows:
     (``state.on_unavailable``). Rate windows are not restored after an outage: they are at most
     one period long, and the shared ones resume where Redis left them (or empty)."""
 
-    def __init__(self, remote: Any, watch: StateWatch) -> None:
+    def __init__(self, remote: Windows, watch: StateWatch) -> None:
         self.remote = remote
         self.local = MemoryWindows()
         self.watch = watch
-
-    @property
-    def storage(self) -> Any:
-        return self.remote.storage  # what close_windows closes
 
     def _lost(self, exc: Exception) -> None:
         if not is_state_error(exc):
             raise exc
         self.watch.failed(exc)
 
+    def admit_now(self, bound: BoundLayers) -> Admit | None:
+        """Decided here while Redis is unreachable (this instance alone); else None."""
+        return None if self.watch.available else self.local.admit_now(bound)
+
+    async def admit(self, bound: BoundLayers) -> Admit:
+        if self.watch.available:
+            try:
+                return await self.remote.admit(bound)
+            except Exception as e:
+                self._lost(e)
+        return self.local.admit_now(bound)
+
     async def test(self, item: limits.RateLimitItem, *ids: str, cost: int = 1) -> bool:
         if self.watch.available:
             try:
-                return bool(await self.remote.test(item, *ids, cost=cost))
+                return await self.remote.test(item, *ids, cost=cost)
             except Exception as e:
                 self._lost(e)
         return await self.local.test(item, *ids, cost=cost)
@@ -263,12 +365,12 @@ class FailoverWindows:
     async def hit(self, item: limits.RateLimitItem, *ids: str, cost: int = 1) -> bool:
         if self.watch.available:
             try:
-                return bool(await self.remote.hit(item, *ids, cost=cost))
+                return await self.remote.hit(item, *ids, cost=cost)
             except Exception as e:
                 self._lost(e)
         return await self.local.hit(item, *ids, cost=cost)
 
-    async def get_window_stats(self, item: limits.RateLimitItem, *ids: str) -> Any:
+    async def get_window_stats(self, item: limits.RateLimitItem, *ids: str) -> WindowStats:
         if self.watch.available:
             try:
                 return await self.remote.get_window_stats(item, *ids)
@@ -276,20 +378,16 @@ class FailoverWindows:
                 self._lost(e)
         return await self.local.get_window_stats(item, *ids)
 
+    async def close(self) -> None:
+        await self.remote.close()
 
-def open_windows(url: str) -> MemoryWindows | SlidingWindowCounterRateLimiter:
-    """Windows for ``state.url``: in memory, or the limits library's Redis storage (redis-py)."""
+
+def open_windows(url: str, watch: StateWatch | None = None) -> Windows:
+    """The windows for ``state.url``, chosen once: in memory, or on Redis (behind this
+    instance's own windows for outages when ``watch`` follows Redis's health)."""
     if url.startswith("memory://"):
         return MemoryWindows()
     if url.startswith(("redis://", "rediss://")):
-        storage = storage_from_string(f"async+{url}", implementation="redispy")
-        return SlidingWindowCounterRateLimiter(storage)  # type: ignore[arg-type]
+        remote = RedisWindows(url)
+        return remote if watch is None else FailoverWindows(remote, watch)
     raise ValueError(f"unsupported state.url {url!r} (memory:// or redis://)")
-
-
-async def close_windows(windows: object) -> None:
-    """Close the Redis connection pool behind the library limiter (nothing to do in memory)."""
-    storage = getattr(windows, "storage", None)
-    client = getattr(getattr(storage, "bridge", None), "storage", None)
-    if client is not None and hasattr(client, "aclose"):
-        await client.aclose()

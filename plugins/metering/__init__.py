@@ -7,4 +7,7 @@
 - ``stream``: several instances: rows through a Redis stream into ``tollway meter``.
 - ``analytics``: admin SQL, invoices and exports on threads of their own, with limits.
 - ``ip_hash``: the keyed hash stored instead of client addresses.
+- ``figures``: the dashboard's business cards and top users (``dashboard_figures``).
+- ``cli``: ``tollway meter`` and the data commands' ``--db`` (``register_commands``);
+  ``meter``: the ``tollway meter`` server, imported only when it runs.
 """

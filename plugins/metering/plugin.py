@@ -43,21 +43,33 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from plugins.metering.analytics import Analytics, QueryLimits
+from plugins.metering.figures import figures
 from plugins.metering.ip_hash import IpHasher, key_file, load_or_create_key
 from plugins.metering.spool import Spool
 from plugins.metering.stream import StreamShipper
 from proxy.appkeys import KEYSTORE, METRICS, SHARED
 from proxy.context import STREAM_BROKEN, RequestContext, StashKey
 from proxy.hookspecs import hookimpl
-from proxy.policy import Policy, parse_duration
+from proxy.policy import Policy, parse_duration, policy_of
 from proxy.statewatch import is_state_error
 from proxy.usage import USAGE, export_target
 
 if TYPE_CHECKING:
+    import argparse
+
     from plugins.metering.database import UsageDB
+    from proxy.figures import Figures
 
 log = logging.getLogger("tollway.metering")
 
@@ -137,6 +149,14 @@ class MeteringConfig(BaseModel):
     @classmethod
     def _duration(cls, v: Any) -> float | None:
         return None if v is None else parse_duration(v)
+
+    @field_validator("sink")
+    @classmethod
+    def _stream_needs_redis(cls, v: str, info: ValidationInfo) -> str:
+        policy = policy_of(info)
+        if v == "redis" and policy is not None and not policy.state.shared:
+            raise ValueError("sink redis needs state.url: redis://...")
+        return v
 
     @model_validator(mode="after")
     def _export_dir_apart(self) -> MeteringConfig:
@@ -351,8 +371,6 @@ class MeteringPlugin:
     Config = MeteringConfig
 
     def __init__(self, config: MeteringConfig, policy: Policy) -> None:
-        if config.sink == "redis" and not policy.state.shared:
-            raise ValueError("sink redis needs state.url: redis://...")
         self.config = config
         self.policy = policy
         self.prices = {name: f.price_per_request for name, f in policy.features.items()}
@@ -427,6 +445,20 @@ class MeteringPlugin:
             },
         )
         yield
+
+    @hookimpl
+    async def dashboard_figures(self) -> Figures | None:
+        store = self.store
+        if store is None or store.db is None:  # sink redis: the meter holds the usage views
+            return None
+        return await figures(store)
+
+    @staticmethod
+    @hookimpl
+    def register_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+        from plugins.metering.cli import register  # the commands import DuckDB only when run
+
+        register(subparsers)
 
     def price(self, ctx: RequestContext) -> float:
         if ctx.status >= 400 or ctx.status == 0:

@@ -3,8 +3,10 @@
 This module builds the parser and runs the chosen command; the commands live in one module per
 kind: ``serve`` (``serve``, ``check``, ``emulator``, ``demo``: running the gateway), ``keys``
 (API keys) and ``data`` (``sql``, ``invoice``, ``report``, ``export``: the usage database).
-``python -m proxy.cli`` runs ``main`` (``__main__``). What only some commands need (DuckDB, the
-plugins, the gateway app) is imported inside them, so importing this package stays cheap.
+Plugins add theirs through the ``register_commands`` hook (``plugins``: the metering plugin's
+``tollway meter`` and ``--db``). ``python -m proxy.cli`` runs ``main`` (``__main__``). What
+only some commands need (DuckDB, the plugins, the gateway app) is imported inside them, so
+importing this package stays cheap.
 """
 
 from __future__ import annotations
@@ -12,16 +14,23 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 from proxy.cli.data import cmd_export, cmd_invoice, cmd_report, cmd_sql
 from proxy.cli.keys import cmd_forget, cmd_keys
-from proxy.cli.meter import cmd_meter
 from proxy.cli.serve import cmd_check, cmd_demo, cmd_emulator, cmd_serve
 
 log = logging.getLogger("tollway")
 
+PLUGIN_FREE = frozenset({"serve", "check", "emulator", "demo", "keys", "forget"})
+"""The core's commands no plugin extends (plugins add commands of their own and options of the
+data commands), parsed without importing any plugin: a gateway imports only the plugins its
+chain names, and ``tollway keys`` starts as fast as before plugins had commands."""
 
-def build_parser() -> argparse.ArgumentParser:
+
+def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
+    """The core's commands, then (with ``plugins``) those of every built-in plugin and entry
+    point of group ``tollway`` (their ``register_commands`` hook)."""
     p = argparse.ArgumentParser(prog="tollway", description="Tollway AI API gateway")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -33,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("check", help="validate a policy file (exit 1 with errors)")
     c.add_argument("file")
+    c.add_argument(
+        "--strict",
+        action="store_true",
+        help="a secret that is not set here is an error (default: a warning)",
+    )
     c.set_defaults(fn=cmd_check)
 
     e = sub.add_parser("emulator", help="run the OpenAI/Anthropic-compatible upstream emulator")
@@ -65,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
             default=os.environ.get("TOLLWAY_URL", "http://127.0.0.1:8080"),
             help="the running gateway (admin key from TOLLWAY_ADMIN_KEY)",
         )
-        c.add_argument("--db", default=None, help="a stopped gateway's usage database file")
+        c.set_defaults(usage_sources=())  # a plugin adds its own (metering's --db)
         return c
 
     q = data_cmd("sql", "read-only SQL over the usage database")
@@ -100,21 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     f.set_defaults(fn=cmd_forget)
 
-    m = sub.add_parser("meter", help="load the usage stream of many gateways into DuckDB")
-    m.add_argument("--policy", default="policies.yaml")
-    m.add_argument("--host", default="127.0.0.1")
-    m.add_argument("--port", type=int, default=8090)
-    m.add_argument(
-        "--name", default=None, help="consumer name (default: the host name; unique per meter)"
-    )
-    m.set_defaults(fn=cmd_meter)
-
     d = sub.add_parser("demo", help="emulator + gateway with the demo policy and a demo key")
     d.add_argument("--policy", default="policies.demo.yaml")
     d.add_argument("--host", default="127.0.0.1")
     d.add_argument("--port", type=int, default=8080)
     d.add_argument("--tier", default="pro")
     d.set_defaults(fn=cmd_demo)
+    if plugins:
+        from proxy.cli.plugins import add_plugin_commands
+
+        add_plugin_commands(sub)
     return p
 
 
@@ -122,5 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    command = next((w for w in words if not w.startswith("-")), None)
+    args = build_parser(plugins=command not in PLUGIN_FREE).parse_args(words)
     return int(args.fn(args) or 0)

@@ -1,62 +1,92 @@
 """``tollway sql``, ``invoice``, ``report`` and ``export``: reading the usage database.
 
-They go through the running gateway's admin API (``--url``), since the gateway holds the
-database open; with ``--db`` they open a stopped gateway's database file directly, after
-loading the rows its spool still holds. DuckDB comes in with the metering plugin's modules
-(``plugins.metering.database``, ``plugins.metering.spool``), imported inside ``_offline_db`` so that
-``import proxy.cli`` does not load it.
+They read through a usage source. The core's is the running gateway's admin API (``--url``,
+or a ``tollway meter``'s), since the gateway holds the database open. A plugin adds another
+with ``add_usage_source`` in its ``register_commands`` hook: the metering plugin's ``--db``
+opens a stopped gateway's database file directly. So the core knows no database, and
+``import proxy.cli`` loads no DuckDB.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import orjson
 
 from proxy.cli.keys import _admin
 
-
-def _offline_db(path: str, export_dir: str | None = None) -> Any:
-    """Open a stopped gateway's usage database, loading rows its spool still holds.
-
-    Sandboxed as the gateway opens it (SQL reads the usage tables and nothing else on the
-    host); ``export_dir``: the one folder an export may write to.
-    """
-    from plugins.metering.database import UsageDB
-    from plugins.metering.spool import Spool
-
-    try:
-        db = UsageDB(path, export_dirs=[export_dir] if export_dir else [])
-    except Exception as e:  # duckdb raises IOException when the gateway holds the lock
-        raise SystemExit(f"cannot open {path}: {e}\n(is the gateway running? use --url)") from None
-    spool_dir = Path(path).with_suffix(".spool")
-    if spool_dir.is_dir():
-        spool = Spool(spool_dir)
-        spool.rotate()
-        for segment in spool.closed():
-            db.ingest(segment)  # and deletes it
-        spool.close()
-    return db
+DATA_COMMANDS = ("sql", "invoice", "report", "export")
+"""The commands that read usage, and so take every usage source's option."""
 
 
-def _query(args: argparse.Namespace, sql: str) -> tuple[list[str], list[list[Any]]]:
-    if args.db:
-        from proxy.usage import ReadOnlyQuery
+class UsageSource(Protocol):
+    """Where the data commands read usage from. Methods may raise ``SystemExit`` with a
+    message for the user (a refused query, a file that cannot be opened)."""
 
-        db = _offline_db(args.db)
-        try:
-            return db.query(sql)  # type: ignore[no-any-return]
-        except ReadOnlyQuery as e:
-            raise SystemExit(f"refused: {e}") from None
-        except Exception as e:
-            raise SystemExit(f"SQL error: {e}") from None
-        finally:
-            db.close()
-    out = _admin(args.url, "POST", "/admin/sql", {"query": sql})
-    return out["columns"], out["rows"]
+    def sql(self, query: str) -> tuple[list[str], list[list[Any]]]:
+        """Read-only SQL over the usage database: column names and rows."""
+        ...
+
+    def invoice(self, user: str, month: str) -> dict[str, Any]:
+        """A user's invoice for a calendar month (``YYYY-MM``, UTC)."""
+        ...
+
+    def export_parquet(self, folder: str) -> tuple[str, int]:
+        """Write usage as Parquet partitioned by day; the folder written and the row count."""
+        ...
+
+
+SourceOpener = Callable[[str], UsageSource]
+"""Builds a usage source from the value given to its option (``--db FILE``: the file)."""
+
+
+class AdminApi:
+    """The running gateway's admin API (admin key from ``TOLLWAY_ADMIN_KEY``)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def sql(self, query: str) -> tuple[list[str], list[list[Any]]]:
+        out = _admin(self.url, "POST", "/admin/sql", {"query": query})
+        return out["columns"], out["rows"]
+
+    def invoice(self, user: str, month: str) -> dict[str, Any]:
+        return _admin(self.url, "GET", f"/admin/invoices/{user}?month={month}")  # type: ignore[no-any-return]
+
+    def export_parquet(self, folder: str) -> tuple[str, int]:
+        """The gateway writes only under its metering export_dir: ``folder`` is a name there."""
+        out = _admin(self.url, "POST", "/admin/export", {"dir": folder})
+        return out["path"], out["rows"]
+
+
+def add_usage_source(
+    subparsers: argparse._SubParsersAction,  # type: ignore[type-arg]
+    flag: str,
+    *,
+    help: str,
+    open: SourceOpener,
+) -> None:
+    """Give every data command the option ``flag``; a command given it reads usage from
+    ``open(value)`` instead of the admin API. For a plugin's ``register_commands``."""
+    dest = flag.lstrip("-").replace("-", "_")
+    for name in DATA_COMMANDS:
+        parser = subparsers.choices[name]
+        parser.add_argument(flag, dest=dest, default=None, help=help)
+        sources = parser.get_default("usage_sources") or ()
+        parser.set_defaults(usage_sources=(*sources, (dest, open)))
+
+
+def usage_source(args: argparse.Namespace) -> UsageSource:
+    """The source a data command's options chose: a plugin's option that was given, else the
+    admin API at ``--url``."""
+    for dest, open_source in args.usage_sources:
+        value = vars(args)[dest]
+        if value is not None:
+            return open_source(value)  # type: ignore[no-any-return]
+    return AdminApi(args.url)
 
 
 def _print_table(columns: list[str], rows: list[list[Any]]) -> None:
@@ -69,7 +99,7 @@ def _print_table(columns: list[str], rows: list[list[Any]]) -> None:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    columns, rows = _query(args, args.query)
+    columns, rows = usage_source(args).sql(args.query)
     if args.json:
         print(orjson.dumps({"columns": columns, "rows": rows}, default=str).decode())
     else:
@@ -80,14 +110,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
 def cmd_invoice(args: argparse.Namespace) -> int:
     from proxy.usage import invoice_csv
 
-    if args.db:
-        db = _offline_db(args.db)
-        try:
-            invoice = db.invoice(args.user, args.month)
-        finally:
-            db.close()
-    else:
-        invoice = _admin(args.url, "GET", f"/admin/invoices/{args.user}?month={args.month}")
+    invoice = usage_source(args).invoice(args.user, args.month)
     if args.format == "csv":
         sys.stdout.write(invoice_csv(invoice))
     else:
@@ -103,7 +126,8 @@ _TARGETS = (
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    columns, rows = _query(args, "SELECT * FROM kpis")
+    source = usage_source(args)
+    columns, rows = source.sql("SELECT * FROM kpis")
     kpis = dict(zip(columns, rows[0], strict=True)) if rows else {}
     print("Technical KPIs")
     for name in columns:
@@ -117,10 +141,10 @@ def cmd_report(args: argparse.Namespace) -> int:
             ok = float(value) > target if op == ">" else float(value) < target
             verdict = "MET" if ok else "MISSED"
         print(f"  {label:28} {_fmt(value):>12}  target {op} {target:g}  {verdict}")
-    columns, rows = _query(args, "SELECT * FROM business ORDER BY month")
+    columns, rows = source.sql("SELECT * FROM business ORDER BY month")
     print("\nBusiness (per month)")
     _print_table(columns, [[_fmt(v) for v in r] for r in rows])
-    columns, rows = _query(args, "SELECT * FROM sla")
+    columns, rows = source.sql("SELECT * FROM sla")
     if rows:
         print("\nSLA (plans with sla_guarantee, per month)")
         _print_table(columns, [[_fmt(v) for v in r] for r in rows])
@@ -138,15 +162,6 @@ def _fmt(value: Any) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    if args.db:  # this machine's files, as the user running the command: any local folder
-        folder = str(Path(args.parquet).resolve())
-        db = _offline_db(args.db, folder)
-        try:
-            rows = db.export_parquet(folder)
-        finally:
-            db.close()
-    else:  # the gateway writes only under its metering export_dir: DIR is a name there
-        out = _admin(args.url, "POST", "/admin/export", {"dir": args.parquet})
-        folder, rows = out["path"], out["rows"]
+    folder, rows = usage_source(args).export_parquet(args.parquet)
     print(f"exported {rows} rows to {folder} (Parquet, partitioned by day)")
     return 0

@@ -15,14 +15,17 @@ import asyncio
 import gc
 import os
 import secrets
+import shutil
 import signal
 import sys
+import textwrap
 import threading
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from proxy.policy import Listen, LoadedPolicy, PolicyError, load_file
+from proxy.policy import Listen, LoadedPolicy, PolicyError, read_file
 from proxy.server import GatewayRunner
 
 
@@ -36,14 +39,28 @@ def _run(coro: Any) -> None:
     uvloop.run(coro)
 
 
-def _load(path: str) -> LoadedPolicy:
+def _load(path: str, *, secrets_required: bool = True) -> LoadedPolicy:
+    """Read a policy file; exit 1 printing every error of it, its chain's included."""
     try:
-        return load_file(path)
+        loaded = read_file(path, secrets_required=secrets_required)
     except PolicyError as e:
-        print(f"{path}: invalid policy", file=sys.stderr)
-        for line in e.errors:
-            print(f"  {line}", file=sys.stderr)
+        _report(path, e.errors, [])
         raise SystemExit(1) from None
+    if loaded.errors:
+        from proxy.chain import check_chain  # plugins are imported only where they are used
+
+        _report(path, check_chain(loaded), loaded.warnings)
+        raise SystemExit(1)
+    return loaded
+
+
+def _report(path: str, errors: list[str], warnings: list[str]) -> None:
+    if errors:
+        print(f"{path}: invalid policy", file=sys.stderr)
+    for line in errors:
+        print(f"  {line}", file=sys.stderr)
+    for line in warnings:
+        print(f"  warning: {line}", file=sys.stderr)
 
 
 async def _start(
@@ -181,19 +198,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    loaded = _load(args.file)
+    """Every error of the file in one run, each with its path and line; exit 1 if any.
+
+    A secret the machine does not have (a fresh clone, CI) is a warning and the rest is
+    checked as if it were set, so a policy can be checked where it is written; ``--strict``
+    makes it an error, as it is for ``serve``.
+    """
+    loaded = _load(args.file, secrets_required=args.strict)
     from proxy.chain import compile_chain
 
     try:
-        chain = compile_chain(loaded)
+        compile_chain(loaded)
     except PolicyError as e:
-        print(f"{args.file}: invalid policy", file=sys.stderr)
-        for line in e.errors:
-            print(f"  {line}", file=sys.stderr)
+        _report(args.file, e.errors, loaded.warnings)
         return 1
+    _report(args.file, [], loaded.warnings)
+    names = [item.name for _, item in loaded.chain_items() if item.enabled]
+    unset = f", {len(loaded.warnings)} secrets not set here" if loaded.warnings else ""
     print(
         f"{args.file}: ok ({len(loaded.policy.models)} models, chain: "
-        f"{', '.join(chain.names) or 'empty'})"
+        f"{', '.join(names) or 'empty'}{unset})"
     )
     return 0
 
@@ -206,7 +230,15 @@ def cmd_emulator(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Emulator + gateway in one process, a demo key printed with ready-to-run examples."""
+    """Emulator + gateway in one process, a demo key printed with ready-to-run examples.
+
+    What it prints is the README's quick start, so it has to work exactly as printed: the
+    ``export`` line gives the other ``tollway`` commands the admin key and the gateway's URL,
+    and the curl example names ``model: auto`` and a cached feature, so running it twice shows
+    the routing header and a cache hit. Each run issues a fresh demo key (issued keys are
+    stored hashed, so an old one cannot be shown again); the earlier runs' demo keys are
+    revoked first, so they do not pile up, and the banner says where keys and usage live.
+    """
     os.environ.setdefault("TOLLWAY_ADMIN_KEY", "admin_" + secrets.token_urlsafe(18))
     os.environ.setdefault("OPENAI_API_KEY", "emulator-openai-key")
     os.environ.setdefault("ANTHROPIC_API_KEY", "emulator-anthropic-key")
@@ -219,14 +251,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     def banner(app: web.Application, port: int) -> None:
         from proxy.appkeys import GATEWAY
 
-        _, key = app[GATEWAY].keystore.create("demo", args.tier)
+        keystore = app[GATEWAY].keystore
+        revoked, _ = keystore.forget_user(_DEMO_USER)
+        _, key = keystore.create(_DEMO_USER, args.tier)
         base = f"http://{args.host}:{port}"
+        admin = os.environ["TOLLWAY_ADMIN_KEY"]
         print(
             _DEMO_BANNER.format(
                 base=base,
                 key=key,
-                admin=os.environ["TOLLWAY_ADMIN_KEY"],
+                admin=admin,
                 emu=f"http://127.0.0.1:{emu_port}",
+                data=_demo_data(loaded, len(revoked)),
+                exports=f"export TOLLWAY_ADMIN_KEY={admin} TOLLWAY_URL={base}",
+                tollway=_tollway_command(),
+                example=_demo_example(loaded, base, key, args.tier),
             ),
             flush=True,
         )
@@ -244,16 +283,115 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+_DEMO_USER = "demo"
+_WIDTH = 96  # the banner's prose lines; commands are printed whole, to be pasted
+
+
+def _chain_config(loaded: LoadedPolicy, name: str) -> dict[str, Any]:
+    """The ``config:`` written for chain entry ``name`` ({} when the chain has none).
+
+    Only for the demo's banner, which explains the policy it runs: it reads what the file
+    says, as a reader of the file would, and never the plugin itself.
+    """
+    for item in loaded.policy.chain:
+        if item.name == name and item.enabled:
+            return dict(item.config)
+    return {}
+
+
+def _demo_data(loaded: LoadedPolicy, revoked: int) -> str:
+    """Where the demo's keys and usage are kept, and how to start over."""
+    state = loaded.policy.state.dir
+    earlier = f"; {revoked} earlier demo key(s) revoked" if revoked else ""
+    if state is None:
+        return f"keys are kept in memory only (state.dir: null){earlier}"
+    database = _chain_config(loaded, "metering").get("database")
+    usage = f", usage in {database}" if isinstance(database, str) else ""
+    return (
+        f"keys in {state}/keys.json{usage}{earlier}\n"
+        f"                          (stop the demo and delete these files to start from nothing)"
+    )
+
+
+def _plan_features(loaded: LoadedPolicy, tier: str) -> set[str]:
+    """The features of a plan, with those of the plans it ``includes``."""
+    tiers, out, seen = loaded.policy.tiers, set(), set()
+    name: str | None = tier
+    while name is not None and name in tiers and name not in seen:
+        seen.add(name)
+        out.update(tiers[name].features)
+        name = tiers[name].includes
+    return out
+
+
+def _demo_example(loaded: LoadedPolicy, base: str, key: str, tier: str) -> str:
+    """The curl example: ``model: auto`` when the policy routes it, and a feature the cache
+    keeps (within the demo key's plan), so the same request twice shows a hit."""
+    policy = loaded.policy
+    auto = _chain_config(loaded, "routing").get("auto")
+    auto_name = str(auto.get("name", "auto")) if isinstance(auto, dict) else None
+    model = auto_name or next(iter(policy.models), "gpt-5.4-mini")
+    ttl = _chain_config(loaded, "cache").get("ttl")
+    ttls = {str(f): str(t) for f, t in ttl.items()} if isinstance(ttl, dict) else {}
+    allowed = _plan_features(loaded, tier)
+    feature = next((f for f in ttls if f in allowed), None)
+    lines = ["Try it with curl"]
+    if auto_name:
+        lines[0] += (
+            f'. "model": "{auto_name}" lets Tollway pick a cheap or a strong model'
+            " (the X-Tollway-Route header says which and why)"
+        )
+    if feature:
+        lines[0] += (
+            f"; the feature {feature} is cached for {ttls[feature]}, so the same request"
+            " again is answered with X-Tollway-Cache: hit"
+        )
+    lines[0] = textwrap.fill(lines[0] + ":", _WIDTH, break_on_hyphens=False)
+    lines.append(f"  curl {base}/v1/chat/completions -i \\")
+    lines.append(f'    -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\')
+    if feature:
+        lines.append(f'    -H "X-Tollway-Feature: {feature}" \\')
+    lines.append(
+        f"""    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello, Tollway"}}]}}'"""
+    )
+    if ttls:
+        cached = ", ".join(f"{f} {t}" for f, t in ttls.items())
+        lines.append(
+            textwrap.fill(
+                f"Cached features (the cache plugin's ttl): {cached}; replies of any other"
+                " feature carry X-Tollway-Cache: bypass.",
+                _WIDTH,
+                break_on_hyphens=False,
+            )
+        )
+    return "\n".join(lines)
+
+
+def _tollway_command() -> str:
+    """How to run ``tollway`` from the user's shell: its name when that is on the PATH, else
+    the script beside this interpreter (``make run`` does not activate the virtualenv)."""
+    script = Path(sys.executable).with_name("tollway")
+    found = shutil.which("tollway")
+    if not script.exists() or (found is not None and Path(found).absolute() == script.absolute()):
+        return "tollway"
+    try:
+        return str(script.absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
+
+
 _DEMO_BANNER = """
 Tollway demo is running (upstream: the built-in emulator at {emu}).
   demo key (user 'demo'): {key}
   admin key:              {admin}
   live dashboard:         {base}/dashboard#key={admin}
+  data:                   {data}
 
-Try it with curl (model "auto" lets Tollway pick a cheap or a strong model):
-  curl {base}/v1/chat/completions \\
-    -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\
-    -d '{{"model": "gpt-5.4-mini", "messages": [{{"role": "user", "content": "Hello, Tollway"}}]}}'
+In another shell, the tollway command finds this gateway with:
+  {exports}
+  {tollway} keys list
+
+{example}
 
 or with the OpenAI Python SDK:
   from openai import OpenAI

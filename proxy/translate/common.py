@@ -1,9 +1,10 @@
 """What the request, response and stream translations share, so every phase maps alike.
 
-Stop/finish reasons, tool calls <-> tool_use blocks, plain text of content, usage counts, an
-Anthropic assistant turn as an OpenAI message and the empty Anthropic message. Tool arguments are
-the one JSON round trip: OpenAI carries them as a string, Anthropic as an object. The other
-modules import these names into their own globals: a call costs what it would in one module.
+Stop/finish reasons, tool calls <-> tool_use blocks, plain text of content, the OpenAI usage
+object (the counts are read by ``proxy.tokens``), an Anthropic assistant turn as an OpenAI
+message and the empty Anthropic message. Tool arguments are the one JSON round trip: OpenAI
+carries them as a string, Anthropic as an object. The other modules import these names into
+their own globals: a call costs what it would in one module.
 """
 
 from __future__ import annotations
@@ -90,15 +91,6 @@ def _text_of(content: Any) -> str:
     if isinstance(content, str):
         return content
     return "".join(p.get("text", "") for p in content if p.get("type") == "text")
-
-
-def _anthropic_prompt_tokens(usage: dict[str, Any]) -> int:
-    """OpenAI counts cached prompt tokens in ``prompt_tokens``; Anthropic reports them apart."""
-    return (
-        (usage.get("input_tokens") or 0)
-        + (usage.get("cache_read_input_tokens") or 0)
-        + (usage.get("cache_creation_input_tokens") or 0)
-    )
 
 
 def _chat_usage(prompt: int, completion: int, cached: int | None = None) -> dict[str, Any]:

@@ -10,8 +10,8 @@ import time
 import uuid
 from typing import Any
 
+from proxy.tokens import anthropic_cached, anthropic_tokens, openai_tokens
 from proxy.translate.common import (
-    _anthropic_prompt_tokens,
     _assistant_turn,
     _chat_usage,
     _message_start,
@@ -32,14 +32,14 @@ def messages_response_to_chat(resp: dict[str, Any], model: str) -> dict[str, Any
     message["refusal"] = None
     finish = stop_to_chat_finish(resp.get("stop_reason")) or "stop"
     usage = resp.get("usage") or {}
-    prompt, cached = _anthropic_prompt_tokens(usage), usage.get("cache_read_input_tokens")
+    prompt, completion = anthropic_tokens(usage)
     return {
         "id": resp.get("id") or f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
         "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
-        "usage": _chat_usage(prompt, usage.get("output_tokens") or 0, cached),
+        "usage": _chat_usage(prompt, completion, anthropic_cached(usage)),
     }
 
 
@@ -63,9 +63,6 @@ def chat_response_to_messages(resp: dict[str, Any], model: str) -> dict[str, Any
     if reason == "stop" and message.get("tool_calls"):
         reason = "tool_calls"  # some OpenAI-compatible servers say "stop" after tool calls
     out["stop_reason"] = chat_finish_to_stop(reason) or "end_turn"
-    usage = resp.get("usage") or {}
-    out["usage"] = {
-        "input_tokens": usage.get("prompt_tokens") or 0,
-        "output_tokens": usage.get("completion_tokens") or 0,
-    }
+    prompt, completion = openai_tokens(resp.get("usage") or {})
+    out["usage"] = {"input_tokens": prompt, "output_tokens": completion}
     return out

@@ -11,8 +11,9 @@ import time
 import uuid
 from typing import Any
 
+from proxy.context import Usage
+from proxy.tokens import Tokens, openai_tokens, read_anthropic_event
 from proxy.translate.common import (
-    _anthropic_prompt_tokens,
     _chat_usage,
     _message_start,
     chat_finish_to_stop,
@@ -42,7 +43,7 @@ class MessagesStreamToChat:
     from 0, so block indexes are remapped. ``usage`` is (input, output) tokens seen so far.
     """
 
-    __slots__ = ("_id", "_tools", "created", "include_usage", "model", "usage")
+    __slots__ = ("_counts", "_id", "_tools", "created", "include_usage", "model", "usage")
 
     def __init__(self, model: str, include_usage: bool) -> None:
         self.model = model
@@ -50,7 +51,8 @@ class MessagesStreamToChat:
         self.created = int(time.time())
         self._id = f"chatcmpl-{uuid.uuid4().hex}"
         self._tools: dict[int, int] = {}
-        self.usage: tuple[int, int] = (0, 0)
+        self._counts = Usage()  # what proxy.tokens reads the events into
+        self.usage: Tokens = (0, 0)
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         """A one-choice chunk; ``usage: null`` mirrors OpenAI when usage was requested."""
@@ -100,15 +102,14 @@ class MessagesStreamToChat:
             message = data.get("message") or {}
             if message.get("id"):
                 self._id = message["id"]
-            usage = message.get("usage") or {}
-            self.usage = (_anthropic_prompt_tokens(usage), usage.get("output_tokens") or 0)
+            counts = self._counts
+            if read_anthropic_event(kind, data, counts):
+                self.usage = (counts.input_tokens, counts.output_tokens)
             return [self._chunk({"role": "assistant", "content": ""})]
         if kind == "message_delta":
-            usage = data.get("usage") or {}
-            prompt = self.usage[0]
-            if usage.get("input_tokens") is not None:
-                prompt = _anthropic_prompt_tokens(usage)
-            self.usage = (prompt, usage.get("output_tokens") or self.usage[1])
+            counts = self._counts
+            if read_anthropic_event(kind, data, counts):
+                self.usage = (counts.input_tokens, counts.output_tokens)
             finish = stop_to_chat_finish((data.get("delta") or {}).get("stop_reason")) or "stop"
             return [self._chunk({}, finish)]
         if kind == "message_stop":
@@ -137,7 +138,7 @@ class ChatStreamToMessages:
 
     def __init__(self, model: str) -> None:
         self.model = model
-        self.usage: tuple[int, int] = (0, 0)
+        self.usage: Tokens = (0, 0)
         self._started = False
         self._next = 0  # index of the next Anthropic content block
         self._open: int | None = None  # index of the open content block, if any
@@ -167,8 +168,8 @@ class ChatStreamToMessages:
         if not self._started:
             events.append(self._start(chunk.get("id")))
         usage = chunk.get("usage")
-        if usage:
-            self.usage = (usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0)
+        if usage:  # null on every chunk but the last: a truth test is the cheapest
+            self.usage = openai_tokens(usage)
         for choice in chunk.get("choices") or ():
             if choice.get("index", 0) != 0:
                 continue

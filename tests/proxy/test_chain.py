@@ -14,7 +14,9 @@ from proxy.chain import compile_chain
 from proxy.context import (
     Reply,
     RequestContext,
+    StashKey,
     StreamEvent,
+    UpstreamCall,
     UpstreamRequest,
     UpstreamResponse,
 )
@@ -141,7 +143,7 @@ def test_sync_impl_of_async_hook_is_refused() -> None:
 
     with pytest.raises(PolicyError) as info:
         compile_chain(policy("chain:\n  - name: sync\n"), extra_plugins={"sync": Sync})
-    assert info.value.errors == ["chain[0] (sync): hook access must be 'async def'"]
+    assert info.value.errors == ["chain[0] (sync): hook access must be 'async def' (line 5)"]
 
 
 def test_wrong_argument_name_is_refused() -> None:
@@ -273,6 +275,91 @@ async def test_send_upstream_takes_over(make_gateway: Any, emulator: Emulator) -
         assert (await r.json())["choices"][0]["message"]["content"] == "from plugin"
     assert (await emulator.stats())["requests"] == before
     assert seen == [(3, 2)]
+
+
+async def test_inline_plugin_sets_a_header_and_takes_over_the_call(
+    make_gateway: Any, emulator: Emulator
+) -> None:
+    """What a third party has, nothing more: a value decided in ``access`` waits in the stash
+    and becomes a reply header in ``response_headers`` (the one way to set one), and the
+    provider call is taken over with ``send_upstream``'s ``call`` argument: the core's own call,
+    which the plugin makes itself (editing the request first) and whose reply it hands back."""
+    trace: StashKey[str] = StashKey()
+    made: list[tuple[str, int, bool]] = []
+
+    class Tracer:
+        def __init__(self, config: Any, policy: Any) -> None:
+            pass
+
+        @hookimpl
+        async def access(self, ctx: RequestContext) -> None:
+            ctx.stash[trace] = "t-" + ctx.request_id[-6:]
+
+        @hookimpl
+        async def send_upstream(
+            self, ctx: RequestContext, req: UpstreamRequest, call: UpstreamCall
+        ) -> UpstreamResponse:
+            req.headers["x-trace"] = ctx.stash[trace]
+            resp = await call(req)
+            made.append((ctx.stash[trace], resp.status, resp.chunks is not None))
+            return resp
+
+        @hookimpl
+        async def response_headers(self, ctx: RequestContext, headers: dict[str, str]) -> None:
+            headers["X-Trace"] = ctx.stash[trace]
+
+    gw = await make_gateway("chain:\n  - name: tracer\n", extra_plugins={"tracer": Tracer})
+    before = (await emulator.stats())["requests"]
+    async with gw.http.post(f"{gw.url}/v1/chat/completions", json=CHAT) as r:
+        assert r.status == 200
+        data = await r.json()
+        traced = r.headers["X-Trace"]
+        assert traced == "t-" + r.headers["X-Request-Id"][-6:]
+    assert "hello chain" in data["choices"][0]["message"]["content"]
+    assert (await emulator.last())["headers"]["x-trace"] == traced
+    assert made == [(traced, 200, False)]
+
+    async with gw.http.post(f"{gw.url}/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+        assert r.status == 200
+        traced = r.headers["X-Trace"]
+        text = (await r.read()).decode()
+    assert text.rstrip().endswith("data: [DONE]")
+    events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+    content = "".join(c["choices"][0]["delta"].get("content") or "" for c in events if c["choices"])
+    assert "hello chain" in content
+    assert made[1:] == [(traced, 200, True)]  # a stream: its chunks relayed as they came
+    assert (await emulator.stats())["requests"] == before + 2  # one provider call each
+
+
+async def test_hook_taking_fewer_arguments_gets_just_those(make_gateway: Any) -> None:
+    """pluggy accepts an implementation declaring a subset of its spec's arguments, in any
+    order: the compiled chain passes it those (a plugin written before ``send_upstream`` had
+    ``call`` keeps working), and logs of a failing hook still name its plugin."""
+    seen: list[str] = []
+
+    class Few:
+        def __init__(self, config: Any, policy: Any) -> None:
+            pass
+
+        @hookimpl
+        async def upstream_request(self, req: UpstreamRequest) -> None:
+            seen.append(f"upstream_request {req.provider}")
+
+        @hookimpl
+        async def send_upstream(self, req: UpstreamRequest, ctx: RequestContext) -> None:
+            seen.append(f"send_upstream {req.provider} {ctx.endpoint}")
+
+        @hookimpl
+        async def response_headers(self, headers: dict[str, str]) -> None:
+            headers["X-Few"] = "yes"
+
+    gw = await make_gateway("chain:\n  - name: few\n", extra_plugins={"few": Few})
+    async with gw.http.post(f"{gw.url}/v1/chat/completions", json=CHAT) as r:
+        assert r.status == 200
+        assert r.headers["X-Few"] == "yes"
+    assert seen == ["upstream_request openai", "send_upstream openai chat"]
+    chain = gw.gateway.runtime.chain
+    assert [chain.name_of(h) for _, h in chain.response_headers] == ["few"]
 
 
 def test_third_party_plugin_from_entry_point(

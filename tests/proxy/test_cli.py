@@ -5,17 +5,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import openai
 import pytest
 
 from tests.conftest import free_port
-from tests.procs import ROOT, TOLLWAY, Proc, running
+from tests.procs import ROOT, TOLLWAY, Http, Proc, running
 
 POLICY = """\
 version: 1
@@ -142,15 +144,73 @@ def test_serve_refuses_invalid_policy(tmp_path: Path) -> None:
     assert "Traceback" not in res.stderr
 
 
-def test_demo_prints_a_working_key(tmp_path: Path) -> None:
-    emu, port = free_port(), free_port()
+def demo_policy(tmp_path: Path) -> Path:
+    """policies.demo.yaml with its emulator on a free port and its data under ``tmp_path``."""
+    emu = free_port()
     demo = (ROOT / "policies.demo.yaml").read_text().replace("127.0.0.1:9100", f"127.0.0.1:{emu}")
     demo = demo.replace("dir: data", f"dir: {tmp_path}")
     demo = demo.replace("database: data/usage.duckdb", f"database: {tmp_path}/usage.duckdb")
     (tmp_path / "demo.yaml").write_text(demo)
+    return tmp_path / "demo.yaml"
+
+
+def start_demo(policy: Path, port: int) -> Proc:
+    """`tollway demo` as a new user's shell starts it: no admin key or gateway URL set."""
+    unset = ["env", "-u", "TOLLWAY_ADMIN_KEY", "-u", "TOLLWAY_URL"]
+    return Proc([*unset, *TOLLWAY, "demo", "--policy", str(policy), "--port", str(port)])
+
+
+def run_printed(line: str, exports: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """A command line the demo printed, run the way a user pastes it into a new shell (in the
+    project root, as `make run` is) after the printed `export` line."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLWAY_")}
+    return subprocess.run(
+        shlex.split(line),
+        cwd=ROOT,
+        env={**env, **exports},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def printed(banner: str, pattern: str) -> str:
+    """The first group of ``pattern`` (a whole line) in what the demo printed."""
+    m = re.search(pattern, banner, re.M)
+    assert m, f"{pattern!r} not printed:\n{banner}"
+    return m.group(1)
+
+
+def printed_exports(banner: str) -> dict[str, str]:
+    """The variables of the banner's `export` line."""
+    return dict(pair.split("=", 1) for pair in printed(banner, r"^  export (.+)$").split())
+
+
+def as_in_readme(banner: str, data: Path) -> str:
+    """The banner the way the README shows it: default ports, keys shortened, ./data."""
+    port = printed(banner, r"tollway listening on http://127\.0\.0\.1:(\d+)$")
+    emu = printed(banner, r"the built-in emulator at http://127\.0\.0\.1:(\d+)\)")
+    banner = banner.replace(f"127.0.0.1:{port}", "127.0.0.1:8080")
+    banner = banner.replace(f"127.0.0.1:{emu}", "127.0.0.1:9100").replace(f"{data}/", "data/")
+    banner = re.sub(r"\b(tw|admin)_[\w-]+", r"\1_...", banner)
+    return re.sub(r"^  \S+ keys list$", "  .venv/bin/tollway keys list", banner, flags=re.M)
+
+
+def printed_curl(banner: str) -> tuple[str, dict[str, str], bytes]:
+    """(path, headers, body) of the banner's curl example."""
+    lines = banner[banner.index("  curl ") :].splitlines()
+    end = next(i for i, line in enumerate(lines) if line.lstrip().startswith("-d "))
+    args = shlex.split(" ".join(line.rstrip("\\") for line in lines[: end + 1]))
+    url = next(a for a in args if a.startswith("http://"))
+    headers = dict(args[i + 1].split(": ", 1) for i, a in enumerate(args) if a == "-H")
+    return urlsplit(url).path, headers, args[args.index("-d") + 1].encode()
+
+
+def test_demo_prints_a_working_key(tmp_path: Path) -> None:
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "TOLLWAY_ADMIN_KEY"}
     proc = Proc(
-        [*TOLLWAY, "demo", "--policy", str(tmp_path / "demo.yaml"), "--port", str(port)], env=env
+        [*TOLLWAY, "demo", "--policy", str(demo_policy(tmp_path)), "--port", str(port)], env=env
     )
     try:
         key = proc.wait_for(r"demo key \(user 'demo'\): (tw_\S+)").group(1)
@@ -167,6 +227,76 @@ def test_demo_prints_a_working_key(tmp_path: Path) -> None:
         t0 = time.monotonic()
         assert proc.stop() == 0
         assert time.monotonic() - t0 < 10
+
+
+def test_demo_quick_start_works_as_printed(tmp_path: Path) -> None:
+    """The README's quick start: the export line lets `tollway keys list` reach the demo, the
+    curl example routes `model: auto` and its second run is a cache hit, and a second
+    `make run` revokes the first run's demo key instead of piling keys up."""
+    policy = demo_policy(tmp_path)
+    port = free_port()
+    proc = start_demo(policy, port)
+    try:
+        first_key = proc.wait_for(r"demo key \(user 'demo'\): (tw_\S+)").group(1)
+        proc.wait_for("Press Ctrl-C")
+        banner = proc.text()
+        assert f"keys in {tmp_path}/keys.json, usage in {tmp_path}/usage.duckdb" in banner
+        exports = printed_exports(banner)
+        assert exports["TOLLWAY_URL"] == f"http://127.0.0.1:{port}"
+        assert set(exports) == {"TOLLWAY_ADMIN_KEY", "TOLLWAY_URL"}
+        listed = run_printed(printed(banner, r"^  (.+ keys list)$"), exports)
+        assert listed.returncode == 0, listed.stderr
+        assert [line.split("\t")[1:3] for line in listed.stdout.splitlines()] == [["demo", "pro"]]
+
+        assert '"model": "auto"' in banner and "X-Tollway-Route" in banner
+        path, headers, body = printed_curl(banner)
+        assert headers["Authorization"] == f"Bearer {first_key}"
+        assert f"the feature {headers['X-Tollway-Feature']} is cached for" in " ".join(
+            banner.split()
+        )
+        http = Http(port)
+        try:
+            seen = [http.post(path, body, dict(headers)) for _ in range(2)]
+        finally:
+            http.close()
+        assert [status for status, _, _ in seen] == [200, 200]
+        assert [h["x-tollway-cache"] for _, h, _ in seen] == ["miss", "hit"]
+        assert all(h["x-tollway-route"].startswith(("cheap", "strong")) for _, h, _ in seen)
+
+        # the README shows this banner: every line it quotes is printed
+        readme = (ROOT / "README.md").read_text()
+        quoted = readme.split("It prints (keys shortened", 1)[1].split("```\n", 2)[1]
+        shown = as_in_readme(banner, tmp_path)
+        for line in filter(None, quoted.splitlines()):
+            assert line in shown.splitlines(), (
+                f"README quotes a line the demo does not print: {line}"
+            )
+    finally:
+        assert proc.stop() == 0
+
+    port = free_port()
+    proc = start_demo(policy, port)
+    try:
+        second_key = proc.wait_for(r"demo key \(user 'demo'\): (tw_\S+)").group(1)
+        proc.wait_for("Press Ctrl-C")
+        assert "1 earlier demo key(s) revoked" in proc.text()
+        listed = run_printed(
+            printed(proc.text(), r"^  (.+ keys list)$"), printed_exports(proc.text())
+        )
+        assert len(listed.stdout.splitlines()) == 1, listed.stdout
+        http = Http(port)
+        try:
+            for key, expected in ((first_key, 401), (second_key, 200)):
+                status, _, _ = http.post(
+                    "/v1/chat/completions",
+                    b'{"model": "gpt-5.4-mini", "messages": [{"role": "user", "content": "hi"}]}',
+                    {"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+                )
+                assert status == expected
+        finally:
+            http.close()
+    finally:
+        assert proc.stop() == 0
 
 
 def test_serve_reports_startup_failures_cleanly(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ request shape, through the whole shipped chain, must be freed by reference count
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import weakref
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 from proxy.context import RequestContext
 from proxy.hookspecs import hookimpl
 from tests.conftest import BASE_POLICY, Gw
+from tests.procs import until
 
 SEEN: list[weakref.ref[RequestContext]] = []
 
@@ -84,10 +86,8 @@ async def test_requests_are_freed_without_the_cycle_collector(
         await traffic(gw, key)
         # let finished handlers (log hooks run after the reply is out) and shared tasks
         # unwind; a context caught in a reference cycle never dies while the GC is off
-        for _ in range(40):
-            if len(SEEN) >= 15 and all(ref() is None for ref in SEEN):
-                break
-            await asyncio.sleep(0.05)
+        with contextlib.suppress(AssertionError):  # the assertions below say what is left
+            await until(lambda: len(SEEN) >= 15 and all(ref() is None for ref in SEEN), 2.0)
         assert len(SEEN) >= 15
         alive = [ref() for ref in SEEN if ref() is not None]
         detail = [(c.endpoint, c.status, c.cache, c.shared) for c in alive]

@@ -25,6 +25,7 @@ import pytest_asyncio
 from aiohttp import web
 
 from proxy.emulator import create_emulator_app
+from tests.procs import until
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -457,13 +458,20 @@ async def test_hang_cancelled_by_client_timeout(
             extra_headers={"x-emulator-hang": "1"},
         )
     )
-    await asyncio.sleep(0.15)
+    stats = f"{url}/_emulator/stats"
+
+    async def in_flight() -> int:
+        return int((await _get(http, stats))["in_flight"])
+
+    await until(in_flight, what="the hung request at the emulator")
     assert (await _get(http, f"{url}/_emulator/stats"))["in_flight"] == 1
     with pytest.raises(openai.APITimeoutError):
         await hung
-    deadline = time.monotonic() + 2
-    while (await _get(http, f"{url}/_emulator/stats"))["in_flight"] and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
+
+    async def idle() -> bool:
+        return await in_flight() == 0
+
+    await until(idle, 2.0, "the hung request cancelled at the emulator")
     assert (await _get(http, f"{url}/_emulator/stats"))["in_flight"] == 0
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -10,17 +9,16 @@ import redis
 import redis.asyncio as aioredis
 
 from proxy.keystore import KeyStore
-from tests.conftest import ADMIN_KEY, BASE_POLICY, Gw
+from tests.conftest import ADMIN_KEY, Gw
+from tests.conftest import policy as base_policy
+from tests.procs import until
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 CHAT = {"model": "gpt-5.4-mini", "messages": [{"role": "user", "content": "hi"}]}
 
 
-def policy(url: str, state_dir: Path | None = None) -> str:
-    folder = "null" if state_dir is None else f"'{state_dir}'"
-    return BASE_POLICY.replace(
-        "state: {{dir: null}}", f"state: {{{{dir: {folder}, url: '{url}'}}}}"
-    )
+def policy(url: str, state_dir: Path | None = None) -> dict[str, Any]:
+    return base_policy(state={"dir": state_dir, "url": url})
 
 
 async def status(gw: Gw, key: str) -> int:
@@ -33,19 +31,17 @@ async def status(gw: Gw, key: str) -> int:
 
 async def eventually(gw: Gw, key: str, expected: int) -> None:
     """Announcements take a moment to arrive: wait up to 3 s for ``expected``."""
-    for _ in range(60):
-        if await status(gw, key) == expected:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"key still answers {await status(gw, key)}, not {expected}")
+
+    async def answers() -> bool:
+        return await status(gw, key) == expected
+
+    await until(answers, 3.0, f"the key answering {expected}")
 
 
 async def test_instances_share_issued_keys(
-    make_gateway: Any, redis_server: str, tmp_path: Path
+    make_gateway: Any, redis_url: str, tmp_path: Path
 ) -> None:
-    url = f"{redis_server}/13"  # this test's own database
-    with redis.Redis.from_url(url) as r:
-        r.flushdb()
+    url = redis_url
     # a key in one instance's keys.json from before Redis was used: that instance seeds it
     local = KeyStore(tmp_path / "keys.json")
     _, old_key = local.create("olga", "pro")
@@ -77,10 +73,10 @@ async def test_instances_share_issued_keys(
     assert "olga" not in (tmp_path / "keys.json").read_text()  # gone from the file too
 
 
-async def test_no_key_exists_on_one_instance_only(make_gateway: Any, redis_server: str) -> None:
+async def test_no_key_exists_on_one_instance_only(make_gateway: Any, redis_url: str) -> None:
     """With Redis unreachable, creating a key fails and leaves no key behind; revoking fails
     and leaves the key valid (on every instance, not just the others)."""
-    url = f"{redis_server}/13"
+    url = redis_url
     gw = await make_gateway("chain:\n  - name: auth\n", base=policy(url))
     async with gw.http.post(
         f"{gw.url}/admin/keys", json={"user": "ann", "tier": "pro"}, headers=ADMIN

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from proxy.chain import compile_chain
-from proxy.policy import PolicyError, load_file, load_text, parse_duration
+from proxy.policy import PolicyError, load_file, load_text, parse_duration, read_text
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,9 +23,9 @@ models:
 
 
 def errors_of(text: str) -> list[str]:
+    """Every error of the policy text, the way `tollway check` and a reload find them."""
     with pytest.raises(PolicyError) as info:
-        loaded = load_text(text)
-        compile_chain(loaded)
+        compile_chain(read_text(text))
     return info.value.errors
 
 
@@ -137,3 +137,83 @@ def test_check_command_exit_codes(tmp_path: Path) -> None:
     assert ko.returncode == 1
     assert "chain[0] (auth).config.kyes: unknown key (line 8)" in ko.stderr
     assert "Traceback" not in ko.stderr
+
+
+def test_one_error_per_path_without_pydantic_prefixes() -> None:
+    # a value that fits no member of a union: one line for the path, not one per member
+    errs = errors_of(MINIMAL + "tiers:\n  free: {requests_per_month: lots}\n")
+    assert len(errs) == 1
+    assert errs[0].startswith("tiers.free.requests_per_month: Input should be a valid integer")
+    assert "'unlimited'" in errs[0] and errs[0].endswith("(line 7)")
+    # a ValueError raised by a validator reads as its own message
+    errs = errors_of(MINIMAL + "listen: {trusted_proxies: [not-an-ip]}\n")
+    assert errs[0].startswith("listen.trusted_proxies: ") and "Value error" not in errs[0]
+
+
+def test_top_level_and_chain_errors_come_together() -> None:
+    text = MINIMAL + "limts: {}\nchain:\n  - name: auth\n    config: {kyes: []}\n"
+    assert errors_of(text) == [
+        "limts: unknown key (line 6)",
+        "chain[0] (auth).config.kyes: unknown key (line 9)",
+    ]
+
+
+def test_an_invalid_entry_is_not_reported_again_where_it_is_named() -> None:
+    text = MINIMAL.replace("kind: openai", "kind: openia") + (
+        "tiers:\n  free: {requests_per_minute: 0}\n  pro: {includes: free}\n"
+    )
+    errs = errors_of(text)
+    assert [e.split(":")[0] for e in errs] == [
+        "providers.openai.kind",
+        "tiers.free.requests_per_minute",
+    ]
+
+
+def test_cross_references_of_plugin_configs_have_paths_and_lines() -> None:
+    text = MINIMAL + (
+        "tiers: {pro: {}}\n"
+        "chain:\n"
+        "  - name: auth\n"
+        "    config:\n"
+        "      keys:\n"
+        f"        - {{id: k1, user: u, tier: gold, sha256: {'a' * 64}}}\n"
+        "  - name: routing\n"
+        "    config:\n"
+        "      fallbacks: {m: [m, gone]}\n"
+    )
+    assert errors_of(text) == [
+        "chain[0] (auth).config.keys[0].tier: unknown tier 'gold' (line 11)",
+        "chain[1] (routing).config.fallbacks.m: a model cannot be its own fallback; "
+        "unknown model 'gone' (not in models:) (line 14)",
+    ]
+
+
+def test_dead_and_test_only_keys_are_gone() -> None:
+    """features.*.cache was read by nothing; limits' plan_period only shortened tests."""
+    errs = errors_of(MINIMAL + "features: {basic: {price_per_request: 0, cache: false}}\n")
+    assert errs == ["features.basic.cache: unknown key (line 6)"]
+    errs = errors_of(MINIMAL + "chain:\n  - name: limits\n    config: {plan_period: 1s}\n")
+    assert errs == ["chain[0] (limits).config.plan_period: unknown key (line 8)"]
+
+
+def test_a_policy_read_with_errors_is_never_loaded() -> None:
+    loaded = read_text(MINIMAL + "limts: {}\n")
+    assert loaded.errors == ["limts: unknown key (line 6)"]
+    with pytest.raises(PolicyError):
+        load_text(MINIMAL + "limts: {}\n")
+
+
+def test_what_is_valid_of_a_broken_section_is_used_to_check_the_rest() -> None:
+    # state.url is kept though state has an error: sink redis is fine, a keyless cache is not
+    text = MINIMAL.replace("m: {provider: openai}", "m: {provider: nope, input_per_mtok: -1}") + (
+        "state: {url: 'redis://127.0.0.1:1/0', on_unavailable: bogus}\n"
+        "chain:\n"
+        "  - name: metering\n    config: {sink: redis}\n"
+        "  - name: cache\n    config: {backend: state}\n"
+    )
+    assert [e.split(":")[0] for e in errors_of(text)] == [
+        "models.m.input_per_mtok",
+        "models.m.provider",
+        "state.on_unavailable",
+        "chain[1] (cache).config.backend",
+    ]

@@ -8,11 +8,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import yaml
 from aiohttp import web
 
 from proxy.context import RequestContext
 from proxy.hookspecs import hookimpl
-from tests.conftest import ADMIN_KEY, Gw
+from tests.conftest import ADMIN_KEY, Gw, policy_text
+from tests.procs import until
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 EVENTS: list[str] = []
@@ -59,13 +61,12 @@ async def test_reload_swaps_and_old_chain_drains(make_gateway: Any, tmp_path: Pa
             extra_headers={"x-emulator-latency-ms": "400"},
         )
     )
-    await asyncio.sleep(0.1)  # the slow request is in flight on chain 1
+    chain1 = gw.gateway.runtime.chain
+    await until(lambda: chain1.in_flight == 1, what="the slow request in flight on chain 1")
 
-    path.write_text(
-        path.read_text().replace(
-            "models:\n", "models:\n  gpt-5.5: {provider: openai, input_per_mtok: 1.25}\n"
-        )
-    )
+    edited = yaml.safe_load(path.read_text())
+    edited["models"]["gpt-5.5"] = {"provider": "openai", "input_per_mtok": 1.25}
+    path.write_text(policy_text(edited))
     async with gw.http.post(f"{gw.url}/admin/reload", headers=ADMIN) as r:
         assert r.status == 200, await r.text()
         assert (await r.json())["plugins"] == ["auth", "tracker"]
@@ -74,7 +75,7 @@ async def test_reload_swaps_and_old_chain_drains(make_gateway: Any, tmp_path: Pa
 
     reply = await slow
     assert reply.choices[0].message.content
-    await asyncio.sleep(0.05)
+    await until(lambda: "stop1" in EVENTS, what="chain 1 closed once drained")
     assert EVENTS.index("start2") < EVENTS.index("served-by1:200") < EVENTS.index("stop1")
     # keys issued before the reload still work (the key store outlives chains)
     assert "gpt-5.5" in await models(gw, key)

@@ -23,7 +23,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import Emulator
-from tests.procs import TOLLWAY, running
+from tests.procs import TOLLWAY, running, wait_for
 from tests.security import rawhttp
 from tests.security.helpers import static_key_policy
 
@@ -123,7 +123,7 @@ def test_bomb_is_refused_cheaply_and_the_gateway_keeps_answering(
     rss_before = peak_rss_mb(pid)
     poller = HealthPoller(port)
     poller.start()
-    time.sleep(0.2)  # a few answers before the attack
+    wait_for(lambda: len(poller.latencies) >= 5, what="a few answers before the attack")
     try:
         # Unauthenticated: the 401 comes back while most of the body is still unsent, so
         # the key was checked before the body was read, let alone inflated.
@@ -143,7 +143,8 @@ def test_bomb_is_refused_cheaply_and_the_gateway_keeps_answering(
         error = reply.json()["error"]
         assert error["code"] == "request_too_large" and str(MAX_BODY) in error["message"]
         assert set(error) == {"message", "type", "param", "code"}
-        time.sleep(0.2)  # answers after the attack too
+        after = len(poller.latencies) + 5
+        wait_for(lambda: len(poller.latencies) >= after, what="answers after the attack too")
     finally:
         poller.done.set()
         poller.join(10)

@@ -18,14 +18,14 @@ import anthropic
 import openai
 import pytest
 
-from tests.conftest import ADMIN_KEY, BASE_POLICY, Gw
+from tests.conftest import ADMIN_KEY, BASE_POLICY, Gw, policy
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 MSG = [{"role": "user", "content": "tell me a long story about a gateway"}]
 FEATURE = {"X-Tollway-Feature": "basic_suggestions"}  # price_per_request 0.01 in BASE_POLICY
 WORDS = {"x-emulator-words": "30"}
 # a read timeout short enough for a test, long enough for a busy machine's first byte
-SHORT_READ = BASE_POLICY.replace("read: 5s}}}}\n  anthropic", "read: 700ms}}}}\n  anthropic")
+SHORT_READ = policy(providers={"openai": {"timeout": {"read": "700ms"}}})
 
 
 def chain(db: Path) -> str:
@@ -87,9 +87,9 @@ def assert_failed_and_unpriced(row: dict[str, Any], status: int) -> None:
     ids=["connection-dropped", "read-timeout", "ended-early"],
 )
 async def test_a_broken_openai_stream_is_an_error_and_not_priced(
-    make_gateway: Any, tmp_path: Path, base: str, control: dict[str, str], status: int
+    make_gateway: Any, tmp_path: Path, base: Any, control: dict[str, str], status: int
 ) -> None:
-    assert SHORT_READ != BASE_POLICY
+    assert SHORT_READ != policy()
     gw: Gw = await make_gateway(chain(tmp_path / "usage.duckdb"), base=base)
     client = gw.openai(await gw.create_key("broken", "pro"))
     got: list[Any] = []

@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import openai
+import orjson
 import pytest
 
 from proxy.handler import new_request_id
 from tests.conftest import ADMIN_KEY, Gw, free_port
-from tests.procs import TOLLWAY, Proc, running
+from tests.procs import TOLLWAY, Http, Proc, running, wait_for
 from tests.security import rawhttp
 from tests.security.helpers import static_key_policy
 
@@ -275,7 +276,14 @@ def test_sigterm_finishes_within_the_shutdown_timeout(emulator_port: int, tmp_pa
         assert first_chunk.wait(10), "the stream did not start"
         short = threading.Thread(target=short_request, daemon=True)
         short.start()
-        time.sleep(0.15)
+        emulator = Http(emulator_port)
+
+        def both_in_flight() -> bool:
+            _, _, stats = emulator.request("GET", "/_emulator/stats")
+            return int(orjson.loads(stats)["in_flight"]) >= 2
+
+        wait_for(both_in_flight, 10.0, "the stream and the short request at the provider")
+        emulator.close()
         started = time.monotonic()
         gw.popen.send_signal(signal.SIGTERM)
         code = gw.popen.wait(timeout=15)

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,29 +22,35 @@ import pytest
 import redis
 
 from proxy.keystore import KeyStore
-from tests.conftest import ADMIN_KEY, BASE_POLICY, Gw, free_port
-from tests.procs import start_redis
+from tests.conftest import ADMIN_KEY, Gw, free_port, redis_binary
+from tests.conftest import policy as base_policy
+from tests.procs import start_redis, until
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 CHAT = {"model": "gpt-5.4-mini", "messages": [{"role": "user", "content": "hi"}]}
 CHAIN = "chain:\n  - name: auth\n  - name: limits\n    config: {user: [1000/minute]}\n"
-PLANS = """
-features:
-  basic_suggestions: {{price_per_request: 0.01}}
-tiers:
-  pro: {{requests_per_month: 25000, requests_per_minute: 1000, features: [basic_suggestions]}}
-  trial: {{requests_per_month: 6, requests_per_minute: 1000, features: [basic_suggestions]}}
-"""
+PLANS: dict[str, Any] = {
+    "features": {"basic_suggestions": {"price_per_request": 0.01}},
+    "tiers": {
+        "pro": {
+            "requests_per_month": 25000,
+            "requests_per_minute": 1000,
+            "features": ["basic_suggestions"],
+        },
+        "trial": {
+            "requests_per_month": 6,
+            "requests_per_minute": 1000,
+            "features": ["basic_suggestions"],
+        },
+    },
+}
 
 
 class OwnRedis:
     """A redis-server of this test's own (never one it did not start), on a fixed port."""
 
     def __init__(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.skip("no redis-server")
-        self.binary = binary
+        self.binary = redis_binary()  # under CI=true a missing binary fails, never skips
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -75,13 +79,14 @@ def own_redis() -> Iterator[OwnRedis]:
         server.kill()
 
 
-def policy(url: str, state_dir: Path | None, on_unavailable: str = "serve") -> str:
-    folder = "null" if state_dir is None else f"'{state_dir}'"
-    state = (
-        f"state: {{{{dir: {folder}, url: '{url}', check_interval: 200ms, "
-        f"on_unavailable: {on_unavailable}}}}}"
-    )
-    return BASE_POLICY.split("features:")[0].replace("state: {{dir: null}}", state) + PLANS
+def policy(url: str, state_dir: Path | None, on_unavailable: str = "serve") -> dict[str, Any]:
+    state = {
+        "dir": state_dir,
+        "url": url,
+        "check_interval": "200ms",
+        "on_unavailable": on_unavailable,
+    }
+    return {**base_policy(state=state), **PLANS}
 
 
 async def status(gw: Gw, key: str) -> int:
@@ -90,15 +95,6 @@ async def status(gw: Gw, key: str) -> int:
     ) as r:
         await r.read()
         return r.status
-
-
-async def until(what: str, check: Any, within: float = 5.0) -> None:
-    """Wait (bounded) until ``await check()`` is true."""
-    deadline = time.monotonic() + within
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {within}s: {what}")
-        await asyncio.sleep(0.05)
 
 
 async def make_key(gw: Gw, user: str, tier: str) -> dict[str, Any]:
@@ -133,7 +129,7 @@ async def test_restart_without_data_loses_no_key_and_resets_no_quota(
     async with gw2.http.delete(f"{gw2.url}/admin/keys/{carol['id']}", headers=ADMIN) as r:
         assert r.status == 200
     for gw in (gw1, gw2):
-        await until("carol revoked everywhere", lambda gw=gw: _is(gw, carol["key"], 401))
+        await until(lambda gw=gw: _is(gw, carol["key"], 401), what="carol revoked everywhere")
         assert await status(gw, alice["key"]) == 200
     for i in range(4):  # bob spends 4 of 6, through both instances, with the OpenAI SDK
         sdk = (gw1, gw2)[i % 2].openai(bob["key"])
@@ -150,13 +146,22 @@ async def test_restart_without_data_loses_no_key_and_resets_no_quota(
             await asyncio.sleep(0.01)
 
     runner = asyncio.create_task(traffic())
-    await asyncio.sleep(0.2)
-    with own_redis.client() as r:
-        epoch_before = r.get("tollway:epoch")
+
+    def epoch() -> bytes | None:
+        with own_redis.client() as r:
+            return r.get("tollway:epoch")  # type: ignore[no-any-return]
+
+    await until(lambda: len(statuses) > 2 and epoch(), what="traffic, and the watch's sentinel")
+    epoch_before = epoch()
     assert epoch_before  # the watch set its sentinel
     own_redis.kill()
     served_before = len(statuses)
-    await asyncio.sleep(1.0)  # the outage: requests keep coming (state.on_unavailable: serve)
+
+    def outage_served() -> bool:  # requests keep coming (state.on_unavailable: serve)
+        noticed = all(not _watch(gw).available for gw in (gw1, gw2))
+        return noticed and len(statuses) - served_before > 10
+
+    await until(outage_served, what="the outage noticed by both, with traffic through it")
     assert len(statuses) - served_before > 10  # traffic really ran against a dead Redis
     for gw in (gw1, gw2):
         watch = _watch(gw)
@@ -169,7 +174,7 @@ async def test_restart_without_data_loses_no_key_and_resets_no_quota(
     with own_redis.client() as r:
         assert r.dbsize() <= 2  # at most what the first checks wrote: nothing survived
     for gw in (gw1, gw2):
-        await until("recovery", lambda gw=gw: _available(gw), within=5.0)
+        await until(lambda gw=gw: _available(gw), 5.0, "recovery")
     stop.set()
     await runner
     assert set(statuses) == {200}, sorted(set(statuses))  # never a 500, never a 401
@@ -237,7 +242,7 @@ async def test_refuse_answers_503_in_the_provider_shape(
     assert await status(gw, "tw_not-a-key") == 401  # authentication still answers, from memory
 
     own_redis.start()
-    await until("recovery", lambda: _is(gw, made["key"], 200), within=5.0)
+    await until(lambda: _is(gw, made["key"], 200), 5.0, "recovery")
     await an.messages.create(**msg)
     no_tracebacks(caplog)
     lines = [r for r in caplog.records if r.name == "tollway.state"]
@@ -281,7 +286,7 @@ async def test_shared_cache_is_bypassed_while_redis_is_down(
     outage = [await cache_status() for _ in range(20)]
     assert outage[-1] == "bypass" and set(outage) <= {"miss", "bypass"}  # never a 500
     own_redis.start()
-    await until("recovery", lambda: _available(gw), within=5.0)
+    await until(lambda: _available(gw), 5.0, "recovery")
     assert [await cache_status(), await cache_status()] == ["miss", "hit"]  # an empty Redis
     no_tracebacks(caplog)
     cache_lines = [r for r in caplog.records if "response cache" in r.getMessage()]
@@ -299,7 +304,7 @@ async def test_an_instance_starts_while_redis_is_down(
     assert not _watch(gw).available
     assert await status(gw, key) == 200
     own_redis.start()
-    await until("recovery", lambda: _available(gw), within=5.0)
+    await until(lambda: _available(gw), 5.0, "recovery")
     with own_redis.client() as r:
         assert r.hlen("tollway:keys:records") == 1
     assert quota_used(own_redis, "fay") == 1  # the request counted alone, put back

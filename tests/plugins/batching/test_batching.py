@@ -10,7 +10,8 @@ import pytest
 
 from proxy.context import RequestContext
 from proxy.hookspecs import hookimpl
-from tests.conftest import BASE_POLICY, Emulator, Gw
+from tests.conftest import Emulator, Gw, policy
+from tests.procs import until
 
 MSG = [{"role": "user", "content": "tell me the same thing"}]
 
@@ -26,11 +27,10 @@ class Seen:
         Seen.rows.append((ctx.request_id, ctx.status, ctx.shared))
 
 
-def chain(extra: str = "") -> str:
-    return (
-        "chain:\n  - name: auth\n  - name: seen\n  - name: batching\n"
-        f"    config: {{window: 100ms, max_inputs: 64{extra}}}\n"
-    )
+def chain(**config: Any) -> list[dict[str, Any]]:
+    """auth, seen, batching: ``config`` changes batching's (window 100ms, max_inputs 64)."""
+    batching = {"window": "100ms", "max_inputs": 64, **config}
+    return [{"name": "auth"}, {"name": "seen"}, {"name": "batching", "config": batching}]
 
 
 @pytest.fixture
@@ -99,7 +99,7 @@ async def test_follower_disconnect_does_not_cancel(
             return await r.read()
 
     keepers = [asyncio.create_task(full()) for _ in range(2)]
-    await asyncio.sleep(0.05)
+    await until(emulator.in_flight, what="the keepers' call in flight")
     async with aiohttp.ClientSession() as s:
         quitter = await s.post(f"{gw.url}/v1/chat/completions", json=body, headers=headers)
         await quitter.content.readuntil(b"\n\n")
@@ -152,11 +152,10 @@ async def test_users_do_not_share_calls_by_default(make_gateway: Any, emulator: 
 
 
 async def test_twenty_embeddings_requests_one_call(make_gateway: Any, emulator: Emulator) -> None:
-    # a window wide enough that twenty SDK requests (each opening a connection, on a busy
-    # 2-core machine that also runs the gateway and the emulator) all land in it
-    gw = await make_gateway(
-        chain().replace("window: 100ms", "window: 500ms"), extra_plugins={"seen": Seen}
-    )
+    # the twenty requests hold 30 inputs: a batch of exactly 30 goes when its last one
+    # arrives, however long twenty SDK requests take on a busy machine (the window is a
+    # bound that is never reached, not a guess of how long they take)
+    gw = await make_gateway(chain(window="60s", max_inputs=30), extra_plugins={"seen": Seen})
     await emulator.reset()
     client = gw.openai(await gw.create_key("bea", "pro"))
     texts = [
@@ -206,7 +205,7 @@ async def test_first_client_leaving_does_not_strand_duplicates(
                 timeout=aiohttp.ClientTimeout(total=0.1),
             )
         )
-        await asyncio.sleep(0.03)
+        await until(emulator.in_flight, what="the first call in flight")
         others = [asyncio.create_task(patient()) for _ in range(2)]
         with pytest.raises(asyncio.TimeoutError):
             await leader
@@ -216,10 +215,7 @@ async def test_first_client_leaving_does_not_strand_duplicates(
     assert sorted(s for _, _, s in Seen.rows if s) == ["coalesced"]
 
 
-FAST_TIMEOUT = BASE_POLICY.replace(
-    "timeout: {{connect: 2s, read: 5s}}}}\n  anthropic",
-    "timeout: {{connect: 2s, read: 300ms}}}}\n  anthropic",
-)
+FAST_TIMEOUT = policy(providers={"openai": {"timeout": {"read": "300ms"}}})
 
 
 async def _statuses(gw: Gw, path: str, bodies: list[Any], headers: dict[str, str]) -> list[Any]:
@@ -236,7 +232,7 @@ async def test_transport_failure_reaches_every_follower(
     make_gateway: Any, emulator: Emulator
 ) -> None:
     """Not an error reply but an exception (a read timeout): every duplicate gets it too."""
-    assert FAST_TIMEOUT != BASE_POLICY
+    assert FAST_TIMEOUT != policy()
     gw = await make_gateway(chain(), base=FAST_TIMEOUT, extra_plugins={"seen": Seen})
     key = await gw.create_key("hang", "pro")
     await emulator.reset()
@@ -262,7 +258,10 @@ async def test_merged_embeddings_failure_reaches_every_caller(
 ) -> None:
     gw = await make_gateway(
         chain(),
-        base=FAST_TIMEOUT.replace("attempts: 2", "attempts: 0"),
+        base=policy(
+            FAST_TIMEOUT,
+            providers={p: {"retries": {"attempts": 0}} for p in ("openai", "anthropic")},
+        ),
         extra_plugins={"seen": Seen},
     )
     key = await gw.create_key("emb", "pro")
@@ -277,9 +276,7 @@ async def test_merged_embeddings_failure_reaches_every_caller(
 async def test_a_full_batch_goes_at_once_and_the_next_one_opens(
     make_gateway: Any, emulator: Emulator
 ) -> None:
-    gw = await make_gateway(
-        chain().replace("max_inputs: 64", "max_inputs: 4"), extra_plugins={"seen": Seen}
-    )
+    gw = await make_gateway(chain(max_inputs=4), extra_plugins={"seen": Seen})
     key = await gw.create_key("full", "pro")
     await emulator.reset()
     client = gw.openai(key)
@@ -291,3 +288,31 @@ async def test_a_full_batch_goes_at_once_and_the_next_one_opens(
     for inputs, res in zip(texts, results, strict=True):
         assert [d.index for d in res.data] == list(range(len(inputs)))
         assert res.usage.prompt_tokens == sum(len(t.split()) for t in inputs)
+
+
+async def test_a_caller_that_left_during_the_window_is_not_sent(
+    make_gateway: Any, emulator: Emulator
+) -> None:
+    """A client that hangs up while its embeddings request waits in a batch is dropped from
+    it: its inputs are not sent, and the merged call is made with a present member's call."""
+    gw = await make_gateway(chain(window="10s", max_inputs=2), extra_plugins={"seen": Seen})
+    key = await gw.create_key("gone", "pro")
+    await emulator.reset()
+    batcher = gw.gateway.runtime.chain.plugins[-1].batcher
+    h = {"Authorization": f"Bearer {key}"}
+
+    async def embed(text: str) -> Any:
+        body = {"model": "text-embedding-3-small", "input": [text]}
+        async with gw.http.post(f"{gw.url}/v1/embeddings", json=body, headers=h) as r:
+            assert r.status == 200
+            return await r.json()
+
+    leaving = asyncio.create_task(embed("gone"))
+    await until(lambda: batcher.open, what="the first request waits in a batch")
+    (batch,) = batcher.open.values()
+    leaving.cancel()  # the client hangs up: the gateway cancels its handler
+    await until(lambda: batch.callers[0].future.cancelled(), what="its place given up")
+    staying = await embed("stay")  # the second input fills the batch: it goes at once
+    assert len(staying["data"]) == 1
+    assert (await emulator.stats())["requests"] == 1
+    assert (await emulator.last())["body"]["input"] == ["stay"]

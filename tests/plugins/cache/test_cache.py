@@ -182,7 +182,7 @@ async def test_encrypted_at_rest_and_tampering(cached: tuple[Gw, str], emulator:
     reply = await client.chat.completions.create(model="gpt-5.4-mini", messages=ask())  # type: ignore[arg-type]
     store = gw.app[SHARED].find(STORE)
     assert store is not None
-    backend = store.raw_backend()
+    backend = store.backend
     raw_entries = list(backend._store.values()) if hasattr(backend, "_store") else []
     blob = b"".join(e if isinstance(e, bytes) else repr(e).encode() for e in raw_entries)
     assert blob, "the memory backend should hold the entry"

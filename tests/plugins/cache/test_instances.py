@@ -8,27 +8,63 @@ from typing import Any
 
 import openai
 import pytest
-import redis
 
-from tests.conftest import BASE_POLICY, Emulator, Gw
+from proxy.context import RequestContext
+from proxy.hookspecs import hookimpl
+from tests.conftest import Emulator, Gw, policy
+from tests.procs import until
 
 KEY = "c" * 64
 MSG = [{"role": "user", "content": "one call for every instance"}]
 
 
+class Gate:
+    """After the cache in the chain: holds the first request that passes (the flight's
+    leader, its lock taken) until the test opens the gate, so the others arrive while it is
+    in flight however slow the machine is, instead of within a guessed latency."""
+
+    opened = asyncio.Event()
+    held = 0
+
+    def __init__(self, config: Any, policy: Any) -> None:
+        pass
+
+    @hookimpl
+    async def access(self, ctx: RequestContext) -> None:
+        if Gate.held == 0:
+            Gate.held = 1
+            await Gate.opened.wait()
+
+
 @pytest.fixture
-async def pair(make_gateway: Any, redis_server: str, emulator: Emulator) -> tuple[Gw, Gw]:
-    url = f"{redis_server}/11"  # this module's own database
-    with redis.Redis.from_url(url) as r:
-        r.flushdb()
-    base = BASE_POLICY.replace("state: {{dir: null}}", f"state: {{{{dir: null, url: '{url}'}}}}")
-    chain = (
-        "chain:\n  - name: auth\n  - name: cache\n"
-        f"    config: {{backend: state, key: '{KEY}', scope: global, default_ttl: 1h}}\n"
-    )
-    gws = (await make_gateway(chain, base=base), await make_gateway(chain, base=base))
+async def pair(make_gateway: Any, redis_url: str, emulator: Emulator) -> tuple[Gw, Gw]:
+    Gate.opened, Gate.held = asyncio.Event(), 0
+    base = policy(state={"url": redis_url})
+    chain = [
+        {"name": "auth"},
+        {
+            "name": "cache",
+            "config": {"backend": "state", "key": KEY, "scope": "global", "default_ttl": "1h"},
+        },
+        {"name": "gate"},
+    ]
+    gws = tuple([await make_gateway(chain, base=base, extra_plugins={"gate": Gate}) for _ in "12"])
     await emulator.reset()
-    return gws
+    return gws  # type: ignore[return-value]
+
+
+def waiting(gw: Gw) -> list[str]:
+    """Counts the requests of ``gw`` that wait for another instance's answer (one entry each)."""
+    cache = gw.gateway.runtime.chain.plugins[1]
+    entered: list[str] = []
+    store, await_flight = cache.store, cache.store.await_flight
+
+    async def spy(key: str, longest: float) -> bytes | None:
+        entered.append(key)
+        return await await_flight(key, longest)  # type: ignore[no-any-return]
+
+    store.await_flight = spy
+    return entered
 
 
 async def ask(gw: Gw, key: str, **headers: str) -> tuple[str, str]:
@@ -43,10 +79,13 @@ async def ask(gw: Gw, key: str, **headers: str) -> tuple[str, str]:
 async def test_one_call_across_instances(pair: tuple[Gw, Gw], emulator: Emulator) -> None:
     gw1, gw2 = pair
     k1, k2 = await gw1.create_key("ann"), await gw2.create_key("bob")
-    slow = {"x-emulator-latency-ms": "600"}
-    first = asyncio.create_task(ask(gw1, k1, **slow))
-    await asyncio.sleep(0.2)  # the first is in flight on instance 1
-    others = await asyncio.gather(*(ask(gw2, k2, **slow) for _ in range(3)))
+    entered = waiting(gw2)
+    first = asyncio.create_task(ask(gw1, k1))
+    await until(lambda: Gate.held, what="the first in flight on instance 1, its lock taken")
+    pending = asyncio.gather(*(ask(gw2, k2) for _ in range(3)))
+    await until(lambda: len(entered) == 3, what="three requests waiting on instance 2")
+    Gate.opened.set()
+    others = await pending
     lead = await first
     assert (await emulator.stats())["requests"] == 1
     assert lead[0] == "miss" and {c for c, _ in others} == {"hit"}
@@ -61,9 +100,13 @@ async def test_a_failed_leader_lets_the_others_ask(pair: tuple[Gw, Gw], emulator
     gw1, gw2 = pair
     k1, k2 = await gw1.create_key("ann"), await gw2.create_key("bob")
     fail = {"x-emulator-fail-times": "3", "x-emulator-key": "leader", "x-emulator-status": "500"}
-    first = asyncio.create_task(ask(gw1, k1, **fail, **{"x-emulator-latency-ms": "300"}))
-    await asyncio.sleep(0.2)
-    second = await ask(gw2, k2)
+    entered = waiting(gw2)
+    first = asyncio.create_task(ask(gw1, k1, **fail))
+    await until(lambda: Gate.held, what="the first in flight on instance 1, its lock taken")
+    pending = asyncio.create_task(ask(gw2, k2))
+    await until(lambda: entered, what="the second waiting on instance 2")
+    Gate.opened.set()
+    second = await pending
     with pytest.raises(openai.InternalServerError):
         await first
     assert second[0] == "miss" and second[1]

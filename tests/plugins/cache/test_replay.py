@@ -19,8 +19,9 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import TypeAdapter
 
-from plugins.cache.replay import PIECE_CHARS, Assembler, replay, usage_of
+from plugins.cache.replay import PIECE_CHARS, Assembler, replay
 from proxy import sse, translate
+from proxy.tokens import reply_tokens
 
 LONG = "Héllo wörld — 你好世界! 🎉👩‍👩‍👧 naïve café " * 6 + "\n\nend."
 ARGS = orjson.dumps({"city": "Zürich", "notes": "東京 " * 20, "days": [1, 2, 3]}).decode()
@@ -354,7 +355,7 @@ def test_assembles_what_the_gateway_translates_to_chat(case: str, body: dict[str
     assert got is not None
     assert (got["choices"], got["id"]) == (want["choices"], want["id"])
     # the stream translator reports no cached-token details; the counts agree
-    assert usage_of("chat", got) == usage_of("chat", want) == usage_of("messages", body)
+    assert reply_tokens(got) == reply_tokens(want) == reply_tokens(body) is not None
 
 
 @pytest.mark.parametrize(("case", "body"), CHAT.items())
@@ -404,12 +405,15 @@ def test_unfinished_second_choice_and_cut_tool_input() -> None:
 
 
 def test_usage_of() -> None:
-    assert usage_of("chat", CHAT["text"]) == (12, 40)
-    assert usage_of("completions", COMPLETIONS["text"]) == (5, 7)
-    assert usage_of("messages", MESSAGES["tools"]) == (150, 60)  # cache reads are input
-    assert usage_of("messages", CHAT["text"]) == (12, 40)  # read by shape, not endpoint
-    assert usage_of("chat", {"choices": []}) == (0, 0)
-    assert usage_of("chat", {"usage": None}) == (0, 0)
+    """A hit is metered by the core's reader of a whole reply, reading the stored body's shape
+    from its usage keys (a body without usage is metered as (0, 0))."""
+    assert reply_tokens(CHAT["text"]) == (12, 40)
+    assert reply_tokens(COMPLETIONS["text"]) == (5, 7)
+    assert reply_tokens(MESSAGES["tools"]) == (150, 60)  # cache reads are input
+    assert reply_tokens(CHAT["text"]) == reply_tokens(CHAT["text"], "openai")  # read by shape
+    assert reply_tokens(MESSAGES["tools"]) == reply_tokens(MESSAGES["tools"], "anthropic")
+    assert reply_tokens({"choices": []}) is None
+    assert reply_tokens({"usage": None}) is None
 
 
 def test_unknown_endpoint() -> None:

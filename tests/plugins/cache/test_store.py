@@ -12,10 +12,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from plugins.cache.memory import MemoryBackend
 from plugins.cache.store import (
     NONCE_LEN,
     TAG_LEN,
-    BoundedMemoryCache,
     CacheStore,
     parse_key,
 )
@@ -37,7 +37,7 @@ def entry_size(namespace: str, key: str, key_id: str, value_len: int) -> int:
 
 
 async def tamper(s: CacheStore, key: str, pos: int) -> None:
-    raw = s.raw_backend()
+    raw = s.backend
     blob = bytearray(await raw.get(key))
     blob[pos] ^= 0x01
     await raw.set(key, bytes(blob), ttl=60.0)
@@ -79,7 +79,7 @@ async def test_ttl_expiry_and_non_positive_ttl() -> None:
 async def test_stored_bytes_hold_no_plaintext_or_key_material() -> None:
     s = store(keys=[("key-2024", KEY_A)])
     await s.set("conv:1", SECRET, 60)
-    raw = await s.raw_backend().get("conv:1")
+    raw = await s.backend.get("conv:1")
     assert isinstance(raw, bytes)
     assert raw[0] == 1 and raw[2 : 2 + raw[1]] == b"key-2024"
     for needle in (SECRET, b"078-05-1120", b"the model", KEY_A, KEY_A.hex().encode()):
@@ -88,7 +88,7 @@ async def test_stored_bytes_hold_no_plaintext_or_key_material() -> None:
     assert len(raw) == 2 + 8 + NONCE_LEN + len(SECRET) + TAG_LEN
     # a fresh random nonce per write: the same plaintext never gives the same bytes
     await s.set("conv:1", SECRET, 60)
-    assert await s.raw_backend().get("conv:1") != raw
+    assert await s.backend.get("conv:1") != raw
     await s.close()
 
 
@@ -106,7 +106,7 @@ async def test_tampered_entry_is_a_counted_miss(pos: int) -> None:
 
 async def test_garbage_and_truncated_entries_are_misses() -> None:
     s = store()
-    raw = s.raw_backend()
+    raw = s.backend
     for junk in (b"", b"\x01", b"\x01\x01a", b"\x01\x01a" + b"\0" * 27, "text", SECRET):
         await raw.set("k", junk, ttl=60.0)
         assert await s.get("k") is None
@@ -117,14 +117,14 @@ async def test_garbage_and_truncated_entries_are_misses() -> None:
 async def test_entry_copied_under_another_key_does_not_decrypt() -> None:
     s = store()
     await s.set("alice", SECRET, 60)
-    blob = await s.raw_backend().get("alice")
-    await s.raw_backend().set("mallory", blob, ttl=60.0)
+    blob = await s.backend.get("alice")
+    await s.backend.set("mallory", blob, ttl=60.0)
     assert await s.get("mallory") is None
     assert s.stats.decrypt_failures == 1
     assert await s.get("alice") == SECRET
     # the namespace is bound too: the same key in another namespace is another entry
     other = store(namespace="other:")
-    await other.raw_backend().set("alice", blob, ttl=60.0)
+    await other.backend.set("alice", blob, ttl=60.0)
     assert await other.get("alice") is None
     assert other.stats.decrypt_failures == 1
     await s.close()
@@ -134,25 +134,25 @@ async def test_entry_copied_under_another_key_does_not_decrypt() -> None:
 async def test_key_rotation() -> None:
     old = store(keys=[("A", KEY_A)])
     await old.set("k1", b"written with A", 60)
-    blob = await old.raw_backend().get("k1")
+    blob = await old.backend.get("k1")
 
     rotated = store(keys=[("B", KEY_B), ("A", KEY_A)])
-    await rotated.raw_backend().set("k1", blob, ttl=60.0)
+    await rotated.backend.set("k1", blob, ttl=60.0)
     assert await rotated.get("k1") == b"written with A"
     await rotated.set("k2", b"written with B", 60)
-    new_blob = await rotated.raw_backend().get("k2")
+    new_blob = await rotated.backend.get("k2")
     assert new_blob[2 : 2 + new_blob[1]] == b"B"
 
     only_b = store(keys=[("B", KEY_B)])
     for k, v in (("k1", blob), ("k2", new_blob)):
-        await only_b.raw_backend().set(k, v, ttl=60.0)
+        await only_b.backend.set(k, v, ttl=60.0)
     assert await only_b.get("k1") is None  # key id A is gone
     assert await only_b.get("k2") == b"written with B"
     assert only_b.stats.decrypt_failures == 1
 
     # same key id, different key material (a botched rotation) also fails closed
     impostor = store(keys=[("A", KEY_B)])
-    await impostor.raw_backend().set("k1", blob, ttl=60.0)
+    await impostor.backend.set("k1", blob, ttl=60.0)
     assert await impostor.get("k1") is None
     assert impostor.stats.decrypt_failures == 1
     for s in (old, rotated, only_b, impostor):
@@ -208,21 +208,22 @@ async def test_oversize_entry_is_not_stored() -> None:
     await s.close()
 
 
-async def test_backend_speaks_aiocache_api() -> None:
-    c = BoundedMemoryCache(10_000, namespace="n:")
-    assert await c.add("a", b"1", ttl=60)
-    with pytest.raises(ValueError):
-        await c.add("a", b"2")
-    assert await c.exists("a") and not await c.exists("b")
-    await c.multi_set([("b", b"2"), ("c", b"3")])
-    assert await c.multi_get(["a", "b", "z"]) == [b"1", b"2", None]
-    assert await c.expire("a", 0.01)
+async def test_memory_backend_interface() -> None:
+    """The in-process ``CacheBackend`` on its own: namespaced keys, TTL, delete counts, the
+    flight lock that no other instance can hold, and close."""
+    c = MemoryBackend(10_000, namespace="n:")
+    assert await c.set("a", b"1", ttl=60)
+    assert await c.set("b", b"2") and await c.set("c", b"3", ttl=0.01)
+    assert [await c.get(k) for k in ("a", "b", "z")] == [b"1", b"2", None]
+    assert set(c._store) == {"n:a", "n:b", "n:c"}
+    assert c.footprint() == (3, 3 * 4, 0)
     await asyncio.sleep(0.03)
-    assert not await c.exists("a")
+    assert await c.get("c") is None and len(c) == 2  # expired: dropped when looked at
     assert await c.delete("b") == 1 and await c.delete("b") == 0
-    await c.clear(namespace="n:")
-    assert len(c) == 0 and c.nbytes == 0
+    assert not c.shared and await c.claim("a", b"me", 1.0) is None
+    assert not await c.in_flight("a")
     await c.close()
+    assert len(c) == 0 and c.nbytes == 0
 
 
 # ---- configuration ---------------------------------------------------------------------------
@@ -281,10 +282,9 @@ async def test_backend_errors_are_counted_misses(
     async def aboom(*args: object, **kwargs: object) -> None:
         boom(*args)
 
-    # the store reads and writes its own in-process backend directly, deletes through aiocache
-    monkeypatch.setattr(s.raw_backend(), "read", boom)
-    monkeypatch.setattr(s.raw_backend(), "write", boom)
-    monkeypatch.setattr(s.raw_backend(), "_delete", aboom)
+    monkeypatch.setattr(s.backend, "get", aboom)
+    monkeypatch.setattr(s.backend, "set", aboom)
+    monkeypatch.setattr(s.backend, "delete", aboom)
     with caplog.at_level(logging.WARNING, logger="plugins.cache.store"):
         await s.set("user:42", SECRET, 60)
         assert await s.get("user:42") is None
@@ -310,12 +310,11 @@ async def test_unreachable_redis_fails_open() -> None:
 
 
 @pytest.fixture
-async def rstore(redis_server: str) -> AsyncIterator[CacheStore]:
-    redis_url = f"{redis_server}/0"
+async def rstore(redis_url: str) -> AsyncIterator[CacheStore]:
     ns = f"tollway:test:{uuid.uuid4().hex}:"
     s = store(url=redis_url, namespace=ns, keys=[("r1", KEY_A)])
     yield s
-    client = s.raw_backend().client
+    client = s.backend.client
     keys = [k async for k in client.scan_iter(match=f"{ns}*")]
     if keys:
         await client.delete(*keys)
@@ -323,8 +322,8 @@ async def rstore(redis_server: str) -> AsyncIterator[CacheStore]:
 
 
 async def test_redis_round_trip_ttl_and_ciphertext(rstore: CacheStore) -> None:
-    client = rstore.raw_backend().client
-    ns = rstore.raw_backend().namespace
+    client = rstore.backend.client
+    ns = rstore.backend.namespace
     await rstore.set("k", SECRET, 60)
     assert await rstore.get("k") == SECRET
     raw = await client.get(f"{ns}k")  # stored under namespace + key, no extra ':'
@@ -340,10 +339,9 @@ async def test_redis_round_trip_ttl_and_ciphertext(rstore: CacheStore) -> None:
     assert (st.hits, st.misses, st.sets, st.errors, st.entries) == (2, 2, 2, 0, 0)
 
 
-async def test_redis_tamper_copy_and_rotation(rstore: CacheStore, redis_server: str) -> None:
-    redis_url = f"{redis_server}/0"
-    client = rstore.raw_backend().client
-    ns = rstore.raw_backend().namespace
+async def test_redis_tamper_copy_and_rotation(rstore: CacheStore, redis_url: str) -> None:
+    client = rstore.backend.client
+    ns = rstore.backend.namespace
     await rstore.set("alice", SECRET, 60)
     blob = await client.get(f"{ns}alice")
     await client.set(f"{ns}mallory", blob)
@@ -372,11 +370,13 @@ def test_redis_client_is_loaded_only_for_a_redis_backend() -> None:
     script = (
         "import sys\n"
         "import plugins.cache.store as cs\n"
+        "m = cs.CacheStore(keys=[('a', bytes(32))])\n"
         "assert 'redis' not in sys.modules, 'redis-py loaded by the memory backend'\n"
-        "backend = cs._redis_backend('redis://127.0.0.1:6379/0', 'ns')\n"
+        "assert 'aiocache' not in sys.modules\n"
+        "s = cs.CacheStore(url='redis://127.0.0.1:1/0', keys=[('a', bytes(32))])\n"
         "assert 'redis' in sys.modules\n"
         "from aiocache.backends.redis import RedisCache\n"
-        "assert isinstance(backend, RedisCache)\n"
+        "assert isinstance(s.backend.cache, RedisCache)\n"
         "print('ok')\n"
     )
     assert fresh_interpreter(script) == "ok"
@@ -395,7 +395,7 @@ async def test_forget_owner_memory_and_eviction() -> None:
     # evicted and overwritten entries leave nothing behind in the owner index
     for i in range(40):
         await s.set(f"bob{i % 30}", b"b" * 100, 60, owner="bob")
-    memory = s.raw_backend()
+    memory = s.backend
     assert memory.evictions > 0
     live = {k for k in memory._store if k.split(":")[-1].startswith("bob")}
     assert memory._owned == {"bob": live} and set(memory._owner_of) == live
@@ -405,8 +405,8 @@ async def test_forget_owner_memory_and_eviction() -> None:
 
 
 async def test_redis_forget_owner(rstore: CacheStore) -> None:
-    client = rstore.raw_backend().client
-    ns = rstore.raw_backend().namespace
+    client = rstore.backend.client
+    ns = rstore.backend.namespace
     await rstore.set("a1", b"x", 60, owner="ann")
     await rstore.set("a2", b"y", 120, owner="ann")
     await rstore.set("b1", b"z", 60, owner="bob")

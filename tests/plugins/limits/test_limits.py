@@ -14,35 +14,59 @@ import pytest
 from pydantic import ValidationError
 
 from plugins.limits.plugin import LimitsConfig as Config
-from plugins.limits.plugin import compile_plans, reset_string
+from plugins.limits.plugin import LimitsPlugin, compile_plans, reset_string
 from proxy.context import RequestContext
 from proxy.hookspecs import hookimpl
 from proxy.policy import Policy, Tier
-from tests.conftest import BASE_POLICY, Emulator, Gw
+from tests.conftest import Emulator, Gw, policy
+from tests.plugins.limits.test_windows import Clock
+from tests.procs import until
 
 MSG = [{"role": "user", "content": "hi"}]
 CHAT = {"model": "gpt-5.4-mini", "messages": MSG}
 
-PLANS = """
-features:
-  basic_suggestions: {{price_per_request: 0.01}}
-  code_suggestions: {{price_per_request: 0.02}}
-  custom: {{price_per_request: 0.05}}
-tiers:
-  free: {{requests_per_month: 1000, requests_per_minute: 5, features: [basic_suggestions],
-          models: [gpt-5.4-mini]}}
-  pro: {{includes: free, requests_per_month: 25000, requests_per_minute: 30,
-         features: [code_suggestions], priority: 1}}
-  enterprise: {{includes: pro, requests_per_month: unlimited, requests_per_minute: 100,
-                features: [custom], priority: 2}}
-"""
-BASE = BASE_POLICY.split("features:")[0] + PLANS
+PLANS: dict[str, Any] = {
+    "features": {
+        "basic_suggestions": {"price_per_request": 0.01},
+        "code_suggestions": {"price_per_request": 0.02},
+        "custom": {"price_per_request": 0.05},
+    },
+    "tiers": {
+        "free": {
+            "requests_per_month": 1000,
+            "requests_per_minute": 5,
+            "features": ["basic_suggestions"],
+            "models": ["gpt-5.4-mini"],
+        },
+        "pro": {
+            "includes": "free",
+            "requests_per_month": 25000,
+            "requests_per_minute": 30,
+            "features": ["code_suggestions"],
+            "priority": 1,
+        },
+        "enterprise": {
+            "includes": "pro",
+            "requests_per_month": "unlimited",
+            "requests_per_minute": 100,
+            "features": ["custom"],
+            "priority": 2,
+        },
+    },
+}
+BASE = {**policy(), **PLANS}  # the test policy with these plans instead of its own
 
 
 def limits_chain(**config: str) -> str:
     lines = "".join(f"      {k}: {v}\n" for k, v in config.items())
     lines = lines or "      {}\n"
     return f"chain:\n  - name: auth\n  - name: limits\n    config:\n{lines}"
+
+
+def short_plans(seconds: float) -> dict[str, Any]:
+    """``extra_plugins`` for a limits plugin whose plans' per-minute window is ``seconds``
+    long (not a policy key: production's minute is a minute)."""
+    return {"limits": type("ShortPlans", (LimitsPlugin,), {"plan_period": seconds})}
 
 
 # ---- config ---------------------------------------------------------------------------------
@@ -96,13 +120,10 @@ def test_perks_priority_and_custom_models() -> None:
 
 
 async def test_custom_models_need_the_perk(make_gateway: Any) -> None:
-    base = BASE.replace(
-        "  text-embedding-3-small:",
-        "  gpt-secret: {{provider: openai, custom: true, input_per_mtok: 1}}\n"
-        "  text-embedding-3-small:",
-    ).replace(
-        "                features: [custom], priority: 2}}",
-        "                features: [custom], priority: 2, perks: [custom_models]}}",
+    base = policy(
+        BASE,
+        models={"gpt-secret": {"provider": "openai", "custom": True, "input_per_mtok": 1}},
+        tiers={"enterprise": {"perks": ["custom_models"]}},
     )
     gw = await make_gateway(limits_chain(), base=base)
     body = {"model": "gpt-secret", "messages": MSG}
@@ -130,7 +151,10 @@ async def post(gw: Gw, key: str, body: Any = None, **headers: str) -> aiohttp.Cl
 
 
 async def test_free_plan_boundary_and_window(make_gateway: Any) -> None:
-    gw = await make_gateway(limits_chain(plan_period="1s"), base=BASE)
+    gw = await make_gateway(limits_chain(), base=BASE, extra_plugins=short_plans(1.0))
+    # the windows' time is the test's: it moves on when told to, never waited for
+    clock = Clock(time.time())
+    gw.gateway.runtime.chain.plugins[1].limiter.clock = clock
     key = await gw.create_key("fred", "free")
     client = gw.openai(key)
     for i in range(5):
@@ -146,7 +170,7 @@ async def test_free_plan_boundary_and_window(make_gateway: Any) -> None:
     # sliding-window counter: the 5 hits keep weighing on the next window for a fifth of it
     assert headers["retry-after"] in ("1", "2")
     assert headers["x-ratelimit-remaining-requests"] == "0"
-    await asyncio.sleep(float(headers["retry-after"]) + 0.05)
+    clock.t += float(headers["retry-after"]) + 0.05
     reply = await client.chat.completions.create(model="gpt-5.4-mini", messages=MSG)  # type: ignore[arg-type]
     assert reply.choices[0].message.content
 
@@ -203,9 +227,7 @@ async def test_features_and_model_allow_list(make_gateway: Any) -> None:
 
 
 async def test_monthly_quota_survives_restart(make_gateway: Any, tmp_path: Path) -> None:
-    base = BASE.replace("state: {{dir: null}}", f"state: {{{{dir: {tmp_path}}}}}").replace(
-        "requests_per_month: 1000", "requests_per_month: 3"
-    )
+    base = policy(BASE, state={"dir": tmp_path}, tiers={"free": {"requests_per_month": 3}})
     gw1 = await make_gateway(limits_chain(), base=base)
     key = await gw1.create_key("quinn", "free")
     assert (await post(gw1, key)).status == 200
@@ -261,12 +283,13 @@ async def test_queue_admits_by_plan_priority(make_gateway: Any) -> None:
     gw = await make_gateway(chain + "  - name: order\n", base=BASE, extra_plugins={"order": Order})
     keys = {u: await gw.create_key(u, u) for u in ("free", "pro", "enterprise")}
     blocker = await gw.create_key("blocker", "free")
+    adm = gw.gateway.runtime.chain.plugins[1].admission
     first = asyncio.create_task(post(gw, blocker, **{"x-emulator-latency-ms": "300"}))
-    await asyncio.sleep(0.1)
+    await until(lambda: adm.in_flight == 1, what="the blocker holding the one slot")
     tasks = []
-    for user in ("free", "pro", "enterprise"):  # arrive in the worst order
+    for n, user in enumerate(("free", "pro", "enterprise"), 1):  # arrive in the worst order
         tasks.append(asyncio.create_task(post(gw, keys[user], **{"x-emulator-latency-ms": "30"})))
-        await asyncio.sleep(0.02)
+        await until(lambda n=n: adm.queued == n, what=f"{user} queued")
     assert gw.gateway.runtime.chain.plugins[1].admission.queued == 3
     assert [r.status for r in await asyncio.gather(first, *tasks)] == [200] * 4
     assert Order.done == [
@@ -288,7 +311,7 @@ async def test_full_queue_503_and_disconnect_frees_place(
     key = await gw.create_key("q", "pro")
     adm = gw.gateway.runtime.chain.plugins[1].admission
     blocker = asyncio.create_task(post(gw, key, **{"x-emulator-latency-ms": "600"}))
-    await asyncio.sleep(0.1)
+    await until(lambda: adm.in_flight == 1, what="the blocker holding the one slot")
     # a queued client that hangs up leaves the queue at once
     with pytest.raises(asyncio.TimeoutError):
         await gw.http.post(
@@ -297,10 +320,10 @@ async def test_full_queue_503_and_disconnect_frees_place(
             headers={"Authorization": f"Bearer {key}"},
             timeout=aiohttp.ClientTimeout(total=0.15),
         )
-    await asyncio.sleep(0.05)
+    await until(lambda: adm.queued == 0, 1.0, "the queue left at once (not at its timeout)")
     assert adm.queued == 0
     queued = asyncio.create_task(post(gw, key))
-    await asyncio.sleep(0.05)
+    await until(lambda: adm.queued == 1, what="one request queued")
     assert adm.queued == 1
     full = await post(gw, key)
     assert full.status == 503 and full.headers["Retry-After"] == "1"
@@ -321,8 +344,9 @@ async def test_queue_timeout_is_503(make_gateway: Any) -> None:
     )
     gw = await make_gateway(chain, base=BASE)
     key = await gw.create_key("t", "pro")
+    adm = gw.gateway.runtime.chain.plugins[1].admission
     blocker = asyncio.create_task(post(gw, key, **{"x-emulator-latency-ms": "500"}))
-    await asyncio.sleep(0.05)
+    await until(lambda: adm.in_flight == 1, what="the blocker holding the one slot")
     t0 = time.monotonic()
     r = await post(gw, key)
     assert r.status == 503 and time.monotonic() - t0 < 0.45
@@ -339,10 +363,8 @@ async def test_200_concurrent_against_50_per_minute(make_gateway: Any) -> None:
 
 
 async def test_tokens_per_minute_charged_after_reply(make_gateway: Any) -> None:
-    base = BASE.replace(
-        "requests_per_minute: 30,", "requests_per_minute: 30, tokens_per_minute: 20,"
-    )
-    gw = await make_gateway(limits_chain(plan_period="10s"), base=base)
+    base = policy(BASE, tiers={"pro": {"tokens_per_minute": 20}})
+    gw = await make_gateway(limits_chain(), base=base, extra_plugins=short_plans(10.0))
     key = await gw.create_key("tok", "pro")
     long = {
         "model": "gpt-5.4-mini",
@@ -369,18 +391,14 @@ async def test_limits_survive_a_reload(make_gateway: Any, tmp_path: Path) -> Non
 
 
 async def test_ip_from_trusted_proxy_only(make_gateway: Any) -> None:
-    base = BASE.replace(
-        "state: {{dir: null}}", "state: {{dir: null}}\nlisten: {{trusted_proxies: [127.0.0.1/32]}}"
-    )
+    base = policy(BASE, listen={"trusted_proxies": ["127.0.0.1/32"]})
     gw = await make_gateway(limits_chain(ip="[1 per 30 second]"), base=base)
     key = await gw.create_key("xf", "pro")
     # behind a trusted proxy, each forwarded client has its own per-IP window
     assert (await post(gw, key, **{"X-Forwarded-For": "203.0.113.7"})).status == 200
     assert (await post(gw, key, **{"X-Forwarded-For": "203.0.113.8"})).status == 200
     assert (await post(gw, key, **{"X-Forwarded-For": "198.51.100.1, 203.0.113.7"})).status == 429
-    untrusted = BASE.replace(
-        "state: {{dir: null}}", "state: {{dir: null}}\nlisten: {{trusted_proxies: [10.0.0.0/8]}}"
-    )
+    untrusted = policy(BASE, listen={"trusted_proxies": ["10.0.0.0/8"]})
     gw2 = await make_gateway(limits_chain(ip="[1 per 30 second]"), base=untrusted)
     key2 = await gw2.create_key("xf2", "pro")
     # from an untrusted peer X-Forwarded-For is ignored: a client cannot dodge its IP limit

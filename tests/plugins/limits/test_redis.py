@@ -7,16 +7,13 @@ import uuid
 from typing import Any
 
 import pytest
-import redis
 
-from tests.conftest import ADMIN_KEY, BASE_POLICY
-from tests.plugins.limits.test_limits import CHAT, PLANS, limits_chain, post
+from tests.conftest import ADMIN_KEY, policy
+from tests.plugins.limits.test_limits import BASE, CHAT, limits_chain, post
 
 
-async def test_two_instances_share_one_user_limit(make_gateway: Any, redis_server: str) -> None:
-    redis_url = f"{redis_server}/15"
-    base = BASE_POLICY.split("features:")[0] + PLANS
-    base = base.replace("state: {{dir: null}}", f"state: {{{{dir: null, url: '{redis_url}'}}}}")
+async def test_two_instances_share_one_user_limit(make_gateway: Any, redis_url: str) -> None:
+    base = policy(BASE, state={"url": redis_url})
     user = f"shared-{uuid.uuid4().hex[:8]}"  # a fresh window on a shared server
     chain = limits_chain(user="[3 per 30 second]")
     gw1 = await make_gateway(chain, base=base)
@@ -36,13 +33,10 @@ async def test_retry_after_covers_every_full_layer(
     make_gateway: Any, request: pytest.FixtureRequest, store: str
 ) -> None:
     """Both layers full: the 429 names the one that frees up last, in memory and on Redis."""
-    base = BASE_POLICY.split("features:")[0] + PLANS
+    base = BASE
     if store == "redis":
-        server = request.getfixturevalue("redis_server")  # only this variant needs one
-        url = f"{server}/14"  # this test's own database: the IP layer is 127.0.0.1's
-        with redis.Redis.from_url(url) as r:
-            r.flushdb()  # a full IP window from an earlier run is gone
-        base = base.replace("state: {{dir: null}}", f"state: {{{{dir: null, url: '{url}'}}}}")
+        # only this variant needs one; empty, so no earlier test filled the IP layer (127.0.0.1)
+        base = policy(BASE, state={"url": request.getfixturevalue("redis_url")})
     gw = await make_gateway(
         limits_chain(ip="[1 per 5 second]", user="[1 per 100 second]"), base=base
     )
@@ -56,15 +50,14 @@ async def test_retry_after_covers_every_full_layer(
         assert int(r.headers["Retry-After"]) > 60  # the 100 s layer's wait, not the 5 s one's
 
 
-async def test_two_instances_share_one_monthly_quota(make_gateway: Any, redis_server: str) -> None:
+async def test_two_instances_share_one_monthly_quota(make_gateway: Any, redis_url: str) -> None:
     """20 requests at once through two instances against a quota of 5: exactly 5 pass, on
     either instance; a failed request gives its place back; forgetting the user resets it."""
-    redis_url = f"{redis_server}/15"
-    plans = PLANS.replace(
-        "requests_per_month: 1000, requests_per_minute: 5", "requests_per_month: 5"
+    base = policy(
+        BASE,
+        state={"url": redis_url},
+        tiers={"free": {"requests_per_month": 5, "requests_per_minute": None}},
     )
-    base = BASE_POLICY.split("features:")[0] + plans
-    base = base.replace("state: {{dir: null}}", f"state: {{{{dir: null, url: '{redis_url}'}}}}")
     user = f"quota-{uuid.uuid4().hex[:8]}"
     gw1 = await make_gateway(limits_chain(), base=base)
     gw2 = await make_gateway(limits_chain(), base=base)

@@ -60,16 +60,16 @@ async def test_admit_consumes_nothing_on_refusal_and_reports_tightest_layer() ->
     w = MemoryWindows(Clock(500.0))
     layers = [(10, 60.0, ("ip", "1.2.3.4")), (2, 60.0, ("user", "u")), (5, 60.0, ("plan", "u"))]
     bound = BoundLayers(layers)
-    first = w.admit(bound)
+    first = w.admit_now(bound)
     assert first.failed == -1 and first.layer == 1 and first.remaining == 1
-    assert w.admit(bound).failed == -1
-    refused = w.admit(bound)
+    assert w.admit_now(bound).failed == -1
+    refused = w.admit_now(bound)
     assert refused.failed == 1 and refused.wait > 0
     # the refused request counted nowhere: the ip layer saw exactly two requests
     other_user = [(10, 60.0, ("ip", "1.2.3.4")), (2, 60.0, ("user", "v"))]
-    res = w.admit(BoundLayers(other_user))
+    res = w.admit_now(BoundLayers(other_user))
     assert res.failed == -1 and res.layer == 1 and res.remaining == 1
-    ip_only = w.admit(BoundLayers([(10, 60.0, ("ip", "1.2.3.4"))]))
+    ip_only = w.admit_now(BoundLayers([(10, 60.0, ("ip", "1.2.3.4"))]))
     assert ip_only.remaining == 10 - 4
 
 
@@ -81,15 +81,15 @@ async def test_bound_layers_follow_a_sweep() -> None:
     w.SWEEP_EVERY = 2
     ip = (3, 10.0, ("ip", "9.9.9.9"))
     alice = BoundLayers([ip, (100, 10.0, ("user", "alice"))])
-    assert w.admit(alice).failed == -1
+    assert w.admit_now(alice).failed == -1
     clock.t = 100.0  # both windows of every key expire; the next new key sweeps them
-    w.admit(BoundLayers([(100, 10.0, ("user", "carol"))]))
-    w.admit(BoundLayers([(100, 10.0, ("user", "dave"))]))
-    assert w.admit(alice).failed == -1
+    w.admit_now(BoundLayers([(100, 10.0, ("user", "carol"))]))
+    w.admit_now(BoundLayers([(100, 10.0, ("user", "dave"))]))
+    assert w.admit_now(alice).failed == -1
     bob = BoundLayers([ip, (100, 10.0, ("user", "bob"))])
-    assert w.admit(bob).remaining == 1  # alice's request after the sweep counted for the IP
-    assert w.admit(alice).failed == -1
-    assert w.admit(bob).failed == 0  # the shared IP layer (3 per 10 s) is full
+    assert w.admit_now(bob).remaining == 1  # alice's request after the sweep counted for the IP
+    assert w.admit_now(alice).failed == -1
+    assert w.admit_now(bob).failed == 0  # the shared IP layer (3 per 10 s) is full
 
 
 @pytest.mark.parametrize("user_first", [False, True])
@@ -102,13 +102,15 @@ async def test_refusal_names_the_layer_that_frees_up_last(user_first: bool) -> N
     long = (2, 100.0, ("user", "u"))
     layers = [long, short] if user_first else [short, long]
     bound = BoundLayers(layers)
-    assert w.admit(bound).failed == -1 and w.admit(bound).failed == -1  # both layers now full
+    # both layers now full
+    assert w.admit_now(bound).failed == -1 and w.admit_now(bound).failed == -1
     clock.t = 1001.0
-    refused = w.admit(bound)
+    refused = w.admit_now(bound)
     assert layers[refused.failed] is long
     assert refused.wait > 100  # the 100 s window's count must decay, not the 10 s one's
-    clock.t += w.admit(BoundLayers([short])).wait + 0.01  # the short layer alone would admit now
-    assert w.admit(BoundLayers([short])).failed == -1
-    assert layers[w.admit(bound).failed] is long  # ... but the long one still refuses
+    # the short layer alone would admit now
+    clock.t += w.admit_now(BoundLayers([short])).wait + 0.01
+    assert w.admit_now(BoundLayers([short])).failed == -1
+    assert layers[w.admit_now(bound).failed] is long  # ... but the long one still refuses
     clock.t = 1001.0 + refused.wait + 0.01
-    assert w.admit(BoundLayers([long])).failed == -1  # after the reported wait it fits
+    assert w.admit_now(BoundLayers([long])).failed == -1  # after the reported wait it fits

@@ -16,22 +16,33 @@ import pytest
 
 from plugins.metering.database import MIGRATIONS, UsageDB
 from plugins.metering.plugin import LOADER_NICE, MeteringConfig, UsageStore
-from tests.conftest import ADMIN_KEY, BASE_POLICY, Gw
+from tests.conftest import ADMIN_KEY, Gw, policy
 from tests.procs import fresh_interpreter
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 MSG = [{"role": "user", "content": "count these five words"}]
 
-PLANS = """
-features:
-  basic_suggestions: {{price_per_request: 0.01}}
-  code_suggestions: {{price_per_request: 0.02}}
-tiers:
-  free: {{requests_per_month: 1000, requests_per_minute: 100, features: [basic_suggestions]}}
-  pro: {{includes: free, requests_per_month: 25000, monthly_cost: 29, features: [code_suggestions],
-         prices: {{code_suggestions: 0.015}}}}
-"""
-BASE = BASE_POLICY.split("features:")[0] + PLANS
+PLANS: dict[str, Any] = {
+    "features": {
+        "basic_suggestions": {"price_per_request": 0.01},
+        "code_suggestions": {"price_per_request": 0.02},
+    },
+    "tiers": {
+        "free": {
+            "requests_per_month": 1000,
+            "requests_per_minute": 100,
+            "features": ["basic_suggestions"],
+        },
+        "pro": {
+            "includes": "free",
+            "requests_per_month": 25000,
+            "monthly_cost": 29,
+            "features": ["code_suggestions"],
+            "prices": {"code_suggestions": 0.015},
+        },
+    },
+}
+BASE = {**policy(), **PLANS}  # the test policy with these plans instead of its own
 
 
 def chain(db: Path) -> str:
@@ -255,7 +266,7 @@ async def test_admin_invoice_and_export_input(metered: Gw, tmp_path: Path) -> No
 
 
 async def test_admin_api_is_off_without_an_admin_key(make_gateway: Any, tmp_path: Path) -> None:
-    base = BASE.replace("admin: {{key: {admin}}}", "admin: {{}}")
+    base = {**BASE, "admin": {}}
     assert base != BASE
     gw = await make_gateway(chain(tmp_path / "u.duckdb"), base=base)
     async with gw.http.post(f"{gw.url}/admin/sql", json={"query": "SELECT 1"}, headers=ADMIN) as r:
@@ -280,10 +291,7 @@ def test_loads_run_below_the_event_loops_cpu_priority(tmp_path: Path) -> None:
 
 async def test_sla_view_for_plans_with_the_perk(make_gateway: Any, tmp_path: Path) -> None:
     """sla_guarantee: the plan's monthly availability, error rate and latency in a view."""
-    base = BASE.replace(
-        "prices: {{code_suggestions: 0.015}}}}",
-        "prices: {{code_suggestions: 0.015}},\n         perks: [sla_guarantee]}}",
-    )
+    base = policy(BASE, tiers={"pro": {"perks": ["sla_guarantee"]}})
     gw = await make_gateway(chain(tmp_path / "usage.duckdb"), base=base)
     pro, free = await gw.create_key("sam", "pro"), await gw.create_key("fred", "free")
     for key, status in ((pro, None), (pro, None), (pro, "500"), (free, None)):

@@ -16,18 +16,18 @@ import pytest
 import redis
 
 from plugins.metering.database import UsageDB
+from plugins.metering.meter import build_meter_app, consume
 from plugins.metering.stream import Meter, StreamShipper
-from proxy.cli.meter import build_meter_app, consume
 from proxy.policy import load_text
-from tests.conftest import ADMIN_KEY, BASE_POLICY, Gw, start_site
-from tests.procs import ROOT, TOLLWAY, Proc, fresh_interpreter
+from tests.conftest import ADMIN_KEY, BASE_POLICY, Gw, policy, policy_text, start_site
+from tests.procs import ROOT, TOLLWAY, Proc, fresh_interpreter, until
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 MSG = [{"role": "user", "content": "meter me"}]
 
 
-def base(url: str) -> str:
-    return BASE_POLICY.replace("state: {{dir: null}}", f"state: {{{{dir: null, url: '{url}'}}}}")
+def base(url: str) -> dict[str, Any]:
+    return policy(state={"url": url})
 
 
 def chain(db: Path, spool: Path) -> str:
@@ -38,17 +38,15 @@ def chain(db: Path, spool: Path) -> str:
 
 
 @pytest.fixture
-def url(redis_server: str) -> str:
-    url = f"{redis_server}/12"  # this module's own database
-    with redis.Redis.from_url(url) as r:
-        r.flushdb()
-    return url
+def url(redis_url: str) -> str:
+    """This module's name for the empty Redis database each test gets."""
+    return redis_url
 
 
 @pytest.fixture
 async def meter(url: str, tmp_path: Path) -> AsyncIterator[tuple[str, Meter]]:
     """``tollway meter``'s app and consumer thread, in this process."""
-    text = base(url).format(admin=ADMIN_KEY, emu="http://127.0.0.1:1")
+    text = policy_text(base(url), emu="http://127.0.0.1:1")
     text += chain(tmp_path / "meter.duckdb", tmp_path / "meter.spool")
     app, m = build_meter_app(load_text(text))
     stop = threading.Event()
@@ -72,12 +70,16 @@ async def sql(gw_http: Any, site: str, query: str) -> list[list[Any]]:
 async def rows_when(http: Any, site: str, query: str, expected: Any) -> None:
     """Gateways ship every 50 ms: wait up to 5 s for the meter to hold ``expected``."""
     got = None
-    for _ in range(100):
+
+    async def holds() -> bool:
+        nonlocal got
         got = await sql(http, site, query)
-        if got == expected:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{query}: {got} != {expected}")
+        return bool(got == expected)
+
+    try:
+        await until(holds, 5.0)
+    except AssertionError:
+        raise AssertionError(f"{query}: {got} != {expected}") from None
 
 
 async def test_two_gateways_one_meter(
@@ -162,7 +164,7 @@ def test_nothing_lost_nothing_doubled(url: str, tmp_path: Path) -> None:
 
 async def test_tollway_meter_command(url: str, tmp_path: Path) -> None:
     policy = tmp_path / "policy.yaml"
-    text = base(url).format(admin=ADMIN_KEY, emu="http://127.0.0.1:1")
+    text = policy_text(base(url), emu="http://127.0.0.1:1")
     policy.write_text(text + chain(tmp_path / "meter.duckdb", tmp_path / "spool"))
     shipper = StreamShipper(url)
     shipper.ship(segment(tmp_path / "spool", range(3)))

@@ -8,10 +8,8 @@ prices, and checks the rows, views and invoices the gateway reports against it, 
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -25,6 +23,7 @@ import orjson
 import pytest
 
 from tests.conftest import ADMIN_KEY, Gw
+from tests.procs import until
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 CENT = Decimal("0.01")
@@ -385,15 +384,14 @@ class Workload:
 async def wait_for_rows(gw: Gw, rids: list[str], patience: float = 10.0) -> None:
     """Abandoned streams are logged when the gateway notices the hang-up."""
     ids = ", ".join(f"'{r}'" for r in rids)
-    deadline = time.monotonic() + patience
-    while True:
+
+    async def logged() -> bool:
         got = await sql(
             gw, f"SELECT count(*) AS n FROM usage WHERE request_id IN ({ids}) AND final"
         )
-        if got[0]["n"] == len(rids):
-            return
-        assert time.monotonic() < deadline, "abandoned streams were never logged"
-        await asyncio.sleep(0.05)
+        return bool(got[0]["n"] == len(rids))
+
+    await until(logged, patience, "abandoned streams were never logged")
 
 
 def money(v: Decimal) -> str:

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from plugins.privacy import ALL_KINDS, Redactor, iban_ok, luhn
-from tests.conftest import ADMIN_KEY, BASE_POLICY, Emulator, Gw, config_error
+from tests.conftest import ADMIN_KEY, Emulator, Gw, config_error, policy
 
 EMAIL = "jane.roe@example.org"
 CARD = "4111 1111 1111 1111"
@@ -192,18 +192,18 @@ async def test_anthropic_completions_and_embeddings(make_gateway: Any, emulator:
 
 
 async def test_custom_detectors_and_skipped_features(make_gateway: Any, emulator: Emulator) -> None:
-    config = (
-        "    config:\n      redact: [email]\n"
-        "      custom: [{name: employee_id, pattern: 'EMP-[0-9]{6}'}]\n"
-        "      placeholder: '<{kind}>'\n"
-        "      skip_features: [raw]\n"
+    config = {
+        "redact": ["email"],
+        "custom": [{"name": "employee_id", "pattern": "EMP-[0-9]{6}"}],
+        "placeholder": "<{kind}>",
+        "skip_features": ["raw"],
+    }
+    base = policy(
+        features={"raw": {"price_per_request": 0.01}},
+        tiers={"free": {"features": ["basic_suggestions", "raw"]}},
     )
-    base = BASE_POLICY.replace(
-        "  basic_suggestions: {{price_per_request: 0.01}}",
-        "  basic_suggestions: {{price_per_request: 0.01}}\n  raw: {{price_per_request: 0.01}}",
-    ).replace("features: [basic_suggestions]", "features: [basic_suggestions, raw]")
     gw: Gw = await make_gateway(
-        chain().replace("  - name: privacy\n", "  - name: privacy\n" + config), base=base
+        [{"name": "auth"}, {"name": "privacy", "config": config}], base=base
     )
     client = gw.openai(await gw.create_key())
     text = f"EMP-123456 wrote from {EMAIL}, card {CARD}"

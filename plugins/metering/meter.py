@@ -1,26 +1,38 @@
-"""``tollway meter``: the one process that owns the usage database when gateways run as many
-instances (``metering.sink: redis``; see ``plugins.metering.stream``).
+"""The ``tollway meter`` server: the one process that owns the usage database when gateways
+run as many instances (``metering.sink: redis``; see ``plugins.metering.stream``).
 
 It consumes the usage stream into DuckDB in a thread of its own and serves the usage part of
 the admin API (``/admin/sql``, ``/admin/invoices/{user}``, ``/admin/export``, behind the same
-admin key), so ``tollway sql --url http://METER`` and invoices work as with one gateway.
+admin key, with the core's own handlers), so ``tollway sql --url http://METER`` and invoices
+work as with one gateway. Imported only when the command runs (``plugins.metering.cli``).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
 import signal
-import sys
 import threading
 import time
 from typing import Any
 
 from aiohttp import web
 
-from proxy.cli.serve import _load, _run, _start
+from plugins.metering.analytics import Analytics
+from plugins.metering.plugin import MeteringConfig
+from plugins.metering.stream import Meter
+from proxy import admin
+from proxy.appkeys import GATEWAY, SHARED
+from proxy.chain import Chain
+from proxy.cli.serve import _start
+from proxy.gateway import Gateway
+from proxy.keystore import KeyStore
+from proxy.policy import LoadedPolicy
+from proxy.runtime import Runtime
+from proxy.shared import Shared
+from proxy.statewatch import REPORT_EVERY, is_state_error
+from proxy.usage import USAGE, export_target
 
 log = logging.getLogger("tollway.meter")
 
@@ -30,7 +42,7 @@ class MeterBackend:
     database; a query first takes in what the stream holds, as a gateway loads its spool.
     Queries, invoices and exports run with the gateway's limits (``plugins.metering.analytics``)."""
 
-    def __init__(self, meter: Any, plan_costs: dict[str, float], analytics: Any) -> None:
+    def __init__(self, meter: Meter, plan_costs: dict[str, float], analytics: Analytics) -> None:
         self.meter = meter
         self.db = meter.db
         self.plan_costs = plan_costs
@@ -39,34 +51,20 @@ class MeterBackend:
     async def sql(self, query: str) -> tuple[list[str], list[list[Any]]]:
         self.analytics.check_capacity()
         await asyncio.to_thread(self.meter.drain)
-        return await self.analytics.sql(query)  # type: ignore[no-any-return]
+        return await self.analytics.sql(query)
 
     async def invoice(self, user: str, month: str) -> dict[str, Any]:
         await asyncio.to_thread(self.meter.drain)
-        return await self.analytics.invoice(user, month, self.plan_costs, None)  # type: ignore[no-any-return]
+        return await self.analytics.invoice(user, month, self.plan_costs, None)
 
     async def export_parquet(self, folder: str) -> tuple[str, int]:
-        from proxy.usage import export_target
-
         export_target(self.analytics.export_dir, folder)  # a bad name is refused first
         await asyncio.to_thread(self.meter.drain)
-        return await self.analytics.export_parquet(folder)  # type: ignore[no-any-return]
+        return await self.analytics.export_parquet(folder)
 
 
-def build_meter_app(loaded: Any, name: str | None = None) -> tuple[web.Application, Any]:
+def build_meter_app(loaded: LoadedPolicy, name: str | None = None) -> tuple[web.Application, Meter]:
     """The meter's web app and its consumer, from a policy whose metering plugin has sink redis."""
-    from plugins.metering.analytics import Analytics
-    from plugins.metering.plugin import MeteringConfig
-    from plugins.metering.stream import Meter
-    from proxy import admin
-    from proxy.appkeys import GATEWAY, SHARED
-    from proxy.chain import Chain
-    from proxy.gateway import Gateway
-    from proxy.keystore import KeyStore
-    from proxy.runtime import Runtime
-    from proxy.shared import Shared
-    from proxy.usage import USAGE
-
     policy = loaded.policy
     items = [c for c in policy.chain if c.name == "metering" and c.enabled]
     if not items:
@@ -95,11 +93,9 @@ async def _ok(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-def consume(meter: Any, stop: threading.Event) -> None:
+def consume(meter: Meter, stop: threading.Event) -> None:
     """The consumer loop (a thread: the Redis reads block); errors are logged and retried
     (Redis unreachable: one line per ``REPORT_EVERY`` seconds, not a traceback a second)."""
-    from proxy.statewatch import REPORT_EVERY, is_state_error
-
     reported = -REPORT_EVERY
     while not stop.is_set():
         try:
@@ -113,7 +109,8 @@ def consume(meter: Any, stop: threading.Event) -> None:
             stop.wait(1.0)
 
 
-async def _run_meter(loaded: Any, host: str, port: int, name: str | None) -> None:
+async def run_meter(loaded: LoadedPolicy, host: str, port: int, name: str | None) -> None:
+    """Serve until SIGINT or SIGTERM, then load what arrived meanwhile and close."""
     app, meter = build_meter_app(loaded, name)
     stop = threading.Event()
     thread = threading.Thread(target=consume, args=(meter, stop), name="tollway-meter")
@@ -125,10 +122,9 @@ async def _run_meter(loaded: Any, host: str, port: int, name: str | None) -> Non
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, done.set)
-    from proxy.appkeys import SHARED
-    from proxy.usage import USAGE
-
-    analytics = app[SHARED].find(USAGE).analytics  # type: ignore[union-attr]
+    backend = app[SHARED].find(USAGE)
+    assert isinstance(backend, MeterBackend)
+    analytics = backend.analytics
     try:
         await done.wait()
     finally:
@@ -141,13 +137,3 @@ async def _run_meter(loaded: Any, host: str, port: int, name: str | None) -> Non
         meter.close()
         if not analytics.busy:
             meter.db.close()
-
-
-def cmd_meter(args: argparse.Namespace) -> int:
-    loaded = _load(args.policy)
-    try:
-        _run(_run_meter(loaded, args.host, args.port, args.name))
-    except ValueError as e:
-        print(f"tollway meter: {e}", file=sys.stderr)
-        return 1
-    return 0
