@@ -1,4 +1,4 @@
-"""auth: gateway-issued API keys -> the caller's user and plan.
+"""auth: gateway-issued API keys -> the caller's user and tier.
 
 Keys come from the shared key store (created through the admin API or ``tollway keys``) and
 from this plugin's config, where a deployment managed as code lists keys by their SHA-256.
@@ -35,7 +35,7 @@ class DeclaredKey(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     id: str = Field(description="A stable id for the key (shown in usage rows).")
     user: str = Field(description="The user the key belongs to.")
-    tier: str = Field(description="The user's plan: a key of tiers:.")
+    tier: str = Field(description="The user's tier: a key of tiers:.")
     sha256: str = Field(pattern=_SHA256.pattern, description="SHA-256 hex of the key.")
 
     @field_validator("tier")

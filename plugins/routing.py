@@ -12,18 +12,18 @@ and no tokenizer (it runs on every ``auto`` request, so it must cost microsecond
 - a long conversation: ``turns`` messages or more;
 - a long answer asked for: ``max_tokens`` of ``long_output_tokens`` or more.
 
-At ``strong_at`` points the strong model serves, below it the cheap one. A plan that does not
-allow the chosen model (``tiers.<plan>.models``) gets the other one when it allows that. The
+At ``strong_at`` points the strong model serves, below it the cheap one. A tier that does not
+allow the chosen model (``tiers.<tier>.models``) gets the other one when it allows that. The
 decision is reported in ``X-Tollway-Route`` (``strong; score=3; prompt,code``) and the model in
 ``X-Tollway-Model``; usage is metered and priced as the model that served.
 
-A plan with the ``dedicated_instances`` perk is served by a model's ``dedicated_provider``
+A tier with the ``dedicated_instances`` perk is served by a model's ``dedicated_provider``
 (``models.NAME.dedicated_provider``) where it has one: its own provider route.
 
 Fallbacks (``fallbacks: {gpt-5.5: [claude-sonnet]}``) are set on the request as
 ``ctx.fallbacks`` and carried out by the core: when the provider answers a status in
 ``proxy.upstream.FALLBACK_STATUSES`` after its retries, or cannot be reached or times out, the
-next route is called in its own dialect. Fallbacks outside the caller's plan are left out.
+next route is called in its own dialect. Fallbacks outside the caller's tier are left out.
 Embeddings requests get none: a merged embeddings call serves several callers, and another
 model's vectors would not be comparable with the ones the caller already has.
 """
@@ -222,8 +222,8 @@ class RoutingPlugin:
         self.config = config
         self.routes = policy.routes()
         self.allowed = {name: policy.allowed_models(name) for name in policy.tiers}
-        # plans with the dedicated_instances perk: models with a dedicated_provider go there
-        self.dedicated_plans = policy.plans_with("dedicated_instances")
+        # tiers with the dedicated_instances perk: models with a dedicated_provider go there
+        self.dedicated_tiers = policy.tiers_with("dedicated_instances")
         self.dedicated = policy.routes(dedicated=True)
         self.scorer = Scorer(auto) if auto is not None else None
         self.fallbacks = {
@@ -287,7 +287,7 @@ class RoutingPlugin:
         route = ctx.route
         if route is None:
             return
-        if tier is not None and tier in self.dedicated_plans:
+        if tier is not None and tier in self.dedicated_tiers:
             route = self.dedicated.get(route.model, route)
             ctx.route = route
         if ctx.endpoint == "embeddings":

@@ -15,12 +15,9 @@ import orjson
 from aiohttp import web
 
 from proxy import dashboard
-from proxy.appkeys import GATEWAY, SHARED
-from proxy.errors import Reject, reject_body
-from proxy.policy import PolicyError
-from proxy.statewatch import is_state_error
-from proxy.usage import (
-    USAGE,
+from proxy.analytics import (
+    ANALYTICS,
+    AnalyticsBackend,
     InvalidExportPath,
     QueryBusy,
     QueryError,
@@ -28,10 +25,13 @@ from proxy.usage import (
     ReadOnlyQuery,
     ResultTooLarge,
     ShuttingDown,
-    UsageBackend,
     invoice_csv,
     json_default,
 )
+from proxy.appkeys import GATEWAY, RESOURCES
+from proxy.errors import Reject, reject_body
+from proxy.policy import PolicyError
+from proxy.statewatch import is_state_error
 
 _MONTH = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
 
@@ -169,8 +169,8 @@ async def reload_policy(request: web.Request) -> web.StreamResponse:
     return _json({"status": "reloaded", "plugins": list(rt.chain.names)})
 
 
-def _usage(request: web.Request) -> UsageBackend:
-    backend = request.app[SHARED].find(USAGE)
+def _usage(request: web.Request) -> AnalyticsBackend:
+    backend = request.app[RESOURCES].find(ANALYTICS)
     if backend is None:
         raise Reject(
             404,

@@ -1,7 +1,8 @@
-"""The usage interface the admin API and CLI use; a metering plugin provides it.
+"""The analytics interface (SQL, invoices, exports over usage) the admin API and CLI use; a
+metering plugin provides it.
 
 The core defines only this protocol and the typed key under which a plugin registers its
-implementation in ``proxy.shared.Shared``; the core never imports a plugin.
+implementation in ``proxy.resources.Resources``; the core never imports a plugin.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, Protocol
 from proxy.context import StashKey
 
 
-class UsageBackend(Protocol):
+class AnalyticsBackend(Protocol):
     async def sql(self, query: str) -> tuple[list[str], list[list[Any]]]:
         """Run read-only SQL on the usage database (after loading every pending row)."""
 
@@ -63,7 +64,7 @@ class InvalidExportPath(ValueError):
     """An export folder that is not a relative name under the export directory."""
 
 
-USAGE: StashKey[UsageBackend] = StashKey()
+ANALYTICS: StashKey[AnalyticsBackend] = StashKey()
 
 
 def export_target(root: str | Path, name: str) -> Path:
@@ -113,7 +114,7 @@ def _text(value: str) -> str:
     """A text cell a spreadsheet shows as text: a leading ``'`` neutralises a formula.
 
     Only text cells go through this. The money and count columns are numbers the invoice
-    builds itself (a plan's ``prices`` override may be negative, a credit), and a ``'`` would
+    builds itself (a tier's ``prices`` override may be negative, a credit), and a ``'`` would
     turn ``-5.00`` into text that no longer sums. A lone character computes nothing, so the
     invoice's ``-`` (no feature) stays as it is.
     """

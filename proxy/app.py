@@ -1,4 +1,4 @@
-"""create_app(policy) -> web.Application: routes, shared resources, lifecycle.
+"""create_app(policy) -> web.Application: routes, resources, lifecycle.
 
 Resources are opened with aiohttp's ``cleanup_ctx`` (open, yield, close): the pooled upstream
 session first, then the chain's plugin lifespans, closed in reverse on shutdown.
@@ -16,7 +16,7 @@ import orjson
 from aiohttp import web
 
 from proxy import admin
-from proxy.appkeys import GATEWAY, KEYSTORE, METRICS, SHARED
+from proxy.appkeys import GATEWAY, KEYSTORE, METRICS, RESOURCES
 from proxy.chain import Chain, compile_chain
 from proxy.context import RequestContext
 from proxy.errors import Reject, reject_body
@@ -25,8 +25,8 @@ from proxy.handler import authenticate, make_handler, new_request_id
 from proxy.keystore import KeyStore
 from proxy.keysync import KeySync
 from proxy.policy import LoadedPolicy, PolicyError
+from proxy.resources import Resources
 from proxy.runtime import Runtime
-from proxy.shared import Shared
 from proxy.statewatch import STATE_WATCH, StateWatch
 
 log = logging.getLogger("tollway")
@@ -65,14 +65,14 @@ def create_app(
     app.on_response_prepare.append(_request_id)
     app[GATEWAY] = gw
     app[KEYSTORE] = keystore
-    app[SHARED] = Shared()
+    app[RESOURCES] = Resources()
     app[METRICS] = gw.metrics
     gw.app = app
     app.cleanup_ctx.append(_upstream_session)
     state = loaded.policy.state
-    if state.shared:
+    if state.distributed:
         watch = StateWatch(state.url, state.on_unavailable, state.check_interval)
-        app[SHARED].put(STATE_WATCH, watch)  # limits and quotas fall back on what it reports
+        app[RESOURCES].put(STATE_WATCH, watch)  # limits and quotas fall back on what it reports
         gw.keysync = KeySync(keystore, state.url, watch)
         app.cleanup_ctx.append(_key_sync)
     app.cleanup_ctx.append(_chain_lifespan)
@@ -166,7 +166,7 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
 
 async def _key_sync(app: web.Application) -> AsyncIterator[None]:
     sync = app[GATEWAY].keysync
-    watch = app[SHARED].find(STATE_WATCH)
+    watch = app[RESOURCES].find(STATE_WATCH)
     assert sync is not None and watch is not None
     await watch.start()
     await sync.start()  # every issued key is known before the gateway serves
@@ -182,17 +182,17 @@ async def _chain_lifespan(app: web.Application) -> AsyncIterator[None]:
     yield
     gw.ready = False
     await gw.close()
-    await app[SHARED].close()
+    await app[RESOURCES].close()
 
 
 async def _shutdown_begins(app: web.Application) -> None:
     """The listener is closed; in-flight requests get ``listen.shutdown_timeout`` from now.
 
-    Readiness goes off, and what plugins registered with ``Shared.on_shutdown`` runs now (an
+    Readiness goes off, and what plugins registered with ``Resources.on_shutdown`` runs now (an
     admin query is stopped and answered at once rather than holding the shutdown open until
     its handler is cancelled)."""
     app[GATEWAY].ready = False
-    await app[SHARED].shutdown()
+    await app[RESOURCES].shutdown()
 
 
 def _dialect_of(request: web.Request) -> str:

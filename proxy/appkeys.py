@@ -1,4 +1,4 @@
-"""Typed aiohttp AppKeys: the application's shared objects, no string keys."""
+"""Typed aiohttp AppKeys: the application's long-lived objects, no string keys."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ if TYPE_CHECKING:
     from proxy.gateway import Gateway
     from proxy.keystore import KeyStore
     from proxy.metrics import Metrics
-    from proxy.shared import Shared
+    from proxy.resources import Resources
 
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway")
 KEYSTORE: web.AppKey[KeyStore] = web.AppKey("keystore")
-SHARED: web.AppKey[Shared] = web.AppKey("shared")
+RESOURCES: web.AppKey[Resources] = web.AppKey("resources")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")

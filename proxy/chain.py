@@ -33,7 +33,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "privacy": "plugins.privacy:PrivacyPlugin",
     "routing": "plugins.routing:RoutingPlugin",
     "cache": "plugins.cache.plugin:CachePlugin",
-    "batching": "plugins.batching:BatchingPlugin",
+    "batching": "plugins.batching.plugin:BatchingPlugin",
 }
 """Built-in plugin name -> ``module:factory``; third parties use entry-point group 'tollway'."""
 
@@ -50,8 +50,9 @@ ASYNC_HOOKS = (
     "dashboard_figures",
 )
 SYNC_HOOKS = ("response_chunk",)
-COLD_HOOKS = ("register_routes", "model_names")
-"""Plain ``def`` hooks called once per compile: what a plugin adds to the application."""
+COLD_HOOKS = ("register_routes", "model_names", "cached_features", "data_files")
+"""Plain ``def`` hooks called off the request path: what a plugin adds to the application
+(once per compile) or tells about itself (``tollway demo``'s banner)."""
 STATIC_HOOKS = ("register_commands",)
 """Hooks called on the plugin's class, before any policy exists: ``@staticmethod``."""
 
@@ -108,6 +109,8 @@ class Chain:
     """The plugins' routes by ``(METHOD, path)``, read when a request to one arrives."""
     model_names: tuple[str, ...] = ()
     """Model names the plugins answer for themselves, listed by ``GET /v1/models``."""
+    cached_features: tuple[Hook, ...] = ()
+    data_files: tuple[Hook, ...] = ()
     in_flight: int = 0
     retired: bool = False
     _open: list[AsyncIterator[None]] = field(default_factory=list)
@@ -402,4 +405,6 @@ def _compile(
         forget_user=fwd("forget_user"),
         lifespans=fwd("lifespan"),
         dashboard_figures=fwd("dashboard_figures"),
+        cached_features=fwd("cached_features"),
+        data_files=fwd("data_files"),
     )

@@ -57,7 +57,7 @@ class Stash(dict):  # type: ignore[type-arg]
 
 @dataclass(slots=True)
 class Principal:
-    """Who is calling: the user a gateway key belongs to and that user's plan (tier)."""
+    """Who is calling: the user a gateway key belongs to and that user's tier (their plan)."""
 
     user_id: str
     key_id: str | None = None

@@ -22,7 +22,7 @@ IGNORED_FIELDS = frozenset({"model", "stream", "stream_options", "user", "metada
 
 
 def scope_id(ctx: RequestContext, scope: Scope) -> str:
-    """The tenant part of the key: the user (default), the plan, or everyone."""
+    """The tenant part of the key: the user (default), the tier, or everyone."""
     principal = ctx.principal
     if scope == "global":
         return "global"

@@ -288,7 +288,7 @@ async def _next_fallback(rt: Runtime, ctx: RequestContext) -> UpstreamRequest | 
     """The request for the next usable fallback route (``ctx.route`` becomes it), or None.
 
     A route that cannot take the request (its provider lacks the endpoint, or an
-    ``upstream_request`` hook refuses it, e.g. a model outside the caller's plan) is skipped.
+    ``upstream_request`` hook refuses it, e.g. a model outside the caller's tier) is skipped.
     """
     while ctx.fallbacks:
         route = ctx.fallbacks[0]

@@ -11,7 +11,8 @@ runs top to bottom of ``chain:``; the response side (``response_headers``, ``res
 response side runs only for plugins above k. ``log`` runs for every plugin, always.
 
 Every hook except ``lifespan``, ``response_chunk`` and the hooks that contribute to the
-application (``register_routes``, ``model_names``: plain ``def``; ``register_commands``: a
+application or tell about the plugin (``register_routes``, ``model_names``,
+``cached_features``, ``data_files``: plain ``def``; ``register_commands``: a
 ``@staticmethod``) must be ``async def``; a plugin with an implementation of the wrong kind is
 refused at startup. An implementation may take fewer arguments than its spec (as pluggy
 allows), by name and in any order: the compiled chain passes it just those.
@@ -19,7 +20,8 @@ allows), by name and in any order: the compiled chain passes it just those.
 A plugin contributes what the core serves beside the request path through hooks alone, the
 way Datasette and llm plugins do: HTTP routes (``register_routes``), ``tollway`` subcommands
 (``register_commands``), model names (``model_names``) and dashboard figures
-(``dashboard_figures``). The core never imports a plugin nor probes its attributes, so a
+(``dashboard_figures``); what it caches and keeps on disk (``cached_features``,
+``data_files``) for the demo's banner. The core never imports a plugin nor probes its attributes, so a
 third-party plugin can do all that a built-in does.
 
 Everything a plugin gives the core travels through a hook's arguments or its result, never
@@ -37,7 +39,7 @@ import pluggy
 
 if TYPE_CHECKING:
     import argparse
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Mapping
 
     from aiohttp import web
 
@@ -210,9 +212,12 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:  # type: 
     ``set_defaults(fn=...)``: it receives the parsed ``argparse.Namespace`` and returns the
     exit status. Import what a command needs inside its function, so that ``tollway`` starts
     fast whatever is installed (the metering plugin's ``tollway meter`` loads DuckDB only when
-    it runs). To let the data commands (``sql``, ``invoice``, ``report``, ``export``) read
-    from elsewhere than the gateway's admin API, use ``proxy.cli.data.add_usage_source``
-    (metering's ``--db``). The core's other commands (``serve``, ``check``, ``keys``...) are
+    it runs). A command that runs a server uses the core's ``proxy.cli.runner``, as
+    ``tollway serve`` does: ``load_policy(path)`` (exits printing every error of the file),
+    ``start_site(app, host, port)`` (exits with one line if it cannot bind) and ``run(coro)``
+    (on uvloop when installed). To let the data commands (``sql``, ``invoice``, ``report``,
+    ``export``) read from elsewhere than the gateway's admin API, use
+    ``proxy.cli.data.add_usage_source`` (metering's ``--db``). The core's other commands (``serve``, ``check``, ``keys``...) are
     parsed without importing any plugin, so a gateway loads only the plugins its chain names.
     """
 
@@ -225,6 +230,26 @@ def model_names() -> Iterable[str] | None:
     ``tollway``) after the policy's models; a name the policy already lists is not repeated.
     The plugin must also make such a model servable: set ``ctx.route`` in its ``access`` hook
     (routing's ``auto`` picks a model of ``models:``), else the request ends in a 404.
+    """
+
+
+@hookspec
+def cached_features() -> Mapping[str, float] | None:
+    """Features (request types) whose replies this plugin answers from a cache: ``{feature:
+    seconds an answer is kept}``, in the order of the plugin's config.
+
+    Never called per request: ``tollway demo`` asks it to print an example that shows a
+    cache hit and to list what is cached (the cache plugin's ``ttl``).
+    """
+
+
+@hookspec
+def data_files() -> Mapping[str, str] | None:
+    """What this plugin keeps on this machine's disk, and where: ``{what: path}`` (the
+    metering plugin's ``{"usage": "data/usage.duckdb"}``).
+
+    Never called per request: ``tollway demo`` prints it beside the keys' file, so a user knows
+    what to delete to start from nothing.
     """
 
 

@@ -166,15 +166,15 @@ class KeyStore:
             if rec is not None and rec.source == "api":
                 self._remove(rec)
                 changed = True
-        shared = set()
+        in_copy = set()
         for rec in records:
-            shared.add(rec.sha256)
+            in_copy.add(rec.sha256)
             if rec.sha256 not in self._revoked and self._by_hash.get(rec.sha256) != rec:
                 self._add(rec)
                 changed = True
         if changed:
             self._save()
-        missing = [r for r in self._by_id.values() if r.source == "api" and r.sha256 not in shared]
+        missing = [r for r in self._by_id.values() if r.source == "api" and r.sha256 not in in_copy]
         buried = {s: t for s, t in self._revoked.items() if s not in revoked}
         return missing, buried
 

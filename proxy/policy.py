@@ -179,7 +179,7 @@ class State(Strict):
         return parse_duration(v)
 
     @property
-    def shared(self) -> bool:
+    def distributed(self) -> bool:
         """Whether the state lives in Redis, where several instances share it."""
         return self.url.startswith(("redis://", "rediss://"))
 
@@ -237,9 +237,9 @@ class Provider(Strict):
 class Model(Strict):
     provider: str = Field(description="A key of providers:.")
     upstream_model: str | None = Field(None, description="The provider's name, if different.")
-    custom: bool = Field(False, description="Only plans with the custom_models perk may use it.")
+    custom: bool = Field(False, description="Only tiers with the custom_models perk may use it.")
     dedicated_provider: str | None = Field(
-        None, description="The provider serving plans with the dedicated_instances perk."
+        None, description="The provider serving tiers with the dedicated_instances perk."
     )
     input_per_mtok: float | None = Field(None, ge=0, description="USD per million input tokens.")
     output_per_mtok: float | None = Field(None, ge=0, description="USD per million output tokens.")
@@ -250,7 +250,7 @@ class Feature(Strict):
 
 
 Perk = Literal["priority_support", "custom_models", "dedicated_instances", "sla_guarantee"]
-"""Plan attributes with behaviour: an earlier place in the admission queue, models marked
+"""Tier attributes with behaviour: an earlier place in the admission queue, models marked
 ``custom``, the models' ``dedicated_provider``, and the ``sla`` view of the usage database."""
 
 
@@ -258,11 +258,11 @@ class Tier(Strict):
     requests_per_month: int | Literal["unlimited"] = Field(
         "unlimited", description="Monthly request quota (calendar month, UTC)."
     )
-    requests_per_minute: int | None = Field(None, ge=1, description="Per-minute limit of the plan.")
+    requests_per_minute: int | None = Field(None, ge=1, description="Per-minute limit of the tier.")
     tokens_per_minute: int | None = Field(None, ge=1, description="Optional tokens per minute.")
     monthly_cost: float = Field(0.0, ge=0, description="Subscription price, USD per month.")
-    features: list[str] = Field(default_factory=list, description="Request types of this plan.")
-    includes: str | None = Field(None, description="A plan whose features this plan inherits.")
+    features: list[str] = Field(default_factory=list, description="Request types of this tier.")
+    includes: str | None = Field(None, description="A tier whose features this tier inherits.")
     perks: list[Perk] = Field(
         default_factory=list,
         description="priority_support, custom_models, dedicated_instances, sla_guarantee.",
@@ -323,7 +323,7 @@ class Policy(Strict):
 
     def routes(self, dedicated: bool = False) -> dict[str, Route]:
         """Client model name -> Route, computed once per policy load. ``dedicated``: only the
-        models with a ``dedicated_provider``, routed there (plans with that perk)."""
+        models with a ``dedicated_provider``, routed there (tiers with that perk)."""
         out = {}
         for name, m in self.models.items():
             provider = m.dedicated_provider if dedicated else m.provider
@@ -340,8 +340,8 @@ class Policy(Strict):
         return out
 
     def allowed_models(self, tier: str) -> frozenset[str] | None:
-        """The models a plan may use: its ``models`` list (None: all), less the models marked
-        ``custom`` unless the plan has the custom_models perk."""
+        """The models a tier may use: its ``models`` list (None: all), less the models marked
+        ``custom`` unless the tier has the custom_models perk."""
         t = self.tiers[tier]
         custom = {n for n, m in self.models.items() if m.custom}
         if not custom or "custom_models" in t.perks:
@@ -349,16 +349,16 @@ class Policy(Strict):
         base = set(t.models) if t.models is not None else set(self.models)
         return frozenset(base - custom)
 
-    def plans_with(self, perk: Perk) -> frozenset[str]:
-        """The plans that have ``perk``."""
+    def tiers_with(self, perk: Perk) -> frozenset[str]:
+        """The tiers that have ``perk``."""
         return frozenset(name for name, t in self.tiers.items() if perk in t.perks)
 
-    def plan_costs(self) -> dict[str, float]:
-        """Each plan's subscription price (USD per month): MRR and invoices."""
+    def tier_costs(self) -> dict[str, float]:
+        """Each tier's subscription price (USD per month): MRR and invoices."""
         return {name: t.monthly_cost for name, t in self.tiers.items()}
 
     def priority(self, tier: str) -> int:
-        """Admission-queue priority: the plan's, at least 1 with the priority_support perk."""
+        """Admission-queue priority: the tier's, at least 1 with the priority_support perk."""
         t = self.tiers[tier]
         return max(t.priority, 1) if "priority_support" in t.perks else t.priority
 

@@ -1,4 +1,4 @@
-"""Shared: resources that outlive a policy reload (counters, queues, stores).
+"""Resources: what outlives a policy reload (counters, queues, stores).
 
 A reload builds new plugin instances, but rate-limit windows, quota counts and the admission
 queue must carry over, or a reload would hand every caller a fresh limit. A plugin asks for such
@@ -21,7 +21,7 @@ T = TypeVar("T")
 log = logging.getLogger("tollway")
 
 
-class Shared:
+class Resources:
     """A typed registry of long-lived objects, one per application."""
 
     def __init__(self) -> None:

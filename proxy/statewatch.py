@@ -206,4 +206,4 @@ class StateWatch:
 
 
 STATE_WATCH: StashKey[StateWatch] = StashKey()
-"""Where ``proxy.shared.Shared`` keeps the application's watch (absent without Redis)."""
+"""Where ``proxy.resources.Resources`` keeps the application's watch (absent without Redis)."""

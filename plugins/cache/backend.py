@@ -32,7 +32,7 @@ class CacheBackend(Protocol):
     kind: str
     """The URL scheme, for log lines."""
 
-    shared: bool
+    distributed: bool
     """Whether other instances see the entries: only then does a flight lock mean something."""
 
     async def get(self, key: str) -> bytes | None:

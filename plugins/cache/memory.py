@@ -19,7 +19,7 @@ class MemoryBackend:
     """``CacheBackend`` in process memory, bounded by ``max_bytes`` (key + value lengths)."""
 
     kind = "memory"
-    shared = False
+    distributed = False
 
     def __init__(self, max_bytes: int, namespace: str = "") -> None:
         if max_bytes <= 0:

@@ -9,7 +9,7 @@ assembled event by event in ``response_chunk`` and stored in ``log`` only if it 
 stream the client abandoned is not). ``Cache-Control: no-cache`` skips the read, ``no-store``
 the write. Every reply of a cacheable endpoint carries ``X-Tollway-Cache: hit|miss|bypass``.
 
-With the shared backend (``backend: state``) a miss that may be stored takes a flight lock in
+With the distributed backend (``backend: state``) a miss that may be stored takes a flight lock in
 Redis, so an identical request on another instance waits for this one's stored answer instead
 of calling the provider too (``coalesce_instances``); the lock is released in ``log`` whatever
 happened, and a waiter whose twin ended without an answer calls the provider itself.
@@ -37,7 +37,7 @@ from pydantic import (
 
 from plugins.cache.replay import Assembler, replay
 from plugins.cache.store import CacheStore, parse_key
-from proxy.appkeys import METRICS, SHARED
+from proxy.appkeys import METRICS, RESOURCES
 from proxy.context import Reply, RequestContext, Route, StashKey, StreamEvent, Usage
 from proxy.fingerprint import Scope, fingerprint
 from proxy.hookspecs import hookimpl
@@ -50,7 +50,7 @@ log = logging.getLogger("tollway.cache")
 STORE: StashKey[CacheStore] = StashKey()
 _PLAN: StashKey[tuple[str, float, bool, Route]] = StashKey()  # key, ttl, may store, route
 _BODY: StashKey[dict[str, Any]] = StashKey()
-_LEADER: StashKey[str] = StashKey()  # the flight lock this request holds (shared store)
+_LEADER: StashKey[str] = StashKey()  # the flight lock this request holds (distributed store)
 _ASSEMBLER: StashKey[Assembler] = StashKey()
 
 CACHEABLE = frozenset({"chat", "completions", "messages", "embeddings"})
@@ -109,7 +109,7 @@ class CacheConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _shared_needs_key(self, info: ValidationInfo) -> CacheConfig:
+    def _distributed_needs_key(self, info: ValidationInfo) -> CacheConfig:
         # a per-process key would leave every other instance unable to decrypt an entry
         policy = policy_of(info)
         if policy is None or self.backend != "state" or self.key is not None:
@@ -189,19 +189,24 @@ class CachePlugin:
 
     @hookimpl
     async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
-        shared = app[SHARED]
+        resources = app[RESOURCES]
         if self.config.backend == "state":
-            self.watch = shared.find(STATE_WATCH)
-        store = shared.find(STORE)
+            self.watch = resources.find(STATE_WATCH)
+        store = resources.find(STORE)
         if store is None:
             store = CacheStore(url=self.url, max_bytes=self.config.max_bytes, keys=self.keys)
-            shared.put(STORE, store)
-            shared.on_close(store.close)
+            resources.put(STORE, store)
+            resources.on_close(store.close)
         elif self.config.key is not None:
             store.set_keys(self.keys)  # a reload may rotate the keys; the entries carry over
         self.store = store
         app[METRICS].add("cache", lambda: _cache_metrics(store))
         yield
+
+    @hookimpl
+    def cached_features(self) -> dict[str, float]:
+        # what ``ttl`` names and ``_ttl`` keeps: listed features that are cached at all
+        return {f: t for f, t in self.ttl.items() if t and f not in self.never}
 
     def _ttl(self, feature: str | None) -> float | None:
         if feature in self.never:
@@ -228,7 +233,7 @@ class CachePlugin:
         raw = await store.get(key)
         coalesced = False
         if raw is None:
-            if not (self.config.coalesce_instances and store.shared and not no_store):
+            if not (self.config.coalesce_instances and store.distributed and not no_store):
                 return None
             holder = await store.claim(key, self.config.flight_timeout)
             if holder == "lead":
@@ -304,7 +309,7 @@ class CachePlugin:
         if ctx.route is not route:  # a fallback answered: file it under the model that did
             key = fingerprint(ctx, self.config.scope)
         # an answer kept for one user is that user's data (forget_user deletes it); an answer
-        # shared by a plan or by everyone belongs to no one and expires with its TTL
+        # shared by a tier or by everyone belongs to no one and expires with its TTL
         principal = ctx.principal
         owner = principal.user_id if principal and self.config.scope == "user" else None
         await self.store.set(key, orjson.dumps(body), ttl, owner)

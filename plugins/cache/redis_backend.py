@@ -1,4 +1,4 @@
-"""The shared cache backend: aiocache's ``RedisCache`` (redis-py), through its public API.
+"""The distributed cache backend: aiocache's ``RedisCache`` (redis-py), through its public API.
 
 Imported only when a policy puts the cache on Redis (``plugins.cache.backend.open_backend``):
 importing aiocache loads redis-py, 7 MB of resident memory a memory-only gateway does not need.
@@ -36,7 +36,7 @@ class RedisBackend:
     """``CacheBackend`` on Redis, shared by every instance of the gateway."""
 
     kind = "redis"
-    shared = True
+    distributed = True
 
     def __init__(self, url: str, namespace: str) -> None:
         parts = urlsplit(url)

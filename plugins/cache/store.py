@@ -227,9 +227,9 @@ class CacheStore:
             self._stats.oversize += 1
 
     @property
-    def shared(self) -> bool:
+    def distributed(self) -> bool:
         """Whether other instances see this store (Redis), so a flight lock means something."""
-        return self.backend.shared
+        return self.backend.distributed
 
     async def claim(self, key: str, ttl: float) -> str:
         """Take the flight lock of ``key`` for ``ttl`` seconds. ``"lead"``: this request calls

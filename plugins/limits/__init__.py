@@ -1,4 +1,4 @@
-"""The ``limits`` plugin: plans' features, monthly quotas, rate limits, the admission queue.
+"""The ``limits`` plugin: tiers' features, monthly quotas, rate limits, the admission queue.
 
 - ``plugin``: the hooks and the config model (``LimitsConfig``); its docstring is the reference.
 - ``quota``: monthly request counts (the ``Quota`` interface), in memory with a file or on Redis.

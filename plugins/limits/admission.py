@@ -1,6 +1,6 @@
 """A priority semaphore: a global cap on concurrent upstream requests with a bounded queue.
 
-When every slot is taken, requests wait in a queue ordered by plan priority (higher first) and,
+When every slot is taken, requests wait in a queue ordered by tier priority (higher first) and,
 within a priority, by arrival (FIFO). A full queue or a wait longer than the timeout is refused
 (the caller answers 503). A waiter that is cancelled (its client hung up) leaves the queue at
 once, so it never holds a place or a slot.

@@ -1,7 +1,7 @@
-"""limits: plans (features, models, monthly quota, per-minute limits) and multi-layer rate limits.
+"""limits: tiers (features, models, monthly quota, per-minute limits) and multi-layer rate limits.
 
-Checked in ``access``, before anything costs money, in this order: the plan's features, the
-monthly quota, then the rate-limit layers (per IP, per user, per plan; optional tokens per
+Checked in ``access``, before anything costs money, in this order: the tier's features, the
+monthly quota, then the rate-limit layers (per IP, per user, per tier; optional tokens per
 minute). Every layer is tested first and consumed only when all pass, so a rejected request
 counts against nothing. A request that ends in an error is given back to the monthly quota.
 Model allow-lists and the global admission queue are applied in ``upstream_request``, once the
@@ -10,7 +10,7 @@ route is final (a routing plugin may have changed the model) and just before the
 Windows are sliding-window counters (``plugins.limits.windows``; the ``limits`` library's Redis storage
 when ``state.url`` is Redis), and ``Retry-After`` is computed from the counters: the seconds
 until one more request fits. Counters, quota counts and the admission queue
-are kept across policy reloads (``proxy.shared``).
+are kept across policy reloads (``proxy.resources``).
 
 While Redis is unreachable (``proxy.statewatch``), ``state.on_unavailable`` decides: ``serve``
 checks every layer and the quota on this instance alone (``FailoverWindows``, ``RedisQuota``'s
@@ -26,22 +26,26 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import limits
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from plugins.limits.admission import Admission, QueueFull, QueueTimeout
 from plugins.limits.quota import Quota, month_of, next_month_start, open_quota
 from plugins.limits.windows import BoundLayers, Layer, Windows, open_windows
-from proxy.appkeys import METRICS, SHARED
+from proxy.appkeys import METRICS, RESOURCES
 from proxy.context import RequestContext, StashKey, UpstreamRequest
 from proxy.errors import Reject
 from proxy.figures import Figures
 from proxy.hookspecs import hookimpl
 from proxy.policy import Loc, Policy, errors_at, parse_duration
 from proxy.statewatch import STATE_WATCH, StateWatch
+
+if TYPE_CHECKING:
+    # imported where a limit is parsed or built: ``import limits`` loads every storage of the
+    # library (~50 ms), and the CLI imports this module only to collect its commands
+    import limits
 
 WINDOWS: StashKey[Windows] = StashKey()
 QUOTA: StashKey[Quota] = StashKey()
@@ -55,10 +59,12 @@ and written as the reply's ``x-ratelimit-*`` headers by ``response_headers``."""
 
 def _limit_list(values: list[str]) -> list[str]:
     """The list as given; each entry that is not a limit is reported at its index."""
+    from limits import parse
+
     errors: list[tuple[Loc, str]] = []
     for i, v in enumerate(values):
         try:
-            limits.parse(v)
+            parse(v)
         except ValueError:
             errors.append(((i,), f"{v!r} is not a limit such as '60/minute' or '5 per 2 second'"))
     if errors:
@@ -98,7 +104,7 @@ class LimitsConfig(BaseModel):
 
 
 @dataclass(slots=True, frozen=True)
-class PlanRule:
+class TierRule:
     """A tier compiled for the hot path."""
 
     name: str
@@ -111,11 +117,13 @@ class PlanRule:
 
 
 def _window(amount: int, seconds: float) -> limits.RateLimitItem:
-    return limits.RateLimitItemPerSecond(amount, max(1, round(seconds)))
+    from limits import RateLimitItemPerSecond
+
+    return RateLimitItemPerSecond(amount, max(1, round(seconds)))
 
 
-def compile_plans(policy: Policy, period: float) -> dict[str, PlanRule]:
-    """Resolve ``includes`` chains into feature sets and build each plan's limit items."""
+def compile_tiers(policy: Policy, period: float) -> dict[str, TierRule]:
+    """Resolve ``includes`` chains into feature sets and build each tier's limit items."""
     out = {}
     tiers = policy.tiers
     for name, tier in tiers.items():
@@ -127,7 +135,7 @@ def compile_plans(policy: Policy, period: float) -> dict[str, PlanRule]:
             features.update(tiers[cur].features)
             cur = tiers[cur].includes
         monthly = tier.requests_per_month
-        out[name] = PlanRule(
+        out[name] = TierRule(
             name=name,
             features=frozenset(features),
             models=policy.allowed_models(name),
@@ -156,7 +164,7 @@ def reset_string(seconds: float) -> str:
 
 
 LAYER_CACHE_SIZE = 10_000
-"""Callers (user, address, plan) whose layer lists are kept; the cache is emptied when full."""
+"""Callers (user, address, tier) whose layer lists are kept; the cache is emptied when full."""
 
 
 def _spec(item: limits.RateLimitItem) -> tuple[int, float]:
@@ -178,27 +186,29 @@ class MonthCache:
 
 
 class LimitsPlugin:
-    """Plans and rate limits; see the module docstring for the order of checks."""
+    """Tiers and rate limits; see the module docstring for the order of checks."""
 
     Config = LimitsConfig
 
-    plan_period: float = 60.0
-    """Seconds of a plan's per-minute window. Not a policy key (a minute is a minute): a test
+    tier_period: float = 60.0
+    """Seconds of a tier's per-minute window. Not a policy key (a minute is a minute): a test
     that must see a window pass shortens it in a subclass, given as ``extra_plugins``."""
 
     def __init__(self, config: LimitsConfig, policy: Policy) -> None:
+        from limits import parse
+
         self.config = config
-        self.user_specs = [_spec(limits.parse(s)) for s in config.user]
-        self.ip_specs = [_spec(limits.parse(s)) for s in config.ip]
+        self.user_specs = [_spec(parse(s)) for s in config.user]
+        self.ip_specs = [_spec(parse(s)) for s in config.ip]
         self.month = MonthCache()
-        self.plans = compile_plans(policy, self.plan_period)
+        self.tiers = compile_tiers(policy, self.tier_period)
         self.known_features = set(policy.features).union(
             *(t.features for t in policy.tiers.values())
         )
         if policy.default_feature:
             self.known_features.add(policy.default_feature)
         self.state_url = policy.state.url
-        self.shared_state = policy.state.shared
+        self.distributed = policy.state.distributed
         state_dir = policy.state.dir
         self.state_dir = Path(state_dir) if state_dir else None
         self.quota_path = (
@@ -212,14 +222,14 @@ class LimitsPlugin:
 
     @hookimpl
     async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
-        shared = app[SHARED]
-        self.watch = shared.find(STATE_WATCH)
-        self.limiter = shared.get(WINDOWS, lambda: self._open_windows(shared))
-        self.quota = shared.get(QUOTA, lambda: self._open_quota(shared))
+        resources = app[RESOURCES]
+        self.watch = resources.find(STATE_WATCH)
+        self.limiter = resources.get(WINDOWS, lambda: self._open_windows(resources))
+        self.quota = resources.get(QUOTA, lambda: self._open_quota(resources))
         await self.quota.open()  # once: on Redis, puts this instance's shares back if lost
         g = self.config.global_
         if g is not None:
-            adm = shared.get(
+            adm = resources.get(
                 ADMISSION,
                 lambda: Admission(g.concurrent_requests, g.queue_max_size, g.queue_timeout),
             )
@@ -260,18 +270,18 @@ class LimitsPlugin:
         # requests waiting for a slot: the dashboard's autoscaling signal (scaling.queued)
         return Figures(queued=self.admission.queued) if self.admission is not None else None
 
-    def _open_windows(self, shared: Any) -> Windows:
+    def _open_windows(self, resources: Any) -> Windows:
         windows = open_windows(self.state_url, self.watch)
-        shared.on_close(windows.close)
+        resources.on_close(windows.close)
         return windows
 
-    def _open_quota(self, shared: Any) -> Quota:
-        redis_url = self.state_url if self.shared_state else None
+    def _open_quota(self, resources: Any) -> Quota:
+        redis_url = self.state_url if self.distributed else None
         quota = open_quota(redis_url, self.quota_path, self.state_dir, self.watch)
-        shared.on_close(quota.close)
+        resources.on_close(quota.close)
         return quota
 
-    def _layers(self, user: str, ip: str, rule: PlanRule | None) -> BoundLayers:
+    def _layers(self, user: str, ip: str, rule: TierRule | None) -> BoundLayers:
         """The windows a request counts in; the same caller gets the same object back (its
         layers are built, and its counters looked up, only when the caller, its address or
         its plan is new)."""
@@ -308,8 +318,8 @@ class LimitsPlugin:
     async def access(self, ctx: RequestContext) -> None:
         assert self.limiter is not None and self.quota is not None
         principal = ctx.principal
-        rule = self.plans.get(principal.tier) if principal and principal.tier else None
-        if principal and principal.tier and rule is None and self.plans:
+        rule = self.tiers.get(principal.tier) if principal and principal.tier else None
+        if principal and principal.tier and rule is None and self.tiers:
             raise Reject(403, f"plan {principal.tier!r} does not exist", code="unknown_plan")
         feature = ctx.feature
         if feature is not None and self.known_features and feature not in self.known_features:
@@ -383,7 +393,7 @@ class LimitsPlugin:
     @hookimpl
     async def upstream_request(self, ctx: RequestContext, req: UpstreamRequest) -> None:
         principal = ctx.principal
-        rule = self.plans.get(principal.tier) if principal and principal.tier else None
+        rule = self.tiers.get(principal.tier) if principal and principal.tier else None
         if rule is not None and rule.models is not None and ctx.route is not None:
             if ctx.route.model not in rule.models:
                 raise Reject(
@@ -434,7 +444,7 @@ class LimitsPlugin:
         if month is not None and principal is not None and quota is not None:
             if ctx.status >= 400 and ctx.status != 499:  # failed requests are not billed
                 await quota.give_back(principal.user_id, month)
-        rule = self.plans.get(principal.tier) if principal and principal.tier else None
+        rule = self.tiers.get(principal.tier) if principal and principal.tier else None
         limiter = self.limiter  # "is not None": in-process windows without counters are falsy
         tokens = rule.tokens if rule is not None else None
         if tokens is not None and ctx.usage.reported and limiter is not None:

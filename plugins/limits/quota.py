@@ -8,7 +8,7 @@ of counts (the usage table of the metering plugin is the exact record).
 With ``state.url`` on Redis, ``RedisQuota`` keeps the counts there instead, so every instance
 draws from one quota: a request takes its place atomically (one script: count it, sum the
 month, take it back when that went over), so N instances can never hand out more than the
-plan's requests between them.
+tier's requests between them.
 
 Redis holds a copy, never the only record. A user's hash (``tollway:quota:USER``) has one field
 per month and instance (``2025-06/i-3f2a...``): each instance's own share, which the instance

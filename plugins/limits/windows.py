@@ -21,13 +21,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol
-
-import limits
-from limits.aio.strategies import SlidingWindowCounterRateLimiter
-from limits.storage import storage_from_string
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from proxy.statewatch import StateWatch, is_state_error
+
+if TYPE_CHECKING:
+    # the library is imported where Redis windows are built: importing ``limits`` loads its
+    # every storage (~50 ms), which a memory-only gateway and ``tollway --help`` do not need
+    import limits
 
 
 class WindowStats(NamedTuple):
@@ -276,8 +277,13 @@ class RedisWindows:
     counter over its Redis storage (redis-py, loaded only when this is built)."""
 
     def __init__(self, url: str) -> None:
+        from limits import RateLimitItemPerSecond
+        from limits.aio.strategies import SlidingWindowCounterRateLimiter
+        from limits.storage import storage_from_string
+
         self._storage: Any = storage_from_string(f"async+{url}", implementation="redispy")
         self.limiter = SlidingWindowCounterRateLimiter(self._storage)
+        self._item = RateLimitItemPerSecond  # kept: no import statement per request
 
     def admit_now(self, bound: BoundLayers) -> None:
         """Never decided without Redis: see ``admit``."""
@@ -287,7 +293,7 @@ class RedisWindows:
         """All layers on the shared storage: test every one, then hit every one."""
         limiter = self.limiter
         layers = bound.layers
-        items = [limits.RateLimitItemPerSecond(a, round(p)) for a, p, _ in layers]
+        items = [self._item(a, round(p)) for a, p, _ in layers]
         refused: Admit | None = None
         for i, (item, (_, _, ids)) in enumerate(zip(items, layers, strict=True)):
             if not await limiter.test(item, *ids):

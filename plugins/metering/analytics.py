@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from proxy.usage import QueryBusy, QueryTimeout, ShuttingDown, export_target
+from proxy.analytics import QueryBusy, QueryTimeout, ShuttingDown, export_target
 
 if TYPE_CHECKING:
     from plugins.metering.database import UsageDB
@@ -165,10 +165,10 @@ class Analytics:
             ) from None
 
     async def invoice(
-        self, user: str, month: str, plan_costs: dict[str, float], current: str | None
+        self, user: str, month: str, tier_costs: dict[str, float], current: str | None
     ) -> dict[str, Any]:
         return await self._submit(
-            self._invoices, None, self.db.invoice, user, month, plan_costs, current
+            self._invoices, None, self.db.invoice, user, month, tier_costs, current
         )
 
     async def export_parquet(self, name: str) -> tuple[str, int]:

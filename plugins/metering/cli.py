@@ -40,11 +40,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 def cmd_meter(args: argparse.Namespace) -> int:
     from plugins.metering.meter import run_meter
-    from proxy.cli.serve import _load, _run
+    from proxy.cli.runner import load_policy, run
 
-    loaded = _load(args.policy)
+    loaded = load_policy(args.policy)
     try:
-        _run(run_meter(loaded, args.host, args.port, args.name))
+        run(run_meter(loaded, args.host, args.port, args.name))
     except ValueError as e:
         print(f"tollway meter: {e}", file=sys.stderr)
         return 1
@@ -64,7 +64,7 @@ class OfflineUsage:
         self.path = path
 
     def sql(self, query: str) -> tuple[list[str], list[list[Any]]]:
-        from proxy.usage import ReadOnlyQuery
+        from proxy.analytics import ReadOnlyQuery
 
         db = self._open()
         try:

@@ -28,7 +28,7 @@ from typing import Any
 import duckdb
 import orjson
 
-from proxy.usage import QueryError, QueryTimeout, ReadOnlyQuery, ResultTooLarge, json_default
+from proxy.analytics import QueryError, QueryTimeout, ReadOnlyQuery, ResultTooLarge, json_default
 
 MONEY = "DECIMAL(18, 9)"
 
@@ -108,7 +108,7 @@ MIGRATIONS: list[str] = [
         segment VARCHAR PRIMARY KEY, rows BIGINT NOT NULL, loaded_at TIMESTAMP NOT NULL
     );
     """,
-    # 5: which plans have the sla_guarantee perk (the sla view reports on them)
+    # 5: which tiers have the sla_guarantee perk (the sla view reports on them)
     "ALTER TABLE plans ADD COLUMN sla BOOLEAN DEFAULT false;",
 ]
 
@@ -144,7 +144,7 @@ SELECT count(*) AS requests,
              AS unpriced_requests
 FROM usage;
 
--- sla: per UTC month and plan with the sla_guarantee perk (the plan's latency and errors).
+-- sla: per UTC month and tier with the sla_guarantee perk (the tier's latency and errors).
 --   availability: share of requests not failed by the gateway or a provider (status < 500),
 --   in percent; error_rate: the rest; p50/p95_response_ms: answered requests (status < 400)
 CREATE OR REPLACE VIEW sla AS
@@ -159,12 +159,12 @@ GROUP BY ALL ORDER BY month, tier;
 
 -- business: per UTC month.
 --   revenue_usd: usage revenue (sum of price_usd) + subscriptions (monthly_cost of each
---     plan a user was active on in the month)
+--     tier a user was active on in the month)
 --   provider_cost_usd: sum of cost_usd (what the providers charge)
 --   cost_per_request_usd: provider_cost_usd / requests
 --   profit_margin: (revenue - provider cost) / revenue, in percent
---   mrr_usd: monthly recurring revenue = sum of the plan's monthly_cost over users active in
---     the month (a user's plan is the tier of their requests; plan prices from the policy)
+--   mrr_usd: monthly recurring revenue = sum of the tier's monthly_cost over users active in
+--     the month (a user's tier is the tier of their requests; tier prices from the policy)
 --   active_users: users with at least one request in the month (requests refused before a
 --     user was known, such as a bad key's 401, count as requests but not as a user)
 --   churned_users / churn_rate: users active last month and not this month, / last month's
@@ -448,8 +448,8 @@ class UsageDB:
                 self.con.execute("DELETE FROM spool_loads WHERE segment = ?", [mark])
         return rows
 
-    def set_plan_prices(self, prices: dict[str, float], sla: frozenset[str] = frozenset()) -> None:
-        """Record each plan's monthly cost (the policy's), used by MRR and invoices, and
+    def set_tier_prices(self, prices: dict[str, float], sla: frozenset[str] = frozenset()) -> None:
+        """Record each tier's monthly cost (the policy's), used by MRR and invoices, and
         whether it has the sla_guarantee perk (the ``sla`` view)."""
         with self._write_lock:
             for tier, cost in prices.items():
@@ -499,11 +499,11 @@ class UsageDB:
         self,
         user: str,
         month: str,
-        plan_costs: dict[str, float] | None = None,
+        tier_costs: dict[str, float] | None = None,
         current_tier: str | None = None,
         cur: duckdb.DuckDBPyConnection | None = None,
     ) -> dict[str, Any]:
-        """The month's invoice: the plan's subscription line plus usage lines, exact to the cent.
+        """The month's invoice: the tier's subscription line plus usage lines, exact to the cent.
 
         Usage lines group billable requests (status < 400, cache hits included) by service,
         endpoint, feature and unit price. The same inputs always give the same invoice.
@@ -532,8 +532,8 @@ class UsageDB:
                 "AND tier IS NOT NULL ORDER BY ts DESC LIMIT 1",
                 [user, start.replace(tzinfo=None), end.replace(tzinfo=None)],
             ).fetchone()
-            if plan_costs is None:  # offline: the plan prices recorded by the last gateway run
-                plan_costs = {
+            if tier_costs is None:  # offline: the tier prices recorded by the last gateway run
+                tier_costs = {
                     t: float(c)
                     for t, c in cur.execute("SELECT tier, monthly_cost FROM plans").fetchall()
                 }
@@ -543,7 +543,7 @@ class UsageDB:
         tier = tier_row[0] if tier_row else current_tier
         lines: list[dict[str, Any]] = []
         if tier is not None:
-            cost = Decimal(str(plan_costs.get(tier, 0)))
+            cost = Decimal(str(tier_costs.get(tier, 0)))
             lines.append(_line(f"{tier} plan, {month}", "subscription", None, None, 1, cost, cost))
         for endpoint, feature, unit, qty, total in rows:
             lines.append(

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from proxy.analytics import QueryError
 from proxy.figures import Card, Column, Figures, Table
-from proxy.usage import QueryError
 
 if TYPE_CHECKING:
-    from proxy.usage import UsageBackend
+    from proxy.analytics import AnalyticsBackend
 
 VIEWS = (
     ("kpis", "SELECT * FROM kpis"),
@@ -34,7 +34,7 @@ TOP_USERS = (
 )
 
 
-async def usage_views(usage: UsageBackend) -> dict[str, Any]:
+async def usage_views(usage: AnalyticsBackend) -> dict[str, Any]:
     """The views that could be read now, by name."""
     out: dict[str, Any] = {}
     for view, query in VIEWS:
@@ -47,7 +47,7 @@ async def usage_views(usage: UsageBackend) -> dict[str, Any]:
     return out
 
 
-async def figures(usage: UsageBackend) -> Figures:
+async def figures(usage: AnalyticsBackend) -> Figures:
     """The cards and the top-users table of this month, and the views as ``usage``."""
     views = await usage_views(usage)
     business = views.get("business") or {}

@@ -23,29 +23,29 @@ from plugins.metering.analytics import Analytics
 from plugins.metering.plugin import MeteringConfig
 from plugins.metering.stream import Meter
 from proxy import admin
-from proxy.appkeys import GATEWAY, SHARED
+from proxy.analytics import ANALYTICS, export_target
+from proxy.appkeys import GATEWAY, RESOURCES
 from proxy.chain import Chain
-from proxy.cli.serve import _start
+from proxy.cli.runner import start_site
 from proxy.gateway import Gateway
 from proxy.keystore import KeyStore
 from proxy.policy import LoadedPolicy
+from proxy.resources import Resources
 from proxy.runtime import Runtime
-from proxy.shared import Shared
 from proxy.statewatch import REPORT_EVERY, is_state_error
-from proxy.usage import USAGE, export_target
 
 log = logging.getLogger("tollway.meter")
 
 
 class MeterBackend:
-    """The admin API's usage interface (``proxy.usage.UsageBackend``) over the meter's
+    """The admin API's analytics interface (``proxy.analytics.AnalyticsBackend``) over the meter's
     database; a query first takes in what the stream holds, as a gateway loads its spool.
     Queries, invoices and exports run with the gateway's limits (``plugins.metering.analytics``)."""
 
-    def __init__(self, meter: Meter, plan_costs: dict[str, float], analytics: Analytics) -> None:
+    def __init__(self, meter: Meter, tier_costs: dict[str, float], analytics: Analytics) -> None:
         self.meter = meter
         self.db = meter.db
-        self.plan_costs = plan_costs
+        self.tier_costs = tier_costs
         self.analytics = analytics
 
     async def sql(self, query: str) -> tuple[list[str], list[list[Any]]]:
@@ -55,7 +55,7 @@ class MeterBackend:
 
     async def invoice(self, user: str, month: str) -> dict[str, Any]:
         await asyncio.to_thread(self.meter.drain)
-        return await self.analytics.invoice(user, month, self.plan_costs, None)
+        return await self.analytics.invoice(user, month, self.tier_costs, None)
 
     async def export_parquet(self, folder: str) -> tuple[str, int]:
         export_target(self.analytics.export_dir, folder)  # a bad name is refused first
@@ -70,18 +70,18 @@ def build_meter_app(loaded: LoadedPolicy, name: str | None = None) -> tuple[web.
     if not items:
         raise ValueError("the policy's chain has no metering plugin")
     config = MeteringConfig.model_validate(items[0].config)
-    if not policy.state.shared:
+    if not policy.state.distributed:
         raise ValueError("tollway meter reads the usage stream of state.url: redis://...")
     meter = Meter(config.open_database(), policy.state.url, name)
-    plan_costs = policy.plan_costs()
-    meter.db.set_plan_prices(plan_costs, policy.plans_with("sla_guarantee"))
+    tier_costs = policy.tier_costs()
+    meter.db.set_tier_prices(tier_costs, policy.tiers_with("sla_guarantee"))
     # the admin handlers, with a gateway that has no chain: same key check, same answers
     gw = Gateway(Runtime.build(loaded, Chain(loaded=loaded, plugins=(), names=())), KeyStore())
     app = web.Application()
     app[GATEWAY] = gw
-    app[SHARED] = shared = Shared()
+    app[RESOURCES] = resources = Resources()
     analytics = Analytics(meter.db, config.query_limits(), config.export_dir)
-    shared.put(USAGE, MeterBackend(meter, plan_costs, analytics))
+    resources.put(ANALYTICS, MeterBackend(meter, tier_costs, analytics))
     app.router.add_post("/admin/sql", admin.run_sql)
     app.router.add_get("/admin/invoices/{user}", admin.get_invoice)
     app.router.add_post("/admin/export", admin.export)
@@ -115,14 +115,14 @@ async def run_meter(loaded: LoadedPolicy, host: str, port: int, name: str | None
     stop = threading.Event()
     thread = threading.Thread(target=consume, args=(meter, stop), name="tollway-meter")
     thread.start()
-    runner, bound = await _start(app, host, port)
+    runner, bound = await start_site(app, host, port)
     print(f"tollway meter listening on http://{host}:{bound}", flush=True)
     done = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, done.set)
-    backend = app[SHARED].find(USAGE)
+    backend = app[RESOURCES].find(ANALYTICS)
     assert isinstance(backend, MeterBackend)
     analytics = backend.analytics
     try:

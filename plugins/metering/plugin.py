@@ -12,7 +12,7 @@ Billing rules (written here because invoices depend on them):
   ``models:``); NULL when the model has no price (counted in ``unpriced_requests``), 0 for a
   cache hit or a coalesced follower (``saved_usd`` is what its own provider call would have
   cost). A batched embeddings request costs its share of the usage.
-- ``price_usd`` = the feature's ``price_per_request`` (a plan's ``prices`` override it) for
+- ``price_usd`` = the feature's ``price_per_request`` (a tier's ``prices`` override it) for
   every request answered with status < 400, cache hits included; 0 otherwise.
 - A stream the client abandons is billed for what was delivered: the provider's token counts
   where it sent them, else output tokens = content events relayed (about one token each) and
@@ -58,12 +58,12 @@ from plugins.metering.figures import figures
 from plugins.metering.ip_hash import IpHasher, key_file, load_or_create_key
 from plugins.metering.spool import Spool
 from plugins.metering.stream import StreamShipper
-from proxy.appkeys import KEYSTORE, METRICS, SHARED
+from proxy.analytics import ANALYTICS, export_target
+from proxy.appkeys import KEYSTORE, METRICS, RESOURCES
 from proxy.context import STREAM_BROKEN, RequestContext, StashKey
 from proxy.hookspecs import hookimpl
 from proxy.policy import Policy, parse_duration, policy_of
 from proxy.statewatch import is_state_error
-from proxy.usage import USAGE, export_target
 
 if TYPE_CHECKING:
     import argparse
@@ -154,7 +154,7 @@ class MeteringConfig(BaseModel):
     @classmethod
     def _stream_needs_redis(cls, v: str, info: ValidationInfo) -> str:
         policy = policy_of(info)
-        if v == "redis" and policy is not None and not policy.state.shared:
+        if v == "redis" and policy is not None and not policy.state.distributed:
             raise ValueError("sink redis needs state.url: redis://...")
         return v
 
@@ -235,7 +235,7 @@ class UsageStore:
         self.retention = config.retention
         self.pruned_at = 0.0
         self.pruned_rows = 0
-        self.plan_costs: dict[str, float] = {}
+        self.tier_costs: dict[str, float] = {}
         self.loaded_rows = 0
         self.unpriced = 0
         self.load_seconds = 0.0
@@ -334,7 +334,7 @@ class UsageStore:
         if self.shipper is not None:
             self.shipper.close()
 
-    # ---- the UsageBackend protocol (proxy.usage) ---------------------------------------
+    # ---- the AnalyticsBackend protocol (proxy.analytics) -----------------------------------
 
     @property
     def database(self) -> UsageDB:
@@ -357,7 +357,7 @@ class UsageStore:
         if self._keystore is not None:
             tiers = [r.tier for r in self._keystore.list() if r.user == user]
             current = tiers[-1] if tiers else None
-        return await self._analytics.invoice(user, month, self.plan_costs, current)
+        return await self._analytics.invoice(user, month, self.tier_costs, current)
 
     async def export_parquet(self, folder: str) -> tuple[str, int]:
         export_target(self.export_dir, folder)  # a bad name is refused before any work
@@ -375,8 +375,8 @@ class MeteringPlugin:
         self.policy = policy
         self.prices = {name: f.price_per_request for name, f in policy.features.items()}
         self.tier_prices = {name: t.prices for name, t in policy.tiers.items() if t.prices}
-        self.plan_costs = policy.plan_costs()
-        self.sla_plans = policy.plans_with("sla_guarantee")
+        self.tier_costs = policy.tier_costs()
+        self.sla_tiers = policy.tiers_with("sla_guarantee")
         self.store: UsageStore | None = None
         self.ip_hash: IpHasher | None = None  # set in lifespan (reads or creates the key)
 
@@ -388,20 +388,20 @@ class MeteringPlugin:
             if secret is not None
             else load_or_create_key(key_file(self.config.database))
         )
-        shared = app[SHARED]
-        store = shared.find(_STORE)
+        resources = app[RESOURCES]
+        store = resources.find(_STORE)
         if store is None:
             store = UsageStore(self.config, self.policy.state.url)
             await store.start()
-            shared.put(_STORE, store)
-            shared.on_close(store.close)
+            resources.put(_STORE, store)
+            resources.on_close(store.close)
             if store.analytics is not None:  # admin queries stop when the shutdown begins
-                shared.on_shutdown(store.analytics.stop_all)
+                resources.on_shutdown(store.analytics.stop_all)
         store._keystore = app[KEYSTORE]
-        store.plan_costs = self.plan_costs
+        store.tier_costs = self.tier_costs
         if store.db is not None:  # with sink redis, analytics are the meter's
-            await asyncio.to_thread(store.db.set_plan_prices, self.plan_costs, self.sla_plans)
-            shared.put(USAGE, store)
+            await asyncio.to_thread(store.db.set_tier_prices, self.tier_costs, self.sla_tiers)
+            resources.put(ANALYTICS, store)
         self.store = store
         app[METRICS].add(
             "metering",
@@ -452,6 +452,11 @@ class MeteringPlugin:
         if store is None or store.db is None:  # sink redis: the meter holds the usage views
             return None
         return await figures(store)
+
+    @hookimpl
+    def data_files(self) -> dict[str, str]:
+        # with sink redis the rows go to the stream: ``tollway meter`` keeps the database
+        return {"usage": self.config.database} if self.config.sink == "duckdb" else {}
 
     @staticmethod
     @hookimpl

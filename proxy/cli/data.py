@@ -108,7 +108,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 
 def cmd_invoice(args: argparse.Namespace) -> int:
-    from proxy.usage import invoice_csv
+    from proxy.analytics import invoice_csv
 
     invoice = usage_source(args).invoice(args.user, args.month)
     if args.format == "csv":

@@ -20,88 +20,17 @@ import signal
 import sys
 import textwrap
 import threading
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from proxy.policy import Listen, LoadedPolicy, PolicyError, read_file
-from proxy.server import GatewayRunner
+from proxy.cli.runner import load_policy, report_errors, run, start_site
+from proxy.policy import LoadedPolicy, PolicyError
 
-
-def _run(coro: Any) -> None:
-    """Run on uvloop when it is installed (faster sockets), else on asyncio's loop."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(coro)
-        return
-    uvloop.run(coro)
-
-
-def _load(path: str, *, secrets_required: bool = True) -> LoadedPolicy:
-    """Read a policy file; exit 1 printing every error of it, its chain's included."""
-    try:
-        loaded = read_file(path, secrets_required=secrets_required)
-    except PolicyError as e:
-        _report(path, e.errors, [])
-        raise SystemExit(1) from None
-    if loaded.errors:
-        from proxy.chain import check_chain  # plugins are imported only where they are used
-
-        _report(path, check_chain(loaded), loaded.warnings)
-        raise SystemExit(1)
-    return loaded
-
-
-def _report(path: str, errors: list[str], warnings: list[str]) -> None:
-    if errors:
-        print(f"{path}: invalid policy", file=sys.stderr)
-    for line in errors:
-        print(f"  {line}", file=sys.stderr)
-    for line in warnings:
-        print(f"  warning: {line}", file=sys.stderr)
-
-
-async def _start(
-    app: web.Application, host: str, port: int, listen: Listen | None = None
-) -> tuple[web.AppRunner, int]:
-    """Set up and bind; a failure (a plugin that cannot start, a taken port) is one line.
-
-    With ``listen`` (the gateway, not the demo's emulator) connections get the policy's header
-    deadline and JSON protocol errors (proxy/server.py), and in-flight requests get
-    ``shutdown_timeout`` to finish when the runner is cleaned up.
-    """
-    runner: web.AppRunner
-    if listen is None:
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    else:
-        runner = GatewayRunner(
-            app,
-            handler_cancellation=True,
-            access_log=None,
-            header_timeout=listen.header_timeout,
-            # aiohttp waits this long for a busy connection's handler, then as long again
-            # before it cancels it: half the policy's timeout each, so a request still
-            # running shutdown_timeout after SIGTERM is cancelled then
-            shutdown_timeout=listen.shutdown_timeout / 2,
-        )
-    try:
-        await runner.setup()
-        site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
-        await site.start()
-    except OSError as e:
-        await runner.cleanup()
-        print(f"tollway: cannot listen on {host}:{port}: {e.strerror}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except Exception as e:
-        await runner.cleanup()
-        print(f"tollway: cannot start: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
-    server = site._server
-    sockets = getattr(server, "sockets", None)
-    bound = sockets[0].getsockname()[1] if sockets else port
-    return runner, bound
+if TYPE_CHECKING:
+    from proxy.chain import Chain, Hook
 
 
 GC_THRESHOLD = 10_000
@@ -137,7 +66,7 @@ async def _run_gateway(loaded: LoadedPolicy, host: str, port: int, banner: Any =
             print(f"  {line}", file=sys.stderr)
         raise SystemExit(1) from None
     listen = loaded.policy.listen
-    runner, bound = await _start(app, host, port, listen)
+    runner, bound = await start_site(app, host, port, listen)
     _tune_gc()
     print(f"tollway listening on http://{host}:{bound}", flush=True)
     if banner is not None:
@@ -190,10 +119,10 @@ def _exit_if_stuck(seconds: float) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    loaded = _load(args.policy)
+    loaded = load_policy(args.policy)
     listen = loaded.policy.listen
     port = args.port if args.port is not None else listen.port
-    _run(_run_gateway(loaded, args.host or listen.host, port))
+    run(_run_gateway(loaded, args.host or listen.host, port))
     return 0
 
 
@@ -204,15 +133,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     checked as if it were set, so a policy can be checked where it is written; ``--strict``
     makes it an error, as it is for ``serve``.
     """
-    loaded = _load(args.file, secrets_required=args.strict)
+    loaded = load_policy(args.file, secrets_required=args.strict)
     from proxy.chain import compile_chain
 
     try:
         compile_chain(loaded)
     except PolicyError as e:
-        _report(args.file, e.errors, loaded.warnings)
+        report_errors(args.file, e.errors, loaded.warnings)
         return 1
-    _report(args.file, [], loaded.warnings)
+    report_errors(args.file, [], loaded.warnings)
     names = [item.name for _, item in loaded.chain_items() if item.enabled]
     unset = f", {len(loaded.warnings)} secrets not set here" if loaded.warnings else ""
     print(
@@ -242,7 +171,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOLLWAY_ADMIN_KEY", "admin_" + secrets.token_urlsafe(18))
     os.environ.setdefault("OPENAI_API_KEY", "emulator-openai-key")
     os.environ.setdefault("ANTHROPIC_API_KEY", "emulator-anthropic-key")
-    loaded = _load(args.policy)
+    loaded = load_policy(args.policy)
     from urllib.parse import urlsplit
 
     emu_urls = [p.base_url for p in loaded.policy.providers.values()]
@@ -252,6 +181,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from proxy.appkeys import GATEWAY
 
         keystore = app[GATEWAY].keystore
+        chain = app[GATEWAY].runtime.chain
         revoked, _ = keystore.forget_user(_DEMO_USER)
         _, key = keystore.create(_DEMO_USER, args.tier)
         base = f"http://{args.host}:{port}"
@@ -262,10 +192,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 key=key,
                 admin=admin,
                 emu=f"http://127.0.0.1:{emu_port}",
-                data=_demo_data(loaded, len(revoked)),
+                data=_demo_data(loaded, chain, len(revoked)),
                 exports=f"export TOLLWAY_ADMIN_KEY={admin} TOLLWAY_URL={base}",
                 tollway=_tollway_command(),
-                example=_demo_example(loaded, base, key, args.tier),
+                example=_demo_example(loaded, chain, base, key, args.tier),
             ),
             flush=True,
         )
@@ -273,13 +203,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     async def main() -> None:
         from proxy.emulator import create_emulator_app
 
-        emu_runner, _ = await _start(create_emulator_app(), "127.0.0.1", emu_port)
+        emu_runner, _ = await start_site(create_emulator_app(), "127.0.0.1", emu_port)
         try:
             await _run_gateway(loaded, args.host, args.port, banner)
         finally:
             await emu_runner.cleanup()
 
-    _run(main())
+    run(main())
     return 0
 
 
@@ -287,34 +217,46 @@ _DEMO_USER = "demo"
 _WIDTH = 96  # the banner's prose lines; commands are printed whole, to be pasted
 
 
-def _chain_config(loaded: LoadedPolicy, name: str) -> dict[str, Any]:
-    """The ``config:`` written for chain entry ``name`` ({} when the chain has none).
+def _told(hooks: tuple[Hook, ...]) -> dict[str, Any]:
+    """What the chain's plugins tell about themselves through a describing hook
+    (``cached_features``, ``data_files``), merged in chain order (the first plugin to name a
+    key wins). Only for the demo's banner: a plugin whose answer fails is left out of it."""
+    told: dict[str, Any] = {}
+    for hook in hooks:
+        try:
+            answer = hook()
+        except Exception:
+            continue
+        if isinstance(answer, Mapping):
+            for k, v in answer.items():
+                told.setdefault(str(k), v)
+    return told
 
-    Only for the demo's banner, which explains the policy it runs: it reads what the file
-    says, as a reader of the file would, and never the plugin itself.
-    """
-    for item in loaded.policy.chain:
-        if item.name == name and item.enabled:
-            return dict(item.config)
-    return {}
+
+def _duration_text(seconds: float) -> str:
+    """A duration as a policy writes it: the largest whole unit (``604800`` -> ``7d``)."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
 
 
-def _demo_data(loaded: LoadedPolicy, revoked: int) -> str:
-    """Where the demo's keys and usage are kept, and how to start over."""
+def _demo_data(loaded: LoadedPolicy, chain: Chain, revoked: int) -> str:
+    """Where the demo's keys and the plugins' data (``data_files``) are kept, and how to
+    start over."""
     state = loaded.policy.state.dir
     earlier = f"; {revoked} earlier demo key(s) revoked" if revoked else ""
     if state is None:
         return f"keys are kept in memory only (state.dir: null){earlier}"
-    database = _chain_config(loaded, "metering").get("database")
-    usage = f", usage in {database}" if isinstance(database, str) else ""
+    files = "".join(f", {what} in {path}" for what, path in _told(chain.data_files).items())
     return (
-        f"keys in {state}/keys.json{usage}{earlier}\n"
+        f"keys in {state}/keys.json{files}{earlier}\n"
         f"                          (stop the demo and delete these files to start from nothing)"
     )
 
 
-def _plan_features(loaded: LoadedPolicy, tier: str) -> set[str]:
-    """The features of a plan, with those of the plans it ``includes``."""
+def _tier_features(loaded: LoadedPolicy, tier: str) -> set[str]:
+    """The features of a tier, with those of the tiers it ``includes``."""
     tiers, out, seen = loaded.policy.tiers, set(), set()
     name: str | None = tier
     while name is not None and name in tiers and name not in seen:
@@ -324,16 +266,19 @@ def _plan_features(loaded: LoadedPolicy, tier: str) -> set[str]:
     return out
 
 
-def _demo_example(loaded: LoadedPolicy, base: str, key: str, tier: str) -> str:
-    """The curl example: ``model: auto`` when the policy routes it, and a feature the cache
-    keeps (within the demo key's plan), so the same request twice shows a hit."""
+def _demo_example(loaded: LoadedPolicy, chain: Chain, base: str, key: str, tier: str) -> str:
+    """The curl example: ``model: auto`` when a plugin answers for a model of its own
+    (``model_names``: routing's auto), and a feature a plugin caches (``cached_features``)
+    within the demo key's tier, so the same request twice shows a hit."""
     policy = loaded.policy
-    auto = _chain_config(loaded, "routing").get("auto")
-    auto_name = str(auto.get("name", "auto")) if isinstance(auto, dict) else None
+    auto_name = next(iter(chain.model_names), None)
     model = auto_name or next(iter(policy.models), "gpt-5.4-mini")
-    ttl = _chain_config(loaded, "cache").get("ttl")
-    ttls = {str(f): str(t) for f, t in ttl.items()} if isinstance(ttl, dict) else {}
-    allowed = _plan_features(loaded, tier)
+    ttls = {
+        f: _duration_text(float(t))
+        for f, t in _told(chain.cached_features).items()
+        if isinstance(t, int | float)
+    }
+    allowed = _tier_features(loaded, tier)
     feature = next((f for f in ttls if f in allowed), None)
     lines = ["Try it with curl"]
     if auto_name:

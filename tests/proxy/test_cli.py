@@ -11,13 +11,18 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import openai
 import pytest
 
-from tests.conftest import free_port
-from tests.procs import ROOT, TOLLWAY, Http, Proc, running
+from proxy.chain import compile_chain
+from proxy.cli.serve import _demo_data, _demo_example, _duration_text
+from proxy.hookspecs import hookimpl
+from proxy.policy import load_text
+from tests.conftest import free_port, policy, policy_text
+from tests.procs import ROOT, TOLLWAY, Http, Proc, fresh_interpreter, running
 
 POLICY = """\
 version: 1
@@ -208,9 +213,11 @@ def printed_curl(banner: str) -> tuple[str, dict[str, str], bytes]:
 
 def test_demo_prints_a_working_key(tmp_path: Path) -> None:
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "TOLLWAY_ADMIN_KEY"}
+    # Proc's env is laid over this process's: only `env -u` takes the admin key away, so the
+    # demo must make one up (as in a new user's shell)
+    unset = ["env", "-u", "TOLLWAY_ADMIN_KEY"]
     proc = Proc(
-        [*TOLLWAY, "demo", "--policy", str(demo_policy(tmp_path)), "--port", str(port)], env=env
+        [*unset, *TOLLWAY, "demo", "--policy", str(demo_policy(tmp_path)), "--port", str(port)]
     )
     try:
         key = proc.wait_for(r"demo key \(user 'demo'\): (tw_\S+)").group(1)
@@ -322,3 +329,63 @@ def test_serve_reports_startup_failures_cleanly(tmp_path: Path) -> None:
     assert res.returncode == 1
     assert "plugin metering could not start" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+class Shelf:
+    """A third-party plugin telling the demo's banner what it answers for, caches and keeps."""
+
+    def __init__(self, config: Any, policy: Any) -> None:
+        pass
+
+    @hookimpl
+    def model_names(self) -> list[str]:
+        return ["shelf-auto"]
+
+    @hookimpl
+    def cached_features(self) -> dict[str, float]:
+        return {"basic_suggestions": 5400.0, "elsewhere": 30.0}
+
+    @hookimpl
+    def data_files(self) -> dict[str, str]:
+        return {"shelves": "data/shelf.db"}
+
+
+def test_demo_banner_reads_plugins_through_their_hooks(tmp_path: Path) -> None:
+    """The banner's model, cached feature and files come from the compiled chain's hooks
+    (``model_names``, ``cached_features``, ``data_files``), never from a plugin's config by
+    its name: a plugin the core has never heard of is described the same way."""
+    base = policy(state={"dir": tmp_path}, chain=[{"name": "shelf"}])
+    chain = compile_chain(
+        load_text(policy_text(base, "http://127.0.0.1:9")), extra_plugins={"shelf": Shelf}
+    )
+    example = " ".join(_demo_example(chain.loaded, chain, "http://gw", "tw_k", "pro").split())
+    assert '"model": "shelf-auto"' in example
+    assert "the feature basic_suggestions is cached for 90m" in example
+    assert (
+        "Cached features (the cache plugin's ttl): basic_suggestions 90m, elsewhere 30s;" in example
+    )
+    assert _demo_data(chain.loaded, chain, 0).startswith(
+        f"keys in {tmp_path}/keys.json, shelves in data/shelf.db\n"
+    )
+    assert [_duration_text(s) for s in (604800, 3600, 259200, 90, 0.1)] == [
+        "7d",
+        "1h",
+        "3d",
+        "90s",
+        "0.1s",
+    ]
+
+
+def test_the_full_help_imports_no_state_backend() -> None:
+    """``tollway --help`` imports every plugin module to collect its commands: none of them
+    may load a Redis client or the limits library (~50 ms) at import, only where a backend
+    is built."""
+    script = (
+        "import contextlib, io, sys\n"
+        "from proxy.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "    main(['--help'])\n"
+        "print('plugins.limits.plugin' in sys.modules, 'plugins.cache.plugin' in sys.modules)\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'limits', 'redis', 'aiocache'}))\n"
+    )
+    assert fresh_interpreter(script).splitlines() == ["True True", "[]"]

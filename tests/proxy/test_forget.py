@@ -11,8 +11,8 @@ import openai
 import pytest
 
 from plugins.metering.plugin import UsageStore
-from proxy.appkeys import SHARED
-from proxy.usage import USAGE
+from proxy.analytics import ANALYTICS
+from proxy.appkeys import RESOURCES
 from tests.conftest import ADMIN_KEY, Emulator, Gw
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -84,7 +84,7 @@ async def test_usage_retention(make_gateway: Any, tmp_path: Path) -> None:
     gw: Gw = await make_gateway(chain(tmp_path / "usage.duckdb", retention="30d"))
     key = await gw.create_key("cy")
     await ask(gw, key, "old news")
-    store = gw.app[SHARED].find(USAGE)
+    store = gw.app[RESOURCES].find(ANALYTICS)
     assert isinstance(store, UsageStore)
     await store.flush()
     assert await store.prune(time.time() + 29 * 86400) == 0  # checked once an hour at most

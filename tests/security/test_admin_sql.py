@@ -18,7 +18,7 @@ import duckdb
 import pytest
 
 from plugins.metering.plugin import _STORE
-from proxy.appkeys import SHARED
+from proxy.appkeys import RESOURCES
 from tests.conftest import ADMIN_KEY, Gw
 from tests.procs import run_tollway
 
@@ -162,7 +162,7 @@ async def test_host_files_and_the_network_are_out_of_reach(metered: Gw, tmp_path
 async def test_each_wall_holds_on_its_own(metered: Gw, tmp_path: Path) -> None:
     """The gateway's database refuses host files and setting changes even to a statement run
     without the parser check, and the query path's transaction refuses writes by itself."""
-    store = metered.app[SHARED].find(_STORE)
+    store = metered.app[RESOURCES].find(_STORE)
     assert store is not None and store.db is not None
     cur = store.db.con.cursor()  # the gateway's own connection: what a missed check would reach
     try:

@@ -16,7 +16,7 @@ import duckdb
 import pytest
 
 from plugins.metering.plugin import _STORE
-from proxy.appkeys import SHARED
+from proxy.appkeys import RESOURCES
 from tests.conftest import ADMIN_KEY, Gw
 from tests.procs import run_tollway
 
@@ -95,7 +95,7 @@ async def test_exports_stay_under_the_export_dir(metered: Gw, tmp_path: Path) ->
 async def test_the_database_writes_nowhere_else(metered: Gw, tmp_path: Path) -> None:
     """The sandbox beneath the path check: the gateway's database refuses a folder outside
     the export directory even when its own export code is asked directly."""
-    store = metered.app[SHARED].find(_STORE)
+    store = metered.app[RESOURCES].find(_STORE)
     assert store is not None and store.db is not None
     await store.flush()  # the rows are in the database, as an export through the API sees them
     with pytest.raises(duckdb.PermissionException):

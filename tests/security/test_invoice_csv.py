@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 import orjson
 
-from proxy.usage import invoice_csv
+from proxy.analytics import invoice_csv
 from tests.conftest import ADMIN_KEY, BASE_POLICY, Gw
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}

@@ -25,7 +25,7 @@ import pytest
 
 from plugins.metering.analytics import Analytics
 from plugins.metering.plugin import _STORE
-from proxy.appkeys import SHARED
+from proxy.appkeys import RESOURCES
 from tests.conftest import ADMIN_KEY, Gw, config_error, free_port
 from tests.procs import TOLLWAY, running
 
@@ -44,7 +44,7 @@ def chain(tmp: Path, **config: Any) -> str:
 
 
 def analytics(gw: Gw) -> Analytics:
-    store = gw.app[SHARED].find(_STORE)
+    store = gw.app[RESOURCES].find(_STORE)
     assert store is not None and store.analytics is not None
     return store.analytics
 
@@ -200,7 +200,7 @@ async def test_closing_the_store_interrupts_running_queries(
     running = asyncio.create_task(sql(gw, HOSTILE))
     await until(lambda: analytics(gw).busy, 2.0)
     t0 = time.perf_counter()
-    await gw.app[SHARED].close()  # what the gateway's shutdown runs
+    await gw.app[RESOURCES].close()  # what the gateway's shutdown runs
     assert time.perf_counter() - t0 < 2.0
     status, res, took = await running
     assert status == 400 and res["error"]["code"] == "query_timeout" and took < 5.0
@@ -208,12 +208,12 @@ async def test_closing_the_store_interrupts_running_queries(
 
 
 async def test_a_shutdown_stops_queries_when_it_begins(make_gateway: Any, tmp_path: Path) -> None:
-    """``Shared.on_shutdown``, which the metering plugin registers with: the running query
+    """``Resources.on_shutdown``, which the metering plugin registers with: the running query
     answers 503 at once, and the admin plane takes no new one while requests drain."""
     gw = await make_gateway(chain(tmp_path, query_timeout="60s"))
     running = asyncio.create_task(sql(gw, HOSTILE))
     await until(lambda: analytics(gw).busy, 2.0)
-    await gw.app[SHARED].shutdown()  # what aiohttp's on_shutdown runs, before handlers drain
+    await gw.app[RESOURCES].shutdown()  # what aiohttp's on_shutdown runs, before handlers drain
     status, res, took = await running
     assert status == 503 and res["error"]["code"] == "shutting_down", res
     assert took < 5.0 and not analytics(gw).busy

@@ -254,10 +254,10 @@ async def _is(gw: Gw, key: str, expected: int) -> bool:
 
 
 def _watch(gw: Gw) -> Any:
-    from proxy.appkeys import SHARED
+    from proxy.appkeys import RESOURCES
     from proxy.statewatch import STATE_WATCH
 
-    watch = gw.app[SHARED].find(STATE_WATCH)
+    watch = gw.app[RESOURCES].find(STATE_WATCH)
     assert watch is not None
     return watch
 

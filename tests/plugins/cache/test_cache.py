@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from plugins.cache.plugin import STORE
-from proxy.appkeys import SHARED
+from proxy.appkeys import RESOURCES
 from tests.conftest import ADMIN_KEY, BASE_POLICY, Emulator, Gw
 
 KEY_A = "a" * 64
@@ -180,7 +180,7 @@ async def test_encrypted_at_rest_and_tampering(cached: tuple[Gw, str], emulator:
     gw, key = cached
     client = gw.openai(key)
     reply = await client.chat.completions.create(model="gpt-5.4-mini", messages=ask())  # type: ignore[arg-type]
-    store = gw.app[SHARED].find(STORE)
+    store = gw.app[RESOURCES].find(STORE)
     assert store is not None
     backend = store.backend
     raw_entries = list(backend._store.values()) if hasattr(backend, "_store") else []

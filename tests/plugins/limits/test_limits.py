@@ -14,7 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from plugins.limits.plugin import LimitsConfig as Config
-from plugins.limits.plugin import LimitsPlugin, compile_plans, reset_string
+from plugins.limits.plugin import LimitsPlugin, compile_tiers, reset_string
 from proxy.context import RequestContext
 from proxy.hookspecs import hookimpl
 from proxy.policy import Policy, Tier
@@ -66,7 +66,7 @@ def limits_chain(**config: str) -> str:
 def short_plans(seconds: float) -> dict[str, Any]:
     """``extra_plugins`` for a limits plugin whose plans' per-minute window is ``seconds``
     long (not a policy key: production's minute is a minute)."""
-    return {"limits": type("ShortPlans", (LimitsPlugin,), {"plan_period": seconds})}
+    return {"limits": type("ShortTiers", (LimitsPlugin,), {"tier_period": seconds})}
 
 
 # ---- config ---------------------------------------------------------------------------------
@@ -83,18 +83,18 @@ def test_config_validates_limit_strings() -> None:
     assert cfg.global_.queue_max_size == 1000
 
 
-def test_plans_inherit_features() -> None:
+def test_tiers_inherit_features() -> None:
     tiers = {
         "free": Tier(features=["a"], requests_per_month=10, requests_per_minute=5),
         "pro": Tier(includes="free", features=["b"]),
         "ent": Tier(includes="pro", features=["c"], requests_per_month="unlimited"),
     }
-    plans = compile_plans(Policy(tiers=tiers), 60)
-    assert plans["free"].features == {"a"}
-    assert plans["pro"].features == {"a", "b"}
-    assert plans["ent"].features == {"a", "b", "c"}
-    assert plans["free"].monthly == 10 and plans["ent"].monthly is None
-    assert plans["free"].per_minute is not None and plans["free"].per_minute.amount == 5
+    rules = compile_tiers(Policy(tiers=tiers), 60)
+    assert rules["free"].features == {"a"}
+    assert rules["pro"].features == {"a", "b"}
+    assert rules["ent"].features == {"a", "b", "c"}
+    assert rules["free"].monthly == 10 and rules["ent"].monthly is None
+    assert rules["free"].per_minute is not None and rules["free"].per_minute.amount == 5
 
 
 def test_perks_priority_and_custom_models() -> None:
@@ -113,10 +113,10 @@ def test_perks_priority_and_custom_models() -> None:
             "listed": Tier(models=["std", "special"]),
         },
     )
-    plans = compile_plans(policy, 60)
-    assert [plans[t].priority for t in ("free", "pro", "vip")] == [0, 1, 5]
-    assert plans["free"].models == {"std"} and plans["listed"].models == {"std"}
-    assert plans["vip"].models is None  # every model
+    rules = compile_tiers(policy, 60)
+    assert [rules[t].priority for t in ("free", "pro", "vip")] == [0, 1, 5]
+    assert rules["free"].models == {"std"} and rules["listed"].models == {"std"}
+    assert rules["vip"].models is None  # every model
 
 
 async def test_custom_models_need_the_perk(make_gateway: Any) -> None:
