@@ -17,6 +17,7 @@ from aiohttp import web
 from proxy import dashboard
 from proxy.analytics import (
     ANALYTICS,
+    FRESH_AS_OF,
     AnalyticsBackend,
     InvalidExportPath,
     QueryBusy,
@@ -187,6 +188,7 @@ async def run_sql(request: web.Request) -> web.StreamResponse:
     query = data.get("query")
     if not isinstance(query, str) or not query.strip():
         raise Reject(400, "'query' is required", code="invalid_request", param="query")
+    FRESH_AS_OF.set(None)  # the backend sets it (one task may serve several requests)
     try:
         columns, rows = await _usage(request).sql(query)
     except ReadOnlyQuery as e:
@@ -204,7 +206,9 @@ async def run_sql(request: web.Request) -> web.StreamResponse:
     body = orjson.dumps(
         {"columns": columns, "rows": rows}, default=json_default, option=orjson.OPT_NON_STR_KEYS
     )
-    return web.Response(body=body, content_type="application/json")
+    fresh = FRESH_AS_OF.get()
+    headers = {"X-Tollway-Fresh-As-Of": f"{fresh:.3f}"} if fresh is not None else None
+    return web.Response(body=body, content_type="application/json", headers=headers)
 
 
 @admin_only
@@ -252,14 +256,18 @@ async def forget_user(request: web.Request) -> web.StreamResponse:
     return _json({"user": user, "deleted": deleted, "policy_keys_kept": kept})
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_post("/admin/keys", create_key)
-    app.router.add_get("/admin/keys", list_keys)
-    app.router.add_delete("/admin/keys/{key_id}", revoke_key)
-    app.router.add_post("/admin/reload", reload_policy)
-    app.router.add_post("/admin/sql", run_sql)
-    app.router.add_get("/admin/invoices/{user}", get_invoice)
-    app.router.add_post("/admin/export", export)
-    app.router.add_delete("/admin/users/{user}/data", forget_user)
-    app.router.add_get("/admin/stats", admin_only(dashboard.stats))
-    app.router.add_get("/dashboard", dashboard.page)
+def add_routes(
+    app: web.Application, wrap: Callable[[AdminHandler], AdminHandler] = lambda h: h
+) -> None:
+    """Register the admin API and the dashboard, each handler passed through ``wrap`` (the
+    app's ``with_request_id``)."""
+    app.router.add_post("/admin/keys", wrap(create_key))
+    app.router.add_get("/admin/keys", wrap(list_keys))
+    app.router.add_delete("/admin/keys/{key_id}", wrap(revoke_key))
+    app.router.add_post("/admin/reload", wrap(reload_policy))
+    app.router.add_post("/admin/sql", wrap(run_sql))
+    app.router.add_get("/admin/invoices/{user}", wrap(get_invoice))
+    app.router.add_post("/admin/export", wrap(export))
+    app.router.add_delete("/admin/users/{user}/data", wrap(forget_user))
+    app.router.add_get("/admin/stats", wrap(admin_only(dashboard.stats)))
+    app.router.add_get("/dashboard", wrap(dashboard.page))

@@ -21,7 +21,7 @@ from proxy.chain import Chain, compile_chain
 from proxy.context import RequestContext
 from proxy.errors import Reject, reject_body
 from proxy.gateway import Gateway
-from proxy.handler import authenticate, make_handler, new_request_id
+from proxy.handler import authenticate, make_handler, new_request_id, with_request_id
 from proxy.keystore import KeyStore
 from proxy.keysync import KeySync
 from proxy.policy import LoadedPolicy, PolicyError
@@ -62,7 +62,6 @@ def create_app(
             "keepalive_timeout": listen.keepalive_timeout,
         },
     )
-    app.on_response_prepare.append(_request_id)
     app[GATEWAY] = gw
     app[KEYSTORE] = keystore
     app[RESOURCES] = Resources()
@@ -79,13 +78,14 @@ def create_app(
     app.on_shutdown.append(_shutdown_begins)
     for path, (endpoint, dialect) in CLIENT_ENDPOINTS.items():
         app.router.add_post(path, make_handler(endpoint, dialect))  # type: ignore[arg-type]
-    app.router.add_get("/v1/models", list_models)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    admin.add_routes(app)
+    # the client endpoints' replies carry their request's id; every other route's is stamped
+    app.router.add_get("/v1/models", with_request_id(list_models))
+    app.router.add_get("/healthz", with_request_id(healthz))
+    app.router.add_get("/readyz", with_request_id(readyz))
+    app.router.add_get("/metrics", with_request_id(metrics))
+    admin.add_routes(app, with_request_id)
     _add_plugin_routes(app, chain)
-    app.router.add_route("*", "/{tail:.*}", not_found)
+    app.router.add_route("*", "/{tail:.*}", with_request_id(not_found))
     return app
 
 
@@ -109,9 +109,8 @@ def _add_plugin_routes(app: web.Application, chain: Chain) -> None:
     if clashes:
         raise PolicyError(clashes)
     for key, route in chain.routes.items():
-        web.RouteDef(route.method, route.path, _plugin_route(key), route.kwargs).register(
-            app.router
-        )
+        handler = with_request_id(_plugin_route(key))
+        web.RouteDef(route.method, route.path, handler, route.kwargs).register(app.router)
     app[GATEWAY].route_keys = frozenset(chain.routes)
 
 
@@ -265,13 +264,6 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(
         body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
     )
-
-
-async def _request_id(request: web.Request, response: web.StreamResponse) -> None:
-    """Every reply carries X-Request-Id, also the ones not made by the request handler (ops,
-    admin, 404s); the handler's own replies already carry their request's id."""
-    if "X-Request-Id" not in response.headers:
-        response.headers["X-Request-Id"] = new_request_id()
 
 
 async def _allowed_methods(request: web.Request) -> set[str]:

@@ -53,15 +53,23 @@ async def read_body(request: web.Request, max_body: int, encodings: Collection[s
     length = request.content_length
     if length is not None and length > max_body:
         raise too_large(max_body)
-    if coding is None:
-        return await _read_plain(request, max_body)
-    return await _inflate(request, max_body, coding)
-
-
-async def _read_plain(request: web.Request, max_body: int) -> bytes:
+    if coding is not None:
+        return await _inflate(request, max_body, coding)
+    if length is None:
+        return await _read_chunked(request, max_body)
+    # Within the limit (checked). The usual body came with its headers and is buffered
+    # already: one read of ``length`` bytes takes it, without ``read()``'s second wait for the
+    # end of the stream; the rest, if any, is read to the end. Inline, not in a helper: a
+    # coroutine per call is a measurable part of the gateway's own cost per request.
     content = request.content
-    if request.content_length is not None:  # within the limit (checked): one read
-        return await content.read()
+    data = await content.read(length)
+    if len(data) < length:
+        data += await content.read()
+    return data
+
+
+async def _read_chunked(request: web.Request, max_body: int) -> bytes:
+    content = request.content
     buf = bytearray()  # chunked upload: stop reading as soon as it is too large
     while chunk := await content.read(_READ):
         buf += chunk

@@ -16,7 +16,7 @@ most one extra serialisation.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -28,13 +28,17 @@ far enough below orjson's write limit that wrapping and translating a body stays
 well inside Python's recursion limit for the walkers that recurse per level (privacy's)."""
 
 
-def undecodable_header(headers: Iterable[tuple[str, str]]) -> str | None:
+def undecodable_header(headers: Mapping[str, str]) -> str | None:
     """The name of the first header whose value is not valid UTF-8, or None.
 
     Valid non-ASCII UTF-8 (``café``) is accepted as before; only bytes that decode to lone
-    surrogates are refused. The common all-ASCII request costs one ``isascii`` per header.
+    surrogates are refused. The common all-ASCII request costs one join and one ``isascii``,
+    both in C (about half the cost of an ``isascii`` per header in a Python loop); only a
+    request with a non-ASCII value walks its headers.
     """
-    for name, value in headers:
+    if "".join(headers.values()).isascii():
+        return None
+    for name, value in headers.items():
         if not value.isascii():
             try:
                 value.encode()

@@ -215,8 +215,10 @@ async def relay_body(
         if changed:
             raw = orjson.dumps(data)
     ctx.status = status
-    await _run_header_hooks(chain, ctx, headers, len(chain.plugins))
-    await _complete(chain, ctx)
+    if chain.response_headers:  # no coroutine per phase without hooks
+        await _run_header_hooks(chain, ctx, headers, len(chain.plugins))
+    if chain.response_complete:
+        await _complete(chain, ctx)
     return await _finish(ctx, status, raw, headers)
 
 
@@ -383,7 +385,8 @@ async def relay_stream(
     ctx.status = resp.status
     headers = base_headers(ctx)
     headers.update(_SSE_HEADERS)
-    await _run_header_hooks(chain, ctx, headers, len(chain.plugins))
+    if chain.response_headers:
+        await _run_header_hooks(chain, ctx, headers, len(chain.plugins))
     out = web.StreamResponse(status=resp.status, headers=headers)
     await out.prepare(ctx.request)
     state = _StreamState(chain, ctx, route, wants_usage)
@@ -419,7 +422,8 @@ async def relay_stream(
         if state.to_chat is not None:
             frames.append(sse.frame(sse.DONE))
         frames[:0] = held
-        await _complete(chain, ctx)
+        if chain.response_complete:
+            await _complete(chain, ctx)
         if frames:
             await out.write(b"".join(frames))
     except (

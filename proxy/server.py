@@ -54,13 +54,17 @@ class GatewayProtocol(RequestHandler):
         self._arm()  # the first request's headers are due within the deadline
 
     def data_received(self, data: bytes) -> None:
-        waiter = self._waiter  # pending only while no request is being handled
-        if self._header_timer is None and waiter is not None and not waiter.done():
-            self._arm()  # the first byte of a new request: its headers are now due
+        # Checked after parsing: a request whose headers arrive in one read (nearly all of
+        # them) never arms a timer, and the common case costs two attribute tests.
         super().data_received(data)
-        if self._header_timer is not None and self._messages:
-            self._header_timer.cancel()  # headers complete: the request is aiohttp's now
-            self._header_timer = None
+        if self._messages:  # headers complete: the request is aiohttp's now
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+        elif self._header_timer is None:
+            waiter = self._waiter  # pending only while waiting for a request's headers
+            if waiter is not None and not waiter.done():
+                self._arm()  # a new request's first bytes, not its headers yet: now due
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._header_timer is not None:

@@ -216,6 +216,26 @@ def test_partial_headers_are_closed_after_the_header_timeout(served: tuple[int, 
         assert _closed_soon(sock, time.monotonic())
 
 
+def test_partial_headers_of_a_later_request_are_closed_after_the_header_timeout(
+    served: tuple[int, Proc],
+) -> None:
+    """The deadline of a keep-alive connection's next request runs from its first bytes."""
+    port, _ = served
+    with rawhttp.connect(port) as sock:
+        sock.sendall(rawhttp.head("GET", "/healthz", {}))
+        assert rawhttp.read_reply(sock).status == 200
+        sock.sendall(rawhttp.head("GET", "/healthz", {}))  # headers in one piece: no deadline
+        assert rawhttp.read_reply(sock).status == 200
+        # the server's connection loop takes up waiting for the next request one loop turn
+        # after the reply went out; bytes in that turn are not timed (they are rare: a client
+        # sends its next request after reading the reply, and the keep-alive timer applies)
+        time.sleep(0.1)
+        started = time.monotonic()
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        assert not rawhttp.closed_within(sock, 0.3)
+        assert _closed_soon(sock, started)
+
+
 def test_idle_keep_alive_lasts_the_keepalive_timeout_not_the_header_one(
     served: tuple[int, Proc],
 ) -> None:
