@@ -11,11 +11,17 @@ import csv
 import datetime
 import io
 import os
+from contextvars import ContextVar
 from decimal import Decimal
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 from proxy.context import StashKey
+
+FRESH_AS_OF: ContextVar[float | None] = ContextVar("tollway_fresh_as_of", default=None)
+"""Set by a backend's ``sql`` in the calling task: every row of a request that completed
+before this Unix time is in the answer (``/admin/sql`` sends it as ``X-Tollway-Fresh-As-Of``).
+A context variable, not a return value, so backends that do not know leave the protocol as is."""
 
 
 class AnalyticsBackend(Protocol):

@@ -55,13 +55,14 @@ class CacheBackend(Protocol):
         """Delete every live entry set for ``owner``; how many there were."""
         ...
 
-    async def claim(self, key: str, holder: bytes, ttl: float) -> bytes | None:
-        """Take the flight lock of ``key`` for ``holder`` and ``ttl`` seconds if nobody holds
-        it (None: taken), else leave it and return who holds it."""
+    async def claim(self, key: str, holder: bytes, ttl: float) -> tuple[bytes | None, bytes | None]:
+        """In one atomic step: ``(entry, None)`` when ``key`` has an entry (nothing is
+        claimed); else take the flight lock of ``key`` for ``holder`` and ``ttl`` seconds if
+        nobody holds it, ``(None, None)``, or leave it: ``(None, who holds it)``."""
         ...
 
-    async def release(self, key: str) -> None:
-        """Drop the flight lock of ``key``."""
+    async def release(self, key: str, holder: bytes) -> None:
+        """Drop the flight lock of ``key`` if ``holder`` still holds it."""
         ...
 
     async def in_flight(self, key: str) -> bool:

@@ -77,10 +77,10 @@ class MemoryBackend:
     async def forget_owner(self, owner: str) -> int:
         return sum(self._drop(skey) for skey in list(self._owned.get(owner, ())))
 
-    async def claim(self, key: str, holder: bytes, ttl: float) -> bytes | None:
-        return None  # no other instance shares this store: the caller always leads
+    async def claim(self, key: str, holder: bytes, ttl: float) -> tuple[bytes | None, bytes | None]:
+        return await self.get(key), None  # no other instance shares this store: no lock
 
-    async def release(self, key: str) -> None:
+    async def release(self, key: str, holder: bytes) -> None:
         return None
 
     async def in_flight(self, key: str) -> bool:

@@ -12,7 +12,12 @@ the write. Every reply of a cacheable endpoint carries ``X-Tollway-Cache: hit|mi
 With the distributed backend (``backend: state``) a miss that may be stored takes a flight lock in
 Redis, so an identical request on another instance waits for this one's stored answer instead
 of calling the provider too (``coalesce_instances``); the lock is released in ``log`` whatever
-happened, and a waiter whose twin ended without an answer calls the provider itself.
+happened, and a waiter whose twin ended without an answer calls the provider itself. The order
+is what makes it one call however fast the provider answers: the leader stores the answer, then
+releases; claiming re-reads the entry in the same atomic step, so a request whose lookup
+missed just before the store finds the answer instead of a free lock; and twins on the
+leader's own instance wait for that stored answer in process (the provider call itself may be
+long over by the time they arrive, so this instance's coalescing could not share it).
 """
 
 from __future__ import annotations
@@ -81,8 +86,8 @@ class CacheConfig(BaseModel):
     )
     coalesce_instances: bool = Field(
         True,
-        description="With backend state: a request whose identical twin is in flight on "
-        "another instance waits for its stored answer instead of calling the provider.",
+        description="With backend state: a request whose identical twin is in flight, on "
+        "this or another instance, waits for its stored answer instead of calling the provider.",
     )
     flight_timeout: float = Field(
         30.0, gt=0, description="The longest such a wait (then the request calls the provider)."
@@ -235,16 +240,15 @@ class CachePlugin:
         if raw is None:
             if not (self.config.coalesce_instances and store.distributed and not no_store):
                 return None
-            holder = await store.claim(key, self.config.flight_timeout)
-            if holder == "lead":
+            claim, raw = await store.claim(key, self.config.flight_timeout)
+            if claim == "lead":
                 ctx.stash[_LEADER] = key  # released in log, whatever happens
                 return None
-            if holder == "here":
-                return None  # this instance's own coalescing shares that call
-            raw = await store.await_flight(key, self.config.flight_timeout)
+            if claim == "wait":
+                raw = await store.await_flight(key, self.config.flight_timeout)
+                coalesced = True
             if raw is None:
-                return None  # it ended without an answer to share: ask the provider
-            coalesced = True
+                return None  # the flight ended without an answer to share: ask the provider
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -287,32 +291,39 @@ class CachePlugin:
             if _PLAN in ctx.stash:  # a bypassed request has no plan: nothing to do
                 await self._store_reply(ctx)
             return
+        answer = None
         try:
-            await self._store_reply(ctx)
+            answer = await self._store_reply(ctx)
         finally:
+            # only once the answer is stored: a twin that finds the lock gone finds the answer
             if self.store is not None:
-                await self.store.release(leader)  # waiting instances take the answer or go on
+                await self.store.release(leader, answer)
 
-    async def _store_reply(self, ctx: RequestContext) -> None:
+    async def _store_reply(self, ctx: RequestContext) -> bytes | None:
+        """Store a complete successful reply; the bytes stored under the key the flight
+        lock was taken for (its waiting twins' answer), else None."""
         plan = ctx.stash.get(_PLAN)
         if plan is None or not plan[2] or ctx.cache != "miss" or self.store is None:
-            return
+            return None
         if ctx.status != 200 or ctx.error_code is not None:
-            return
+            return None
         body = ctx.stash.get(_BODY)
         if body is None:
             asm = ctx.stash.get(_ASSEMBLER)
             body = asm.result() if asm is not None else None
         if body is None:
-            return
+            return None
         key, ttl, _, route = plan
-        if ctx.route is not route:  # a fallback answered: file it under the model that did
+        shared = ctx.route is route
+        if not shared:  # a fallback answered: file it under the model that did
             key = fingerprint(ctx, self.config.scope)
         # an answer kept for one user is that user's data (forget_user deletes it); an answer
         # shared by a tier or by everyone belongs to no one and expires with its TTL
         principal = ctx.principal
         owner = principal.user_id if principal and self.config.scope == "user" else None
-        await self.store.set(key, orjson.dumps(body), ttl, owner)
+        value = orjson.dumps(body)
+        await self.store.set(key, value, ttl, owner)
+        return value if shared else None
 
     @hookimpl
     async def forget_user(self, user_id: str) -> dict[str, int]:

@@ -11,8 +11,12 @@ socket timeout (``?timeout=``, default 0.5 s) instead of aiocache's per-call
 Redis still costs a counted miss, not a stuck request.
 
 Beside the entries: ``{namespace}owner:{tenant}``, a set of the tenant's entry keys living as
-long as its longest entry (``forget_owner``), and ``{namespace}flight:{key}``, the flight lock
-(``SET NX GET PX``: who holds it, in one round trip).
+long as its longest entry (``forget_owner``), and ``{namespace}flight:{key}``, the flight lock.
+Claiming it is one script that first looks for the entry: a request whose lookup missed just
+before the leader stored the answer and released the lock finds the answer there instead of
+taking a fresh lock and calling the provider a second time. Releasing deletes the lock only
+while this instance still holds it (a leader that outlived the lock's TTL must not drop the
+next leader's).
 """
 
 from __future__ import annotations
@@ -25,6 +29,21 @@ from aiocache.backends.redis import RedisCache
 from aiocache.serializers import NullSerializer
 
 DEFAULT_REDIS_TIMEOUT = 0.5
+
+# KEYS: entry, lock; ARGV: holder, ttl in ms. {1, entry} | {2, holder of the lock} | {0}: taken
+_CLAIM = """
+local entry = redis.call('GET', KEYS[1])
+if entry then return {1, entry} end
+local held = redis.call('SET', KEYS[2], ARGV[1], 'NX', 'GET', 'PX', ARGV[2])
+if held then return {2, held} end
+return {0}
+"""
+
+# KEYS: lock; ARGV: holder
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 def _join_key(key: str, namespace: str | None = None) -> str:
@@ -61,6 +80,8 @@ class RedisBackend:
             connection_pool_kwargs=pool_kwargs,
         )
         self.client: Any = self.cache.client  # redis-py: pipelines, and tests reading raw keys
+        self._claim = self.client.register_script(_CLAIM)
+        self._release = self.client.register_script(_RELEASE)
 
     async def get(self, key: str) -> bytes | None:
         value: bytes | None = await self.cache.get(key)
@@ -96,14 +117,15 @@ class RedisBackend:
         await self.cache.raw("delete", index)
         return deleted
 
-    async def claim(self, key: str, holder: bytes, ttl: float) -> bytes | None:
-        lock = f"{self.namespace}flight:{key}"
-        px = max(1, int(ttl * 1000))
-        held: bytes | None = await self.cache.raw("set", lock, holder, nx=True, get=True, px=px)
-        return held
+    async def claim(self, key: str, holder: bytes, ttl: float) -> tuple[bytes | None, bytes | None]:
+        keys = [self.namespace + key, f"{self.namespace}flight:{key}"]
+        reply = await self._claim(keys=keys, args=[holder, max(1, int(ttl * 1000))])
+        if reply[0] == 1:
+            return reply[1], None
+        return None, reply[1] if reply[0] == 2 else None
 
-    async def release(self, key: str) -> None:
-        await self.cache.raw("delete", f"{self.namespace}flight:{key}")
+    async def release(self, key: str, holder: bytes) -> None:
+        await self._release(keys=[f"{self.namespace}flight:{key}"], args=[holder])
 
     async def in_flight(self, key: str) -> bool:
         return bool(await self.cache.raw("exists", f"{self.namespace}flight:{key}"))

@@ -26,7 +26,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -41,6 +41,8 @@ TAG_LEN = 16
 KEY_LEN = 32
 ERROR_LOG_EVERY = 10.0
 """Seconds between two log lines about backend failures (the rest are counted)."""
+
+Claim = Literal["lead", "stored", "wait"]
 
 
 @dataclass
@@ -114,6 +116,11 @@ class CacheStore:
         self._error_logged = -ERROR_LOG_EVERY
         self._errors_unlogged = 0
         self._instance = os.urandom(8).hex().encode()  # who holds a flight lock
+        # keys this instance has in flight -> (the answer to come, whether another instance
+        # gave it): the first request for a key claims or watches in Redis, and its twins
+        # here wait on that future with no round trip of their own
+        self._flights: dict[str, asyncio.Future[tuple[bytes | None, bool]]] = {}
+        self._watchers: set[asyncio.Task[None]] = set()
         self.backend: CacheBackend = open_backend(url, namespace, max_bytes)
         """Where the ciphertext lives (tests read and tamper with it through this too)."""
 
@@ -231,30 +238,86 @@ class CacheStore:
         """Whether other instances see this store (Redis), so a flight lock means something."""
         return self.backend.distributed
 
-    async def claim(self, key: str, ttl: float) -> str:
-        """Take the flight lock of ``key`` for ``ttl`` seconds. ``"lead"``: this request calls
-        the provider; ``"here"``: another request of this instance does (local coalescing
-        takes care of it); ``"elsewhere"``: another instance's request does. A backend failure
-        answers "lead": the cache fails open, never blocks a request."""
+    async def claim(self, key: str, ttl: float) -> tuple[Claim, bytes | None]:
+        """After a miss, decide who calls the provider for ``key``; the lock lives ``ttl``
+        seconds at most.
+
+        * ``("lead", None)``: this request calls the provider and must ``release`` the key
+          (whatever happens), after storing the answer. A backend failure also leads: the
+          cache fails open, never blocks a request.
+        * ``("stored", answer)``: the answer was stored since the lookup missed (checked in
+          the same atomic step as the lock, so a leader that stores and releases between our
+          lookup and our claim is never missed).
+        * ``("wait", None)``: a request is in flight for ``key``, here or on another
+          instance: ``await_flight`` gives its answer.
+        """
+        if key in self._flights:
+            return "wait", None  # a twin of this instance leads or watches: no round trip
+        self._flights[key] = asyncio.get_running_loop().create_future()
         try:
-            holder = await self.backend.claim(key, self._instance, ttl)
+            blob, holder = await self.backend.claim(key, self._instance, ttl)
         except Exception as exc:
             self._backend_error("claim", exc)
-            return "lead"
-        if holder is None:
-            return "lead"
-        return "here" if holder == self._instance else "elsewhere"
+            return "lead", None
+        except BaseException:
+            self._settle(key, None)  # cancelled: the twins waiting here ask for themselves
+            raise
+        if blob is not None:
+            value = self._open(key, blob)
+            if value is None:  # unreadable (a retired key): lead, and overwrite it
+                self._stats.decrypt_failures += 1
+                return "lead", None
+            self._settle(key, value)
+            return "stored", value
+        if holder is None or holder == self._instance:
+            # taken now, or left by a flight of ours that could not release it (every live
+            # flight of this instance is in ``_flights``): ours to lead either way
+            return "lead", None
+        watcher = asyncio.get_running_loop().create_task(self._watch(key, ttl))
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
+        return "wait", None
 
-    async def release(self, key: str) -> None:
+    async def release(self, key: str, answer: bytes | None = None) -> None:
+        """End this instance's flight of ``key`` (after its answer was stored, if any): drop
+        the lock, and hand ``answer`` (None: ask the provider) to the twins waiting here."""
         try:
-            await self.backend.release(key)
+            await self.backend.release(key, self._instance)
         except Exception as exc:
             self._backend_error("release", exc)
+        finally:
+            self._settle(key, answer)
 
     async def await_flight(self, key: str, longest: float) -> bytes | None:
-        """Wait while another instance's request for ``key`` is in flight; its stored answer,
-        or None when it ended without one (an error, a reply not to be stored) or took longer
-        than ``longest`` seconds. Polls: a few Redis reads per waiting request, no subscription."""
+        """The answer of the flight ``claim`` said to wait for, or None when it ended without
+        one (an error, a reply not to be stored) or took longer than ``longest`` seconds."""
+        future = self._flights.get(key)
+        if future is None:
+            return await self.get(key, count=False)
+        try:
+            value, remote = await asyncio.wait_for(asyncio.shield(future), longest)
+        except TimeoutError:
+            return None
+        if value is not None and remote:
+            self._stats.coalesced += 1
+        return value
+
+    def _settle(self, key: str, answer: bytes | None, remote: bool = False) -> None:
+        future = self._flights.pop(key, None)
+        if future is not None and not future.done():
+            future.set_result((answer, remote))
+
+    async def _watch(self, key: str, longest: float) -> None:
+        """Poll while another instance's request for ``key`` is in flight (a few Redis reads
+        for all of this instance's waiters together, no subscription); settle with its stored
+        answer, or None when it ended without one or took longer than ``longest``."""
+        answer = None
+        try:
+            answer = await self._poll(key, longest)
+        finally:
+            self._settle(key, answer, remote=True)
+
+    async def _poll(self, key: str, longest: float) -> bytes | None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + longest
         delay = 0.005
@@ -262,18 +325,15 @@ class CacheStore:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.05)
             value = await self.get(key, count=False)
-            if value is None:
-                try:
-                    if await self.backend.in_flight(key):
-                        continue
-                except Exception as exc:
-                    self._backend_error("await_flight", exc)
-                    return None
-                value = await self.get(key, count=False)  # stored just before the release
-                if value is None:
-                    return None
-            self._stats.coalesced += 1
-            return value
+            if value is not None:
+                return value
+            try:
+                if await self.backend.in_flight(key):
+                    continue
+            except Exception as exc:
+                self._backend_error("await_flight", exc)
+                return None
+            return await self.get(key, count=False)  # stored just before the release
         return None
 
     async def forget_owner(self, owner: str) -> int:
@@ -291,6 +351,8 @@ class CacheStore:
             self._backend_error("delete", exc)
 
     async def close(self) -> None:
+        for watcher in list(self._watchers):
+            watcher.cancel()
         try:
             await self.backend.close()
         except Exception as exc:

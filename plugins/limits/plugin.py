@@ -7,9 +7,10 @@ counts against nothing. A request that ends in an error is given back to the mon
 Model allow-lists and the global admission queue are applied in ``upstream_request``, once the
 route is final (a routing plugin may have changed the model) and just before the provider call.
 
-Windows are sliding-window counters (``plugins.limits.windows``; the ``limits`` library's Redis storage
-when ``state.url`` is Redis), and ``Retry-After`` is computed from the counters: the seconds
-until one more request fits. Counters, quota counts and the admission queue
+Windows (``plugins.limits.windows``) are exact moving-window logs for limits of up to
+``exact_up_to`` requests and sliding-window counters above; on Redis one script checks and
+counts all of a request's layers in one round trip. ``Retry-After`` is the seconds until one
+more request fits in every layer. Counters, quota counts and the admission queue
 are kept across policy reloads (``proxy.resources``).
 
 While Redis is unreachable (``proxy.statewatch``), ``state.on_unavailable`` decides: ``serve``
@@ -33,7 +34,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from plugins.limits.admission import Admission, QueueFull, QueueTimeout
 from plugins.limits.quota import Quota, month_of, next_month_start, open_quota
-from plugins.limits.windows import BoundLayers, Layer, Windows, open_windows
+from plugins.limits.windows import (
+    EXACT_UP_TO,
+    QUOTA_REFUSED,
+    UNDECIDED,
+    BoundLayers,
+    Layer,
+    QuotaPart,
+    Windows,
+    open_windows,
+)
 from proxy.appkeys import METRICS, RESOURCES
 from proxy.context import RequestContext, StashKey, UpstreamRequest
 from proxy.errors import Reject
@@ -95,6 +105,14 @@ class LimitsConfig(BaseModel):
     )
     quota_file: str | None = Field(
         "quota.json", description="File under state.dir keeping monthly counts across restarts."
+    )
+    exact_up_to: int = Field(
+        EXACT_UP_TO,
+        ge=0,
+        description="Largest limit (requests per period) kept exactly: never more than the limit "
+        "in any interval of its period, Retry-After at most the period, at one timestamp per "
+        "admitted request. Larger limits use a sliding-window counter (two integers, up to "
+        "twice the limit in the worst interval). Not changed by a reload.",
     )
 
     @field_validator("user", "ip")
@@ -161,6 +179,17 @@ def reset_string(seconds: float) -> str:
     if m:
         return f"{m}m{sec}s"
     return f"{sec}s"
+
+
+def _quota_refusal(rule: TierRule | None, monthly: int, reset: float, now: float) -> Reject:
+    plan = rule.name if rule is not None else None
+    return Reject(
+        429,
+        f"monthly quota of {monthly} requests for plan {plan!r} is used up; "
+        f"it resets at {datetime.fromtimestamp(reset, UTC).isoformat()}",
+        code="monthly_quota_exceeded",
+        headers={"Retry-After": str(math.ceil(reset - now))},
+    )
 
 
 LAYER_CACHE_SIZE = 10_000
@@ -271,7 +300,7 @@ class LimitsPlugin:
         return Figures(queued=self.admission.queued) if self.admission is not None else None
 
     def _open_windows(self, resources: Any) -> Windows:
-        windows = open_windows(self.state_url, self.watch)
+        windows = open_windows(self.state_url, self.watch, self.config.exact_up_to)
         resources.on_close(windows.close)
         return windows
 
@@ -340,21 +369,19 @@ class LimitsPlugin:
         if watch is not None and not watch.available and watch.refuse:
             raise watch.reject()  # state.on_unavailable: refuse
         taken = False  # a place in the quota, given back if a later layer refuses
+        shared: QuotaPart | None = None  # a shared quota, taken in the rate layers' script
         if monthly is not None:
             now = time.time()
             month, reset = self.month.current(now)
             ok = quota.take_now(user, month, monthly)  # in process: a dict lookup, no await
             if ok is None:  # shared by instances: Redis takes the place atomically
-                ok = await quota.take(user, month, monthly)
-            taken = ok
-            if not ok:
-                raise Reject(
-                    429,
-                    f"monthly quota of {monthly} requests for plan {rule.name!r} is used up; "  # type: ignore[union-attr]
-                    f"it resets at {datetime.fromtimestamp(reset, UTC).isoformat()}",
-                    code="monthly_quota_exceeded",
-                    headers={"Retry-After": str(math.ceil(reset - now))},
-                )
+                shared = quota.script_part(user, month, monthly)
+                if shared is None:
+                    ok = await quota.take(user, month, monthly)
+            if shared is None:
+                taken = bool(ok)
+                if not ok:
+                    raise _quota_refusal(rule, monthly, reset, now)
         try:
             if (
                 rule is not None
@@ -371,14 +398,29 @@ class LimitsPlugin:
                 raise self._refusal(tokens_layer, wait, "plan_token_limit_exceeded")
             bound = self._layers(user, ctx.client_ip, rule)
             layers = bound.layers
-            if layers:
+            if layers or shared is not None:
                 limiter = self.limiter
-                res = limiter.admit_now(bound)  # in process: one synchronous pass, so no other
-                if res is None:  # request can interleave between test and count
-                    res = await limiter.admit(bound)  # on Redis
+                # in process: one synchronous pass, so no other request can interleave
+                # between test and count
+                res = limiter.admit_now(bound) if shared is None else None
+                if res is None:  # on Redis: one script for every layer and the quota
+                    res = await limiter.admit(bound, shared)
+                    if shared is not None:
+                        assert monthly is not None
+                        if res.failed == UNDECIDED:  # Redis lost meanwhile: the quota first
+                            if not await quota.take(user, month, monthly):
+                                raise _quota_refusal(rule, monthly, reset, now)
+                            taken = True
+                            res = await limiter.admit(bound)
+                        elif res.failed == QUOTA_REFUSED:
+                            raise _quota_refusal(rule, monthly, reset, now)
+                        elif res.failed < 0:
+                            quota.taken(user, month, res.quota)
+                            taken = True
                 if res.failed >= 0:
                     raise self._refusal(layers[res.failed], res.wait)
-                ctx.stash[_RATE] = (layers[res.layer][0], res.remaining, res.wait)
+                if res.layer >= 0:
+                    ctx.stash[_RATE] = (layers[res.layer][0], res.remaining, res.wait)
             if watch is not None and not watch.available:  # decided without Redis
                 if watch.refuse:
                     raise watch.reject()

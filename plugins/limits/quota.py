@@ -73,6 +73,17 @@ class Quota(Protocol):
         """As ``take_now``, always decided."""
         ...
 
+    def script_part(self, user: str, month: str, limit: int) -> tuple[str, list[str]] | None:
+        """When ``take_now`` answered None: the shared count's key and arguments, so the rate
+        windows can take the place in their own script (one round trip per request; then
+        ``taken`` with the total); None: ``await take(...)``."""
+        ...
+
+    def taken(self, user: str, month: str, total: int) -> None:
+        """A place was taken by the windows' script (``script_part``); ``total`` is the
+        month's count with it."""
+        ...
+
     async def give_back(self, user: str, month: str) -> None:
         """Uncount one request (refused by a later check, or failed: failures are not billed)."""
         ...
@@ -129,6 +140,13 @@ class MonthlyQuota:
 
     async def take(self, user: str, month: str, limit: int) -> bool:
         return self.take_now(user, month, limit)
+
+    def script_part(self, user: str, month: str, limit: int) -> None:
+        """Never: ``take_now`` always decides in process."""
+        return None
+
+    def taken(self, user: str, month: str, total: int) -> None:
+        self.add(user, month)
 
     async def give_back(self, user: str, month: str) -> None:
         """A request refused by a later check, or that ended in an error, does not count."""
@@ -278,10 +296,20 @@ class RedisQuota:
             else:
                 if total < 0:
                     return False
-                self.own.add(user, month)
-                self._others[(user, month)] = total - self.own.used(user, month)
+                self.taken(user, month, total)
                 return True
         return self._take_alone(user, month, limit)
+
+    def script_part(self, user: str, month: str, limit: int) -> tuple[str, list[str]] | None:
+        """The hash and the arguments of ``_TAKE`` for the windows' admission script, which
+        counts the place the same way; None while deciding alone."""
+        if not self._shared():
+            return None
+        return self.prefix + user, [self._field(month), month, str(limit), str(QUOTA_TTL)]
+
+    def taken(self, user: str, month: str, total: int) -> None:
+        self.own.add(user, month)
+        self._others[(user, month)] = total - self.own.used(user, month)
 
     def _take_alone(self, user: str, month: str, limit: int) -> bool:
         """Redis unreachable: the others' total as last seen, plus this instance's own."""

@@ -1,4 +1,4 @@
-"""Rate-limit windows: an in-process sliding-window counter, or the limits library on Redis.
+"""Rate-limit windows: exact moving-window logs and sliding-window counters, in process or on Redis.
 
 Each speaks one interface, ``Windows``: the ``limits`` strategy calls (``test``, ``hit``,
 ``get_window_stats``) for one window, and ``admit`` for all of a request's layers at once.
@@ -6,10 +6,26 @@ Each speaks one interface, ``Windows``: the ``limits`` strategy calls (``test``,
 one runs. ``admit_now`` lets the in-process counter decide in one synchronous pass (no coroutine
 on the hot path); a store that must ask Redis answers None there and decides in ``admit``.
 
-The algorithm is the sliding-window counter (the previous
-fixed window's count, weighted by how much of it still overlaps the sliding window, plus the
-current window's count): O(1) time and two integers per key, where a moving-window log keeps one
-timestamp per request (10,000/day per user would be 10,000 entries per user).
+Two algorithms, chosen per layer by its limit (``exact_up_to``, a limits config key):
+
+- a limit of up to ``exact_up_to`` requests is a moving-window log: the timestamps of the last
+  admissions, at most ``limit`` of them, oldest dropped as they leave the period. It never admits
+  more than ``limit`` in any interval of one period, and the wait it reports is when the oldest
+  of them leaves (never longer than the period). A plan's "5 per minute" means exactly that.
+- a larger limit (10,000/day) is a sliding-window counter (the previous fixed window's count,
+  weighted by how much of it still overlaps the sliding window, plus the current window's count):
+  O(1) time and two integers per key, where a log would keep 10,000 timestamps per user. It
+  assumes the previous window's requests were spread evenly, so it can admit more than the limit
+  in some interval of one period: never more than the limit within one fixed window, so at most
+  twice the limit in an interval that straddles two (the previous window filled in its last
+  instant, the current one at its start); its wait can reach two periods.
+
+Token budgets (``test``/``hit``/``get_window_stats`` with a cost) always use the counter.
+
+On Redis (``RedisWindows.admit``) the same two algorithms run in one server-side script for all
+of a request's layers and its monthly quota: one round trip that checks every one, counts the
+request only if all admit it, and returns the numbers for the rate-limit headers. The times are
+the Redis server's clock, one for every instance.
 
 Why not the library's own in-memory storage: measured here, its async MemoryStorage re-arms an
 expiry task that hops to a thread per key on nearly every call, and its per-call cost was
@@ -20,6 +36,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
@@ -39,18 +56,35 @@ class WindowStats(NamedTuple):
 class Admit(NamedTuple):
     """Outcome of checking several layers at once.
 
-    ``failed`` is the index of the first layer that refused (-1 if admitted); ``layer`` names
-    the layer the numbers describe: the refusing one, or the most constraining after the hit.
+    ``failed`` is the index of the layer that refused (-1 if admitted, ``QUOTA_REFUSED``,
+    ``UNDECIDED``); ``layer`` names the layer the numbers describe: the refusing one, or the
+    most constraining after the hit. ``quota`` is the month's total with this request when a
+    quota was taken in the same step (``Windows.admit(bound, quota)``), else -1.
     """
 
     failed: int
     layer: int
     remaining: int
     wait: float  # seconds until one more request fits in that layer
+    quota: int = -1
+
+
+QUOTA_REFUSED = -2
+"""``Admit.failed`` when the monthly quota given to ``admit`` refused (nothing counted)."""
+UNDECIDED = -3
+"""``Admit.failed`` when the windows could not take the quota given to ``admit`` (nothing
+counted): the caller takes the quota itself, then admits without it."""
+
+QuotaPart = tuple[str, list[str]]
+"""A shared monthly quota taken with the layers: the user's hash and the script's quota
+arguments (``RedisQuota.script_part``)."""
 
 
 Layer = tuple[int, float, tuple[str, ...]]
 """(limit, period in seconds, identifiers such as ("user", "alice"))."""
+
+EXACT_UP_TO = 1000
+"""Limits of up to this many requests per period are kept as exact logs (the config default)."""
 
 
 class BoundLayers:
@@ -61,17 +95,21 @@ class BoundLayers:
     windows sweep stale keys (``MemoryWindows.generation``), which would orphan a removed one.
     """
 
-    __slots__ = ("counters", "generation", "groups", "layers")
+    __slots__ = ("counters", "generation", "groups", "layers", "logs", "remote")
 
     def __init__(self, layers: list[Layer]) -> None:
         self.layers = layers
-        # the layers grouped by period: [(period, [(limit, counter, layer index), ...]), ...]
+        # the exact layers: [(limit, period, log of admission times, layer index), ...]
+        self.logs: list[tuple[int, float, deque[float], int]] = []
+        # the counted layers grouped by period: [(period, [(limit, counter, layer index)]), ...]
         self.groups: list[tuple[float, list[tuple[int, list[int], int]]]] = []
-        self.counters: list[list[int]] = []  # one per layer, in order
+        self.counters: list[list[int]] = []  # one per counted layer
         self.generation = -1
+        self.remote: tuple[list[bytes], list[bytes]] | None = None  # RedisWindows' keys, args
 
 
 _ADMIT_EMPTY = Admit(-1, -1, 0, 0.0)
+_UNDECIDED = Admit(UNDECIDED, -1, 0, 0.0)
 
 
 class Windows(Protocol):
@@ -83,8 +121,10 @@ class Windows(Protocol):
         ``await admit(bound)``. Synchronous so the in-process windows cost no coroutine."""
         ...
 
-    async def admit(self, bound: BoundLayers) -> Admit:
-        """As ``admit_now``, always decided."""
+    async def admit(self, bound: BoundLayers, quota: QuotaPart | None = None) -> Admit:
+        """As ``admit_now``, always decided; with ``quota``, the monthly quota is taken in the
+        same step, and only if every layer admits (``QUOTA_REFUSED``; ``UNDECIDED`` if these
+        windows cannot)."""
         ...
 
     async def test(self, item: limits.RateLimitItem, *ids: str, cost: int = 1) -> bool:
@@ -109,9 +149,13 @@ class MemoryWindows:
 
     SWEEP_EVERY = 50_000
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.time, exact_up_to: int = EXACT_UP_TO
+    ) -> None:
         self.clock = clock
+        self.exact_up_to = exact_up_to
         self._counts: dict[tuple[object, ...], list[int]] = {}
+        self._logs: dict[tuple[object, ...], deque[float]] = {}
         self._ops = 0
         self.generation = 0  # bumped by a sweep: every BoundLayers must look its counters up again
 
@@ -144,19 +188,40 @@ class MemoryWindows:
         st[2] = 0
         st[0] = index
 
+    def _log_at(self, amount: int, period: float, ids: tuple[str, ...], now: float) -> deque[float]:
+        key = (amount, period, ids)
+        log = self._logs.get(key)
+        if log is None:
+            self._ops += 1
+            if self._ops >= self.SWEEP_EVERY:
+                self._sweep(now)  # first: a new, empty log would be swept at once
+            log = self._logs[key] = deque()
+        return log
+
     def _resolve(self, bound: BoundLayers, now: float) -> None:
+        generation = -1
+        while generation != self.generation:  # again if a sweep ran while looking them up
+            generation = self.generation
+            self._resolve_once(bound, now)
+
+    def _resolve_once(self, bound: BoundLayers, now: float) -> None:
         groups: dict[float, list[tuple[int, list[int], int]]] = {}
         counters = []
+        logs = []
         for i, (amount, period, ids) in enumerate(bound.layers):
+            if amount <= self.exact_up_to:
+                logs.append((amount, period, self._log_at(amount, period, ids, now), i))
+                continue
             st = self._state_at(amount, period, ids, now)[0]
             groups.setdefault(period, []).append((amount, st, i))
             counters.append(st)
+        bound.logs = logs
         bound.groups = list(groups.items())
         bound.counters = counters
         bound.generation = self.generation
 
-    async def admit(self, bound: BoundLayers, cost: int = 1) -> Admit:
-        return self.admit_now(bound, cost)
+    async def admit(self, bound: BoundLayers, quota: QuotaPart | None = None) -> Admit:
+        return _UNDECIDED if quota is not None else self.admit_now(bound)
 
     async def close(self) -> None:
         """Nothing to release: the counters are plain memory."""
@@ -169,6 +234,15 @@ class MemoryWindows:
         if bound.generation != self.generation:
             self._resolve(bound, now)
         best, best_left = -1, math.inf
+        for amount, period, log, i in bound.logs:
+            cutoff = now - period  # drop the admissions that left the period: amortised O(1)
+            while log and log[0] <= cutoff:
+                log.popleft()
+            left: float = amount - len(log) - cost
+            if left < best_left:
+                if left < 0:
+                    return self._refuse(bound, now, cost)
+                best, best_left = i, left
         for period, members in bound.groups:  # layers of one period share their window maths
             index = int(now // period)
             weight = 1.0 - (now - index * period) / period  # of the previous window's count
@@ -184,12 +258,20 @@ class MemoryWindows:
                     best, best_left = i, left
         if best < 0:
             return _ADMIT_EMPTY
-        counters = bound.counters
-        for st in counters:
+        if cost == 1:
+            for _, _, log, _ in bound.logs:
+                log.append(now)
+        else:
+            for _, _, log, _ in bound.logs:
+                log.extend([now] * cost)
+        for st in bound.counters:
             st[2] += cost
-        period = bound.layers[best][1]
-        elapsed = now - int(now // period) * period
-        wait = self._full_reset(counters[best], period, elapsed)
+        amount, period, ids = bound.layers[best]
+        if amount <= self.exact_up_to:
+            wait = period  # the whole log is free again once this request leaves it
+        else:
+            elapsed = now - int(now // period) * period
+            wait = self._full_reset(self._counts[(amount, period, ids)], period, elapsed)
         return Admit(-1, best, math.floor(best_left), wait)
 
     def _refuse(self, bound: BoundLayers, now: float, cost: int) -> Admit:
@@ -197,17 +279,25 @@ class MemoryWindows:
         every layer admits it, so that layer's wait is the honest Retry-After (the first
         full layer found could free up sooner and send the client into another 429)."""
         worst, worst_wait = -1, -1.0
-        for i, ((amount, period, _), st) in enumerate(
-            zip(bound.layers, bound.counters, strict=True)
-        ):
-            index = int(now // period)
-            if st[0] != index:  # not yet rolled forward if the pass stopped before this layer
-                self._roll(st, index)
-            elapsed = now - index * period
-            if self._weighted(st, period, elapsed) + cost > amount:
-                wait = self._wait(st, amount, period, elapsed)
+        for amount, period, log, i in bound.logs:
+            cutoff = now - period  # (dropping what left the period changes no count)
+            while log and log[0] <= cutoff:
+                log.popleft()
+            over = len(log) + cost - amount  # admissions that must leave first
+            if over > 0:
+                wait = log[over - 1] + period - now if cost <= amount else period
                 if wait > worst_wait:
                     worst, worst_wait = i, wait
+        for period, members in bound.groups:
+            index = int(now // period)
+            elapsed = now - index * period
+            for amount, st, i in members:
+                if st[0] != index:  # not yet rolled forward if the pass stopped before it
+                    self._roll(st, index)
+                if self._weighted(st, period, elapsed) + cost > amount:
+                    wait = self._wait(st, amount, period, elapsed)
+                    if wait > worst_wait:
+                        worst, worst_wait = i, wait
         return Admit(worst, worst, 0, worst_wait)
 
     @staticmethod
@@ -267,53 +357,184 @@ class MemoryWindows:
         ]
         for k in stale:
             del self._counts[k]
+        gone = [
+            k
+            for k, log in self._logs.items()
+            if not log or log[-1] <= now - float(k[1])  # type: ignore[arg-type]
+        ]
+        for k in gone:
+            del self._logs[k]
+
+    def used(self, layer: Layer) -> float:
+        """How much of ``layer`` is taken now: admissions in its log, or its weighted count
+        (nothing changed; tests compare it before and after refusals)."""
+        amount, period, ids = layer
+        now = self.clock()
+        key = (amount, period, ids)
+        if amount <= self.exact_up_to:
+            return float(sum(1 for t in self._logs.get(key, ()) if t > now - period))
+        st = self._counts.get(key)
+        if st is None:
+            return 0.0
+        index = int(now // period)
+        prev = st[2] if st[0] == index - 1 else st[1] if st[0] == index else 0
+        cur = st[2] if st[0] == index else 0
+        return prev * (1.0 - (now - index * period) / period) + cur
 
     def __len__(self) -> int:
-        return len(self._counts)
+        return len(self._counts) + len(self._logs)
+
+
+_ADMIT_SCRIPT = """
+-- All of one request's layers (and its monthly quota), checked and counted together: the
+-- request counts in every one only if every one admits it. KEYS[i]: layer i's key, then the
+-- quota's hash if there is one. ARGV[1]: now in seconds ('' = the server's clock, which every
+-- instance then shares); ARGV[2..5]: the quota's field, month, limit and ttl (all '' without
+-- one; counted as quota.py's _TAKE does); then per layer: limit, period, kind (1: a log of
+-- admission times, newest first; 0: a sliding-window counter, one key per fixed window,
+-- KEYS[i]..':'..index). Returns {failed, layer, remaining, wait, quota total}: failed is the
+-- 0-based index of the refusing layer that frees up last, -1 admitted, -2 the quota refused;
+-- layer names the numbers' layer (that one, or the most constraining after the count, -1
+-- none); wait is seconds, as a string; the quota total counts this request (-1 no quota).
+local now = tonumber(ARGV[1])
+if not now then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local n = #KEYS
+local qtotal = -1
+if ARGV[2] ~= '' then
+  local qkey, month = KEYS[n], ARGV[3]
+  local prefix = month .. '/'
+  n = n - 1
+  qtotal = 1
+  local fields = redis.call('HGETALL', qkey)
+  for i = 1, #fields, 2 do
+    local f = fields[i]
+    if f == month or string.sub(f, 1, #prefix) == prefix then
+      qtotal = qtotal + tonumber(fields[i + 1])
+    end
+  end
+  if qtotal > tonumber(ARGV[4]) then return {-2, -1, 0, '0', qtotal - 1} end
+end
+local used, cur_keys = {}, {}
+local worst, worst_wait = -1, -1
+for i = 1, n do
+  local limit, period = tonumber(ARGV[3 * i + 3]), tonumber(ARGV[3 * i + 4])
+  local key = KEYS[i]
+  if ARGV[3 * i + 5] == '1' then
+    local cutoff = now - period
+    while true do  -- drop the admissions that left the period (changes no count)
+      local oldest = redis.call('LINDEX', key, -1)
+      if not oldest or tonumber(oldest) > cutoff then break end
+      redis.call('RPOP', key)
+    end
+    local len = redis.call('LLEN', key)
+    used[i] = len
+    if len + 1 > limit then  -- the (len + 1 - limit)-th oldest must leave first
+      local wait = tonumber(redis.call('LINDEX', key, limit - 1)) + period - now
+      if wait > worst_wait then worst, worst_wait = i, wait end
+    end
+  else
+    local index = math.floor(now / period)
+    local elapsed = now - index * period
+    local ck = key .. ':' .. string.format('%d', index)
+    local cur = tonumber(redis.call('GET', ck) or '0')
+    local prev = tonumber(redis.call('GET', key .. ':' .. string.format('%d', index - 1)) or '0')
+    local weighted = prev * (1 - elapsed / period) + cur
+    used[i], cur_keys[i] = weighted, ck
+    if weighted + 1 > limit then
+      local wait
+      if cur + 1 <= limit and prev > 0 then
+        wait = math.max(0, period * (1 - (limit - 1 - cur) / prev) - elapsed)
+      elseif cur <= 0 then
+        wait = period - elapsed
+      else
+        wait = period - elapsed + math.max(0, period * (1 - (limit - 1) / cur))
+      end
+      if wait > worst_wait then worst, worst_wait = i, wait end
+    end
+  end
+end
+if worst > 0 then
+  return {worst - 1, worst - 1, 0, string.format('%.6f', worst_wait), -1}
+end
+if qtotal > 0 then
+  redis.call('HINCRBY', KEYS[n + 1], ARGV[2], 1)
+  redis.call('EXPIRE', KEYS[n + 1], ARGV[5])
+end
+local stamp = string.format('%.6f', now)
+local best, best_left, best_wait = 0, 0, 0
+for i = 1, n do
+  local limit, period = tonumber(ARGV[3 * i + 3]), tonumber(ARGV[3 * i + 4])
+  local left, wait
+  if ARGV[3 * i + 5] == '1' then
+    redis.call('LPUSH', KEYS[i], stamp)
+    redis.call('PEXPIRE', KEYS[i], math.ceil(period * 1000))
+    left, wait = limit - used[i] - 1, period
+  else
+    redis.call('INCR', cur_keys[i])
+    redis.call('EXPIRE', cur_keys[i], math.ceil(2 * period) + 1)
+    local elapsed = now - math.floor(now / period) * period
+    left, wait = limit - used[i] - 1, 2 * period - elapsed
+  end
+  if best == 0 or left < best_left then best, best_left, best_wait = i, left, wait end
+end
+return {-1, best - 1, math.floor(best_left), string.format('%.6f', best_wait), qtotal}
+"""
 
 
 class RedisWindows:
-    """The windows on Redis, shared by every instance: the ``limits`` library's sliding-window
-    counter over its Redis storage (redis-py, loaded only when this is built)."""
+    """The windows on Redis, shared by every instance. ``admit`` (every request) is one script
+    call for all layers (``_ADMIT_SCRIPT``: EVALSHA, loaded once, reloaded by redis-py on
+    NOSCRIPT); the token budgets' ``test``/``hit``/``get_window_stats`` use the ``limits``
+    library's sliding-window counter (redis-py, loaded only when this is built)."""
 
-    def __init__(self, url: str) -> None:
-        from limits import RateLimitItemPerSecond
+    def __init__(
+        self,
+        url: str,
+        exact_up_to: int = EXACT_UP_TO,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        import redis.asyncio as aioredis
         from limits.aio.strategies import SlidingWindowCounterRateLimiter
         from limits.storage import storage_from_string
 
         self._storage: Any = storage_from_string(f"async+{url}", implementation="redispy")
         self.limiter = SlidingWindowCounterRateLimiter(self._storage)
-        self._item = RateLimitItemPerSecond  # kept: no import statement per request
+        self.exact_up_to = exact_up_to
+        self.clock = clock  # None: the Redis server's clock (one clock for every instance)
+        self.client: Any = aioredis.from_url(url)
+        self._admit = self.client.register_script(_ADMIT_SCRIPT)
 
     def admit_now(self, bound: BoundLayers) -> None:
         """Never decided without Redis: see ``admit``."""
         return None
 
-    async def admit(self, bound: BoundLayers) -> Admit:
-        """All layers on the shared storage: test every one, then hit every one."""
-        limiter = self.limiter
-        layers = bound.layers
-        items = [self._item(a, round(p)) for a, p, _ in layers]
-        refused: Admit | None = None
-        for i, (item, (_, _, ids)) in enumerate(zip(items, layers, strict=True)):
-            if not await limiter.test(item, *ids):
-                # as in memory: name the full layer that frees up last (the honest Retry-After)
-                stats = await limiter.get_window_stats(item, *ids)
-                wait = max(0.0, stats.reset_time - time.time())
-                if refused is None or wait > refused.wait:
-                    refused = Admit(i, i, 0, wait)
-        if refused is not None:
-            return refused
-        for i, (item, (_, _, ids)) in enumerate(zip(items, layers, strict=True)):
-            if not await limiter.hit(item, *ids):
-                stats = await limiter.get_window_stats(item, *ids)
-                return Admit(i, i, 0, max(0.0, stats.reset_time - time.time()))
-        best = _ADMIT_EMPTY
-        for i, (item, (_, _, ids)) in enumerate(zip(items, layers, strict=True)):
-            stats = await limiter.get_window_stats(item, *ids)
-            if best.layer < 0 or stats.remaining < best.remaining:
-                best = Admit(-1, i, stats.remaining, max(0.0, stats.reset_time - time.time()))
-        return best
+    def _remote(self, bound: BoundLayers) -> tuple[list[bytes], list[bytes]]:
+        """The script's keys and per-layer arguments for a caller, built once per caller and
+        encoded already (redis-py passes bytes through: no encoding per request)."""
+        keys: list[bytes] = []
+        args: list[bytes] = []
+        for amount, period, ids in bound.layers:
+            exact = amount <= self.exact_up_to
+            kind = "log" if exact else "cnt"  # in the key: two configs never share one key
+            keys.append(f"tollway:rl:{kind}:{amount}/{period:g}:{':'.join(ids)}".encode())
+            args += (str(amount).encode(), repr(float(period)).encode(), b"1" if exact else b"0")
+        bound.remote = (keys, args)
+        return bound.remote
+
+    async def admit(self, bound: BoundLayers, quota: QuotaPart | None = None) -> Admit:
+        """All layers (and the quota) in one round trip: checked, then counted only if every
+        one admits."""
+        keys, args = bound.remote or self._remote(bound)
+        now = b"" if self.clock is None else repr(self.clock()).encode()
+        if quota is None:
+            res = await self._admit(keys=keys, args=[now, b"", b"", b"", b"", *args])
+        else:
+            res = await self._admit(keys=[*keys, quota[0]], args=[now, *quota[1], *args])
+        failed, layer, remaining, wait, total = res
+        return Admit(int(failed), int(layer), int(remaining), float(wait), int(total))
 
     async def test(self, item: limits.RateLimitItem, *ids: str, cost: int = 1) -> bool:
         return await self.limiter.test(item, *ids, cost=cost)
@@ -326,7 +547,8 @@ class RedisWindows:
         return WindowStats(stats.reset_time, stats.remaining)
 
     async def close(self) -> None:
-        """Close the connection pool of the library's redis-py client."""
+        """Close the connection pools of both redis-py clients."""
+        await self.client.aclose()
         await self._storage.bridge.storage.aclose()
 
 
@@ -338,9 +560,9 @@ class FailoverWindows:
     (``state.on_unavailable``). Rate windows are not restored after an outage: they are at most
     one period long, and the shared ones resume where Redis left them (or empty)."""
 
-    def __init__(self, remote: Windows, watch: StateWatch) -> None:
+    def __init__(self, remote: Windows, watch: StateWatch, exact_up_to: int = EXACT_UP_TO) -> None:
         self.remote = remote
-        self.local = MemoryWindows()
+        self.local = MemoryWindows(exact_up_to=exact_up_to)
         self.watch = watch
 
     def _lost(self, exc: Exception) -> None:
@@ -352,13 +574,14 @@ class FailoverWindows:
         """Decided here while Redis is unreachable (this instance alone); else None."""
         return None if self.watch.available else self.local.admit_now(bound)
 
-    async def admit(self, bound: BoundLayers) -> Admit:
+    async def admit(self, bound: BoundLayers, quota: QuotaPart | None = None) -> Admit:
         if self.watch.available:
             try:
-                return await self.remote.admit(bound)
+                return await self.remote.admit(bound, quota)
             except Exception as e:
                 self._lost(e)
-        return self.local.admit_now(bound)
+        # decided alone: the quota is the caller's to take first (nothing counted here)
+        return _UNDECIDED if quota is not None else self.local.admit_now(bound)
 
     async def test(self, item: limits.RateLimitItem, *ids: str, cost: int = 1) -> bool:
         if self.watch.available:
@@ -388,12 +611,15 @@ class FailoverWindows:
         await self.remote.close()
 
 
-def open_windows(url: str, watch: StateWatch | None = None) -> Windows:
+def open_windows(
+    url: str, watch: StateWatch | None = None, exact_up_to: int = EXACT_UP_TO
+) -> Windows:
     """The windows for ``state.url``, chosen once: in memory, or on Redis (behind this
-    instance's own windows for outages when ``watch`` follows Redis's health)."""
+    instance's own windows for outages when ``watch`` follows Redis's health). Limits of up
+    to ``exact_up_to`` requests are exact logs, larger ones sliding-window counters."""
     if url.startswith("memory://"):
-        return MemoryWindows()
+        return MemoryWindows(exact_up_to=exact_up_to)
     if url.startswith(("redis://", "rediss://")):
-        remote = RedisWindows(url)
-        return remote if watch is None else FailoverWindows(remote, watch)
+        remote = RedisWindows(url, exact_up_to)
+        return remote if watch is None else FailoverWindows(remote, watch, exact_up_to)
     raise ValueError(f"unsupported state.url {url!r} (memory:// or redis://)")

@@ -110,5 +110,9 @@ class OfflineUsage:
             spool.rotate()
             for segment in spool.closed():
                 db.ingest(segment)  # and deletes it
+            for owner in spool.orphan_owners():  # stopped or killed gateways' rows
+                with spool.adopt(owner) as segments:
+                    for segment in segments:
+                        db.ingest(segment)
             spool.close()
         return db

@@ -15,6 +15,7 @@ import logging
 import signal
 import threading
 import time
+from functools import partial
 from typing import Any
 
 from aiohttp import web
@@ -23,7 +24,7 @@ from plugins.metering.analytics import Analytics
 from plugins.metering.plugin import MeteringConfig
 from plugins.metering.stream import Meter
 from proxy import admin
-from proxy.analytics import ANALYTICS, export_target
+from proxy.analytics import ANALYTICS, FRESH_AS_OF, export_target
 from proxy.appkeys import GATEWAY, RESOURCES
 from proxy.chain import Chain
 from proxy.cli.runner import start_site
@@ -50,7 +51,7 @@ class MeterBackend:
 
     async def sql(self, query: str) -> tuple[list[str], list[list[Any]]]:
         self.analytics.check_capacity()
-        await asyncio.to_thread(self.meter.drain)
+        FRESH_AS_OF.set(await asyncio.to_thread(self.meter.drain))
         return await self.analytics.sql(query)
 
     async def invoice(self, user: str, month: str) -> dict[str, Any]:
@@ -85,8 +86,16 @@ def build_meter_app(loaded: LoadedPolicy, name: str | None = None) -> tuple[web.
     app.router.add_post("/admin/sql", admin.run_sql)
     app.router.add_get("/admin/invoices/{user}", admin.get_invoice)
     app.router.add_post("/admin/export", admin.export)
+    app.router.add_get("/admin/stats", admin.admin_only(partial(_stats, meter)))
     app.router.add_get("/healthz", _ok)
     return app, meter
+
+
+async def _stats(meter: Meter, request: web.Request) -> web.Response:
+    """How fresh the meter's answers are (``Meter.freshness``), and what it loaded."""
+    body = await asyncio.to_thread(meter.freshness)
+    body = {"time": time.time(), **body, "loaded_rows": meter.loaded_rows}
+    return web.json_response(body)
 
 
 async def _ok(request: web.Request) -> web.Response:

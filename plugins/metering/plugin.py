@@ -58,7 +58,7 @@ from plugins.metering.figures import figures
 from plugins.metering.ip_hash import IpHasher, key_file, load_or_create_key
 from plugins.metering.spool import Spool
 from plugins.metering.stream import StreamShipper
-from proxy.analytics import ANALYTICS, export_target
+from proxy.analytics import ANALYTICS, FRESH_AS_OF, export_target
 from proxy.appkeys import KEYSTORE, METRICS, RESOURCES
 from proxy.context import STREAM_BROKEN, RequestContext, StashKey
 from proxy.hookspecs import hookimpl
@@ -237,6 +237,7 @@ class UsageStore:
         self.pruned_rows = 0
         self.tier_costs: dict[str, float] = {}
         self.loaded_rows = 0
+        self.loaded_until = 0.0  # every row written before this time is loaded (or shipped)
         self.unpriced = 0
         self.load_seconds = 0.0
         self._wake = asyncio.Event()
@@ -250,8 +251,7 @@ class UsageStore:
 
     async def start(self) -> None:
         # rows spooled by a previous process (even one that was killed) are loaded first
-        self.spool.rotate()
-        await self.load()
+        await self.flush()
         await self.prune()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -282,6 +282,11 @@ class UsageStore:
             except Exception:
                 log.exception("deleting usage rows past their retention failed; retried later")
 
+    def unloaded_age(self) -> float:
+        """Seconds since the oldest row not yet loaded (or shipped) was written; 0: none."""
+        oldest = self.spool.oldest_ts()
+        return 0.0 if oldest is None else round(max(0.0, time.time() - oldest), 3)
+
     async def prune(self, now: float | None = None) -> int:
         """Delete rows older than the retention period, at most once an hour."""
         now = time.time() if now is None else now
@@ -306,18 +311,39 @@ class UsageStore:
         return await loop.run_in_executor(self._loader, partial(self.db.delete_rows, user=user))
 
     async def flush(self) -> None:
-        """Close the open segment and load every closed one."""
+        """Close the open segment and load every closed one, and the segments of dead
+        processes on the same spool folder (``plugins.metering.spool``)."""
         async with self._lock:
+            now = time.time()  # every row this process wrote before now is loaded after this
             self.spool.rotate()
             await self.load()
+            self.loaded_until = now
+            if self.shipper is not None:  # tell the meter up to when this gateway has shipped
+                try:
+                    await asyncio.get_running_loop().run_in_executor(
+                        self._loader, self.shipper.mark, self.spool.owner, now
+                    )
+                except Exception as e:  # Redis down with nothing to ship: the next flush marks
+                    if not is_state_error(e):
+                        raise
 
     async def load(self) -> None:
-        loop = asyncio.get_running_loop()
         for segment in self.spool.closed():
-            t0 = time.perf_counter()
-            n = await loop.run_in_executor(self._loader, self._sink, segment)
-            self.load_seconds += time.perf_counter() - t0
-            self.loaded_rows += n
+            await self._load(segment)
+        for owner in self.spool.orphan_owners():
+            with self.spool.adopt(owner) as segments:  # nothing if the owner is alive
+                for segment in segments:
+                    await self._load(segment)
+                if segments and self.shipper is not None:
+                    await asyncio.get_running_loop().run_in_executor(
+                        self._loader, self.shipper.unmark, owner
+                    )
+
+    async def _load(self, segment: Path) -> None:
+        t0 = time.perf_counter()
+        n = await asyncio.get_running_loop().run_in_executor(self._loader, self._sink, segment)
+        self.load_seconds += time.perf_counter() - t0
+        self.loaded_rows += n
 
     async def close(self) -> None:
         if self.analytics is not None:  # first: shutdown never waits on an admin query
@@ -327,6 +353,11 @@ class UsageStore:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self.flush()
+        if self.shipper is not None and not self.spool.closed():  # all shipped: no mark left
+            with contextlib.suppress(Exception):
+                await asyncio.get_running_loop().run_in_executor(
+                    self._loader, self.shipper.unmark, self.spool.owner
+                )
         self._loader.shutdown()
         self.spool.close()
         if self.db is not None and not (self.analytics and self.analytics.busy):
@@ -349,6 +380,7 @@ class UsageStore:
     async def sql(self, query: str) -> tuple[list[str], list[list[Any]]]:
         self._analytics.check_capacity()  # refused before any work
         await self.flush()
+        FRESH_AS_OF.set(self.loaded_until)
         return await self._analytics.sql(query)
 
     async def invoice(self, user: str, month: str) -> dict[str, Any]:
@@ -422,6 +454,12 @@ class MeteringPlugin:
                     "counter",
                     "Requests to a model without a price (cost_usd NULL).",
                     store.unpriced,
+                    (),
+                ),
+                "tollway_usage_oldest_unloaded_age_seconds": (
+                    "gauge",
+                    "Age of the oldest usage row still in the spool (0: none).",
+                    store.unloaded_age(),
                     (),
                 ),
                 "tollway_usage_load_seconds": (

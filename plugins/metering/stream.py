@@ -13,6 +13,14 @@ entry again) and none is counted twice (a chunk already loaded adds nothing).
 
 A deletion request (``DELETE /admin/users/{user}/data``) travels the same stream, behind the
 rows shipped before it, so the meter deletes them too.
+
+How fresh the meter's answers are: after each flush a gateway records in the hash
+``tollway:usage:shipped`` (field: its spool owner) the time before which every row it wrote is
+in the stream; it removes its field when it stops with nothing left to ship, and an adopter
+removes a dead gateway's field once it shipped the orphan's segments. The meter reads that hash
+before it drains the stream, so the smallest value (or the drain's own time) is a time before
+which every row of every gateway is in its answer. A Redis flush empties the hash too; each
+gateway writes its field again at its next flush (``flush_interval``).
 """
 
 from __future__ import annotations
@@ -21,8 +29,11 @@ import logging
 import os
 import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import orjson
 
 if TYPE_CHECKING:
     from plugins.metering.database import UsageDB
@@ -30,6 +41,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("tollway.meter")
 
 STREAM = "tollway:usage"
+SHIPPED = "tollway:usage:shipped"
+"""Hash: a gateway's spool owner -> the time before which all its rows are in the stream."""
 GROUP = "meters"
 CHUNK_ROWS = 1000
 CLAIM_IDLE_MS = 60_000
@@ -59,6 +72,14 @@ class StreamShipper:
                 pipe.execute()
         segment.unlink(missing_ok=True)
         return len(lines)
+
+    def mark(self, owner: str, until: float) -> None:
+        """Every row ``owner`` wrote before ``until`` is in the stream (after a flush)."""
+        self.client.hset(SHIPPED, owner, repr(until))
+
+    def unmark(self, owner: str) -> None:
+        """``owner`` has nothing left to ship (it stopped, or its orphan was adopted)."""
+        self.client.hdel(SHIPPED, owner)
 
     def forget(self, user: str) -> None:
         """Ask the meter to delete a user's rows (after every row shipped before this)."""
@@ -103,14 +124,23 @@ class Meter:
 
     def step(self, block_ms: int = 1000, count: int = 20) -> int:
         """Handle what is pending (this meter's unacknowledged entries first, then entries
-        another meter left unacknowledged too long, then new ones); returns entries handled."""
+        another meter left unacknowledged too long, then new ones); returns entries handled.
+
+        Redis restarted without its data or was flushed (the group is gone: NOGROUP; or the
+        stream went while a read waited on it: UNBLOCKED): the group is made again, from the
+        stream's start, and the next step goes on. Rows loaded before are not loaded twice if
+        they come again (chunk markers in the database)."""
         try:
-            entries = self._read("0", 0, count)  # ours, read before a crash, not acknowledged
-        except Exception as e:  # NOGROUP: Redis restarted without its data; start over
-            if "NOGROUP" not in str(e):
+            return self._step(block_ms, count)
+        except Exception as e:
+            if "NOGROUP" not in str(e) and "UNBLOCKED" not in str(e):
                 raise
+            log.warning("the usage stream lost its data (Redis restarted or flushed); resuming")
             self._create_group()
-            entries = []
+            return self._step(0, count)  # what was shipped since is not left for later
+
+    def _step(self, block_ms: int, count: int) -> int:
+        entries = self._read("0", 0, count)  # ours, read before a crash, not acknowledged
         if not entries:
             claimed = self.client.xautoclaim(
                 self.stream, self.group, self.consumer, CLAIM_IDLE_MS, "0-0", count=count
@@ -148,10 +178,35 @@ class Meter:
                 pipe.xdel(self.stream, entry_id)  # loaded: the stream need not keep it
                 pipe.execute()
 
-    def drain(self) -> None:
-        """Handle everything in the stream now (before answering a query)."""
+    def drain(self) -> float:
+        """Handle everything in the stream now (before answering a query); returns the time
+        before which every gateway's rows are loaded (see the module docstring)."""
+        until = min([time.time(), *(float(v) for v in self.client.hvals(SHIPPED))])
         while self.step(block_ms=0, count=100):
             pass
+        return until
+
+    def freshness(self) -> dict[str, float | int | None]:
+        """What is not loaded yet: the stream's entries, the age of the oldest row among them,
+        and how far behind the gateways' shipping is (``/admin/stats`` of the meter)."""
+        now = time.time()
+        shipped = [float(v) for v in self.client.hvals(SHIPPED)]
+        first = self.client.xrange(self.stream, count=1)
+        oldest = None
+        if first:
+            entry_id, fields = first[0]
+            rows = fields.get(b"rows")
+            line = rows.split(b"\n", 1)[0] if rows else b""
+            try:
+                oldest = float(orjson.loads(line)["ts"])
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                oldest = int(entry_id.split(b"-")[0]) / 1000  # when it was shipped
+        return {
+            "stream_entries": int(self.client.xlen(self.stream)),
+            "oldest_unloaded_age_s": round(now - oldest, 3) if oldest is not None else None,
+            "gateways_shipping": len(shipped),
+            "fresh_as_of": min([now, *shipped]),
+        }
 
     def close(self) -> None:
         self.client.close()

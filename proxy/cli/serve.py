@@ -118,8 +118,23 @@ def _exit_if_stuck(seconds: float) -> None:
     timer.start()
 
 
+def _hold_state_dir(loaded: LoadedPolicy) -> None:
+    """Exit 1 if another gateway uses this ``state.dir`` (``proxy.statedir``); else hold it."""
+    from proxy.statedir import StateDirInUse, hold
+
+    folder = loaded.policy.state.dir
+    if folder is None:
+        return
+    try:
+        hold(folder)  # the descriptor stays open, and the lock held, until the process ends
+    except StateDirInUse as e:
+        print(f"tollway: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     loaded = load_policy(args.policy)
+    _hold_state_dir(loaded)
     listen = loaded.policy.listen
     port = args.port if args.port is not None else listen.port
     run(_run_gateway(loaded, args.host or listen.host, port))
@@ -172,6 +187,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("OPENAI_API_KEY", "emulator-openai-key")
     os.environ.setdefault("ANTHROPIC_API_KEY", "emulator-anthropic-key")
     loaded = load_policy(args.policy)
+    _hold_state_dir(loaded)
     from urllib.parse import urlsplit
 
     emu_urls = [p.base_url for p in loaded.policy.providers.values()]

@@ -220,7 +220,8 @@ async def test_memory_backend_interface() -> None:
     await asyncio.sleep(0.03)
     assert await c.get("c") is None and len(c) == 2  # expired: dropped when looked at
     assert await c.delete("b") == 1 and await c.delete("b") == 0
-    assert not c.distributed and await c.claim("a", b"me", 1.0) is None
+    assert not c.distributed and await c.claim("z", b"me", 1.0) == (None, None)
+    assert await c.claim("a", b"me", 1.0) == (b"1", None)  # the entry, no lock
     assert not await c.in_flight("a")
     await c.close()
     assert len(c) == 0 and c.nbytes == 0

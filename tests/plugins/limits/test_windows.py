@@ -1,4 +1,4 @@
-"""The in-process sliding-window counter: exact admission counts and a Retry-After that is right."""
+"""The in-process windows (exact logs, sliding-window counters): counts and Retry-After."""
 
 from __future__ import annotations
 
@@ -73,11 +73,12 @@ async def test_admit_consumes_nothing_on_refusal_and_reports_tightest_layer() ->
     assert ip_only.remaining == 10 - 4
 
 
-async def test_bound_layers_follow_a_sweep() -> None:
+@pytest.mark.parametrize("exact", [0, 1000])
+async def test_bound_layers_follow_a_sweep(exact: int) -> None:
     """A caller's resolved counters must not outlive a sweep: after one, the caller and a new
     caller sharing a layer (same IP) count in the same counter, not in an orphaned copy."""
     clock = Clock(0.0)
-    w = MemoryWindows(clock)
+    w = MemoryWindows(clock, exact_up_to=exact)
     w.SWEEP_EVERY = 2
     ip = (3, 10.0, ("ip", "9.9.9.9"))
     alice = BoundLayers([ip, (100, 10.0, ("user", "alice"))])
@@ -92,12 +93,13 @@ async def test_bound_layers_follow_a_sweep() -> None:
     assert w.admit_now(bob).failed == 0  # the shared IP layer (3 per 10 s) is full
 
 
+@pytest.mark.parametrize("exact", [0, 1000])
 @pytest.mark.parametrize("user_first", [False, True])
-async def test_refusal_names_the_layer_that_frees_up_last(user_first: bool) -> None:
+async def test_refusal_names_the_layer_that_frees_up_last(user_first: bool, exact: int) -> None:
     """Retry-After must cover every full layer: retrying after the shorter wait would only
     earn another 429 from the longer one."""
     clock = Clock(1000.0)
-    w = MemoryWindows(clock)
+    w = MemoryWindows(clock, exact_up_to=exact)
     short = (2, 10.0, ("ip", "1.1.1.1"))
     long = (2, 100.0, ("user", "u"))
     layers = [long, short] if user_first else [short, long]
@@ -107,7 +109,8 @@ async def test_refusal_names_the_layer_that_frees_up_last(user_first: bool) -> N
     clock.t = 1001.0
     refused = w.admit_now(bound)
     assert layers[refused.failed] is long
-    assert refused.wait > 100  # the 100 s window's count must decay, not the 10 s one's
+    # the 100 s window's log must lose its oldest (or its count decay), not the 10 s one's
+    assert refused.wait > (100 if exact == 0 else 98)
     # the short layer alone would admit now
     clock.t += w.admit_now(BoundLayers([short])).wait + 0.01
     assert w.admit_now(BoundLayers([short])).failed == -1

@@ -94,7 +94,13 @@ def test_rows_survive_a_sigkill_of_the_writer(tmp_path: Path) -> None:
     assert proc.stdout.strip() == "written"
     left = sorted(tmp_path.glob("*.jsonl"))
     assert b"\0" in left[-1].read_bytes()  # the open segment still has its allocated tail
-    reopened = Spool(tmp_path)  # trims every leftover segment
-    assert [r["request_id"] for r in rows_in(reopened.closed())] == [f"r{i}" for i in range(100)]
+    reopened = Spool(tmp_path)  # a new process: the dead one's segments are an orphan
+    assert reopened.closed() == []
+    [dead] = reopened.orphan_owners()
+    with reopened.adopt(dead) as segments:  # trimmed after their last complete line
+        assert [r["request_id"] for r in rows_in(segments)] == [f"r{i}" for i in range(100)]
+        for seg in segments:
+            seg.unlink()  # loaded
+    assert reopened.orphan_owners() == []  # its lock file went with its last segment
     reopened.close()
-    assert os.listdir(tmp_path)
+    assert os.listdir(tmp_path) == []  # nothing left: segments loaded, lock file gone
