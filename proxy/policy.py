@@ -709,6 +709,12 @@ def load_text(text: str, *, base: Path | None = None, path: Path | None = None) 
     return loaded
 
 
+WORKER_STATE_DIR: str | None = None
+"""Set once by a worker of ``tollway serve --workers`` (``worker-K``): every policy it reads
+from its file, a reload's included, keeps its embedded state in this folder under
+``state.dir``, so ``keys.json``, ``quota.json`` and ``instance-id`` each have one writer."""
+
+
 def read_file(path: str | Path, *, secrets_required: bool = True) -> LoadedPolicy:
     """``read_text`` of a file; relative ``$file`` secrets resolve against its folder."""
     p = Path(path)
@@ -716,7 +722,12 @@ def read_file(path: str | Path, *, secrets_required: bool = True) -> LoadedPolic
         text = p.read_text()
     except OSError as e:
         raise PolicyError([f"{p}: {e.strerror}"]) from None
-    return read_text(text, base=p.resolve().parent, path=p, secrets_required=secrets_required)
+    loaded = read_text(text, base=p.resolve().parent, path=p, secrets_required=secrets_required)
+    state = loaded.policy.state
+    if WORKER_STATE_DIR is not None and state.dir is not None:
+        own = state.model_copy(update={"dir": str(Path(state.dir) / WORKER_STATE_DIR)})
+        loaded.policy = loaded.policy.model_copy(update={"state": own})
+    return loaded
 
 
 def load_file(path: str | Path) -> LoadedPolicy:

@@ -5,8 +5,8 @@ that keeps their content in memory and rewrites them whole: two gateways on one 
 overwrite each other's keys and quota counts without a word, and share one instance id (so one
 quota share) on Redis. A second ``tollway serve`` with the same ``state.dir`` therefore refuses
 to start, naming the process that holds it. The lock is ``flock``: the kernel drops it when its
-holder dies, however it dies, so a killed gateway never leaves a folder locked. Processes forked
-from the holder after it took the lock share it (``--workers``).
+holder dies, however it dies, so a killed gateway never leaves a folder locked. With
+``--workers`` the parent holds it and each worker holds its own ``worker-K`` folder below it.
 """
 
 from __future__ import annotations

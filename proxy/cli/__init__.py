@@ -38,6 +38,15 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
     s.add_argument("--policy", default="policies.yaml", help="policy file (default policies.yaml)")
     s.add_argument("--host", default=None)
     s.add_argument("--port", type=int, default=None)
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes sharing the port (default 1; more need state.url: redis://)",
+    )
+    # a worker started by a --workers parent: the parent's pid, and the worker's number
+    s.add_argument("--worker-of", type=int, default=None, help=argparse.SUPPRESS)
+    s.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
     s.set_defaults(fn=cmd_serve)
 
     c = sub.add_parser("check", help="validate a policy file (exit 1 with errors)")

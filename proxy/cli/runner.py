@@ -63,7 +63,12 @@ def report_errors(path: str, errors: list[str], warnings: list[str]) -> None:
 
 
 async def start_site(
-    app: web.Application, host: str, port: int, listen: Listen | None = None
+    app: web.Application,
+    host: str,
+    port: int,
+    listen: Listen | None = None,
+    *,
+    reuse_port: bool = False,
 ) -> tuple[web.AppRunner, int]:
     """Set up ``app`` and bind it; return its runner (``await runner.cleanup()`` stops it) and
     the port bound (``port`` 0 picks a free one). A failure (a plugin that cannot start, a
@@ -71,7 +76,9 @@ async def start_site(
 
     With ``listen`` (the gateway, not the demo's emulator) connections get the policy's header
     deadline and JSON protocol errors (proxy/server.py), and in-flight requests get
-    ``shutdown_timeout`` to finish when the runner is cleaned up.
+    ``shutdown_timeout`` to finish when the runner is cleaned up. ``reuse_port``: several
+    processes bind the same port and the kernel spreads connections over them
+    (``SO_REUSEPORT``; the workers of ``tollway serve --workers``).
     """
     runner: web.AppRunner
     if listen is None:
@@ -89,7 +96,9 @@ async def start_site(
         )
     try:
         await runner.setup()
-        site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
+        site = web.TCPSite(
+            runner, host, port, backlog=4096, reuse_address=True, reuse_port=reuse_port or None
+        )
         await site.start()
     except OSError as e:
         await runner.cleanup()

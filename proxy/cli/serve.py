@@ -55,7 +55,9 @@ def _tune_gc() -> None:
     gc.set_threshold(GC_THRESHOLD, gen1, gen2)
 
 
-async def _run_gateway(loaded: LoadedPolicy, host: str, port: int, banner: Any = None) -> None:
+async def _run_gateway(
+    loaded: LoadedPolicy, host: str, port: int, banner: Any = None, *, reuse_port: bool = False
+) -> None:
     from proxy.app import create_app
     from proxy.appkeys import GATEWAY
 
@@ -66,7 +68,7 @@ async def _run_gateway(loaded: LoadedPolicy, host: str, port: int, banner: Any =
             print(f"  {line}", file=sys.stderr)
         raise SystemExit(1) from None
     listen = loaded.policy.listen
-    runner, bound = await start_site(app, host, port, listen)
+    runner, bound = await start_site(app, host, port, listen, reuse_port=reuse_port)
     _tune_gc()
     print(f"tollway listening on http://{host}:{bound}", flush=True)
     if banner is not None:
@@ -133,11 +135,30 @@ def _hold_state_dir(loaded: LoadedPolicy) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    worker = args.worker_of is not None
+    if worker:
+        from proxy import policy
+        from proxy.cli.workers import become_worker
+
+        become_worker(args.worker_of)
+        policy.WORKER_STATE_DIR = f"worker-{args.worker}"  # holds its own folder below
     loaded = load_policy(args.policy)
+    if not worker and args.workers != 1:
+        from proxy.cli.workers import refusal
+
+        why = refusal(loaded, args.workers)
+        if why is not None:
+            print(f"tollway: {why}", file=sys.stderr)
+            return 1
     _hold_state_dir(loaded)
     listen = loaded.policy.listen
     port = args.port if args.port is not None else listen.port
-    run(_run_gateway(loaded, args.host or listen.host, port))
+    host = args.host or listen.host
+    if not worker and args.workers != 1:
+        from proxy.cli.workers import serve_workers
+
+        return serve_workers(loaded, args.policy, host, port, args.workers)
+    run(_run_gateway(loaded, host, port, reuse_port=worker))
     return 0
 
 
