@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import redis
 
@@ -182,3 +183,15 @@ def stop_redis(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def serve_once(policy: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`tollway serve` with a policy that is expected to stop it at start-up (its output)."""
+    return subprocess.run(
+        [*TOLLWAY, "serve", "--policy", str(policy)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, **(env or {})},
+    )

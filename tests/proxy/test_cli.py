@@ -23,6 +23,7 @@ from proxy.hookspecs import hookimpl
 from proxy.policy import load_text
 from tests.conftest import free_port, policy, policy_text
 from tests.procs import ROOT, TOLLWAY, Http, Proc, fresh_interpreter, running
+from tests.procs import serve_once as procs_serve_once
 
 POLICY = """\
 version: 1
@@ -42,14 +43,7 @@ chain:
 
 def serve_once(policy: Path) -> subprocess.CompletedProcess[str]:
     """`tollway serve` with a policy that is expected to stop it at start-up."""
-    return subprocess.run(
-        [*TOLLWAY, "serve", "--policy", str(policy)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={**os.environ, "TOLLWAY_ADMIN_KEY": "x"},
-    )
+    return procs_serve_once(policy, {"TOLLWAY_ADMIN_KEY": "x"})
 
 
 @pytest.fixture(scope="module")

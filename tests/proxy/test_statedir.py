@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 from pathlib import Path
 
 from proxy.statedir import hold
 from tests.conftest import free_port
-from tests.procs import ROOT, TOLLWAY, Proc
+from tests.procs import TOLLWAY, Proc, serve_once
 
 POLICY = """\
 version: 1
@@ -29,16 +28,6 @@ def policy(tmp_path: Path, name: str, state: Path) -> Path:
     path = tmp_path / f"{name}.yaml"
     path.write_text(POLICY.format(port=free_port(), state=state))
     return path
-
-
-def serve_once(policy: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*TOLLWAY, "serve", "--policy", str(policy)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
 
 
 def test_a_second_gateway_on_one_state_dir_refuses_to_start(tmp_path: Path) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,10 +14,9 @@ from typing import Any
 import pytest
 import redis
 
-from plugins.metering.meter import build_meter_app, consume
 from plugins.metering.stream import Meter
-from proxy.policy import load_text
-from tests.conftest import ADMIN_KEY, policy, policy_text, start_site
+from tests.conftest import ADMIN_KEY, policy, policy_text
+from tests.plugins.metering.conftest import running_meter
 from tests.procs import until
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -65,17 +63,8 @@ async def test_a_gateway_says_how_old_its_unloaded_rows_are(
 async def meter(redis_url: str, tmp_path: Path) -> AsyncIterator[tuple[str, Meter]]:
     text = policy_text(policy(state={"url": redis_url}), emu="http://127.0.0.1:1")
     text += chain(tmp_path / "meter.duckdb", tmp_path / "meter.spool", "redis", "50ms")
-    app, m = build_meter_app(load_text(text))
-    stop = threading.Event()
-    thread = threading.Thread(target=consume, args=(m, stop))
-    thread.start()
-    runner, site = await start_site(app)
-    yield site, m
-    await runner.cleanup()
-    stop.set()
-    await asyncio.to_thread(thread.join)
-    m.close()
-    m.db.close()
+    async with running_meter(text) as running:
+        yield running
 
 
 async def test_the_meter_says_how_fresh_and_survives_a_flushall(

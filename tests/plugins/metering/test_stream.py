@@ -16,10 +16,9 @@ import pytest
 import redis
 
 from plugins.metering.database import UsageDB
-from plugins.metering.meter import build_meter_app, consume
 from plugins.metering.stream import Meter, StreamShipper
-from proxy.policy import load_text
-from tests.conftest import ADMIN_KEY, BASE_POLICY, Gw, policy, policy_text, start_site
+from tests.conftest import ADMIN_KEY, BASE_POLICY, Gw, policy, policy_text
+from tests.plugins.metering.conftest import running_meter
 from tests.procs import ROOT, TOLLWAY, Proc, fresh_interpreter, until
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -48,17 +47,8 @@ async def meter(url: str, tmp_path: Path) -> AsyncIterator[tuple[str, Meter]]:
     """``tollway meter``'s app and consumer thread, in this process."""
     text = policy_text(base(url), emu="http://127.0.0.1:1")
     text += chain(tmp_path / "meter.duckdb", tmp_path / "meter.spool")
-    app, m = build_meter_app(load_text(text))
-    stop = threading.Event()
-    thread = threading.Thread(target=consume, args=(m, stop))
-    thread.start()
-    runner, site = await start_site(app)
-    yield site, m
-    await runner.cleanup()
-    stop.set()
-    await asyncio.to_thread(thread.join)
-    m.close()
-    m.db.close()
+    async with running_meter(text) as running:
+        yield running
 
 
 async def sql(gw_http: Any, site: str, query: str) -> list[list[Any]]:
