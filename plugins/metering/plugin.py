@@ -320,10 +320,7 @@ class UsageStore:
             self.loaded_until = now
             if self.shipper is not None:  # tell the meter up to when this gateway has shipped
                 try:
-                    loop = asyncio.get_running_loop()
-                    # kept segments: deleted once loaded, shipped again if Redis lost them
-                    await loop.run_in_executor(self._loader, self.shipper.settle, self.spool.folder)
-                    await loop.run_in_executor(
+                    await asyncio.get_running_loop().run_in_executor(
                         self._loader, self.shipper.mark, self.spool.owner, now
                     )
                 except Exception as e:  # Redis down with nothing to ship: the next flush marks

@@ -3,15 +3,13 @@
 DuckDB locks its file to one process, so with several gateway instances (``metering.sink:
 redis``) no gateway opens the database. Each still writes its rows to its own crash-safe spool
 first; its loader thread then ships every closed segment to the stream ``tollway:usage`` in
-chunks of ``CHUNK_ROWS`` rows (one entry each) and keeps the segment in ``shipped/`` until
-the meter has loaded it (``StreamShipper.settle``: Redis restarted empty or flushed before that,
-it ships it again). One ``tollway meter`` process (a consumer group member, so a second one can take over)
+chunks of ``CHUNK_ROWS`` rows (one entry each) and deletes the segment only after Redis took
+them all. One ``tollway meter`` process (a consumer group member, so a second one can take over)
 reads the entries, loads each chunk into DuckDB through the same idempotent path as a spool
 segment (a chunk is known by its first row's request id, recorded with its rows in one
 transaction), and acknowledges an entry only after that commit. Hence no row is lost (a gateway
 killed after shipping re-ships the segment; a meter killed before its acknowledgement gets the
-entry again; Redis lost its data before the meter loaded them: the gateway ships its kept
-segments again) and none is counted twice (a chunk already loaded adds nothing).
+entry again) and none is counted twice (a chunk already loaded adds nothing).
 
 A deletion request (``DELETE /admin/users/{user}/data``) travels the same stream, behind the
 rows shipped before it, so the meter deletes them too.
@@ -27,10 +25,8 @@ gateway writes its field again at its next flush (``flush_interval``).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import secrets
 import socket
 import tempfile
 import time
@@ -38,8 +34,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
-
-from proxy.statewatch import EPOCH_KEY
 
 if TYPE_CHECKING:
     from plugins.metering.database import UsageDB
@@ -49,53 +43,10 @@ log = logging.getLogger("tollway.meter")
 STREAM = "tollway:usage"
 SHIPPED = "tollway:usage:shipped"
 """Hash: a gateway's spool owner -> the time before which all its rows are in the stream."""
-LOADED = "tollway:usage:loaded"
-"""``EPOCH ID``: every entry the meters' group holds with an id below ID (under the Redis epoch
-EPOCH, ``proxy.statewatch``) is loaded and acknowledged; gateways delete what they kept of it."""
-KEPT = "shipped"
-"""A spool's subfolder of shipped segments, kept until the meter has loaded them."""
 GROUP = "meters"
 CHUNK_ROWS = 1000
 CLAIM_IDLE_MS = 60_000
 """An entry another meter read but did not acknowledge for this long is taken over."""
-
-
-_PUBLISH_LOADED = """
-local epoch = redis.call('GET', KEYS[3])
-if not epoch then return 0 end
-local pending = redis.call('XPENDING', KEYS[1], ARGV[1])
-local bound = nil
-if pending[1] > 0 then
-  bound = pending[2]
-else
-  for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-    local name, last
-    for i = 1, #g, 2 do
-      if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then last = g[i + 1] end
-    end
-    if name == ARGV[1] and last then
-      local ms, seq = string.match(last, '(%d+)-(%d+)')
-      bound = ms .. '-' .. string.format('%d', tonumber(seq) + 1)
-    end
-  end
-end
-if not bound then return 0 end
-redis.call('SET', KEYS[2], epoch .. ' ' .. bound)
-return 1
-"""
-"""Record in ``LOADED`` the id below which the group acknowledged every entry: its oldest
-pending entry, or past the last one it was given. One script: the epoch, the group's state and
-the record are read and written at one instant (a flush in between cannot pair them wrongly)."""
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _id(entry_id: str) -> tuple[int, int]:
-    """A stream entry id ``ms-seq`` as a tuple that sorts like Redis sorts them."""
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 def _redis(url: str) -> Any:
@@ -112,50 +63,15 @@ class StreamShipper:
         self.stream = stream
 
     def ship(self, segment: Path) -> int:
-        """Send a segment's complete rows, then keep it in ``shipped/`` (see ``settle``) under
-        the epoch and last entry id it went with; returns the rows sent."""
+        """Send a segment's complete rows, then delete it; returns the rows sent."""
         lines = [line for line in segment.read_bytes().split(b"\n") if line]
-        if not lines:
-            segment.unlink(missing_ok=True)
-            return 0
-        # one transaction: the epoch read is the one the entries were added under (a flush
-        # between the two would otherwise label lost entries with the new epoch)
-        with self.client.pipeline(transaction=True) as pipe:
-            pipe.set(EPOCH_KEY, secrets.token_hex(8), nx=True)
-            pipe.get(EPOCH_KEY)
-            for i in range(0, len(lines), CHUNK_ROWS):
-                pipe.xadd(self.stream, {"rows": b"\n".join(lines[i : i + CHUNK_ROWS])})
-            replies = pipe.execute()
-        epoch, last = _text(replies[1]), _text(replies[-1])
-        name = segment.name.split(".", 2)[2] if segment.parent.name == KEPT else segment.name
-        kept = segment.parent if segment.parent.name == KEPT else segment.parent / KEPT
-        kept.mkdir(exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):  # a sibling re-shipped it at once
-            segment.rename(kept / f"{epoch}.{last}.{name}")
+        if lines:
+            with self.client.pipeline(transaction=False) as pipe:
+                for i in range(0, len(lines), CHUNK_ROWS):
+                    pipe.xadd(self.stream, {"rows": b"\n".join(lines[i : i + CHUNK_ROWS])})
+                pipe.execute()
+        segment.unlink(missing_ok=True)
         return len(lines)
-
-    def settle(self, spool: Path) -> int:
-        """Delete the kept segments of ``spool`` the meter has loaded; ship again those sent
-        under an earlier epoch (Redis restarted empty or was flushed before the meter loaded
-        them: the meter's chunk markers make a second load of a loaded chunk add nothing).
-        Runs once a flush, in the loader thread; returns the segments shipped again."""
-        kept = sorted((spool / KEPT).glob("*.jsonl"))
-        if not kept:
-            return 0
-        epoch, loaded = self.client.mget(EPOCH_KEY, LOADED)
-        epoch = _text(epoch) if epoch is not None else None
-        loaded_epoch, _, bound = (_text(loaded) if loaded else "").partition(" ")
-        again = 0
-        for path in kept:
-            seg_epoch, last = path.name.split(".", 2)[:2]
-            if seg_epoch != epoch:
-                self.ship(path)
-                again += 1
-            elif loaded_epoch == epoch and _id(last) < _id(bound):
-                path.unlink(missing_ok=True)
-        if again:
-            log.warning("Redis lost usage rows not yet loaded; shipped %d segments again", again)
-        return again
 
     def mark(self, owner: str, until: float) -> None:
         """Every row ``owner`` wrote before ``until`` is in the stream (after a flush)."""
@@ -197,7 +113,6 @@ class Meter:
             db.spool_dir.mkdir(parents=True, exist_ok=True)
         self.folder = Path(tempfile.mkdtemp(prefix="meter-", dir=db.spool_dir))
         self.loaded_rows = 0
-        self._publish_loaded = self.client.register_script(_PUBLISH_LOADED)
         self._create_group()
 
     def _create_group(self) -> None:
@@ -216,16 +131,13 @@ class Meter:
         stream's start, and the next step goes on. Rows loaded before are not loaded twice if
         they come again (chunk markers in the database)."""
         try:
-            n = self._step(block_ms, count)
+            return self._step(block_ms, count)
         except Exception as e:
             if "NOGROUP" not in str(e) and "UNBLOCKED" not in str(e):
                 raise
             log.warning("the usage stream lost its data (Redis restarted or flushed); resuming")
             self._create_group()
-            n = self._step(0, count)  # what was shipped since is not left for later
-        if n:  # gateways may now delete the segments they kept of it
-            self._publish_loaded(keys=[self.stream, LOADED, EPOCH_KEY], args=[self.group])
-        return n
+            return self._step(0, count)  # what was shipped since is not left for later
 
     def _step(self, block_ms: int, count: int) -> int:
         entries = self._read("0", 0, count)  # ours, read before a crash, not acknowledged
