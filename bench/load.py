@@ -81,13 +81,14 @@ def unique_body(tag: str, **extra: Any) -> dict[str, Any]:
     return {**SMALL_BODY, "messages": [message], **extra}
 
 
-def write_lua(path: Path, key: str) -> None:
-    """A wrk script posting distinct small chat completions; done() prints one JSON line.
+def write_lua(path: Path, key: str, body: dict[str, Any] | None = None) -> None:
+    """A wrk script posting distinct small chat completions (or ``body``, whose prompt holds
+    the ``%s-%d-%d`` placeholder); done() prints one JSON line.
 
     json.dumps of an ASCII string is also a valid Lua string literal; the ``%s-%d-%d``
     placeholder becomes nonce-thread-counter.
     """
-    fmt = json.dumps(unique_body("%s-%d-%d"), separators=(",", ":"))
+    fmt = json.dumps(unique_body("%s-%d-%d") if body is None else body, separators=(",", ":"))
     path.write_text(_LUA.format(body_fmt=json.dumps(fmt), auth=json.dumps(f"Bearer {key}")))
 
 

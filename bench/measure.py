@@ -78,10 +78,11 @@ class Target:
     base: str
     pid: int | None
     admin_key: str | None = None  # set for a gateway whose chain has a usage database
+    path: str = CHAT  # what is loaded: chat completions, unless another endpoint is measured
 
     @property
     def url(self) -> str:
-        return self.base + CHAT
+        return self.base + self.path
 
 
 def rotated(targets: list[Target], k: int) -> list[Target]:

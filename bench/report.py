@@ -13,6 +13,7 @@ import statistics
 import subprocess
 from typing import Any
 
+from bench.endpoints import render_endpoints
 from bench.load import CHAT, MODEL, STREAM_CHUNK_DELAY_MS
 from bench.procs import ROOT
 
@@ -194,6 +195,7 @@ def render(r: dict[str, Any]) -> str:
             f"| {c['target']} | {c['op']} {c['limit']} {c['unit']} | {c['value']:.2f} {c['unit']} "
             f"| {'PASS' if c['pass'] else 'FAIL'} |"
         )
+    lines += render_endpoints(r)
     lines += render_chains(r)
     lines += render_writer(r)
     lines += ["", "Notes:", "", *(f"- {note}" for note in r["notes"])]

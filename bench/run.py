@@ -1,6 +1,7 @@
 """Tollway's overhead benchmark: direct vs a bare aiohttp proxy vs the gateway, on loopback.
 
     python bench/run.py [--quick] [--check]
+    python bench/run.py --state      # Redis state, instances, workers: bench/instances.py
 
 Why three targets: "direct" (client -> emulator) is the floor of the machine, "bare"
 (client -> bench/bare_proxy.py -> emulator) is the floor of *any* Python proxy, and "gateway"
@@ -42,6 +43,7 @@ if str(ROOT) not in sys.path:  # run as a script: the harness is imported as the
 
 import aiohttp  # noqa: E402
 
+from bench.endpoints import measure_endpoints  # noqa: E402
 from bench.load import PINNED_WRK, unique_body, wrk_version  # noqa: E402
 from bench.measure import FULL, QUICK, Settings, chain_costs, measure, measure_writer  # noqa: E402
 from bench.policy import chain_label, pick_tier  # noqa: E402
@@ -115,6 +117,14 @@ def _run(
     )
     background = CpuSnapshot.take(fleet.pids).background_since(load0)
     procs.check_alive()
+    endpoints = None
+    if opts.endpoints:  # /v1/responses (native and translated) next to chat, same gateway
+        t0 = time.monotonic()
+        endpoints = measure_endpoints(
+            fleet.gateway, fleet.direct.base, fleet.emulator_pid, fleet.key, tmp, settings
+        )
+        phases["responses vs chat"] = round(time.monotonic() - t0, 1)
+        procs.check_alive()
     profile = profile_gateway(fleet.gateway, fleet.lua, opts.profile, tmp) if opts.profile else None
     if profile is not None and opts.profile_raw:
         shutil.copy(tmp / "profile.raw", opts.profile_raw)
@@ -151,6 +161,7 @@ def _run(
         "targets": {n: results[n] for n in ("direct", "bare", "gateway")},
         "chain_targets": {t.name: results[t.name] for t in fleet.prefixes},
         "chains": chains,
+        "endpoints": endpoints,
         "profile": profile,
         "phases_s": phases,
         "notes": run_notes + notes(results, chains, background),
@@ -174,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         "--no-writer", action="store_true", help="skip the metering writer measurement"
     )
     parser.add_argument(
+        "--no-responses",
+        dest="endpoints",
+        action="store_false",
+        help="skip /v1/responses (passed through and translated) next to chat completions",
+    )
+    parser.add_argument(
         "--prefix",
         type=int,
         metavar="N",
@@ -194,12 +211,26 @@ def main(argv: list[str] | None = None) -> int:
         "and write bench/profile.md",
     )
     parser.add_argument(
+        "--state",
+        action="store_true",
+        help="instead: memory vs Redis state, 1 vs 3 instances, --workers 1 vs 2 "
+        "(bench/instances.py; writes bench/results-instances.md)",
+    )
+    parser.add_argument(
         "--profile-raw",
         type=Path,
         metavar="FILE",
         help="with --profile, also keep py-spy's raw collapsed stacks in FILE",
     )
     args = parser.parse_args(argv)
+    if args.state:
+        from bench.instances import main as instances
+
+        forward = ["--policy", str(args.policy), "--profile", str(args.profile)]
+        forward += ["--quick"] * args.quick + ["--check"] * args.check
+        if args.out != parser.get_default("out"):
+            forward += ["--out", str(args.out)]
+        return instances(forward)
     settings = QUICK if args.quick else FULL
     if args.no_writer:
         settings = dataclasses.replace(settings, writer_rows=0)

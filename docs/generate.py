@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import json
 import re
 import sys
 import types
@@ -37,6 +38,7 @@ from pydantic_core import PydanticUndefined  # noqa: E402
 from proxy import hookspecs  # noqa: E402
 from proxy.chain import BUILTIN_PLUGINS, EmptyConfig  # noqa: E402
 from proxy.policy import Policy  # noqa: E402
+from proxy.translate import fields  # noqa: E402
 
 BLOCK = re.compile(
     r"(<!-- generated:(?P<name>[\w:.-]+) -->\n)(?P<body>.*?)(<!-- /generated -->)", re.S
@@ -231,6 +233,42 @@ def hook_table() -> str:
     return "\n".join(rows) + "\n\n" + "\n".join(details)
 
 
+# ---- dialect translation -------------------------------------------------------------------
+
+_CLIENTS: dict[str, fields.Direction] = {
+    "openai": "openai->anthropic",
+    "anthropic": "anthropic->openai",
+}
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(", ", ": "))
+
+
+def _example(f: fields.Field) -> str:
+    """What the row's example becomes: the provider's fields, a 400, or nothing."""
+    given = f"`{_cell(_json(f.example))}`"
+    if f.decision == "refused":
+        return f"{given} → 400"
+    if f.decision == "emulated":
+        return f"{given} → done by the gateway, not sent"
+    if not f.sent:
+        return f"{given} → nothing sent"
+    sent = ", ".join(f"{k}: {_json(v)}" for k, v in f.sent.items())
+    return f"{given} → `{_cell(sent)}`"
+
+
+def translation_table(client: str) -> str:
+    """The fields of one client dialect's requests to a provider of the other, one row each:
+    ``proxy/translate/fields.py``'s decisions."""
+    rows = ["| field | decision | what happens | example |", "|---|---|---|---|"]
+    for f in sorted(fields.TABLES[_CLIENTS[client]].values(), key=lambda f: f.name):
+        how = _markdown(f.how)
+        decision = "ignored (no effect on the answer)" if f.decision == "ignored" else f.decision
+        rows.append(f"| `{f.name}` | {decision} | {_cell(how)} | {_example(f)} |")
+    return "\n".join(rows) + "\n"
+
+
 # ---- pages ---------------------------------------------------------------------------------
 
 
@@ -242,6 +280,8 @@ def render(name: str) -> str:
         return hook_table()
     if name.startswith("plugin:"):
         return plugin_table(name.removeprefix("plugin:"))
+    if name.startswith("translation:"):
+        return translation_table(name.removeprefix("translation:"))
     raise KeyError(f"unknown generated block {name!r}")
 
 

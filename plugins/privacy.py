@@ -3,9 +3,10 @@
 Every text a provider would receive is scanned, as ``proxy.texts`` lists them: message
 contents of both dialects, system prompts, earlier tool calls' arguments and inputs, tool
 results, document texts, tool and schema descriptions, ``response_format`` schemas,
-``prediction``, completion prompts and suffixes, embeddings inputs, ``user`` and ``metadata``.
-Signed ``thinking`` / ``redacted_thinking`` blocks are forwarded untouched: the provider
-verifies their signature, so an edited block would fail the request. What matches one of the
+``prediction``, completion prompts and suffixes, embeddings inputs, Responses ``input`` items
+of every kind and ``instructions``, ``user`` and ``metadata``. Signed ``thinking`` /
+``redacted_thinking`` blocks and encrypted Responses ``reasoning`` items are forwarded
+untouched: the provider verifies them, so an edited one would fail the request. What matches one of the
 enabled detectors is replaced by a placeholder (``[EMAIL]``, ``[CARD]``, ...), in ``access``,
 so everything after this plugin (routing, cache key, coalescing, the provider) sees only the
 redacted request: two prompts that differ only in an email address share one cached answer,

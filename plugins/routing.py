@@ -139,16 +139,28 @@ class RoutingConfig(BaseModel):
 
 
 def prompt_texts(body: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """(every text of the prompt, what the user wrote) for chat, messages and completions."""
+    """(every text of the prompt, what the user wrote) for chat, messages, completions and
+    Responses (``instructions``; ``input``: a string, messages and tool outputs)."""
     texts: list[str] = []
     user: list[str] = []
     system = body.get("system")
     if system is not None:
         texts.extend(texts_of(system))
+    instructions = body.get("instructions")
+    if isinstance(instructions, str):
+        texts.append(instructions)
     messages = body.get("messages")
+    if not isinstance(messages, list):
+        messages = body.get("input")
+        if isinstance(messages, str):
+            texts.append(messages)
+            user.append(messages)
     if isinstance(messages, list):
         for m in messages:
             if not isinstance(m, dict):
+                continue
+            if m.get("type") == "function_call_output":
+                texts.extend(texts_of(m.get("output")))
                 continue
             t = texts_of(m.get("content"))
             texts.extend(t)
@@ -194,6 +206,9 @@ class Scorer:
             points += 1
             reasons.append("reasoning")
         fmt = body.get("response_format")
+        text = body.get("text")  # Responses: text.format
+        if fmt is None and isinstance(text, dict):
+            fmt = text.get("format")
         if (
             body.get("tools")
             or body.get("functions")
@@ -201,11 +216,15 @@ class Scorer:
         ):
             points += 1
             reasons.append("tools")
-        messages = body.get("messages")
+        messages = body.get("messages") or body.get("input")
         if isinstance(messages, list) and len(messages) >= cfg.turns:
             points += 1
             reasons.append("turns")
-        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
+        max_tokens = (
+            body.get("max_tokens")
+            or body.get("max_completion_tokens")
+            or body.get("max_output_tokens")
+        )
         if isinstance(max_tokens, int) and max_tokens >= cfg.long_output_tokens:
             points += 1
             reasons.append("output")

@@ -12,16 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 from aiohttp import web
 
-from proxy import admin
+from proxy import admin, catalog
 from proxy.appkeys import GATEWAY, KEYSTORE, METRICS, RESOURCES
 from proxy.chain import Chain, compile_chain
-from proxy.context import RequestContext
 from proxy.errors import Reject, reject_body
 from proxy.gateway import Gateway
-from proxy.handler import authenticate, make_handler, new_request_id, with_request_id
+from proxy.handler import make_handler, request_dialect, with_request_id
 from proxy.keystore import KeyStore
 from proxy.keysync import KeySync
 from proxy.policy import LoadedPolicy, PolicyError
@@ -35,7 +33,9 @@ CLIENT_ENDPOINTS = {
     "/v1/chat/completions": ("chat", "openai"),
     "/v1/completions": ("completions", "openai"),
     "/v1/embeddings": ("embeddings", "openai"),
+    "/v1/responses": ("responses", "openai"),
     "/v1/messages": ("messages", "anthropic"),
+    "/v1/messages/count_tokens": ("count_tokens", "anthropic"),
 }
 
 
@@ -79,7 +79,8 @@ def create_app(
     for path, (endpoint, dialect) in CLIENT_ENDPOINTS.items():
         app.router.add_post(path, make_handler(endpoint, dialect))  # type: ignore[arg-type]
     # the client endpoints' replies carry their request's id; every other route's is stamped
-    app.router.add_get("/v1/models", with_request_id(list_models))
+    app.router.add_get("/v1/models", with_request_id(catalog.list_models))
+    app.router.add_get("/v1/models/{model_id}", with_request_id(catalog.get_model))
     app.router.add_get("/healthz", with_request_id(healthz))
     app.router.add_get("/readyz", with_request_id(readyz))
     app.router.add_get("/metrics", with_request_id(metrics))
@@ -146,7 +147,7 @@ def _plugin_route(key: tuple[str, str]) -> Callable[[web.Request], Any]:
             exc = Reject(500, "internal gateway error", code="internal_error")
         return web.Response(
             status=exc.status,
-            body=reject_body(exc, _dialect_of(request)),  # type: ignore[arg-type]
+            body=reject_body(exc, request_dialect(request)),
             content_type="application/json",
             headers=exc.headers,
         )
@@ -194,57 +195,6 @@ async def _shutdown_begins(app: web.Application) -> None:
     await app[RESOURCES].shutdown()
 
 
-def _dialect_of(request: web.Request) -> str:
-    if request.path.startswith("/v1/messages") or "anthropic-version" in request.headers:
-        return "anthropic"
-    return "openai"
-
-
-async def list_models(request: web.Request) -> web.Response:
-    """The policy's models, in the OpenAI list shape or, for Anthropic clients, theirs."""
-    gw = request.app[GATEWAY]
-    rt = gw.runtime
-    dialect = _dialect_of(request)
-    if rt.chain.authenticate:
-        ctx = RequestContext(
-            request_id=new_request_id(),
-            endpoint="chat",
-            dialect=dialect,  # type: ignore[arg-type]
-            request=request,
-            client_ip=request.remote or "",
-        )
-        try:
-            await authenticate(rt, ctx)
-        except Reject as e:
-            return web.Response(
-                status=e.status, body=reject_body(e, ctx.dialect), content_type="application/json"
-            )
-    names = list(rt.routes)
-    owners = {n: r.provider for n, r in rt.routes.items()}
-    for extra in rt.chain.model_names:  # names plugins answer for themselves (routing's "auto")
-        if extra not in owners:
-            names.append(extra)
-            owners[extra] = "tollway"
-    if dialect == "anthropic":
-        data: dict[str, Any] = {
-            "data": [
-                {"type": "model", "id": n, "display_name": n, "created_at": "2025-01-01T00:00:00Z"}
-                for n in names
-            ],
-            "has_more": False,
-            "first_id": names[0] if names else None,
-            "last_id": names[-1] if names else None,
-        }
-    else:
-        data = {
-            "object": "list",
-            "data": [
-                {"id": n, "object": "model", "created": 0, "owned_by": owners[n]} for n in names
-            ],
-        }
-    return web.Response(body=orjson.dumps(data), content_type="application/json")
-
-
 async def healthz(request: web.Request) -> web.Response:
     """Liveness: the process serves HTTP."""
     return web.json_response({"status": "ok"})
@@ -281,7 +231,7 @@ async def _allowed_methods(request: web.Request) -> set[str]:
 async def not_found(request: web.Request) -> web.Response:
     """Unknown path (404), or wrong method on a known one (405 with ``Allow``), in the route's
     error shape; OPTIONS on a known path is a 204 with ``Allow``."""
-    dialect = _dialect_of(request)
+    dialect = request_dialect(request)
     allowed = await _allowed_methods(request)
     if allowed:
         allow = ", ".join(sorted(allowed | {"OPTIONS"}))
@@ -297,7 +247,7 @@ async def not_found(request: web.Request) -> web.Response:
         exc = Reject(404, f"unknown path {request.path}", code="not_found")
     return web.Response(
         status=exc.status,
-        body=reject_body(exc, dialect),  # type: ignore[arg-type]
+        body=reject_body(exc, dialect),
         content_type="application/json",
         headers=exc.headers,
     )

@@ -32,6 +32,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "metering": "plugins.metering.plugin:MeteringPlugin",
     "privacy": "plugins.privacy:PrivacyPlugin",
     "routing": "plugins.routing:RoutingPlugin",
+    "responses": "plugins.responses.plugin:ResponsesPlugin",
     "cache": "plugins.cache.plugin:CachePlugin",
     "batching": "plugins.batching.plugin:BatchingPlugin",
 }

@@ -20,7 +20,12 @@ T = TypeVar("T")
 Dialect = Literal["openai", "anthropic"]
 """Which provider API shape a client speaks or a provider serves."""
 
-Endpoint = Literal["chat", "completions", "embeddings", "messages"]
+Endpoint = Literal["chat", "completions", "embeddings", "messages", "responses", "count_tokens"]
+
+UNBILLED_ENDPOINTS: frozenset[str] = frozenset({"count_tokens"})
+"""Endpoints whose requests cost nothing at the provider and are not sold: no monthly quota,
+no tokens-per-minute charge, a usage row with ``cost_usd`` and ``price_usd`` 0 (metered as
+zero-price calls); the request-rate limits still count them."""
 
 STREAM_BROKEN = "upstream_stream_error"
 """``ctx.error_code`` of a stream that failed after its 200 headers went out: the provider's
@@ -71,6 +76,9 @@ class Route:
 
     ``model`` is the name clients use (and ``X-Tollway-Model`` reports); ``upstream_model`` is
     what the provider is asked for. Prices are USD per million tokens; ``None`` means unknown.
+    ``native_responses``: the provider serves the OpenAI Responses API itself (an OpenAI
+    provider with ``responses: native``), so ``/v1/responses`` passes through; otherwise it is
+    translated through chat completions (and, for Anthropic, messages).
     """
 
     model: str
@@ -79,6 +87,7 @@ class Route:
     kind: Dialect
     input_per_mtok: float | None = None
     output_per_mtok: float | None = None
+    native_responses: bool = False
 
 
 @dataclass(slots=True)
@@ -184,7 +193,8 @@ class RequestContext:
     (``principal``, ``feature``, ``route`` changes, ``fallbacks``: routes to try in order when the
     provider of ``route`` fails, ``cache``, ``shared``: "coalesced" when the reply came from
     another request's provider call, "batched" when the call was shared); the
-    core fills ``usage``, ``status`` and ``timings`` as the reply goes out, so ``log`` hooks see
+    core fills ``usage``, ``status``, ``timings`` and ``upstream_request_id`` (the provider's id
+    of the call that answered, for support tickets) as the reply goes out, so ``log`` hooks see
     the whole story. After a fallback, ``route`` is the route that answered.
 
     It holds facts, not channels: reply headers are set in the ``response_headers`` hook (a
@@ -213,4 +223,5 @@ class RequestContext:
     retries: int = 0
     timings: Timings = field(default_factory=Timings)
     shared: str | None = None
+    upstream_request_id: str | None = None
     stash: Stash = field(default_factory=Stash)

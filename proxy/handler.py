@@ -12,14 +12,14 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator, MutableMapping
 from functools import partial
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from proxy import relay, translate, upstream
+from proxy import choices, counting, relay, responses_api, translate, upstream
 from proxy.appkeys import GATEWAY
 from proxy.body import read_body
 from proxy.context import (
@@ -75,7 +75,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def with_request_id(handler: Handler) -> Handler:
-    """``handler`` with an ``X-Request-Id`` on its reply (unless it set one or sent it itself).
+    """``handler`` with an ``X-Request-Id`` on its reply (unless it set one or sent it itself),
+    and Anthropic's ``request-id`` with the same id for an Anthropic client (``_stamp``).
 
     Every reply carries the header. The client endpoints' replies get their request's id from
     ``relay``; the other routes (ops, admin, dashboard, plugin routes, 404s) are wrapped in
@@ -90,13 +91,29 @@ def with_request_id(handler: Handler) -> Handler:
             resp = await handler(request)
         except web.HTTPException as e:  # aiohttp's own answers (a redirect, a 413) too
             if "X-Request-Id" not in e.headers:
-                e.headers["X-Request-Id"] = new_request_id()
+                _stamp(request, e.headers, new_request_id())
             raise
         if not resp.prepared and "X-Request-Id" not in resp.headers:
-            resp.headers["X-Request-Id"] = new_request_id()
+            _stamp(request, resp.headers, new_request_id())
         return resp
 
     return stamped
+
+
+def request_dialect(request: web.Request) -> Dialect:
+    """The API shape a request outside the client endpoints is answered in: Anthropic's on
+    ``/v1/messages*`` or when the client sent ``anthropic-version`` (its SDK always does)."""
+    if request.path.startswith("/v1/messages") or "anthropic-version" in request.headers:
+        return "anthropic"
+    return "openai"
+
+
+def _stamp(request: web.Request, headers: MutableMapping[str, str], request_id: str) -> None:
+    """The request id headers: ``X-Request-Id``, and Anthropic's ``request-id`` (what its SDK
+    reads as ``_request_id``) for an Anthropic client, with the same id."""
+    headers["X-Request-Id"] = request_id
+    if request_dialect(request) == "anthropic":
+        headers["request-id"] = request_id
 
 
 async def read_json(
@@ -147,9 +164,18 @@ async def authenticate(rt: Runtime, ctx: RequestContext) -> Principal:
 
 
 def _translated(fn: Any, *args: Any) -> dict[str, Any]:
-    """Run a request translation; a body of the wrong shape is the client's error (400)."""
+    """Run a request translation; a body of the wrong shape is the client's error (400), and
+    so is a field the provider cannot honour (400 naming it: ``proxy.translate.fields``)."""
     try:
         return fn(*args)  # type: ignore[no-any-return]
+    except translate.Unsupported as e:
+        raise Reject(
+            400,
+            f"{e.param!r} is not supported for this model, whose provider speaks the other "
+            f"API: {e.reason}",
+            code="unsupported_parameter",
+            param=e.param,
+        ) from None
     except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
         raise Reject(
             400,
@@ -169,7 +195,10 @@ def build_upstream(rt: Runtime, ctx: RequestContext, route: Route) -> tuple[Upst
         else False
     )
     endpoint = ctx.endpoint
-    if route.kind == "anthropic":
+    path: str = endpoint  # the provider endpoint (ProviderClient.url)
+    if endpoint == "responses":  # passed through, or translated to chat (proxy.responses_api)
+        path, out = responses_api.upstream_body(body, route, client.default_max_tokens)
+    elif route.kind == "anthropic":
         if endpoint == "messages":
             out = dict(body)
             out["model"] = route.upstream_model
@@ -201,7 +230,7 @@ def build_upstream(rt: Runtime, ctx: RequestContext, route: Route) -> tuple[Upst
             out["stream_options"] = opts
     req = UpstreamRequest(
         method="POST",
-        url=client.url(endpoint),
+        url=client.url(path),
         headers=client.headers(ctx.request.headers),
         body=out,
         provider=route.provider,
@@ -241,6 +270,9 @@ async def serve(rt: Runtime, ctx: RequestContext) -> web.StreamResponse:
             code="model_not_found",
             param="model",
         )
+    if ctx.endpoint == "count_tokens":  # no reply to relay: the provider's count or an estimate
+        session = request.app[GATEWAY].session
+        return await counting.count_tokens(rt, ctx, route, partial(call_provider, session, rt, ctx))
     req, wants_usage = build_upstream(rt, ctx, route)
     for hook in chain.upstream_request:
         await hook(ctx, req)
@@ -279,15 +311,18 @@ async def call_provider(
     ``upstream_request`` hooks run again for it. The reply that is returned carries the route
     that answered in ``route``; with every fallback failed it is the last failure.
     ``send_upstream`` plugins get it, bound to the request, as their ``call`` argument.
+    An OpenAI client's ``n`` > 1 to an Anthropic provider is n calls at once (``choices``).
     """
     fell_back = False
     while True:
         failure: Reject | None = None
         resp: UpstreamResponse | None = None
+        client = rt.providers[req.provider]
         try:
-            resp = await upstream.send(
-                session, rt.providers[req.provider], ctx, req, orjson.dumps(req.body)
-            )
+            if req.kind != ctx.dialect and (n := choices.wanted(ctx, req)) > 1:
+                resp = await choices.send(session, client, ctx, req, orjson.dumps(req.body), n)
+            else:
+                resp = await upstream.send(session, client, ctx, req, orjson.dumps(req.body))
         except Reject as e:
             if not ctx.fallbacks or e.status not in (502, 504):
                 raise
@@ -313,7 +348,7 @@ async def call_provider(
             route.model if (route := ctx.route) else "?",
         )
         req = nxt
-    if fell_back:
+    if fell_back and resp.route is None:  # n choices carry their route already
         resp.route = ctx.route
     return resp
 

@@ -192,7 +192,9 @@ def register_routes() -> Iterable[web.RouteDef] | None:
     Called once per chain compile (start and each policy reload), never per request; the
     handlers are usually the plugin's bound methods and receive the ``web.Request``. Routes
     are served beside the core's, outside the request chain (no ``authenticate``, limits or
-    metering): guard an admin route with ``proxy.admin.admin_only``, which checks the admin key.
+    metering): guard an admin route with ``proxy.admin.admin_only``, which checks the admin key,
+    and identify a client route's caller with ``await proxy.routeauth.caller(request)``, which
+    runs the chain's ``authenticate`` hooks as the client endpoints do (a Principal, or a 401).
     A ``Reject`` raised by a handler becomes an error body in the caller's dialect, any other
     exception a logged 500 that shows no detail. A route that clashes with the core's or another plugin's is
     refused at load, naming the plugin. Each request runs on the handler of the chain live

@@ -224,6 +224,13 @@ class Provider(Strict):
         "and Tollway's own headers can never be forwarded.",
     )
 
+    responses: Literal["native", "chat"] = Field(
+        "native",
+        description="How /v1/responses reaches an OpenAI provider: native (it serves the "
+        "Responses API: requests pass through) or chat (it serves only chat completions: "
+        "requests and replies are translated). Anthropic providers are always translated.",
+    )
+
     @field_validator("forward_headers")
     @classmethod
     def _forwardable(cls, v: list[str]) -> list[str]:
@@ -232,6 +239,17 @@ class Provider(Strict):
         for name in v:
             forwardable(name)  # ValueError names the header and why it cannot be forwarded
         return [name.lower() for name in v]
+
+    @model_validator(mode="after")
+    def _responses_native_needs_openai(self) -> Provider:
+        if self.kind == "anthropic" and "responses" in self.model_fields_set:
+            if self.responses == "native":
+                message = (
+                    "native needs kind openai: an Anthropic provider has no Responses API "
+                    "(its models answer /v1/responses translated)"
+                )
+                raise errors_at("Provider", [(("responses",), message)])
+        return self
 
 
 class Model(Strict):
@@ -336,6 +354,8 @@ class Policy(Strict):
                 kind=self.providers[provider].kind,
                 input_per_mtok=m.input_per_mtok,
                 output_per_mtok=m.output_per_mtok,
+                native_responses=self.providers[provider].kind == "openai"
+                and self.providers[provider].responses == "native",
             )
         return out
 

@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy import sse, translate
+from proxy import responses_api, sse, translate
 from proxy.chain import Chain, Hook
 from proxy.context import (
     STREAM_BROKEN,
@@ -33,11 +33,13 @@ from proxy.context import (
 from proxy.errors import Reject, convert_error, error_body, reject_body
 from proxy.tokens import (
     Tokens,
+    count_reply_tokens,
     openai_chunk_tokens,
     openai_tokens,
     read_anthropic_event,
     reply_tokens,
 )
+from proxy.upstream import UPSTREAM_ID
 
 log = logging.getLogger("tollway")
 
@@ -50,8 +52,15 @@ _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"
 
 def base_headers(ctx: RequestContext) -> dict[str, str]:
     """The core's own reply headers, derived from the context's facts; plugins add theirs in
-    ``response_headers`` hooks, the one way (see ``proxy.hookspecs``)."""
+    ``response_headers`` hooks, the one way (see ``proxy.hookspecs``).
+
+    The request id is the gateway's in both SDKs' header: ``X-Request-Id`` (the OpenAI SDK's
+    ``_request_id``) and, for an Anthropic client, ``request-id`` (its SDK's). The provider's
+    id of the call that answered goes as ``X-Upstream-Request-Id`` (``upstream.relay_headers``).
+    """
     headers = {"X-Request-Id": ctx.request_id}
+    if ctx.dialect == "anthropic":
+        headers["request-id"] = ctx.request_id
     if ctx.route is not None:
         headers["X-Tollway-Model"] = ctx.route.model
     if ctx.cache is not None:
@@ -121,9 +130,12 @@ async def _body_hooks(
     return body, changed
 
 
+_TERMINAL_FRAMES = (b"data: [DONE]", b"event: message_stop", *responses_api.TERMINAL_FRAMES)
+
+
 def _terminal(frame: bytes) -> bool:
     """The last event of a stream: held back until ``response_complete`` ran."""
-    return frame.startswith(b"data: [DONE]") or frame.startswith(b"event: message_stop")
+    return frame.startswith(_TERMINAL_FRAMES)
 
 
 async def _finish(
@@ -176,6 +188,7 @@ async def relay_body(
     status = ctx.status = resp.status
     headers = base_headers(ctx)
     headers.update(resp.headers)
+    ctx.upstream_request_id = resp.headers.get(UPSTREAM_ID)
     headers.pop("content-type", None)
     if status >= 300:
         ctx.error_code = f"upstream_{status}"
@@ -192,9 +205,14 @@ async def relay_body(
             raise Reject(
                 502, "upstream provider returned a malformed reply", code="upstream_invalid"
             )
-        _set_usage(ctx, reply_tokens(data, route.kind))
+        tokens = reply_tokens(data, route.kind)
+        if tokens is None and ctx.endpoint == "count_tokens":  # a count has no usage object
+            tokens = count_reply_tokens(data)
+        _set_usage(ctx, tokens)
         changed = False
-        if route.kind != ctx.dialect:
+        if ctx.endpoint == "responses":  # passed through or translated: proxy.responses_api
+            data, changed = responses_api.whole_reply(ctx, route, data)
+        elif route.kind != ctx.dialect:
             fn = (
                 translate.messages_response_to_chat
                 if ctx.dialect == "openai"
@@ -248,7 +266,7 @@ async def send_reply(
     return await _finish(ctx, reply.status, raw, headers)
 
 
-class _StreamState:
+class _StreamState(responses_api.ResponsesEvents):
     """Per-stream translation and usage bookkeeping, chosen once per stream."""
 
     __slots__ = (
@@ -260,6 +278,7 @@ class _StreamState:
         "sent_error",
         "to_chat",
         "to_messages",
+        "to_responses",
         "wants_usage",
     )
 
@@ -282,6 +301,9 @@ class _StreamState:
             translate.ChatStreamToMessages(ctx.model)
             if route.kind == "openai" and ctx.dialect == "anthropic"
             else None
+        )
+        self.to_responses = (  # /v1/responses on a translated route: chat -> Responses events
+            self.responses_translator(ctx, route) if ctx.endpoint == "responses" else None
         )
 
     def _emit(self, data: Any, name: str | None, out: list[bytes], withhold: bool = False) -> None:
@@ -383,20 +405,24 @@ async def relay_stream(
     """
     assert resp.chunks is not None
     ctx.status = resp.status
+    ctx.upstream_request_id = upstream_id = resp.headers.get(UPSTREAM_ID)
     headers = base_headers(ctx)
     headers.update(_SSE_HEADERS)
+    if upstream_id is not None:
+        headers[UPSTREAM_ID] = upstream_id
     if chain.response_headers:
         await _run_header_hooks(chain, ctx, headers, len(chain.plugins))
     out = web.StreamResponse(status=resp.status, headers=headers)
     await out.prepare(ctx.request)
     state = _StreamState(chain, ctx, route, wants_usage)
+    process = state.process_responses if ctx.endpoint == "responses" else state.process
     splitter = sse.EventSplitter()
     frames: list[bytes] = []
     held: list[bytes] = []  # the terminal event, sent after response_complete
     try:
         async for chunk in resp.chunks:
             for raw in splitter.feed(chunk):
-                state.process(raw, frames)
+                process(raw, frames)
             if held:  # anything after a terminal event: it was not the end after all
                 frames[:0] = held
                 held.clear()
@@ -409,7 +435,7 @@ async def relay_stream(
                 frames.clear()
         tail = splitter.rest().strip()
         if tail:
-            state.process(tail, frames)
+            process(tail, frames)
         if not state.ended:  # the provider closed cleanly, but not at the end of its reply
             if frames:
                 await out.write(b"".join(frames))
@@ -419,7 +445,7 @@ async def relay_stream(
                 f"upstream provider {route.provider} ended the stream before its end",
                 code=STREAM_BROKEN,
             )
-        if state.to_chat is not None:
+        if state.to_chat is not None and state.to_responses is None:
             frames.append(sse.frame(sse.DONE))
         frames[:0] = held
         if chain.response_complete:
@@ -445,7 +471,11 @@ async def relay_stream(
         ctx.error_code = code if own else STREAM_BROKEN
         ctx.error_message = message
         if not state.sent_error:  # the provider's own error event already told the client
-            body = error_body(ctx.dialect, status, message, code=ctx.error_code)
-            await out.write(sse.frame_json(body, "error" if ctx.dialect == "anthropic" else None))
+            if ctx.endpoint == "responses":
+                await out.write(state.responses_error(message, ctx.error_code))
+            else:
+                body = error_body(ctx.dialect, status, message, code=ctx.error_code)
+                frame = sse.frame_json(body, "error" if ctx.dialect == "anthropic" else None)
+                await out.write(frame)
     await out.write_eof()
     return out

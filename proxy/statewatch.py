@@ -12,7 +12,12 @@ back, without adding anything to a request's path:
   random value set by the first instance that finds it missing, so a changed or missing value
   means Redis lost its data;
 * either way the registered ``on_recover`` callbacks re-seed Redis from the durable records
-  before ``available`` turns True again.
+  before ``available`` turns True again;
+* after a restart every instance puts back its own records at its next check, so for a while
+  the shared counts lack the shares of the instances that have not checked yet (a monthly
+  quota would hand them out again): each instance stays unavailable for ``settle`` seconds
+  after it re-seeded (two check intervals and a check's timeout), re-seeding again at each
+  check, and so decides alone or refuses meanwhile, as in an outage.
 
 The outage is logged once when it starts, then at most once per ``REPORT_EVERY`` seconds with
 the number of affected requests, and once when it ends: never a line (or a traceback) per
@@ -41,6 +46,17 @@ REPORT_EVERY = 10.0
 _STATE_ERRORS: tuple[type[BaseException], ...] | None = None
 
 
+def claim_epoch(pipe: Any) -> None:
+    """Queue the epoch rule first on ``pipe``, a transaction (``MULTI``) of a sync or an
+    asyncio client: the sentinel gets a random value if it is missing (the first instance to
+    find it so wins), then is read, so the transaction's second reply is the epoch. Every user
+    of the epoch goes through here (this watch; the usage shipper, which must label its entries
+    with the epoch they were added under, so it queues them in the same transaction), so all
+    agree on what a restart is."""
+    pipe.set(EPOCH_KEY, secrets.token_hex(8), nx=True)
+    pipe.get(EPOCH_KEY)
+
+
 def is_state_error(exc: BaseException) -> bool:
     """Whether ``exc`` means the shared state cannot be reached (as opposed to a bug or a
     refused command): connection refused or reset, a timeout, Redis still loading its data."""
@@ -63,6 +79,10 @@ class StateWatch:
 
         self.interval = check_interval
         timeout = max(0.5, min(check_interval, 5.0))  # a dead host must not stall the check
+        # after a restart: until every other instance (checking as often) has re-seeded
+        self.settle = 2 * check_interval + timeout
+        self._settle_until = 0.0
+        self._lost_data = False
         self.client: Any = aioredis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout
         )
@@ -127,11 +147,10 @@ class StateWatch:
 
     async def _read_epoch(self) -> bytes:
         """The sentinel's value; set (once, by whoever comes first) when it is missing."""
-        value = await self.client.get(EPOCH_KEY)
-        if value is None:
-            await self.client.set(EPOCH_KEY, secrets.token_hex(8), nx=True)
-            value = await self.client.get(EPOCH_KEY)
-        return bytes(value or b"")
+        async with self.client.pipeline(transaction=True) as pipe:
+            claim_epoch(pipe)
+            replies = await pipe.execute()
+        return bytes(replies[1] or b"")
 
     async def _run(self) -> None:
         while True:
@@ -154,6 +173,9 @@ class StateWatch:
             self._report()
             return
         restarted = self.epoch is not None and epoch != self.epoch
+        if restarted:
+            self._settle_until = time.monotonic() + self.settle
+            self._lost_data = True
         if self.available and not restarted:
             return
         try:
@@ -167,6 +189,20 @@ class StateWatch:
             return
         self.epoch = epoch
         self.reseeds += 1
+        if time.monotonic() < self._settle_until:  # the others may not have re-seeded yet
+            if self.available:  # the restart was noticed here, not through an outage
+                self.available = False
+                self.outages += 1
+                self._down_since = self._reported = time.monotonic()
+                log.warning(
+                    "shared state lost its data (restart or flush); re-seeded it, and %s for "
+                    "%.1fs while the other instances re-seed theirs",
+                    "refusing requests that need it with 503"
+                    if self.refuse
+                    else "each instance enforces limits and quotas alone",
+                    self.settle,
+                )
+            return
         if not self.available:
             self.available = True
             total = self._total_affected + self._affected
@@ -175,11 +211,10 @@ class StateWatch:
                 "re-seeded from this instance's records",
                 time.monotonic() - self._down_since,
                 total,
-                ", and it had lost its data" if restarted else "",
+                ", and it had lost its data" if self._lost_data else "",
             )
             self._affected = self._total_affected = 0
-        else:
-            log.warning("shared state lost its data (restart or flush); re-seeded it")
+        self._lost_data = False
 
     def _report(self) -> None:
         now = time.monotonic()

@@ -1,12 +1,17 @@
 """The texts of a request as a provider would read them, for plugins that look at the prompt.
 
-One walker for every body shape the gateway accepts (OpenAI chat and completions, Anthropic
-messages, embeddings), so privacy redacts and routing scores exactly the same texts. It finds
-every string the provider's model reads or the provider stores:
+One walker for every body shape the gateway accepts (OpenAI chat, completions and Responses,
+Anthropic messages, embeddings), so privacy redacts and routing scores exactly the same texts.
+It finds every string the provider's model reads or the provider stores:
 
 - message contents (strings, text and refusal parts, an assistant's ``refusal``), system
   prompts (both shapes), ``instructions``, completion ``prompt`` and ``suffix``, embeddings
   ``input``, ``prediction`` contents;
+- Responses ``input``: a string, or items: messages (``input_text`` / ``output_text`` /
+  ``refusal`` parts), earlier turns' ``function_call.arguments``, tool outputs
+  (``function_call_output.output``, a string or parts), custom and MCP calls and results,
+  hosted tool calls' commands, queries, code, logs and patches (see ``_ITEMS``); a prompt
+  template's ``variables``; ``text.format``'s JSON schema;
 - earlier tool calls: ``tool_calls[].function.arguments``, the legacy
   ``function_call.arguments``, Anthropic ``tool_use`` / ``server_tool_use`` ``input`` (every
   string value, at any depth) and ``tool_result`` contents (a string or blocks, nested);
@@ -15,12 +20,15 @@ every string the provider's model reads or the provider stores:
 - tool and schema texts: ``tools`` and legacy ``functions`` (descriptions, and every string
   of a parameters / ``input_schema`` schema but its identifiers: ``type``, ``name``,
   ``format``, ``required``, ``$ref``...), ``response_format`` (its JSON schema likewise);
-- ``user`` and ``metadata`` (the provider stores them: applications put emails there).
+- ``user``, ``safety_identifier`` and ``metadata`` (the provider stores them: applications
+  put emails there).
 
 Not visited, on purpose: signed ``thinking`` and ``redacted_thinking`` blocks (the provider
 checks their signature, so an edited block fails the request; they are the provider's own
-output coming back), binary sources (base64 images, PDFs, audio), URLs of images and files,
-object keys, model and tool names, ``stop`` sequences.
+output coming back), Responses ``reasoning`` and ``compaction`` items likewise (encrypted
+content), binary sources (base64 images, PDFs, audio), URLs of images and files, object keys,
+model and tool names, ``stop`` sequences, and an MCP tool's ``authorization``, ``headers`` and
+server address (they reach the MCP server, not the model: a placeholder would break the tool).
 
 The walk collects *slots*, ``(container, key)`` pairs whose ``container[key]`` is a string,
 so a plugin reads every text once and writes back only those it changed. Tool-call arguments
@@ -113,11 +121,29 @@ def _schema(container: Any, key: Any, value: Any, add: _Add) -> None:
         add((container, key))
 
 
+# Fields of a Responses ``mcp`` tool that reach the MCP server, not the model: a token there
+# is given on purpose, and a placeholder would only break the tool
+_TOOL_CREDENTIALS = frozenset({"authorization", "headers", "server_url", "connector_id"})
+
+
 def _schemas(container: Any, key: Any, value: Any, add: _Add) -> None:
     if type(value) is list:
         for i, v in enumerate(value):
             if type(v) is dict:
-                _schema(value, i, v, add)
+                if v.get("type") == "mcp":
+                    for k, x in v.items():
+                        if k not in _TOOL_CREDENTIALS and k not in _IDENTIFIERS:
+                            _schema(v, k, x, add)
+                else:
+                    _schema(value, i, v, add)
+
+
+def _text_config(container: Any, key: Any, value: Any, add: _Add) -> None:
+    """A Responses ``text``: its ``format``'s JSON schema and description."""
+    if isinstance(value, dict):
+        fmt = value.get("format")
+        if isinstance(fmt, dict):
+            _schema(value, "format", fmt, add)
 
 
 def _content(container: Any, key: Any, value: Any, add: _Add) -> None:
@@ -217,9 +243,112 @@ def _messages(container: Any, key: Any, value: Any, add: _Add, add_json: _Add) -
                 _message(m, add, add_json)
 
 
+def _output(item: dict[str, Any], add: _Add, add_json: _Add) -> None:
+    """A tool's output fed back: a string, or text, image and file parts."""
+    _content(item, "output", item.get("output"), add)
+
+
+def _each(value: Any, key: str, add: _Add) -> None:
+    """``key`` of every object of a list (shell outputs' ``stdout``, search results' text)."""
+    if isinstance(value, list):
+        for v in value:
+            if isinstance(v, dict):
+                _str(v, key, v.get(key), add)
+
+
+def _action(item: dict[str, Any], keys: tuple[str, ...], add: _Add) -> None:
+    """The texts of a hosted tool call's ``action`` (a command, a query, typed text)."""
+    action = item.get("action")
+    if isinstance(action, dict):
+        for k in keys:
+            if k in action:
+                _data(action, k, action[k], add)
+
+
+_Item = Callable[[dict[str, Any], _Add, _Add], None]
+
+
+def _fields(*keys: str) -> _Item:
+    """An item whose ``keys`` hold plain text: a string, strings or an object of them."""
+
+    def visit(item: dict[str, Any], add: _Add, add_json: _Add) -> None:
+        for k in keys:
+            if k in item:
+                _data(item, k, item[k], add)
+
+    return visit
+
+
+def _call(item: dict[str, Any], add: _Add, add_json: _Add) -> None:
+    """A function or MCP call: its arguments are JSON text; an MCP call's result is text."""
+    _str(item, "arguments", item.get("arguments"), add_json)
+    _str(item, "output", item.get("output"), add)
+    _str(item, "error", item.get("error"), add)
+
+
+def _shell_output(item: dict[str, Any], add: _Add, add_json: _Add) -> None:
+    _each(item.get("output"), "stdout", add)
+    _each(item.get("output"), "stderr", add)
+
+
+def _patch(item: dict[str, Any], add: _Add, add_json: _Add) -> None:
+    op = item.get("operation")
+    if isinstance(op, dict):
+        _str(op, "diff", op.get("diff"), add)
+
+
+def _code(item: dict[str, Any], add: _Add, add_json: _Add) -> None:
+    _str(item, "code", item.get("code"), add)
+    _each(item.get("outputs"), "logs", add)
+
+
+def _file_search(item: dict[str, Any], add: _Add, add_json: _Add) -> None:
+    if "queries" in item:
+        _data(item, "queries", item["queries"], add)
+    _each(item.get("results"), "text", add)
+
+
+def _mcp_tools(item: dict[str, Any], add: _Add, add_json: _Add) -> None:
+    _schemas(item, "tools", item.get("tools"), add)
+
+
+def _acts(*keys: str) -> _Item:
+    """A hosted tool call whose ``action`` holds text under ``keys`` (a command, a query)."""
+
+    def visit(item: dict[str, Any], add: _Add, add_json: _Add) -> None:
+        _action(item, keys, add)
+
+    return visit
+
+
+# Responses input items other than messages, by type: what the model reads of each. Not
+# visited: ``reasoning`` and ``compaction`` items (encrypted content the provider verifies,
+# beside summaries of its own), images, ids, names, URLs and statuses.
+_ITEMS: dict[str, _Item] = {
+    "function_call": _call,
+    "function_call_output": _output,
+    "custom_tool_call": _fields("input"),
+    "custom_tool_call_output": _output,
+    "mcp_call": _call,
+    "mcp_approval_request": _call,
+    "mcp_list_tools": _mcp_tools,
+    "local_shell_call": _acts("command", "env"),
+    "local_shell_call_output": _fields("output"),
+    "shell_call": _acts("commands"),
+    "shell_call_output": _shell_output,
+    "apply_patch_call": _patch,
+    "apply_patch_call_output": _fields("output"),
+    "code_interpreter_call": _code,
+    "file_search_call": _file_search,
+    "web_search_call": _acts("query", "queries"),
+    "computer_call": _acts("text"),
+}
+
+
 def _prompts(container: Any, key: Any, value: Any, add: _Add, add_json: _Add) -> None:
     """A prompt or an embeddings input: a string or a batch of them (token ids are not text);
-    input items shaped as messages are messages."""
+    a Responses ``input``: a string or items, messages and earlier turns' calls and outputs
+    (see ``_ITEMS``); a Responses ``prompt`` template's variables."""
     if isinstance(value, str):
         add((container, key))
     elif isinstance(value, list):
@@ -227,7 +356,18 @@ def _prompts(container: Any, key: Any, value: Any, add: _Add, add_json: _Add) ->
             if isinstance(v, str):
                 add((value, i))
             elif isinstance(v, dict):
-                _message(v, add, add_json)
+                kind = v.get("type")
+                if kind is None or kind == "message" or not isinstance(kind, str):
+                    _message(v, add, add_json)  # a "type" may be anything a client sent
+                else:
+                    visit = _ITEMS.get(kind)
+                    if visit is not None:
+                        visit(v, add, add_json)
+    elif isinstance(value, dict):
+        variables = value.get("variables")
+        if isinstance(variables, dict):
+            for k, v in variables.items():
+                _content(variables, k, v, add)
 
 
 def _prediction(container: Any, key: Any, value: Any, add: _Add) -> None:
@@ -254,7 +394,9 @@ _BODY: dict[str, _Visit2] = {
     "tools": _texts(_schemas),
     "functions": _texts(_schemas),
     "response_format": _texts(_schema),
+    "text": _texts(_text_config),
     "user": _texts(_str),
+    "safety_identifier": _texts(_str),
     "metadata": _texts(_data),
 }
 

@@ -12,6 +12,10 @@ place keeps those figures equal. The shapes read:
 - OpenAI streams: with ``stream_options.include_usage`` every chunk carries ``"usage": null``
   and the last one (``"choices": []``) the usage object; ``openai_chunk_tokens`` finds it
   without parsing the chunks before it.
+- OpenAI Responses: ``usage.input_tokens`` and ``output_tokens`` (cached input tokens
+  already part of the first, reasoning tokens of the second, as in chat); a stream carries
+  them in its closing ``response.completed`` (or ``response.incomplete``) event's
+  ``response.usage``.
 - Anthropic messages: ``input_tokens`` leaves out cache writes and reads
   (``cache_creation_input_tokens``, ``cache_read_input_tokens``); they are prompt tokens all the
   same, so input is the three summed, as OpenAI's ``prompt_tokens`` counts them. Thinking is
@@ -21,6 +25,8 @@ place keeps those figures equal. The shapes read:
   closing output count and, when the provider re-counts them (server tools), the input counts,
   which then replace the start's. A count that is absent or null was not reported: the figure
   seen before stands (see ``read_anthropic_event``).
+- Anthropic's token count (``/v1/messages/count_tokens``): a top-level ``input_tokens`` and no
+  usage object (``count_reply_tokens``); the usage row records it as the count's input tokens.
 
 A count that is absent or null reads as 0 (in a stream event: as not reported); counts go
 through ``int()`` (a provider's 12.0 is 12). A usage that is not an object is no usage: the readers say so (``None``, ``False``) so the
@@ -59,6 +65,11 @@ def openai_tokens(usage: dict[str, Any]) -> Tokens:
     return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
 
 
+def responses_tokens(usage: dict[str, Any]) -> Tokens:
+    """``(input, output)`` of an OpenAI Responses usage object."""
+    return int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0)
+
+
 def anthropic_input(usage: dict[str, Any]) -> int:
     """Input tokens of an Anthropic usage object: fresh, cache-written and cache-read summed."""
     return (
@@ -78,18 +89,26 @@ def anthropic_cached(usage: dict[str, Any]) -> int:
     return int(usage.get("cache_read_input_tokens") or 0)
 
 
+def count_reply_tokens(body: dict[str, Any]) -> Tokens:
+    """``(input, 0)`` of a token count's reply (``{"input_tokens": N}``): nothing is generated."""
+    return int(body.get("input_tokens") or 0), 0
+
+
 def reply_tokens(body: dict[str, Any], dialect: Dialect | None = None) -> Tokens | None:
     """``(input, output)`` of a whole reply, or ``None`` if it carries no usage object.
 
     ``dialect`` is the shape of the reply when the caller knows it (the provider's kind);
     ``None`` reads it from the usage keys (``prompt_tokens``/``completion_tokens`` are
-    OpenAI's), for a stored reply whatever dialect it was kept in.
+    OpenAI chat's, ``total_tokens`` without them a Response's), for a stored reply whatever
+    dialect or endpoint it was kept in.
     """
     usage = body.get("usage")
     if not isinstance(usage, dict):
         return None
     if dialect is None:
         openai = "prompt_tokens" in usage or "completion_tokens" in usage
+        if not openai and "total_tokens" in usage:  # a Response's (Anthropic's has no total)
+            return responses_tokens(usage)
         dialect = "openai" if openai else "anthropic"
     if dialect == "anthropic":
         return anthropic_tokens(usage)

@@ -85,11 +85,15 @@ _OPENAI_PATHS = {
     "messages": "/chat/completions",
     "completions": "/completions",
     "embeddings": "/embeddings",
+    "responses": "/responses",  # only for providers serving it (a route's native_responses)
 }
 
 _NAMES_KEPT = 1024
 
 _RELAYED_BACK = ("content-type", "openai-processing-ms", "retry-after")
+UPSTREAM_ID = "x-upstream-request-id"
+"""The reply header with the provider's request id (OpenAI's ``x-request-id``, Anthropic's
+``request-id``): the client's ``X-Request-Id`` and ``request-id`` are the gateway's own."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -205,7 +209,7 @@ def relay_headers(upstream: CIMultiDictProxy[str]) -> dict[str, str]:
             out[k] = v
     rid = upstream.get("x-request-id") or upstream.get("request-id")
     if rid:
-        out["x-upstream-request-id"] = rid
+        out[UPSTREAM_ID] = rid
     return out
 
 

@@ -58,7 +58,7 @@ _BODY: StashKey[dict[str, Any]] = StashKey()
 _LEADER: StashKey[str] = StashKey()  # the flight lock this request holds (distributed store)
 _ASSEMBLER: StashKey[Assembler] = StashKey()
 
-CACHEABLE = frozenset({"chat", "completions", "messages", "embeddings"})
+CACHEABLE = frozenset({"chat", "completions", "messages", "embeddings", "responses"})
 
 
 class CacheConfig(BaseModel):

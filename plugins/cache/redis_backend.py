@@ -1,14 +1,22 @@
-"""The distributed cache backend: aiocache's ``RedisCache`` (redis-py), through its public API.
+"""The distributed cache backend: the calls a request waits on over the gateway's pipelined
+connection (``proxy.resp``), the rest through aiocache's ``RedisCache`` (redis-py).
+
+A lookup, a store, the flight lock's claim and release run on every cacheable request: through
+aiocache's public API (its decorator stack over redis-py's pooled client) one ``get`` cost the
+gateway ~50 µs of CPU with 32 requests in flight and ~110 µs alone, against ~2-7 µs for the
+same ``GET`` on ``proxy.resp.RespLink`` (``docs/architecture.md``, "Cache storage"), and a
+round trip's own CPU is that small. So those go over the link (a store and its owner index in one
+write); deleting entries and forgetting a tenant, which no request waits on, keep aiocache.
 
 Imported only when a policy puts the cache on Redis (``plugins.cache.backend.open_backend``):
 importing aiocache loads redis-py, 7 MB of resident memory a memory-only gateway does not need.
 
 ``redis://[user:password@]host[:port][/db][?timeout=seconds]`` (``rediss://`` for TLS). Entries
 are opaque bytes (``NullSerializer(encoding=None)``, so nothing is decoded as UTF-8) under the
-namespace + key, with the TTL enforced by the server. Each operation is bounded by redis-py's
-socket timeout (``?timeout=``, default 0.5 s) instead of aiocache's per-call
-``asyncio.wait_for`` (``timeout=None``), which would schedule a Task per call: a slow or dead
-Redis still costs a counted miss, not a stuck request.
+namespace + key, with the TTL enforced by the server. Each operation is bounded by the URL's
+timeout (``?timeout=``, default 0.5 s: the link's reply timeout, redis-py's socket timeout)
+instead of aiocache's per-call ``asyncio.wait_for`` (``timeout=None``), which would schedule a
+Task per call: a slow or dead Redis still costs a counted miss, not a stuck request.
 
 Beside the entries: ``{namespace}owner:{tenant}``, a set of the tenant's entry keys living as
 long as its longest entry (``forget_owner``), and ``{namespace}flight:{key}``, the flight lock.
@@ -27,6 +35,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from aiocache.backends.redis import RedisCache
 from aiocache.serializers import NullSerializer
+
+from proxy.resp import RespLink, Script, bulk, pack
 
 DEFAULT_REDIS_TIMEOUT = 0.5
 
@@ -79,33 +89,38 @@ class RedisBackend:
             ssl=parts.scheme == "rediss",
             connection_pool_kwargs=pool_kwargs,
         )
-        self.client: Any = self.cache.client  # redis-py: pipelines, and tests reading raw keys
-        self._claim = self.client.register_script(_CLAIM)
-        self._release = self.client.register_script(_RELEASE)
+        self.client: Any = self.cache.client  # redis-py: tests reading raw keys
+        self.link = RespLink(url, timeout=timeout)
+        self._claim = Script(_CLAIM)
+        self._release = Script(_RELEASE)
+
+    def _key(self, key: str) -> bytes:
+        return (self.namespace + key).encode()
 
     async def get(self, key: str) -> bytes | None:
-        value: bytes | None = await self.cache.get(key)
+        value: bytes | None = await self.link.call(pack(b"GET", self._key(key)))
         return value
 
     async def set(
         self, key: str, value: bytes, ttl: float | None = None, owner: str | None = None
     ) -> bool:
-        # psetex needs >= 1 ms; a float ttl makes aiocache's backend use ms precision
-        stored = bool(
-            await self.cache.set(key, value, ttl=None if ttl is None else max(float(ttl), 0.001))
-        )
+        full = self._key(key)
+        # PX needs >= 1 ms
+        store: list[bytes | int] = [b"SET", full, value]
+        if ttl is not None:
+            store += [b"PX", max(1, int(ttl * 1000))]
+        commands = [pack(*store)]
         if owner is not None:  # a set per owner, living as long as its longest entry
-            index = f"{self.namespace}owner:{owner}"
-            seconds = max(1, math.ceil(ttl)) if ttl else None
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.sadd(index, self.namespace + key)
-                if seconds is None:
-                    pipe.persist(index)
-                else:
-                    pipe.expire(index, seconds, gt=True)  # longer than the set's TTL, or
-                    pipe.expire(index, seconds, nx=True)  # the set had none: one round trip
-                await pipe.execute()
-        return stored
+            index = f"{self.namespace}owner:{owner}".encode()
+            commands.append(pack(b"SADD", index, full))
+            if not ttl:
+                commands.append(pack(b"PERSIST", index))
+            else:
+                seconds = max(1, math.ceil(ttl))
+                commands.append(pack(b"EXPIRE", index, seconds, b"GT"))  # longer than its TTL,
+                commands.append(pack(b"EXPIRE", index, seconds, b"NX"))  # or it had none
+        await self.link.pipeline(*commands)  # one write, one round trip
+        return True
 
     async def delete(self, key: str) -> int:
         return int(await self.cache.delete(key))
@@ -117,22 +132,29 @@ class RedisBackend:
         await self.cache.raw("delete", index)
         return deleted
 
+    def _flight(self, key: str) -> bytes:
+        return f"{self.namespace}flight:{key}".encode()
+
     async def claim(self, key: str, holder: bytes, ttl: float) -> tuple[bytes | None, bytes | None]:
-        keys = [self.namespace + key, f"{self.namespace}flight:{key}"]
-        reply = await self._claim(keys=keys, args=[holder, max(1, int(ttl * 1000))])
+        packed = b"".join(
+            map(bulk, (self._key(key), self._flight(key), holder, b"%d" % max(1, int(ttl * 1000))))
+        )
+        reply = await self.link.evalsha(self._claim, self._claim.command(2, 2, packed))
         if reply[0] == 1:
             return reply[1], None
         return None, reply[1] if reply[0] == 2 else None
 
     async def release(self, key: str, holder: bytes) -> None:
-        await self._release(keys=[f"{self.namespace}flight:{key}"], args=[holder])
+        packed = bulk(self._flight(key)) + bulk(holder)
+        await self.link.evalsha(self._release, self._release.command(1, 1, packed))
 
     async def in_flight(self, key: str) -> bool:
-        return bool(await self.cache.raw("exists", f"{self.namespace}flight:{key}"))
+        return bool(await self.link.call(pack(b"EXISTS", self._flight(key))))
 
     def footprint(self) -> tuple[int, int, int]:
         return 0, 0, 0  # the server owns size and eviction
 
     async def close(self) -> None:
+        await self.link.close()
         # redis-py's own close (aiocache's close() calls the deprecated client.close())
         await self.client.aclose()

@@ -31,6 +31,7 @@ from typing import Any
 
 import orjson
 
+from plugins.cache.responses_replay import ResponsesAssembler, replay_responses
 from proxy.sse import DONE, frame, frame_json
 
 PIECE_CHARS = 64
@@ -298,7 +299,8 @@ class Assembler:
     equivalent whole reply body, so a streamed miss can fill the cache for both kinds of hit.
 
     ``endpoint`` is ``"chat"`` (``chat.completion.chunk``), ``"completions"`` (legacy
-    ``text_completion`` chunks) or ``"messages"`` (Anthropic events). ``n`` is the OpenAI
+    ``text_completion`` chunks), ``"messages"`` (Anthropic events) or ``"responses"`` (the
+    Responses API's events: ``plugins.cache.responses_replay``). ``n`` is the OpenAI
     request's ``n``: a stream only shows the choices that have started, so without it a stream
     cut before its last choice began would look whole. Anthropic replies have one message.
     """
@@ -306,11 +308,13 @@ class Assembler:
     __slots__ = ("_impl",)
 
     def __init__(self, endpoint: str, *, n: int = 1) -> None:
-        self._impl: _OpenAIAssembler | _MessagesAssembler
+        self._impl: _OpenAIAssembler | _MessagesAssembler | ResponsesAssembler
         if endpoint == "messages":
             self._impl = _MessagesAssembler()
         elif endpoint in ("chat", "completions"):
             self._impl = _OpenAIAssembler(endpoint == "chat", n)
+        elif endpoint == "responses":
+            self._impl = ResponsesAssembler()
         else:
             raise ValueError(f"no streamed replies for endpoint {endpoint!r}")
 
@@ -470,4 +474,6 @@ def replay(endpoint: str, body: dict[str, Any], *, include_usage: bool) -> list[
         return _replay_messages(body)
     if endpoint in ("chat", "completions"):
         return _replay_openai(endpoint == "chat", body, include_usage)
+    if endpoint == "responses":  # its usage is always in the closing event
+        return replay_responses(body)
     raise ValueError(f"no streamed replies for endpoint {endpoint!r}")

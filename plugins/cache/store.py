@@ -1,8 +1,8 @@
 """The response cache's store: entries encrypted at rest, counted, and failing open.
 
 Cached responses are user data (prompts, completions), so they are encrypted at rest with
-AES-256-GCM before a backend (``plugins.cache.backend``: in process, or Redis) keeps them.
-Entry format::
+AES-256-GCM (``proxy.sealing``, shared with other plugins that keep user data) before a
+backend (``plugins.cache.backend``: in process, or Redis) keeps them. Entry format::
 
     version (1 byte = 0x01) | len(key_id) (1 byte) | key_id | nonce (12 bytes) | ciphertext+tag
 
@@ -20,25 +20,20 @@ a counted miss, logged once per interval.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
 import os
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from plugins.cache.backend import CacheBackend, open_backend
+from proxy.sealing import FORMAT_VERSION, KEY_LEN, NONCE_LEN, TAG_LEN, Sealer
+from proxy.sealing import parse_key as _parse_key
+
+__all__ = ["FORMAT_VERSION", "KEY_LEN", "NONCE_LEN", "TAG_LEN", "CacheStore", "parse_key"]
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-NONCE_LEN = 12
-TAG_LEN = 16
-KEY_LEN = 32
 ERROR_LOG_EVERY = 10.0
 """Seconds between two log lines about backend failures (the rest are counted)."""
 
@@ -66,32 +61,11 @@ class CacheStats:
 
 
 def parse_key(secret: str) -> bytes:
-    """Decode a 32-byte AES key given as 64 hex characters or base64 (standard or URL-safe).
+    """Decode a 32-byte AES key given as 64 hex characters or base64 (``proxy.sealing``).
 
     The error message never echoes the secret, only its length, since it ends up in logs.
     """
-    if not isinstance(secret, str):
-        raise ValueError("cache encryption key must be a string (64 hex chars or base64)")
-    text = secret.strip()
-    if len(text) == 2 * KEY_LEN:
-        try:
-            return bytes.fromhex(text)
-        except ValueError:
-            raise ValueError(
-                "cache encryption key has 64 characters but is not valid hex"
-            ) from None
-    b64 = text.replace("-", "+").replace("_", "/")
-    b64 += "=" * (-len(b64) % 4)
-    try:
-        raw = base64.b64decode(b64, validate=True)
-    except (binascii.Error, ValueError):
-        raw = b""
-    if len(raw) != KEY_LEN:
-        raise ValueError(
-            "cache encryption key must be 32 bytes, given as 64 hex characters or base64 "
-            f"(e.g. `openssl rand -base64 32`); got {len(text)} characters that are neither"
-        )
-    return raw
+    return _parse_key(secret, "cache encryption key")
 
 
 class CacheStore:
@@ -110,8 +84,7 @@ class CacheStore:
         keys: list[tuple[str, bytes]],
         namespace: str = "tollway:cache:",
     ) -> None:
-        self.set_keys(keys)
-        self._namespace = namespace
+        self._sealer = Sealer(keys, namespace)  # raises on an empty or malformed key ring
         self._stats = CacheStats()
         self._error_logged = -ERROR_LOG_EVERY
         self._errors_unlogged = 0
@@ -127,22 +100,7 @@ class CacheStore:
     def set_keys(self, keys: list[tuple[str, bytes]]) -> None:
         """Replace the keys (a policy reload rotating them): the first encrypts new entries,
         all decrypt; entries under a key no longer listed become misses."""
-        if not keys:
-            raise ValueError("CacheStore needs at least one (key_id, key) pair")
-        aeads: dict[bytes, AESGCM] = {}
-        for key_id, key in keys:
-            kid = key_id.encode()
-            if not 0 < len(kid) < 256:
-                raise ValueError("cache key ids must be 1..255 bytes of UTF-8")
-            if len(key) != KEY_LEN:
-                raise ValueError(f"cache key {key_id!r} must be 32 bytes (AES-256)")
-            if kid in aeads:
-                raise ValueError(f"duplicate cache key id {key_id!r}")
-            aeads[kid] = AESGCM(bytes(key))
-        first = keys[0][0].encode()
-        self._aeads = aeads
-        self._header = bytes([FORMAT_VERSION, len(first)]) + first
-        self._sealer = aeads[first]
+        self._sealer.set_keys(keys)
 
     @property
     def stats(self) -> CacheStats:
@@ -152,27 +110,11 @@ class CacheStore:
         st.entries, st.bytes, st.evictions = self.backend.footprint()
         return st
 
-    def _aad(self, header: bytes, key: str) -> bytes:
-        return header + f"{self._namespace}{key}".encode()
-
     def _seal(self, key: str, value: bytes) -> bytes:
-        nonce = os.urandom(NONCE_LEN)
-        header = self._header
-        return header + nonce + self._sealer.encrypt(nonce, value, self._aad(header, key))
+        return self._sealer.seal(key, value)
 
     def _open(self, key: str, blob: Any) -> bytes | None:
-        if not isinstance(blob, bytes) or len(blob) < 2 or blob[0] != FORMAT_VERSION:
-            return None
-        end = 2 + blob[1]
-        aead = self._aeads.get(blob[2:end])
-        if aead is None or len(blob) < end + NONCE_LEN + TAG_LEN:
-            return None
-        try:
-            return aead.decrypt(
-                blob[end : end + NONCE_LEN], blob[end + NONCE_LEN :], self._aad(blob[:end], key)
-            )
-        except InvalidTag:
-            return None
+        return self._sealer.open(key, blob)
 
     def _backend_error(self, op: str, exc: Exception) -> None:
         self._stats.errors += 1

@@ -6,6 +6,10 @@ minute). Every layer is tested first and consumed only when all pass, so a rejec
 counts against nothing. A request that ends in an error is given back to the monthly quota.
 Model allow-lists and the global admission queue are applied in ``upstream_request``, once the
 route is final (a routing plugin may have changed the model) and just before the provider call.
+A request of ``proxy.context.UNBILLED_ENDPOINTS`` (``count_tokens``: free at the provider, not
+sold) passes the features, the rate-limit layers and the model allow-list like any other, but
+takes no place in the monthly quota and is neither held back by nor charged to the
+tokens-per-minute limit (a count's figure is tokens read, none generated).
 
 Windows (``plugins.limits.windows``) are exact moving-window logs for limits of up to
 ``exact_up_to`` requests and sliding-window counters above; on Redis one script checks and
@@ -45,7 +49,7 @@ from plugins.limits.windows import (
     open_windows,
 )
 from proxy.appkeys import METRICS, RESOURCES
-from proxy.context import RequestContext, StashKey, UpstreamRequest
+from proxy.context import UNBILLED_ENDPOINTS, RequestContext, StashKey, UpstreamRequest
 from proxy.errors import Reject
 from proxy.figures import Figures
 from proxy.hookspecs import hookimpl
@@ -363,7 +367,8 @@ class LimitsPlugin:
                 param="X-Tollway-Feature",
             )
         user = principal.user_id if principal else "anonymous"
-        monthly = rule.monthly if rule is not None else None
+        billed = ctx.endpoint not in UNBILLED_ENDPOINTS  # counting: the rate layers only
+        monthly = rule.monthly if rule is not None and billed else None
         quota = self.quota
         watch = self.watch
         if watch is not None and not watch.available and watch.refuse:
@@ -386,6 +391,7 @@ class LimitsPlugin:
             if (
                 rule is not None
                 and rule.tokens is not None
+                and billed
                 and not await self.limiter.test(rule.tokens, "tokens", user)
             ):
                 stats = await self.limiter.get_window_stats(rule.tokens, "tokens", user)
@@ -489,7 +495,12 @@ class LimitsPlugin:
         rule = self.tiers.get(principal.tier) if principal and principal.tier else None
         limiter = self.limiter  # "is not None": in-process windows without counters are falsy
         tokens = rule.tokens if rule is not None else None
-        if tokens is not None and ctx.usage.reported and limiter is not None:
+        if (
+            tokens is not None
+            and ctx.usage.reported
+            and limiter is not None
+            and ctx.endpoint not in UNBILLED_ENDPOINTS  # a count's tokens are not generated
+        ):
             cost = ctx.usage.input_tokens + ctx.usage.output_tokens
             if cost > 0 and not await limiter.hit(tokens, "tokens", principal.user_id, cost=cost):
                 stats = await limiter.get_window_stats(tokens, "tokens", principal.user_id)

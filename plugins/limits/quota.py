@@ -15,8 +15,12 @@ per month and instance (``2025-06/i-3f2a...``): each instance's own share, which
 also counts in its own file (``MonthlyQuota``, ``state.dir/quota.json``, flushed once a second;
 the instance id is kept in ``state.dir/instance-id``). When Redis comes back empty, or after an
 outage, every instance puts its shares back (``restore``: a field is raised to the instance's
-count, never lowered), so a restarted Redis resets no quota; what can be lost is what an
-instance counted in its last second before a crash that coincided with Redis losing its data.
+count, never lowered), so a restarted Redis resets no quota. An instance that starts again
+after a crash first takes its own shares from Redis where they are ahead of its file (the
+requests of its last second, counted in Redis and not yet written): else a later restart of
+Redis would be re-seeded with the file's lower count and hand those requests out again. What
+can be lost is what an instance counted in its last second before a crash that coincided with
+Redis losing its data.
 While Redis is unreachable an instance decides alone (``state.on_unavailable: serve``): the
 month's total as last seen plus its own requests since; the shares are put back on recovery.
 
@@ -260,6 +264,9 @@ class RedisQuota:
         self._others: dict[tuple[str, str], int] = {}
         self._changes = 0  # own counts changed while Redis was unreachable or being re-seeded
         self._opened = False
+        # the own counts as this process found them, until it has caught up with its shares in
+        # Redis (``_catch_up``)
+        self._base: dict[str, dict[str, int]] | None = None
         self._take = self.client.register_script(_TAKE)
         self._give_back = self.client.register_script(_GIVE_BACK)
         self._restore = self.client.register_script(_RESTORE)
@@ -330,10 +337,40 @@ class RedisQuota:
                 self._lost(e)
         self._changes += 1
 
+    async def _catch_up(self) -> None:
+        """Once, at this process's first contact with Redis: raise the own counts by what
+        Redis holds of this instance beyond them (its shares: only this instance writes its
+        fields). A previous process of this instance may have been killed before writing its
+        last second of counts to the file; Redis still has them. Added to the counts rather
+        than set, so requests counted alone since this process started (Redis unreachable)
+        are kept too."""
+        if self._base is None:
+            return
+        keys = [k async for k in self.client.scan_iter(match=self.prefix + "*", count=1000)]
+        suffix = ("/" + self.instance).encode()
+        if keys:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.hgetall(key)
+                shares = await pipe.execute(raise_on_error=False)
+            for key, fields in zip(keys, shares, strict=True):
+                if not isinstance(fields, dict):
+                    continue  # not a quota hash
+                user = key[len(self.prefix) :].decode()
+                for f, v in fields.items():
+                    if f.endswith(suffix):
+                        month = f[: -len(suffix)].decode()
+                        ahead = int(v) - self._base.get(month, {}).get(user, 0)
+                        if ahead > 0:
+                            self.own.add(user, month, ahead)
+        self._base = None
+
     async def restore(self) -> None:
         """Put this instance's shares back (after Redis lost them, or an outage): each field
         is raised to the instance's own count. Repeated while requests counted alone changed
-        the counts meanwhile, so the shares are complete when the state is shared again."""
+        the counts meanwhile, so the shares are complete when the state is shared again.
+        First, once per process, the own counts catch up with Redis (``_catch_up``)."""
+        await self._catch_up()
         for _ in range(3):
             changes = self._changes
             counts = self.own.snapshot()
@@ -369,6 +406,7 @@ class RedisQuota:
         if self._opened:
             return
         self._opened = True
+        self._base = self.own.snapshot()
         self.own.start()
         try:
             await self.restore()  # Redis may have lost them while this instance was down

@@ -27,6 +27,14 @@ of a request's layers and its monthly quota: one round trip that checks every on
 request only if all admit it, and returns the numbers for the rate-limit headers. The times are
 the Redis server's clock, one for every instance.
 
+Both keep time as whole microseconds (``micros``), not seconds, so that they decide alike, to
+the microsecond: an arrival exactly one period after an admission finds it gone (the window is
+(now - period, now]). In float seconds ``now - period`` is rounded and can land just below the
+earlier stamp (60.476 - 60 < 0.476), refusing with a wait of 0; whole numbers subtract exactly.
+They are held in floats (exact below 2**53 µs, the year 2255), here and in the script's Lua
+numbers: float arithmetic costs the hot path less than Python's multi-digit ints. Waits are
+rounded up to the microsecond in both.
+
 Why not the library's own in-memory storage: measured here, its async MemoryStorage re-arms an
 expiry task that hops to a thread per key on nearly every call, and its per-call cost was
 ~6-13 µs; this class costs about 1 µs a call and never leaves the event loop.
@@ -46,6 +54,16 @@ if TYPE_CHECKING:
     # the library is imported where Redis windows are built: importing ``limits`` loads its
     # every storage (~50 ms), which a memory-only gateway and ``tollway --help`` do not need
     import limits
+
+
+MICROS = 1_000_000
+
+
+def micros(seconds: float) -> float:
+    """A time or period in whole microseconds (a float with no fraction): the windows' one
+    time base, here and in the Redis script. One rounding for both (half up), so both compare
+    the same numbers; ``MemoryWindows.admit_now`` inlines it."""
+    return (seconds * MICROS + 0.5) // 1.0
 
 
 class WindowStats(NamedTuple):
@@ -99,13 +117,13 @@ class BoundLayers:
 
     def __init__(self, layers: list[Layer]) -> None:
         self.layers = layers
-        # the exact layers: [(limit, period, log of admission times, layer index), ...]
+        # the exact layers: [(limit, period µs, log of admission times in µs, layer index), ...]
         self.logs: list[tuple[int, float, deque[float], int]] = []
-        # the counted layers grouped by period: [(period, [(limit, counter, layer index)]), ...]
-        self.groups: list[tuple[float, list[tuple[int, list[int], int]]]] = []
-        self.counters: list[list[int]] = []  # one per counted layer
+        # the counted layers grouped by period: [(period µs, [(limit, counter, index)]), ...]
+        self.groups: list[tuple[float, list[tuple[int, list[float], int]]]] = []
+        self.counters: list[list[float]] = []  # one per counted layer
         self.generation = -1
-        self.remote: tuple[list[bytes], list[bytes]] | None = None  # RedisWindows' keys, args
+        self.remote: RemoteLayers | None = None  # RedisWindows' packed keys and arguments
 
 
 _ADMIT_EMPTY = Admit(-1, -1, 0, 0.0)
@@ -145,7 +163,8 @@ class Windows(Protocol):
 
 
 class MemoryWindows:
-    """Sliding-window counters in a dict: ``{key: [window_index, previous, current]}``."""
+    """Sliding-window counters in a dict: ``{key: [window_index, previous, current]}``, and
+    exact logs: ``{key: deque of admission times}``, every time in whole µs (``micros``)."""
 
     SWEEP_EVERY = 50_000
 
@@ -154,20 +173,23 @@ class MemoryWindows:
     ) -> None:
         self.clock = clock
         self.exact_up_to = exact_up_to
-        self._counts: dict[tuple[object, ...], list[int]] = {}
+        self._counts: dict[tuple[object, ...], list[float]] = {}
         self._logs: dict[tuple[object, ...], deque[float]] = {}
         self._ops = 0
         self.generation = 0  # bumped by a sweep: every BoundLayers must look its counters up again
 
     def _state(
         self, item: limits.RateLimitItem, ids: tuple[str, ...], now: float
-    ) -> tuple[list[int], float, float]:
+    ) -> tuple[list[float], float, float]:
         return self._state_at(item.amount, float(item.get_expiry()), ids, now)
 
     def _state_at(
         self, amount: int, period: float, ids: tuple[str, ...], now: float
-    ) -> tuple[list[int], float, float]:
-        index = int(now // period)
+    ) -> tuple[list[float], float, float]:
+        """A counter rolled forward to ``now`` (µs), its period and the time elapsed in its
+        current window (both µs)."""
+        span = micros(period)
+        index = now // span
         key = (amount, period, ids)
         st = self._counts.get(key)
         if st is None:
@@ -177,11 +199,10 @@ class MemoryWindows:
                 self._sweep(now)
         elif st[0] != index:
             self._roll(st, index)
-        elapsed = now - index * period
-        return st, period, elapsed
+        return st, span, now - index * span
 
     @staticmethod
-    def _roll(st: list[int], index: int) -> None:
+    def _roll(st: list[float], index: float) -> None:
         """Roll a counter forward to window ``index``: the current window becomes the previous
         one (or both expire). ``admit_now`` inlines these three lines on its hot path."""
         st[1] = st[2] if st[0] == index - 1 else 0
@@ -205,15 +226,15 @@ class MemoryWindows:
             self._resolve_once(bound, now)
 
     def _resolve_once(self, bound: BoundLayers, now: float) -> None:
-        groups: dict[float, list[tuple[int, list[int], int]]] = {}
+        groups: dict[float, list[tuple[int, list[float], int]]] = {}
         counters = []
         logs = []
         for i, (amount, period, ids) in enumerate(bound.layers):
             if amount <= self.exact_up_to:
-                logs.append((amount, period, self._log_at(amount, period, ids, now), i))
+                logs.append((amount, micros(period), self._log_at(amount, period, ids, now), i))
                 continue
             st = self._state_at(amount, period, ids, now)[0]
-            groups.setdefault(period, []).append((amount, st, i))
+            groups.setdefault(micros(period), []).append((amount, st, i))
             counters.append(st)
         bound.logs = logs
         bound.groups = list(groups.items())
@@ -229,8 +250,9 @@ class MemoryWindows:
     def admit_now(self, bound: BoundLayers, cost: int = 1) -> Admit:
         """Check every layer, then count the request in all of them, in one synchronous pass:
         nothing is consumed unless every layer admits it, and no other request can interleave
-        (the event loop does not switch inside). Always decided (``Windows.admit_now``)."""
-        now = self.clock()
+        (the event loop does not switch inside). Always decided (``Windows.admit_now``).
+        The arithmetic is the Redis script's, in the same order, so both decide alike."""
+        now = (self.clock() * MICROS + 0.5) // 1.0  # micros(), inlined
         if bound.generation != self.generation:
             self._resolve(bound, now)
         best, best_left = -1, math.inf
@@ -244,14 +266,14 @@ class MemoryWindows:
                     return self._refuse(bound, now, cost)
                 best, best_left = i, left
         for period, members in bound.groups:  # layers of one period share their window maths
-            index = int(now // period)
-            weight = 1.0 - (now - index * period) / period  # of the previous window's count
+            index = now // period
+            weight = 1 - (now - index * period) / period  # of the previous window's count
             for amount, st, i in members:
                 if st[0] != index:  # _roll, inlined: this runs per layer per request
                     st[1] = st[2] if st[0] == index - 1 else 0
                     st[2] = 0
                     st[0] = index
-                left = amount - st[1] * weight - st[2] - cost
+                left = amount - (st[1] * weight + st[2]) - cost
                 if left < best_left:
                     if left < 0:
                         return self._refuse(bound, now, cost)
@@ -266,13 +288,14 @@ class MemoryWindows:
                 log.extend([now] * cost)
         for st in bound.counters:
             st[2] += cost
-        amount, period, ids = bound.layers[best]
+        amount, seconds, ids = bound.layers[best]
+        span = micros(seconds)
         if amount <= self.exact_up_to:
-            wait = period  # the whole log is free again once this request leaves it
+            wait = span  # the whole log is free again once this request leaves it
         else:
-            elapsed = now - int(now // period) * period
-            wait = self._full_reset(self._counts[(amount, period, ids)], period, elapsed)
-        return Admit(-1, best, math.floor(best_left), wait)
+            elapsed = now - now // span * span
+            wait = self._full_reset(self._counts[(amount, seconds, ids)], span, elapsed)
+        return Admit(-1, best, math.floor(best_left), wait / MICROS)
 
     def _refuse(self, bound: BoundLayers, now: float, cost: int) -> Admit:
         """The refusal, naming the full layer that frees up last: a request fits only once
@@ -289,62 +312,62 @@ class MemoryWindows:
                 if wait > worst_wait:
                     worst, worst_wait = i, wait
         for period, members in bound.groups:
-            index = int(now // period)
+            index = now // period
             elapsed = now - index * period
             for amount, st, i in members:
                 if st[0] != index:  # not yet rolled forward if the pass stopped before it
                     self._roll(st, index)
-                if self._weighted(st, period, elapsed) + cost > amount:
+                if amount - self._weighted(st, period, elapsed) - cost < 0:
                     wait = self._wait(st, amount, period, elapsed)
                     if wait > worst_wait:
                         worst, worst_wait = i, wait
-        return Admit(worst, worst, 0, worst_wait)
+        return Admit(worst, worst, 0, worst_wait / MICROS)
 
     @staticmethod
-    def _full_reset(st: list[int], period: float, elapsed: float) -> float:
-        """Seconds until the layer is back to its whole limit (OpenAI's reset header)."""
+    def _full_reset(st: list[float], period: float, elapsed: float) -> float:
+        """Microseconds until the layer is back to its whole limit (OpenAI's reset header)."""
         if st[2] > 0:
             return 2 * period - elapsed
         if st[1] > 0:
             return period - elapsed
-        return 0.0
+        return 0
 
     @staticmethod
-    def _weighted(st: list[int], period: float, elapsed: float) -> float:
-        return st[1] * (1.0 - elapsed / period) + st[2]
+    def _weighted(st: list[float], period: float, elapsed: float) -> float:
+        return st[1] * (1 - elapsed / period) + st[2]
 
     async def test(self, item: limits.RateLimitItem, *ids: str, cost: int = 1) -> bool:
-        st, period, elapsed = self._state(item, ids, self.clock())
-        return self._weighted(st, period, elapsed) + cost <= item.amount
+        st, period, elapsed = self._state(item, ids, micros(self.clock()))
+        return item.amount - self._weighted(st, period, elapsed) - cost >= 0
 
     async def hit(self, item: limits.RateLimitItem, *ids: str, cost: int = 1) -> bool:
-        st, period, elapsed = self._state(item, ids, self.clock())
-        if self._weighted(st, period, elapsed) + cost > item.amount:
+        st, period, elapsed = self._state(item, ids, micros(self.clock()))
+        if item.amount - self._weighted(st, period, elapsed) - cost < 0:
             return False
         st[2] += cost
         return True
 
     async def get_window_stats(self, item: limits.RateLimitItem, *ids: str) -> WindowStats:
-        now = self.clock()
+        now = micros(self.clock())
         st, period, elapsed = self._state(item, ids, now)
         weighted = self._weighted(st, period, elapsed)
         remaining = max(0, math.floor(item.amount - weighted))
-        return WindowStats(now + self._wait(st, item.amount, period, elapsed), remaining)
+        if item.amount - weighted - 1 >= 0:
+            return WindowStats(now / MICROS, remaining)
+        return WindowStats((now + self._wait(st, item.amount, period, elapsed)) / MICROS, remaining)
 
     @staticmethod
-    def _wait(st: list[int], limit: int, period: float, elapsed: float) -> float:
-        """Seconds until one more request fits (0 if it fits now)."""
+    def _wait(st: list[float], limit: int, period: float, elapsed: float) -> float:
+        """Microseconds (rounded up) until one more request fits in a full counter; the
+        script's formula, step for step."""
         prev, cur = st[1], st[2]
-        if prev * (1.0 - elapsed / period) + cur + 1 <= limit:
-            return 0.0
         if cur + 1 <= limit and prev > 0:
             # within this window, as the previous window's weight decays
-            return max(0.0, period * (1.0 - (limit - 1 - cur) / prev) - elapsed)
+            return math.ceil(max(0, period * (1 - (limit - 1 - cur) / prev) - elapsed))
         # next window: this window's count becomes the decaying previous one
-        until_next = period - elapsed
         if cur <= 0:
-            return until_next
-        return until_next + max(0.0, period * (1.0 - (limit - 1) / cur))
+            return period - elapsed
+        return math.ceil(period - elapsed + max(0, period * (1 - (limit - 1) / cur)))
 
     def _sweep(self, now: float) -> None:
         """Drop counters whose windows have both expired (keeps memory bounded by live keys)."""
@@ -353,14 +376,14 @@ class MemoryWindows:
         stale = [
             k
             for k, st in self._counts.items()
-            if int(now // float(k[1])) > st[0] + 1  # type: ignore[arg-type]
+            if now // micros(k[1]) > st[0] + 1  # type: ignore[arg-type]
         ]
         for k in stale:
             del self._counts[k]
         gone = [
             k
             for k, log in self._logs.items()
-            if not log or log[-1] <= now - float(k[1])  # type: ignore[arg-type]
+            if not log or log[-1] <= now - micros(k[1])  # type: ignore[arg-type]
         ]
         for k in gone:
             del self._logs[k]
@@ -369,17 +392,17 @@ class MemoryWindows:
         """How much of ``layer`` is taken now: admissions in its log, or its weighted count
         (nothing changed; tests compare it before and after refusals)."""
         amount, period, ids = layer
-        now = self.clock()
+        now, span = micros(self.clock()), micros(period)
         key = (amount, period, ids)
         if amount <= self.exact_up_to:
-            return float(sum(1 for t in self._logs.get(key, ()) if t > now - period))
+            return float(sum(1 for t in self._logs.get(key, ()) if t > now - span))
         st = self._counts.get(key)
         if st is None:
             return 0.0
-        index = int(now // period)
+        index = now // span
         prev = st[2] if st[0] == index - 1 else st[1] if st[0] == index else 0
         cur = st[2] if st[0] == index else 0
-        return prev * (1.0 - (now - index * period) / period) + cur
+        return prev * (1 - (now - index * span) / span) + cur
 
     def __len__(self) -> int:
         return len(self._counts) + len(self._logs)
@@ -388,18 +411,21 @@ class MemoryWindows:
 _ADMIT_SCRIPT = """
 -- All of one request's layers (and its monthly quota), checked and counted together: the
 -- request counts in every one only if every one admits it. KEYS[i]: layer i's key, then the
--- quota's hash if there is one. ARGV[1]: now in seconds ('' = the server's clock, which every
--- instance then shares); ARGV[2..5]: the quota's field, month, limit and ttl (all '' without
--- one; counted as quota.py's _TAKE does); then per layer: limit, period, kind (1: a log of
--- admission times, newest first; 0: a sliding-window counter, one key per fixed window,
--- KEYS[i]..':'..index). Returns {failed, layer, remaining, wait, quota total}: failed is the
--- 0-based index of the refusing layer that frees up last, -1 admitted, -2 the quota refused;
--- layer names the numbers' layer (that one, or the most constraining after the count, -1
--- none); wait is seconds, as a string; the quota total counts this request (-1 no quota).
+-- quota's hash if there is one. ARGV[1]: now in integer microseconds ('' = the server's clock,
+-- which every instance then shares); ARGV[2..5]: the quota's field, month, limit and ttl (all
+-- '' without one; counted as quota.py's _TAKE does); then per layer: limit, period in integer
+-- microseconds, kind (1: a log of admission times in microseconds, newest first; 0: a
+-- sliding-window counter, one key per fixed window, KEYS[i]..':'..index). Every time is an
+-- integer (exact in a double below 2^53), so now - period is exact: an arrival one period
+-- after an admission finds it gone, as in MemoryWindows, whose arithmetic this mirrors step
+-- for step. Returns {failed, layer, remaining, wait, quota total}: failed is the 0-based
+-- index of the refusing layer that frees up last, -1 admitted, -2 the quota refused; layer
+-- names the numbers' layer (that one, or the most constraining after the count, -1 none);
+-- wait is whole microseconds, rounded up; the quota total counts this request (-1 no quota).
 local now = tonumber(ARGV[1])
 if not now then
   local t = redis.call('TIME')
-  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 local n = #KEYS
 local qtotal = -1
@@ -415,7 +441,7 @@ if ARGV[2] ~= '' then
       qtotal = qtotal + tonumber(fields[i + 1])
     end
   end
-  if qtotal > tonumber(ARGV[4]) then return {-2, -1, 0, '0', qtotal - 1} end
+  if qtotal > tonumber(ARGV[4]) then return {-2, -1, 0, 0, qtotal - 1} end
 end
 local used, cur_keys = {}, {}
 local worst, worst_wait = -1, -1
@@ -437,58 +463,77 @@ for i = 1, n do
     end
   else
     local index = math.floor(now / period)
+    if index * period > now then index = index - 1 end  -- the quotient rounded up: floor it
     local elapsed = now - index * period
-    local ck = key .. ':' .. string.format('%d', index)
+    local ck = key .. ':' .. string.format('%.0f', index)
     local cur = tonumber(redis.call('GET', ck) or '0')
-    local prev = tonumber(redis.call('GET', key .. ':' .. string.format('%d', index - 1)) or '0')
+    local prev = tonumber(redis.call('GET', key .. ':' .. string.format('%.0f', index - 1)) or '0')
     local weighted = prev * (1 - elapsed / period) + cur
     used[i], cur_keys[i] = weighted, ck
-    if weighted + 1 > limit then
+    if limit - weighted - 1 < 0 then
       local wait
       if cur + 1 <= limit and prev > 0 then
-        wait = math.max(0, period * (1 - (limit - 1 - cur) / prev) - elapsed)
+        wait = math.ceil(math.max(0, period * (1 - (limit - 1 - cur) / prev) - elapsed))
       elseif cur <= 0 then
         wait = period - elapsed
       else
-        wait = period - elapsed + math.max(0, period * (1 - (limit - 1) / cur))
+        wait = math.ceil(period - elapsed + math.max(0, period * (1 - (limit - 1) / cur)))
       end
       if wait > worst_wait then worst, worst_wait = i, wait end
     end
   end
 end
 if worst > 0 then
-  return {worst - 1, worst - 1, 0, string.format('%.6f', worst_wait), -1}
+  return {worst - 1, worst - 1, 0, worst_wait, -1}
 end
 if qtotal > 0 then
   redis.call('HINCRBY', KEYS[n + 1], ARGV[2], 1)
   redis.call('EXPIRE', KEYS[n + 1], ARGV[5])
 end
-local stamp = string.format('%.6f', now)
+local stamp = string.format('%.0f', now)
 local best, best_left, best_wait = 0, 0, 0
 for i = 1, n do
   local limit, period = tonumber(ARGV[3 * i + 3]), tonumber(ARGV[3 * i + 4])
   local left, wait
   if ARGV[3 * i + 5] == '1' then
     redis.call('LPUSH', KEYS[i], stamp)
-    redis.call('PEXPIRE', KEYS[i], math.ceil(period * 1000))
+    redis.call('PEXPIRE', KEYS[i], math.ceil(period / 1000))
     left, wait = limit - used[i] - 1, period
   else
     redis.call('INCR', cur_keys[i])
-    redis.call('EXPIRE', cur_keys[i], math.ceil(2 * period) + 1)
-    local elapsed = now - math.floor(now / period) * period
-    left, wait = limit - used[i] - 1, 2 * period - elapsed
+    redis.call('EXPIRE', cur_keys[i], math.ceil(2 * period / 1000000) + 1)
+    local index = math.floor(now / period)
+    if index * period > now then index = index - 1 end
+    left, wait = limit - used[i] - 1, 2 * period - (now - index * period)
   end
   if best == 0 or left < best_left then best, best_left, best_wait = i, left, wait end
 end
-return {-1, best - 1, math.floor(best_left), string.format('%.6f', best_wait), qtotal}
+return {-1, best - 1, math.floor(best_left), best_wait, qtotal}
 """
+
+
+class RemoteLayers(NamedTuple):
+    """A caller's layers as ``_ADMIT_SCRIPT``'s keys and arguments, packed once per caller
+    (RESP bulk strings, ``proxy.resp.bulk``), and its whole usual command: no quota, the
+    server's clock."""
+
+    n_keys: int
+    keys: bytes
+    n_args: int
+    args: bytes  # the per-layer arguments (after ARGV[1..5])
+    plain: bytes
+
+
+_NO_NOW_NO_QUOTA = b"$0\r\n\r\n" * 5  # ARGV[1..5], empty: the server's clock, no quota
 
 
 class RedisWindows:
     """The windows on Redis, shared by every instance. ``admit`` (every request) is one script
-    call for all layers (``_ADMIT_SCRIPT``: EVALSHA, loaded once, reloaded by redis-py on
-    NOSCRIPT); the token budgets' ``test``/``hit``/``get_window_stats`` use the ``limits``
-    library's sliding-window counter (redis-py, loaded only when this is built)."""
+    call for all layers (``_ADMIT_SCRIPT``: EVALSHA, loaded again on NOSCRIPT) on a lean
+    pipelined connection (``proxy.resp.RespLink``: redis-py's asyncio client cost ~50-70 µs
+    of CPU a call, more than the rest of the plugin); the token budgets'
+    ``test``/``hit``/``get_window_stats`` use the ``limits`` library's sliding-window counter
+    (redis-py, loaded only when this is built)."""
 
     def __init__(
         self,
@@ -496,45 +541,65 @@ class RedisWindows:
         exact_up_to: int = EXACT_UP_TO,
         clock: Callable[[], float] | None = None,
     ) -> None:
-        import redis.asyncio as aioredis
         from limits.aio.strategies import SlidingWindowCounterRateLimiter
         from limits.storage import storage_from_string
+
+        from proxy.resp import RespLink, Script, bulk  # loads redis-py and hiredis
 
         self._storage: Any = storage_from_string(f"async+{url}", implementation="redispy")
         self.limiter = SlidingWindowCounterRateLimiter(self._storage)
         self.exact_up_to = exact_up_to
         self.clock = clock  # None: the Redis server's clock (one clock for every instance)
-        self.client: Any = aioredis.from_url(url)
-        self._admit = self.client.register_script(_ADMIT_SCRIPT)
+        self.link = RespLink(url)
+        self.script = Script(_ADMIT_SCRIPT)
+        self._bulk = bulk
 
     def admit_now(self, bound: BoundLayers) -> None:
         """Never decided without Redis: see ``admit``."""
         return None
 
-    def _remote(self, bound: BoundLayers) -> tuple[list[bytes], list[bytes]]:
-        """The script's keys and per-layer arguments for a caller, built once per caller and
-        encoded already (redis-py passes bytes through: no encoding per request)."""
+    def _remote(self, bound: BoundLayers) -> RemoteLayers:
+        """The script's keys and per-layer arguments for a caller, built and packed once per
+        caller, with the whole usual command: nothing is encoded per request."""
         keys: list[bytes] = []
         args: list[bytes] = []
         for amount, period, ids in bound.layers:
             exact = amount <= self.exact_up_to
             kind = "log" if exact else "cnt"  # in the key: two configs never share one key
             keys.append(f"tollway:rl:{kind}:{amount}/{period:g}:{':'.join(ids)}".encode())
-            args += (str(amount).encode(), repr(float(period)).encode(), b"1" if exact else b"0")
-        bound.remote = (keys, args)
+            span = str(int(micros(period))).encode()
+            args += (str(amount).encode(), span, b"1" if exact else b"0")
+        bulk = self._bulk
+        packed_keys, packed_args = b"".join(map(bulk, keys)), b"".join(map(bulk, args))
+        plain = packed_keys + _NO_NOW_NO_QUOTA + packed_args
+        bound.remote = RemoteLayers(
+            len(keys),
+            packed_keys,
+            len(args),
+            packed_args,
+            self.script.command(len(keys), 5 + len(args), plain),
+        )
         return bound.remote
 
     async def admit(self, bound: BoundLayers, quota: QuotaPart | None = None) -> Admit:
         """All layers (and the quota) in one round trip: checked, then counted only if every
         one admits."""
-        keys, args = bound.remote or self._remote(bound)
-        now = b"" if self.clock is None else repr(self.clock()).encode()
-        if quota is None:
-            res = await self._admit(keys=keys, args=[now, b"", b"", b"", b"", *args])
+        remote = bound.remote or self._remote(bound)
+        if quota is None and self.clock is None:
+            command = remote.plain  # the usual call, packed once per caller
         else:
-            res = await self._admit(keys=[*keys, quota[0]], args=[now, *quota[1], *args])
+            bulk = self._bulk
+            now = b"" if self.clock is None else str(int(micros(self.clock()))).encode()
+            keys, n_keys = remote.keys, remote.n_keys
+            extra = [now, b"", b"", b"", b""]
+            if quota is not None:
+                keys, n_keys = keys + bulk(quota[0].encode()), n_keys + 1
+                extra = [now, *(a.encode() for a in quota[1])]
+            packed = keys + b"".join(map(bulk, extra)) + remote.args
+            command = self.script.command(n_keys, len(extra) + remote.n_args, packed)
+        res = await self.link.evalsha(self.script, command)
         failed, layer, remaining, wait, total = res
-        return Admit(int(failed), int(layer), int(remaining), float(wait), int(total))
+        return Admit(int(failed), int(layer), int(remaining), int(wait) / MICROS, int(total))
 
     async def test(self, item: limits.RateLimitItem, *ids: str, cost: int = 1) -> bool:
         return await self.limiter.test(item, *ids, cost=cost)
@@ -547,8 +612,8 @@ class RedisWindows:
         return WindowStats(stats.reset_time, stats.remaining)
 
     async def close(self) -> None:
-        """Close the connection pools of both redis-py clients."""
-        await self.client.aclose()
+        """Close the admission connection and the ``limits`` library's redis-py pool."""
+        await self.link.close()
         await self._storage.bridge.storage.aclose()
 
 

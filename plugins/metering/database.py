@@ -61,6 +61,7 @@ SPOOL_COLUMNS: dict[str, str] = {
     "retries": "INTEGER",
     "client_ip_hash": "VARCHAR",
     "shared": "VARCHAR",
+    "upstream_request_id": "VARCHAR",  # absent from older segments: NULL
 }
 
 # the usage columns after the key, as migration 1 created them (3 rebuilds the table with them)
@@ -110,6 +111,8 @@ MIGRATIONS: list[str] = [
     """,
     # 5: which tiers have the sla_guarantee perk (the sla view reports on them)
     "ALTER TABLE plans ADD COLUMN sla BOOLEAN DEFAULT false;",
+    # 6: the provider's id of the call that answered (support tickets); NULL for older rows
+    "ALTER TABLE usage ADD COLUMN upstream_request_id VARCHAR;",
 ]
 
 VIEWS = """
@@ -224,7 +227,7 @@ SELECT make_timestamp(CAST(ts * 1000000 AS BIGINT)) AS ts, request_id,
        coalesce(final, true) AS final, user_id,
        key_id, tier, feature, endpoint, provider, model, upstream_model, stream, status,
        error_code, cache, input_tokens, output_tokens, usage_estimated, latency_ms,
-       ttfb_ms, retries, client_ip_hash, shared,
+       ttfb_ms, retries, client_ip_hash, shared, upstream_request_id,
        CASE WHEN cache = 'hit' OR shared = 'coalesced' THEN CAST(0 AS {MONEY})
             WHEN input_per_mtok IS NULL
                  OR (output_tokens > 0 AND output_per_mtok IS NULL) THEN NULL
@@ -411,8 +414,10 @@ class UsageDB:
         in one segment only). Its rows and a marker in ``spool_loads`` commit together; the file
         is deleted after the commit and the marker after the file, so a crash at any point
         leaves either the file and no rows, or the rows, the marker and perhaps the file, which
-        the next load recognises and deletes. Returns the rows loaded from the segment (the first
-        time); a torn last line (a killed process) is skipped.
+        the next load recognises and deletes. Returns the rows this call added: 0 for a segment
+        loaded before, so a counter summing the returns counts each row once however often its
+        segment comes (a stream chunk shipped again, a spool segment after a crash); a torn last
+        line (a killed process) is skipped.
         """
         try:
             mark = _segment_id(segment)
@@ -428,11 +433,9 @@ class UsageDB:
                 try:
                     cur.execute("BEGIN")
                     done = cur.execute(
-                        f"SELECT rows FROM {marks} WHERE segment = ?", [mark]
+                        f"SELECT 1 FROM {marks} WHERE segment = ?", [mark]
                     ).fetchone()
-                    if done is not None:
-                        rows = int(done[0])
-                    else:  # resolved: allowed_directories compares the path as given
+                    if done is None:  # resolved: allowed_directories compares the path as given
                         inserted = cur.execute(_INGEST, [os.path.realpath(segment)]).fetchone()
                         rows = int(inserted[0]) if inserted else 0
                         cur.execute(f"INSERT INTO {marks} VALUES (?, ?, now())", [mark, rows])

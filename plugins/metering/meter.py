@@ -33,7 +33,7 @@ from proxy.keystore import KeyStore
 from proxy.policy import LoadedPolicy
 from proxy.resources import Resources
 from proxy.runtime import Runtime
-from proxy.statewatch import REPORT_EVERY, is_state_error
+from proxy.statewatch import is_state_error
 
 log = logging.getLogger("tollway.meter")
 
@@ -91,10 +91,30 @@ def build_meter_app(loaded: LoadedPolicy, name: str | None = None) -> tuple[web.
     return app, meter
 
 
+_STREAM_FIGURES = ("stream_entries", "oldest_unloaded_age_s", "gateways_shipping", "fresh_as_of")
+"""What ``Meter.freshness`` reads from Redis: null in ``/admin/stats`` while it is unreachable."""
+
+
 async def _stats(meter: Meter, request: web.Request) -> web.Response:
-    """How fresh the meter's answers are (``Meter.freshness``), and what it loaded."""
-    body = await asyncio.to_thread(meter.freshness)
-    body = {"time": time.time(), **body, "loaded_rows": meter.loaded_rows}
+    """How fresh the meter's answers are (``Meter.freshness``), what it loaded, and whether it
+    reaches Redis. During an outage the consumer's last attempt answers (not another connection
+    attempt per poll): ``redis: unavailable`` and for how long, the stream's figures null."""
+    figures: dict[str, Any] = dict.fromkeys(_STREAM_FIGURES)
+    reachable = meter.outage.available
+    if reachable:
+        try:
+            figures = await asyncio.to_thread(meter.freshness)
+        except Exception as e:
+            if not is_state_error(e):
+                raise
+            reachable = False  # lost since the consumer's last step; it notices and logs it
+    body = {
+        "time": time.time(),
+        "redis": "available" if reachable else "unavailable",
+        "redis_unavailable_s": None if reachable else meter.outage.down_for() or 0.0,
+        **figures,
+        "loaded_rows": meter.loaded_rows,
+    }
     return web.json_response(body)
 
 
@@ -103,19 +123,22 @@ async def _ok(request: web.Request) -> web.Response:
 
 
 def consume(meter: Meter, stop: threading.Event) -> None:
-    """The consumer loop (a thread: the Redis reads block); errors are logged and retried
-    (Redis unreachable: one line per ``REPORT_EVERY`` seconds, not a traceback a second)."""
-    reported = -REPORT_EVERY
+    """The consumer loop (a thread: the Redis reads block). Redis unreachable, also when the
+    meter started without it: retried with a backoff, the outage logged by ``meter.outage``
+    (``plugins.metering.outage``: a line per ``REPORT_EVERY`` seconds, no traceback); once it is
+    back the first step makes the consumer group and loads the stream. Any other error is
+    logged with its traceback and retried a second later (its entries stay pending)."""
     while not stop.is_set():
         try:
             meter.step(block_ms=500)
         except Exception as e:
-            if not is_state_error(e):
-                log.exception("loading usage entries failed; they stay pending and are retried")
-            elif time.monotonic() - reported >= REPORT_EVERY:
-                reported = time.monotonic()
-                log.warning("Redis unreachable (%s); retrying every second", type(e).__name__)
+            if is_state_error(e):
+                stop.wait(meter.outage.failed(e))  # set by a shutdown: returns at once
+                continue
+            log.exception("loading usage entries failed; they stay pending and are retried")
             stop.wait(1.0)
+        else:
+            meter.outage.reached()
 
 
 async def run_meter(loaded: LoadedPolicy, host: str, port: int, name: str | None) -> None:
@@ -142,7 +165,25 @@ async def run_meter(loaded: LoadedPolicy, host: str, port: int, name: str | None
         await analytics.close()
         stop.set()
         await asyncio.to_thread(thread.join)
-        meter.drain()  # what arrived meanwhile is loaded before the database closes
+        _last_drain(meter)
         meter.close()
         if not analytics.busy:
             meter.db.close()
+
+
+def _last_drain(meter: Meter) -> None:
+    """Load what arrived meanwhile before the database closes. Without Redis (down since the
+    consumer's last attempt, or lost now) the stream keeps it for the next start: a shutdown
+    neither waits for Redis nor fails for it."""
+    if not meter.outage.available:
+        log.info("stopping without Redis; the usage stream is loaded at the next start")
+        return
+    try:
+        meter.drain()
+    except Exception as e:
+        if not is_state_error(e):
+            raise
+        log.warning(
+            "Redis unreachable at shutdown (%s); the usage stream is loaded at the next start",
+            type(e).__name__,
+        )

@@ -25,6 +25,14 @@ Billing rules (written here because invoices depend on them):
   what the provider may charge for the tokens it produced: its counts where they arrived, else
   the same estimate as for an abandoned stream (``usage_estimated = true``). Complete streams
   are ``status < 400``; broken ones ``WHERE error_code = 'upstream_stream_error'``.
+- A request to an endpoint of ``proxy.context.UNBILLED_ENDPOINTS`` (``count_tokens``) costs
+  nothing at the provider and is not sold: its row has ``cost_usd`` and ``price_usd`` 0 (the
+  row's per-token prices are 0, so even a model without a price is not "unpriced") and the
+  count as ``input_tokens``; a gateway estimate (no provider count) has ``usage_estimated =
+  true``. Invoices show such requests as a zero line (quantity N, unit price 0), so a customer
+  sees the calls made, and the monthly quota never counted them.
+- ``upstream_request_id`` is the provider's id of the call that answered (NULL for a cache hit,
+  an estimate or a refusal), for taking a customer's ticket (``X-Request-Id``) to the provider.
 """
 
 from __future__ import annotations
@@ -60,7 +68,7 @@ from plugins.metering.spool import Spool
 from plugins.metering.stream import StreamShipper
 from proxy.analytics import ANALYTICS, FRESH_AS_OF, export_target
 from proxy.appkeys import KEYSTORE, METRICS, RESOURCES
-from proxy.context import STREAM_BROKEN, RequestContext, StashKey
+from proxy.context import STREAM_BROKEN, UNBILLED_ENDPOINTS, RequestContext, StashKey
 from proxy.hookspecs import hookimpl
 from proxy.policy import Policy, parse_duration, policy_of
 from proxy.statewatch import is_state_error
@@ -321,11 +329,20 @@ class UsageStore:
             if self.shipper is not None:  # tell the meter up to when this gateway has shipped
                 try:
                     await asyncio.get_running_loop().run_in_executor(
-                        self._loader, self.shipper.mark, self.spool.owner, now
+                        self._loader, self._shipped, now
                     )
                 except Exception as e:  # Redis down with nothing to ship: the next flush marks
                     if not is_state_error(e):
                         raise
+
+    def _shipped(self, until: float) -> None:
+        """After a flush's ships, in the loader thread (one trip): the mark first, right after
+        the ships it speaks for (a meter's answer between the two would claim less freshness
+        than there is), then the kept segments: deleted once loaded, shipped again if Redis
+        lost them (``StreamShipper.settle``)."""
+        assert self.shipper is not None
+        self.shipper.mark(self.spool.owner, until)
+        self.shipper.settle(self.spool.folder)
 
     async def load(self) -> None:
         for segment in self.spool.closed():
@@ -524,8 +541,16 @@ class MeteringPlugin:
             if not usage.final:
                 out = max(out, usage.events)
                 if not inp:
-                    inp = len(orjson.dumps(ctx.body.get("messages") or ctx.body.get("prompt"))) // 4
+                    body = ctx.body  # chat and messages, legacy completions, or Responses
+                    prompt = body.get("messages") or body.get("prompt") or body.get("input")
+                    inp = len(orjson.dumps(prompt)) // 4
                 estimated = True
+        in_price = route.input_per_mtok if route else None
+        out_price = route.output_per_mtok if route else None
+        price = self.price(ctx)
+        if ctx.endpoint in UNBILLED_ENDPOINTS:  # a token count: free, and not sold
+            in_price = out_price = price = 0.0
+            estimated = ctx.status < 400 and not usage.reported  # the gateway's estimate
         # a cache hit or a coalesced follower cost the provider nothing: record what it saved
         hit = ctx.cache == "hit" or ctx.shared == "coalesced"
         latency = ctx.timings.latency_ms()
@@ -550,15 +575,16 @@ class MeteringPlugin:
             "usage_estimated": estimated,
             "latency_ms": latency,
             "ttfb_ms": ttfb or (None if ctx.stream else latency),
-            "input_per_mtok": route.input_per_mtok if route else None,
-            "output_per_mtok": route.output_per_mtok if route else None,
-            "price": self.price(ctx),
+            "input_per_mtok": in_price,
+            "output_per_mtok": out_price,
+            "price": price,
             "saved_input": inp if hit else 0,
             "saved_output": out if hit else 0,
             "retries": ctx.retries,
             # keyed, never the address itself (plugins.metering.ip_hash); set before any request
             "client_ip_hash": self.ip_hash(ctx.client_ip) if self.ip_hash else None,
             "shared": ctx.shared,
+            "upstream_request_id": ctx.upstream_request_id,
         }
 
     @hookimpl
@@ -586,15 +612,14 @@ class MeteringPlugin:
         assert self.store is not None
         ctx.stash[_WRITTEN] = True
         row = self.row(ctx)
-        route = ctx.route
         if (
-            route is not None
+            ctx.route is not None
             and ctx.status < 400
             and ctx.cache != "hit"
             and ctx.shared != "coalesced"
             and (
-                route.input_per_mtok is None
-                or (row["output_tokens"] and route.output_per_mtok is None)
+                row["input_per_mtok"] is None
+                or (row["output_tokens"] and row["output_per_mtok"] is None)
             )
         ):
             self.store.unpriced += 1

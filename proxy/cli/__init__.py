@@ -113,7 +113,8 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
     ex.set_defaults(fn=cmd_export)
 
     f = sub.add_parser(
-        "forget", help="delete a user's keys, usage rows, cache entries and quota counts"
+        "forget",
+        help="delete a user's keys, usage rows, cache entries, quota counts and stored responses",
     )
     f.add_argument("--user", required=True)
     f.add_argument(

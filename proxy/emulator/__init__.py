@@ -23,10 +23,15 @@ The modules, one concern each:
 - ``wire``: the JSON type, the two dialects and their error shapes;
 - ``prompts``: reading a request's model, messages and prompts, checked as the API checks;
 - ``replies``: the deterministic reply and the token rule;
+- ``tools``: which function tools a reply calls (``tool_choice``, parallel calls), and their
+  arguments, alike in all three APIs;
 - ``chat``: OpenAI chat completions and legacy completions, whole and streamed;
-- ``messages``: Anthropic Messages, whole and streamed;
+- ``messages``: Anthropic Messages, whole and streamed, and their token counting;
+- ``responses``: the OpenAI Responses API, whole and streamed, and its stored responses;
+- ``items``: reading a Responses request's input items, tools and output format;
+- ``schema``: a JSON value fitting a JSON schema (structured-output replies);
 - ``embeddings``: OpenAI embeddings;
-- ``models``: the model lists of ``/v1/models``.
+- ``models``: the model lists of ``/v1/models`` and one model's ``/v1/models/{id}``.
 """
 
 from proxy.emulator.app import create_emulator_app, serve

@@ -21,7 +21,8 @@ from proxy.emulator.controls import _Controls, _hang
 from proxy.emulator.embeddings import _EmbeddingsEndpoint
 from proxy.emulator.messages import _MessagesEndpoint
 from proxy.emulator.models import _ModelsEndpoint
-from proxy.emulator.wire import Dialect, Json, _BadRequest, _error
+from proxy.emulator.responses import _ResponsesEndpoint
+from proxy.emulator.wire import ID_HEADERS, REQUEST_ID, Dialect, Json, _BadRequest, _error
 
 Impl = Callable[[web.Request, Json, _Controls], Awaitable[web.StreamResponse]]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -29,7 +30,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 log = logging.getLogger(__name__)
 
 
-class _Emulator(_ChatEndpoints, _MessagesEndpoint, _EmbeddingsEndpoint, _ModelsEndpoint):
+class _Emulator(
+    _ChatEndpoints, _MessagesEndpoint, _ResponsesEndpoint, _EmbeddingsEndpoint, _ModelsEndpoint
+):
     """The emulator: its state (``_State``), every endpoint group, and the route wrapper."""
 
     def route(self, dialect: Dialect | None, impl: Impl, *, needs_body: bool = True) -> Handler:
@@ -46,11 +49,22 @@ class _Emulator(_ChatEndpoints, _MessagesEndpoint, _EmbeddingsEndpoint, _ModelsE
     async def _serve(
         self, request: web.Request, dialect: Dialect | None, impl: Impl, needs_body: bool
     ) -> web.StreamResponse:
+        """Answer, and give the reply the provider's request-id header (errors too), as the
+        real APIs do: OpenAI's ``x-request-id``, Anthropic's ``request-id``, ``req_...``."""
+        if dialect is None:
+            dialect = "anthropic" if "anthropic-version" in request.headers else "openai"
+        ids = request[REQUEST_ID] = {ID_HEADERS[dialect]: self.new_id("req_")}
+        resp = await self._answer(request, dialect, impl, needs_body)
+        if not resp.prepared:  # a stream set it itself before its headers went out
+            resp.headers.update(ids)
+        return resp
+
+    async def _answer(
+        self, request: web.Request, dialect: Dialect, impl: Impl, needs_body: bool
+    ) -> web.StreamResponse:
         self.requests += 1
         self.by_path[request.path] += 1
         self.in_flight += 1
-        if dialect is None:
-            dialect = "anthropic" if "anthropic-version" in request.headers else "openai"
         try:
             body: Any = None
             if needs_body:
@@ -76,7 +90,7 @@ class _Emulator(_ChatEndpoints, _MessagesEndpoint, _EmbeddingsEndpoint, _ModelsE
                 return _error(dialect, status, message, headers=headers)
             return await impl(request, payload, ctl)
         except _BadRequest as exc:
-            return _error(dialect, 400, exc.message, param=exc.param)
+            return _error(dialect, exc.status, exc.message, param=exc.param)
         except web.HTTPException as exc:  # e.g. 413 from request.read(): keep the API's shape
             return _error(dialect, exc.status, exc.reason)
         except ConnectionError:  # the client left while we read its body
@@ -107,7 +121,16 @@ def create_emulator_app(*, api_key: str | None = None) -> web.Application:
     app.router.add_post("/v1/completions", emu.route("openai", emu.completions))
     app.router.add_post("/v1/embeddings", emu.route("openai", emu.embeddings))
     app.router.add_post("/v1/messages", emu.route("anthropic", emu.messages))
+    app.router.add_post("/v1/responses", emu.route("openai", emu.responses))
+    responses = "/v1/responses/{id}"
+    app.router.add_get(responses, emu.route("openai", emu.get_response, needs_body=False))
+    app.router.add_delete(responses, emu.route("openai", emu.delete_response, needs_body=False))
+    app.router.add_get(
+        responses + "/input_items", emu.route("openai", emu.input_items, needs_body=False)
+    )
+    app.router.add_post("/v1/messages/count_tokens", emu.route("anthropic", emu.count_tokens))
     app.router.add_get("/v1/models", emu.route(None, emu.models, needs_body=False))
+    app.router.add_get("/v1/models/{model_id}", emu.route(None, emu.model, needs_body=False))
     app.router.add_route("*", "/v1/{tail:.*}", emu.route(None, emu.not_found, needs_body=False))
     app.router.add_get("/_emulator/stats", emu.stats)
     app.router.add_post("/_emulator/reset", emu.reset)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from proxy.emulator.wire import Json
+from proxy.emulator.wire import REQUEST_ID, Json
 
 _SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
 _MAX_WORDS = 1_000_000  # cap on x-emulator-words so a typo can't exhaust memory
@@ -94,7 +94,7 @@ async def _stream(request: web.Request, events: list[bytes], ctl: _Controls) -> 
     """
     if ctl.stop_after is not None:
         events = events[: ctl.stop_after]
-    resp = web.StreamResponse(headers=_SSE_HEADERS)
+    resp = web.StreamResponse(headers={**_SSE_HEADERS, **request.get(REQUEST_ID, {})})
     try:
         await resp.prepare(request)
         if not ctl.chunk_delay and ctl.abort_after is None:

@@ -18,18 +18,25 @@ Hdrs = Mapping[str, str] | None
 
 _JSON = "application/json"
 
+REQUEST_ID: web.RequestKey[dict[str, str]] = web.RequestKey("request_id", dict)
+"""The request-id header of this reply, as the provider names it (``ID_HEADERS``): set by the
+route wrapper, and by ``controls._stream`` on a stream (its headers go out before it returns)."""
+ID_HEADERS: dict[Dialect, str] = {"openai": "x-request-id", "anthropic": "request-id"}
+
 _ANTHROPIC_ERRORS = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}
 _ANTHROPIC_ERRORS |= {413: "request_too_large", 429: "rate_limit_error", 500: "api_error"}
 _ANTHROPIC_ERRORS |= {503: "overloaded_error", 529: "overloaded_error"}
 
 
 class _BadRequest(Exception):
-    """A request the real API would refuse with 400; rendered in the route's error shape."""
+    """A request the real API would refuse (400, or ``status``: 404 for an unknown id);
+    rendered in the route's error shape."""
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.status = status
 
 
 def _error(

@@ -1,16 +1,20 @@
 """Request translation both ways: OpenAI chat request <-> Anthropic Messages request.
 
 The handler rewrites a client's body into the serving provider's dialect before the call:
-system prompts, content parts, tool calls and results, tool choice and sampling fields are
-mapped; fields the other side would reject are dropped, and same-role turns merge because
-Anthropic alternates roles. ``DEFAULT_MAX_TOKENS`` fills Anthropic's required ``max_tokens``.
+system prompts, content parts, tool calls and results, tool choice, sampling and the options
+of ``options`` are mapped, and same-role turns merge because Anthropic alternates roles. Every
+field is first checked against its direction's table (``fields``): one the serving provider
+cannot honour raises ``Unsupported`` (a 400 naming it), never vanishes. ``DEFAULT_MAX_TOKENS``
+fills Anthropic's required ``max_tokens``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from proxy.translate import options
 from proxy.translate.common import _assistant_turn, _text_of, _tool_use
+from proxy.translate.fields import ANTHROPIC_TO_OPENAI, OPENAI_TO_ANTHROPIC, Unsupported, check
 
 DEFAULT_MAX_TOKENS = 4096
 
@@ -33,7 +37,8 @@ def _data_url_source(url: str) -> dict[str, Any] | None:
 
 
 def _chat_part_to_block(part: dict[str, Any]) -> dict[str, Any] | None:
-    """One OpenAI content part -> an Anthropic content block (``None`` if it has no equivalent)."""
+    """One OpenAI content part -> an Anthropic content block (``None`` for empty text); a
+    part Claude cannot read (audio, a file by id) is refused."""
     kind = part.get("type")
     if kind == "text" or kind == "refusal":
         text = part.get("text") if kind == "text" else part.get("refusal")
@@ -43,9 +48,12 @@ def _chat_part_to_block(part: dict[str, Any]) -> dict[str, Any] | None:
         source = _data_url_source(url) or {"type": "url", "url": url}
         return {"type": "image", "source": source}
     if kind == "file":
-        data = _data_url_source((part.get("file") or {}).get("file_data", ""))
-        return {"type": "document", "source": data} if data else None
-    return None
+        data = (part.get("file") or {}).get("file_data")
+        if isinstance(data, str) and data:
+            pdf = {"type": "base64", "media_type": "application/pdf", "data": data}
+            return {"type": "document", "source": _data_url_source(data) or pdf}
+        raise Unsupported("messages", "a file by id cannot be read by Claude; send file_data")
+    raise Unsupported("messages", f"a {kind!r} content part has no Anthropic equivalent")
 
 
 def _chat_content_to_blocks(content: Any) -> list[dict[str, Any]]:
@@ -70,12 +78,19 @@ def _append_message(messages: list[dict[str, Any]], role: str, content: Any) -> 
         messages.append({"role": role, "content": content})
 
 
-def _tool_choice_to_anthropic(choice: Any, parallel: Any) -> dict[str, Any] | None:
-    """OpenAI ``tool_choice`` (+ ``parallel_tool_calls``) -> Anthropic ``tool_choice``."""
+def _tool_choice_to_anthropic(
+    choice: Any, parallel: Any, tools: list[dict[str, Any]]
+) -> dict[str, Any] | None:
+    """OpenAI ``tool_choice`` (+ ``parallel_tool_calls``) -> Anthropic ``tool_choice``; an
+    ``allowed_tools`` choice narrows ``tools`` in place."""
     out: dict[str, Any] | None
+    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        choice, tools[:] = options.allowed_tools(choice, tools)
     if isinstance(choice, str):
         out = {"type": _TOOL_CHOICE_TO_ANTHROPIC.get(choice, "auto")}
     elif isinstance(choice, dict):
+        if choice.get("type", "function") != "function":
+            raise Unsupported("tool_choice", f"a {choice.get('type')!r} tool cannot be forced")
         out = {"type": "tool", "name": (choice.get("function") or {}).get("name", "")}
     else:
         out = None
@@ -89,7 +104,10 @@ def _tool_choice_to_anthropic(choice: Any, parallel: Any) -> dict[str, Any] | No
 def chat_to_messages_request(
     body: dict[str, Any], upstream_model: str, default_max_tokens: int = DEFAULT_MAX_TOKENS
 ) -> dict[str, Any]:
-    """OpenAI chat request -> Anthropic Messages request; fields Anthropic rejects are dropped."""
+    """OpenAI chat request -> Anthropic Messages request; ``Unsupported`` for a field that
+    Anthropic cannot honour (``fields.OPENAI_TO_ANTHROPIC``)."""
+    check(body, OPENAI_TO_ANTHROPIC)
+    options.choices(body)  # the handler makes the n calls; a bad n is refused here
     system: list[str] = []
     messages: list[dict[str, Any]] = []
     for msg in body.get("messages") or ():
@@ -117,9 +135,16 @@ def chat_to_messages_request(
         elif role == "user":
             user: Any = content if isinstance(content, str) else _chat_content_to_blocks(content)
             _append_message(messages, "user", user)
+        else:
+            raise Unsupported("messages", f"a {role!r} message has no Anthropic equivalent")
 
     out: dict[str, Any] = {"model": upstream_model, "messages": messages}
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+    effort = body.get("reasoning_effort")
+    if effort is not None:
+        out["thinking"], max_tokens = options.thinking_for_effort(
+            effort, max_tokens, default_max_tokens
+        )
     out["max_tokens"] = max_tokens or default_max_tokens
     if system:
         out["system"] = "\n\n".join(system)
@@ -133,30 +158,35 @@ def chat_to_messages_request(
         out["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
     if body.get("stream"):
         out["stream"] = True
-    tools = [
-        {
-            "name": fn.get("name", ""),
-            "description": fn.get("description", ""),
-            "input_schema": fn.get("parameters") or {"type": "object", "properties": {}},
-        }
-        for t in body.get("tools") or ()
-        if t.get("type", "function") == "function" and (fn := t.get("function") or {})
-    ]
+    tools = [options.anthropic_tool(t) for t in body.get("tools") or ()]
+    if body.get("web_search_options") is not None:
+        tools.append(options.web_search_tool(body["web_search_options"]))
     if tools:
-        out["tools"] = tools
-        choice = _tool_choice_to_anthropic(body.get("tool_choice"), body.get("parallel_tool_calls"))
-        if choice:
-            out["tool_choice"] = choice
-    if body.get("user"):
-        out["metadata"] = {"user_id": body["user"]}
+        choice = _tool_choice_to_anthropic(
+            body.get("tool_choice"), body.get("parallel_tool_calls"), tools
+        )
+        if tools:
+            out["tools"] = tools
+            if choice:
+                out["tool_choice"] = choice
+    user = body.get("safety_identifier") or body.get("user")
+    if user:
+        out["metadata"] = {"user_id": user}
+    if body.get("response_format") is not None:
+        config = options.output_format(body["response_format"])
+        if config:
+            out["output_config"] = config
+    if body.get("service_tier") is not None:
+        out["service_tier"] = options.tier_to_anthropic(body["service_tier"])
     return out
 
 
 # --- Anthropic request -> OpenAI request -------------------------------------------------------
 
 
-def _anthropic_block_to_part(block: dict[str, Any]) -> dict[str, Any] | None:
-    """One Anthropic text/image/document block -> an OpenAI content part (``None`` if none)."""
+def _anthropic_block_to_part(block: dict[str, Any]) -> dict[str, Any]:
+    """One Anthropic text/image/document block -> an OpenAI content part; a block OpenAI
+    cannot take (a document by URL or file id, a search result...) is refused."""
     kind = block.get("type")
     if kind == "text":
         return {"type": "text", "text": block.get("text", "")}
@@ -173,7 +203,12 @@ def _anthropic_block_to_part(block: dict[str, Any]) -> dict[str, Any] | None:
             return {"type": "file", "file": {"file_data": data, "filename": "document.pdf"}}
         if source.get("type") == "text":
             return {"type": "text", "text": source.get("data", "")}
-    return None
+        raise Unsupported(
+            "messages",
+            f"a document from a {source.get('type')!r} source cannot be sent to OpenAI; send "
+            "it as base64 or text",
+        )
+    raise Unsupported("messages", f"a {kind!r} block has no OpenAI chat completions equivalent")
 
 
 def _parts_content(parts: list[dict[str, Any]]) -> Any:
@@ -199,11 +234,7 @@ def _anthropic_message_to_chat(msg: dict[str, Any], out: list[dict[str, Any]]) -
             result = block.get("content")
             if isinstance(result, list):
                 # OpenAI tool messages carry text only; images go to the following user turn.
-                parts.extend(
-                    p
-                    for b in result
-                    if b.get("type") != "text" and (p := _anthropic_block_to_part(b))
-                )
+                parts.extend(_anthropic_block_to_part(b) for b in result if b.get("type") != "text")
             out.append(
                 {
                     "role": "tool",
@@ -211,14 +242,16 @@ def _anthropic_message_to_chat(msg: dict[str, Any], out: list[dict[str, Any]]) -
                     "content": _text_of(result),
                 }
             )
-        elif part := _anthropic_block_to_part(block):
-            parts.append(part)
+        else:
+            parts.append(_anthropic_block_to_part(block))
     if parts:
         out.append({"role": "user", "content": _parts_content(parts)})
 
 
 def messages_to_chat_request(body: dict[str, Any], upstream_model: str) -> dict[str, Any]:
-    """Anthropic Messages request -> OpenAI chat request (``thinking``/``top_k`` are dropped)."""
+    """Anthropic Messages request -> OpenAI chat request; ``Unsupported`` for a field that
+    OpenAI cannot honour (``fields.ANTHROPIC_TO_OPENAI``)."""
+    check(body, ANTHROPIC_TO_OPENAI)
     messages: list[dict[str, Any]] = []
     system = _text_of(body.get("system"))
     if system:
@@ -237,18 +270,9 @@ def messages_to_chat_request(body: dict[str, Any], upstream_model: str) -> dict[
     if body.get("stream"):
         out["stream"] = True
         out["stream_options"] = {"include_usage": True}
-    tools = [
-        {
-            "type": "function",
-            "function": {
-                "name": t.get("name", ""),
-                "description": t.get("description", ""),
-                "parameters": t.get("input_schema") or {"type": "object", "properties": {}},
-            },
-        }
-        for t in body.get("tools") or ()
-        if t.get("type", "custom") == "custom"
-    ]
+    tools, search = options.openai_tools(body.get("tools"))
+    if search is not None:
+        out["web_search_options"] = search
     if tools:
         out["tools"] = tools
         choice = body.get("tool_choice") or {}
@@ -262,4 +286,17 @@ def messages_to_chat_request(body: dict[str, Any], upstream_model: str) -> dict[
     user_id = (body.get("metadata") or {}).get("user_id")
     if user_id:
         out["user"] = user_id
+    effort = options.effort_for_thinking(body.get("thinking"))
+    fmt, config_effort = options.response_format(body.get("output_config"))
+    if fmt is not None:
+        out["response_format"] = fmt
+    if config_effort or effort:
+        out["reasoning_effort"] = config_effort or effort
+    if body.get("service_tier") is not None:
+        out["service_tier"] = options.tier_to_openai(body["service_tier"])
+    speed = body.get("speed")
+    if speed == "fast":
+        out["service_tier"] = "priority"
+    elif speed not in (None, "standard"):
+        raise Unsupported("speed", f"{speed!r} is not standard or fast")
     return out

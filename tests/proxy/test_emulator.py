@@ -13,16 +13,18 @@ import math
 import struct
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import anthropic
 import httpx2
 import openai
 import orjson
+import pydantic
 import pytest
 import pytest_asyncio
 from aiohttp import web
+from openai.types.responses import Response, ResponseStreamEvent
 
 from proxy.emulator import create_emulator_app
 from tests.procs import until
@@ -572,3 +574,410 @@ async def test_api_key_is_enforced():
             assert status == 401
     finally:
         await runner.cleanup()
+
+
+# ---- OpenAI Responses --------------------------------------------------------------------------
+
+RESPONSE_TOOLS: list[Any] = [
+    {
+        "type": "function",
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"location": {"type": "string"}}},
+        "strict": False,
+    }
+]
+_EVENT = pydantic.TypeAdapter(ResponseStreamEvent)
+
+
+class Forecast(pydantic.BaseModel):
+    city: str
+    days: int
+    tags: list[str]
+    unit: Literal["c", "f"]
+    note: str | None
+
+
+async def _response_events(
+    http: aiohttp.ClientSession, url: str, body: dict[str, Any], **headers: str
+) -> list[tuple[str | None, dict[str, Any]]]:
+    """A streamed response's raw events, each validated against the openai SDK's types."""
+    status, raw = await _post_raw(
+        http, f"{url}/v1/responses", orjson.dumps({**body, "stream": True}), **headers
+    )
+    assert status == 200, raw
+    events = [(name, orjson.loads(data)) for name, data in _events(raw)]
+    for name, data in events:
+        assert name == data["type"]  # every event is named, as OpenAI streams them
+        _EVENT.validate_python(data)
+    assert [d["sequence_number"] for _, d in events] == list(range(len(events)))
+    return events
+
+
+async def test_responses_whole_reply_fits_the_sdk_type(
+    oai: openai.AsyncOpenAI, http: aiohttp.ClientSession, url: str
+):
+    body = {"model": "gpt-4o-mini", "input": "hello there", "instructions": "be brief"}
+    status, raw = await _post_raw(http, f"{url}/v1/responses", orjson.dumps(body))
+    assert status == 200
+    resp = Response.model_validate_json(raw)  # validated, not merely constructed
+    assert resp.id.startswith("resp_") and resp.status == "completed" and resp.store
+    assert resp.output_text == "Echo: hello there"
+    assert resp.usage is not None
+    assert (resp.usage.input_tokens, resp.usage.output_tokens, resp.usage.total_tokens) == (
+        4,
+        3,
+        7,
+    )
+    via_sdk = await oai.responses.create(model="gpt-4o-mini", input="hello there")
+    assert via_sdk.output_text == "Echo: hello there"
+    assert via_sdk.output[0].type == "message" and via_sdk.output[0].status == "completed"
+
+
+async def test_responses_stream_event_sequence(
+    oai: openai.AsyncOpenAI, http: aiohttp.ClientSession, url: str
+):
+    events = await _response_events(http, url, {"model": "m", "input": "hello there"})
+    kinds = [name for name, _ in events]
+    assert kinds == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+        "response.output_text.delta",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert events[0][1]["response"]["usage"] is None
+    final = events[-1][1]["response"]
+    assert final["usage"]["output_tokens"] == 3 and final["status"] == "completed"
+    deltas = "".join(d["delta"] for n, d in events if n == "response.output_text.delta")
+    assert deltas == "Echo: hello there" == final["output"][0]["content"][0]["text"]
+    async with oai.responses.stream(model="m", input="hello there friend") as stream:
+        texts = [e.delta async for e in stream if e.type == "response.output_text.delta"]
+        done = await stream.get_final_response()
+    assert "".join(texts) == done.output_text == "Echo: hello there friend"
+    assert done.usage is not None and done.usage.output_tokens == 4
+
+
+async def test_responses_max_output_tokens_is_incomplete(
+    oai: openai.AsyncOpenAI, http: aiohttp.ClientSession, url: str
+):
+    words = {"x-emulator-words": "40"}
+    resp = await oai.responses.create(
+        model="m", input="hi", max_output_tokens=16, extra_headers=words
+    )
+    assert resp.status == "incomplete"
+    assert resp.incomplete_details is not None
+    assert resp.incomplete_details.reason == "max_output_tokens"
+    assert resp.usage is not None and resp.usage.output_tokens == 16
+    events = await _response_events(
+        http, url, {"model": "m", "input": "hi", "max_output_tokens": 16}, **words
+    )
+    assert events[-1][0] == "response.incomplete"
+    with pytest.raises(openai.BadRequestError) as info:
+        await oai.responses.create(model="m", input="hi", max_output_tokens=5)
+    assert info.value.body["param"] == "max_output_tokens"  # type: ignore[index]
+
+
+async def test_responses_function_call_and_its_output(
+    oai: openai.AsyncOpenAI, http: aiohttp.ClientSession, url: str
+):
+    ask = "what is the weather in Lisbon?"
+    call = await oai.responses.create(model="m", input=ask, tools=RESPONSE_TOOLS)
+    item = call.output[0]
+    assert item.type == "function_call" and item.name == "get_weather"
+    assert orjson.loads(item.arguments) == {"location": "Lisbon"}
+    events = await _response_events(
+        http, url, {"model": "m", "input": ask, "tools": RESPONSE_TOOLS}
+    )
+    pieces = [d["delta"] for n, d in events if n == "response.function_call_arguments.delta"]
+    assert orjson.loads("".join(pieces)) == {"location": "Lisbon"}
+    follow = await oai.responses.create(
+        model="m",
+        previous_response_id=call.id,
+        input=[{"type": "function_call_output", "call_id": item.call_id, "output": "sunny"}],
+        tools=RESPONSE_TOOLS,
+    )
+    assert follow.output_text == f"Echo: {ask}"  # text, not another call
+    assert follow.previous_response_id == call.id
+    assert follow.usage is not None and call.usage is not None
+    # the earlier turn (question and call) counts as input again
+    assert follow.usage.input_tokens == call.usage.input_tokens + 1 + 1
+
+
+async def test_responses_structured_output(oai: openai.AsyncOpenAI):
+    parsed = await oai.responses.parse(model="m", input="plan a trip", text_format=Forecast)
+    assert parsed.output_parsed is not None
+    assert parsed.output_parsed.city == "Echo: plan a trip"
+    assert parsed.output_parsed.unit == "c" and parsed.output_parsed.tags
+    async with oai.responses.stream(model="m", input="x", text_format=Forecast) as stream:
+        final = await stream.get_final_response()
+    assert final.output_parsed is not None and final.output_parsed.days == 0
+    loose = await oai.responses.create(
+        model="m", input="hi", text={"format": {"type": "json_object"}}
+    )
+    assert orjson.loads(loose.output_text) == {"echo": "Echo: hi"}
+    chat = await oai.chat.completions.parse(
+        model="m", messages=[{"role": "user", "content": "go"}], response_format=Forecast
+    )
+    assert chat.choices[0].message.parsed is not None
+
+
+async def test_responses_store_retrieve_delete_and_input_items(oai: openai.AsyncOpenAI):
+    items: Any = [
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": [{"type": "input_text", "text": "one"}]},
+        {"type": "message", "role": "user", "content": "two"},
+    ]
+    resp = await oai.responses.create(model="m", input=items)
+    got = await oai.responses.retrieve(resp.id)
+    assert got.id == resp.id and got.output_text == "Echo: two"
+    page = await oai.responses.input_items.list(resp.id)
+    assert [i.type for i in page.data] == ["message"] * 3
+    assert [i.content[0].text for i in page.data] == ["two", "one", "be brief"]  # type: ignore[union-attr]
+    first = await oai.responses.input_items.list(resp.id, order="asc", limit=2)
+    assert first.has_more and len(first.data) == 2
+    rest = await oai.responses.input_items.list(resp.id, order="asc", after=first.data[-1].id)
+    assert [i.content[0].text for i in rest.data] == ["two"] and not rest.has_more  # type: ignore[union-attr]
+    await oai.responses.delete(resp.id)
+    for fetch in (oai.responses.retrieve, oai.responses.delete, oai.responses.input_items.list):
+        with pytest.raises(openai.NotFoundError):
+            await fetch(resp.id)
+    unstored = await oai.responses.create(model="m", input="x", store=False)
+    with pytest.raises(openai.NotFoundError):
+        await oai.responses.retrieve(unstored.id)
+    with pytest.raises(openai.NotFoundError) as info:
+        await oai.responses.create(model="m", input="x", previous_response_id=unstored.id)
+    assert info.value.body["param"] == "previous_response_id"  # type: ignore[index]
+
+
+async def test_responses_conversation_continues(oai: openai.AsyncOpenAI):
+    first = await oai.responses.create(model="m", input="alpha beta")
+    second = await oai.responses.create(model="m", input="gamma", previous_response_id=first.id)
+    assert second.output_text == "Echo: gamma"
+    assert first.usage is not None and second.usage is not None
+    # alpha beta (2) + Echo: alpha beta (3) + gamma (1)
+    assert (first.usage.input_tokens, second.usage.input_tokens) == (2, 6)
+
+
+async def test_responses_web_search_and_bad_input(
+    oai: openai.AsyncOpenAI, http: aiohttp.ClientSession, url: str
+):
+    tools: Any = [{"type": "web_search"}]
+    resp = await oai.responses.create(model="m", input="search news", tools=tools)
+    assert [o.type for o in resp.output] == ["web_search_call", "message"]
+    events = await _response_events(http, url, {"model": "m", "input": "news", "tools": tools})
+    assert "response.web_search_call.searching" in [n for n, _ in events]
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({"model": "m"}, "input"),
+        ({"model": "m", "input": [{"type": "nope"}]}, "input[0].type"),
+        ({"model": "m", "input": [{"role": "robot", "content": "x"}]}, "input[0].role"),
+        ({"model": "m", "input": "x", "tools": [{"type": "telepathy"}]}, "tools[0].type"),
+        (
+            {"model": "m", "input": "x", "text": {"format": {"type": "json_schema"}}},
+            "text.format.name",
+        ),
+        ({"input": "x"}, "model"),
+    ]
+    for body, param in bad:
+        status, raw = await _post_raw(http, f"{url}/v1/responses", orjson.dumps(body))
+        err = orjson.loads(raw)["error"]
+        assert (status, err["param"], err["type"]) == (400, param, "invalid_request_error"), body
+
+
+async def test_responses_controls_apply(oai: openai.AsyncOpenAI):
+    with pytest.raises(openai.RateLimitError):
+        await oai.responses.create(model="m", input="x", extra_headers={"x-emulator-status": "429"})
+    seen = []
+    with pytest.raises(openai.APIConnectionError):
+        stream = await oai.responses.create(
+            model="m",
+            input="x",
+            stream=True,
+            extra_headers={"x-emulator-stream-abort-after": "4", "x-emulator-words": "20"},
+        )
+        async for event in stream:
+            seen.append(event.type)
+    assert len(seen) == 4
+
+
+# ---- tool use: tool_choice and parallel calls, alike in all three APIs (emulator.tools) ---------
+
+_CITY_SCHEMA: Any = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+    "required": ["city", "days"],
+    "additionalProperties": False,
+}
+CHAT_TWO_TOOLS: list[Any] = [
+    *TOOLS,
+    {"type": "function", "function": {"name": "get_time", "parameters": _CITY_SCHEMA}},
+]
+RESPONSE_TWO_TOOLS: list[Any] = [
+    *RESPONSE_TOOLS,
+    {"type": "function", "name": "get_time", "parameters": _CITY_SCHEMA, "strict": True},
+]
+MESSAGE_TWO_TOOLS: list[Any] = [
+    {"name": "get_weather", "input_schema": {"type": "object"}},
+    {"name": "get_time", "input_schema": _CITY_SCHEMA},
+]
+BOTH = "Use get_time and get_weather for Oslo"  # names both tools: one call each
+PLAIN = "hello there"  # names no tool and is not about the weather
+
+
+def _chat_calls(resp: Any) -> list[tuple[str, Any]]:
+    calls = resp.choices[0].message.tool_calls or []
+    return [(c.function.name, orjson.loads(c.function.arguments)) for c in calls]
+
+
+async def test_chat_tool_choice_and_parallel_calls(oai: openai.AsyncOpenAI, http, url: str):
+    async def ask(text: str, **kw: Any) -> Any:
+        return await oai.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": text}], tools=CHAT_TWO_TOOLS, **kw
+        )
+
+    weather = "What's the weather in Oslo?"
+    assert (await ask(weather, tool_choice="none")).choices[0].message.content == f"Echo: {weather}"
+    assert _chat_calls(await ask(PLAIN)) == []  # auto: nothing asks for a tool
+    # required: a call even so, of the first tool; arguments fit its schema
+    assert _chat_calls(await ask(PLAIN, tool_choice="required")) == [
+        ("get_weather", {"location": PLAIN})
+    ]
+    forced: Any = {"type": "function", "function": {"name": "get_time"}}
+    resp = await ask(weather, tool_choice=forced)  # the weather asked, the time forced
+    assert _chat_calls(resp) == [("get_time", {"city": "Oslo", "days": 0})]
+    # both named: two calls, in the order of the tools; one when parallel calls are off
+    both = await ask(BOTH)
+    assert [c[0] for c in _chat_calls(both)] == ["get_weather", "get_time"]
+    assert both.choices[0].finish_reason == "tool_calls"
+    assert both.usage is not None and both.usage.completion_tokens == 2  # a word per call's JSON
+    assert _chat_calls(await ask(BOTH, parallel_tool_calls=False)) == [
+        ("get_weather", {"location": "Oslo"})
+    ]
+    # streamed: each call opens with its index, id and name, then its arguments in pieces
+    stream = await ask(BOTH, stream=True)
+    calls: dict[int, dict[str, str]] = {}
+    async for chunk in stream:
+        for tc in chunk.choices[0].delta.tool_calls or []:
+            call = calls.setdefault(tc.index, {"name": "", "arguments": "", "id": ""})
+            call["id"] += tc.id or ""
+            call["name"] += (tc.function.name or "") if tc.function else ""
+            call["arguments"] += (tc.function.arguments or "") if tc.function else ""
+    assert [(c["name"], orjson.loads(c["arguments"])) for c in calls.values()] == _chat_calls(both)
+    assert len({c["id"] for c in calls.values()}) == 2
+    # a forced tool is called again after its output, as a provider forces it; auto answers
+    call = (resp.choices[0].message.tool_calls or [])[0]
+    followup: Any = [
+        {"role": "user", "content": weather},
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "noon"},
+    ]
+    again = await oai.chat.completions.create(
+        model="m", messages=followup, tools=CHAT_TWO_TOOLS, tool_choice=forced
+    )
+    assert [c[0] for c in _chat_calls(again)] == ["get_time"]
+    # a tool that is not offered cannot be forced, nor any tool without tools
+    for body in (
+        {"tools": CHAT_TWO_TOOLS, "tool_choice": {"type": "function", "function": {"name": "x"}}},
+        {"tool_choice": "required"},
+    ):
+        payload = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **body}
+        status, raw = await _post_raw(http, f"{url}/v1/chat/completions", orjson.dumps(payload))
+        assert status == 400 and orjson.loads(raw)["error"]["param"] == "tool_choice"
+
+
+async def test_messages_tool_choice_and_parallel_calls(ant: anthropic.AsyncAnthropic):
+    async def ask(text: str, **kw: Any) -> Any:
+        return await ant.messages.create(
+            model="c",
+            max_tokens=2000,
+            messages=[{"role": "user", "content": text}],
+            tools=MESSAGE_TWO_TOOLS,
+            **kw,
+        )
+
+    def uses(msg: Any) -> list[tuple[str, Any]]:
+        return [(b.name, b.input) for b in msg.content if b.type == "tool_use"]
+
+    weather = "Weather for Oslo please"
+    assert (await ask(weather, tool_choice={"type": "none"})).stop_reason == "end_turn"
+    assert uses(await ask(PLAIN)) == []
+    anyone = await ask(PLAIN, tool_choice={"type": "any"})  # Anthropic's required
+    assert uses(anyone) == [("get_weather", {"location": "Paris"})]  # no place named
+    forced = await ask(weather, tool_choice={"type": "tool", "name": "get_time"})
+    assert uses(forced) == [("get_time", {"city": "Oslo", "days": 0})]
+    both = await ask(BOTH)
+    assert both.stop_reason == "tool_use"
+    assert uses(both) == [
+        ("get_weather", {"location": "Oslo"}),
+        ("get_time", {"city": "Oslo", "days": 0}),
+    ]
+    assert len({b.id for b in both.content}) == 2
+    single = await ask(BOTH, tool_choice={"type": "auto", "disable_parallel_tool_use": True})
+    assert uses(single) == uses(both)[:1]
+    # streamed with thinking first: blocks 0 (thinking), 1 and 2 (the calls), as sent whole
+    thinking: Any = {"type": "enabled", "budget_tokens": 1024}
+    async with ant.messages.stream(
+        model="c",
+        max_tokens=2000,
+        messages=[{"role": "user", "content": BOTH}],
+        tools=MESSAGE_TWO_TOOLS,
+        thinking=thinking,
+    ) as stream:
+        final = await stream.get_final_message()
+    assert [b.type for b in final.content] == ["thinking", "tool_use", "tool_use"]
+    assert uses(final) == uses(both)
+    with pytest.raises(anthropic.BadRequestError):
+        await ask(weather, tool_choice={"type": "tool", "name": "nothing"})
+
+
+async def test_responses_tool_choice_and_parallel_calls(
+    oai: openai.AsyncOpenAI, http: aiohttp.ClientSession, url: str
+):
+    async def ask(text: str, **kw: Any) -> Response:
+        return await oai.responses.create(model="m", input=text, tools=RESPONSE_TWO_TOOLS, **kw)
+
+    def calls(resp: Response) -> list[tuple[str, Any]]:
+        return [
+            (i.name, orjson.loads(i.arguments)) for i in resp.output if i.type == "function_call"
+        ]
+
+    weather = "what is the weather in Oslo?"
+    assert (await ask(weather, tool_choice="none")).output_text == f"Echo: {weather}"
+    assert calls(await ask(PLAIN)) == []
+    assert calls(await ask(PLAIN, tool_choice="required")) == [("get_weather", {"location": PLAIN})]
+    forced = await ask(weather, tool_choice={"type": "function", "name": "get_time"})
+    assert calls(forced) == [("get_time", {"city": "Oslo", "days": 0})]
+    both = await ask(BOTH)
+    assert calls(both) == [
+        ("get_weather", {"location": "Oslo"}),
+        ("get_time", {"city": "Oslo", "days": 0}),
+    ]
+    assert len({i.call_id for i in both.output if i.type == "function_call"}) == 2
+    assert calls(await ask(BOTH, parallel_tool_calls=False)) == calls(both)[:1]
+    events = await _response_events(
+        http, url, {"model": "m", "input": BOTH, "tools": RESPONSE_TWO_TOOLS}
+    )
+    done = [d["arguments"] for n, d in events if n == "response.function_call_arguments.done"]
+    assert [orjson.loads(a) for a in done] == [args for _, args in calls(both)]
+    assert [d["output_index"] for n, d in events if n == "response.output_item.added"] == [0, 1]
+    # after the tools' outputs, auto answers in text
+    outputs: Any = [
+        {"type": "function_call_output", "call_id": i.call_id, "output": "ok"}
+        for i in both.output
+        if i.type == "function_call"
+    ]
+    follow = await oai.responses.create(
+        model="m", previous_response_id=both.id, input=outputs, tools=RESPONSE_TWO_TOOLS
+    )
+    assert follow.output_text == f"Echo: {BOTH}"
+    status, raw = await _post_raw(
+        http,
+        f"{url}/v1/responses",
+        orjson.dumps({"model": "m", "input": "hi", "tool_choice": "required"}),
+    )
+    assert status == 400 and orjson.loads(raw)["error"]["param"] == "tool_choice"

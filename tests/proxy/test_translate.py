@@ -273,7 +273,9 @@ def test_chat_finish_to_stop(finish: str | None, stop: str | None) -> None:
 # --- OpenAI request -> Anthropic request -------------------------------------------------------
 
 
-def test_chat_request_system_defaults_and_dropped_fields() -> None:
+def test_chat_request_system_defaults_and_fields_that_ask_for_nothing() -> None:
+    """Fields at the value that asks for nothing (n 1, penalties 0, logprobs false, text
+    format) and hints with no effect on the answer (store) are accepted and not sent."""
     body = {
         "model": "claude",
         "messages": [
@@ -282,12 +284,13 @@ def test_chat_request_system_defaults_and_dropped_fields() -> None:
             {"role": "user", "content": "Hi"},
         ],
         "n": 1,
-        "presence_penalty": 0.5,
-        "frequency_penalty": 0.1,
-        "logprobs": True,
+        "presence_penalty": 0,
+        "frequency_penalty": 0.0,
+        "logprobs": False,
+        "store": True,
         "stream_options": {"include_usage": True},
         "response_format": {"type": "text"},
-        "seed": 7,
+        "seed": None,
         "stream": True,
         "temperature": 1.5,
         "top_p": 0.9,
@@ -598,7 +601,6 @@ def test_messages_request_to_chat() -> None:
         ],
         "stop_sequences": ["END"],
         "temperature": 0.2,
-        "top_k": 5,
         "metadata": {"user_id": "u-1"},
         "stream": True,
         "tools": [
@@ -651,6 +653,7 @@ def test_messages_request_to_chat() -> None:
         "tool_choice": "required",
         "parallel_tool_calls": False,
         "user": "u-1",
+        "web_search_options": {},
     }
 
 

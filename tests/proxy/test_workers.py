@@ -45,7 +45,7 @@ chain:
         - {{id: k2, user: u2, tier: pro, sha256: {pro}}}
   - name: limits
   - name: metering
-    config: {{sink: {sink}, database: {db}, flush_interval: 100ms}}
+    config: {{sink: {sink}, database: {db}, flush_interval: {flush}}}
 """
 
 
@@ -56,7 +56,9 @@ def emulator_port() -> Iterator[int]:
         yield port
 
 
-def write_policy(tmp_path: Path, port: int, redis: str, emu: int, sink: str = "redis") -> Path:
+def write_policy(
+    tmp_path: Path, port: int, redis: str, emu: int, sink: str = "redis", flush: str = "100ms"
+) -> Path:
     path = tmp_path / "policy.yaml"
     path.write_text(
         POLICY.format(
@@ -67,6 +69,7 @@ def write_policy(tmp_path: Path, port: int, redis: str, emu: int, sink: str = "r
             free=hashlib.sha256(FREE.encode()).hexdigest(),
             pro=hashlib.sha256(PRO.encode()).hexdigest(),
             sink=sink,
+            flush=flush,
             db=tmp_path / "usage.duckdb",
         )
     )
@@ -159,6 +162,48 @@ def test_two_workers_exact_limits_restart_and_shutdown(
         assert gw.popen.wait(2 * 2 + 10) == 0
         assert time.monotonic() - began < 2 * 2 + 10
         assert not any(alive(p) for p in now)
+    finally:
+        gw.stop()
+        meter.close()
+        db.close()
+
+
+def spooled_rows(spool: Path, pid: int) -> int:
+    """Rows in the spool segments of the process ``pid`` (named ``HOST-PID-STARTMS.N.jsonl``;
+    a segment's unused tail is zeros)."""
+    return sum(p.read_bytes().count(b"\n") for p in spool.glob(f"*-{pid}-*.jsonl"))
+
+
+def test_the_rows_of_a_killed_worker_are_not_lost(
+    redis_url: str, emulator_port: int, tmp_path: Path
+) -> None:
+    """A worker killed (SIGKILL) with rows in its spool it had not shipped yet: its successor
+    (or its sibling) adopts its segments and ships them, so the meter gets every answered
+    request once."""
+    port = free_port()
+    # no flush while the test runs: the answered requests' rows stay in the workers' spools
+    policy = write_policy(tmp_path, port, redis_url, emulator_port, flush="60s")
+    gw = Proc([*TOLLWAY, "serve", "--policy", str(policy), "--workers", "2"])
+    db = UsageDB(tmp_path / "meter.duckdb")
+    meter = Meter(db, redis_url, consumer="test")
+    try:
+        gw.wait_for(rf"tollway listening on http://127\.0\.0\.1:{port}$", 60)
+        with ThreadPoolExecutor(10) as pool:
+            answers = list(pool.map(lambda _: ask(port, PRO), range(40)))
+        assert [s for s, _ in answers] == [200] * 40
+        victim = workers_of(gw.pid)[0]
+        spool = tmp_path / "usage.spool"
+        held = spooled_rows(spool, victim)
+        assert held > 0  # (40 connections, two workers: each answered some)
+        os.kill(victim, signal.SIGKILL)
+        gw.wait_for(r"worker \d \(pid \d+\) is serving again", 60)
+        gw.popen.send_signal(signal.SIGTERM)  # the live ones ship what they hold as they stop
+        assert gw.popen.wait(20) == 0
+        assert spooled_rows(spool, victim) == 0  # adopted: shipped, none left behind
+        meter.drain()
+        rows = db.query("SELECT request_id, count(*) FROM usage GROUP BY 1")[1]
+        assert sorted(r[0] for r in rows) == sorted(rid for _, rid in answers)
+        assert {r[1] for r in rows} == {1}
     finally:
         gw.stop()
         meter.close()

@@ -176,7 +176,24 @@ def a_tool(description: str = "d", prop: str = "p") -> dict[str, Any]:
     return {"name": "f", "description": description, "input_schema": schema}
 
 
+def resp(**fields: Any) -> dict[str, Any]:
+    return {"model": "gpt-5.4-mini", "input": "hi", **fields}
+
+
+def resp_history(*items: dict[str, Any]) -> dict[str, Any]:
+    return {"model": "gpt-5.4-mini", "input": [*items, {"role": "user", "content": "ok"}]}
+
+
+def fn_call(arguments: str) -> dict[str, Any]:
+    return {"type": "function_call", "call_id": "call_1", "name": "f", "arguments": arguments}
+
+
+def fn_output(output: Any) -> dict[str, Any]:
+    return {"type": "function_call_output", "call_id": "call_1", "output": output}
+
+
 CHAT = "/v1/chat/completions"
+RESPONSES = "/v1/responses"
 FIELDS: list[tuple[str, str, Build]] = [
     # OpenAI chat
     ("chat user content", CHAT, lambda t, d: chat(messages=[{"role": "user", "content": t}])),
@@ -315,6 +332,76 @@ FIELDS: list[tuple[str, str, Build]] = [
     ),
     ("messages input_schema", "/v1/messages", lambda t, d: messages(tools=[a_tool(prop=t)])),
     ("messages metadata", "/v1/messages", lambda t, d: messages(metadata={"user_id": t})),
+    # OpenAI Responses
+    ("responses input", RESPONSES, lambda t, d: resp(input=t)),
+    ("responses instructions", RESPONSES, lambda t, d: resp(instructions=t)),
+    ("responses message", RESPONSES, lambda t, d: resp_history({"role": "user", "content": t})),
+    (
+        "responses input_text",
+        RESPONSES,
+        lambda t, d: resp_history(
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": t}]}
+        ),
+    ),
+    (
+        "responses developer",
+        RESPONSES,
+        lambda t, d: resp_history({"role": "developer", "content": t}),
+    ),
+    (
+        "responses output_text",
+        RESPONSES,
+        lambda t, d: resp_history(
+            {
+                "type": "message",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": t, "annotations": []}],
+            }
+        ),
+    ),
+    (
+        "responses function_call arguments",
+        RESPONSES,
+        lambda t, d: resp_history(fn_call(args(t, d)), fn_output("done")),
+    ),
+    (
+        "responses function_call_output",
+        RESPONSES,
+        lambda t, d: resp_history(fn_call("{}"), fn_output(t)),
+    ),
+    (
+        "responses function_call_output parts",
+        RESPONSES,
+        lambda t, d: resp_history(fn_call("{}"), fn_output([{"type": "input_text", "text": t}])),
+    ),
+    (
+        "responses tool description",
+        RESPONSES,
+        lambda t, d: resp(
+            tools=[{"type": "function", "name": "f", "description": t, "parameters": {}}]
+        ),
+    ),
+    (
+        "responses parameter description",
+        RESPONSES,
+        lambda t, d: resp(tools=[{"type": "function", "name": "f", **fn_tool(prop=t)["function"]}]),
+    ),
+    (
+        "responses text.format",
+        RESPONSES,
+        lambda t, d: resp(
+            text={
+                "format": {
+                    "type": "json_schema",
+                    "name": "answer",
+                    "description": t if d % 2 else "an answer",
+                    "schema": fn_tool(prop=t)["function"]["parameters"],
+                }
+            }
+        ),
+    ),
+    ("responses safety_identifier", RESPONSES, lambda t, d: resp(safety_identifier=t)),
+    ("responses metadata", RESPONSES, lambda t, d: resp(metadata={"note": t})),
 ]
 
 
@@ -547,6 +634,56 @@ async def test_anthropic_fields(make_gateway: Any, emulator: Emulator) -> None:
         text_doc["source"]["data"] == "IBAN [IBAN]" and text_doc["title"] == "statement for [EMAIL]"
     )
     assert content_doc["source"]["content"][0]["text"] == "aws_secret_access_key=[SECRET]"
+
+
+async def test_responses_fields(make_gateway: Any, emulator: Emulator) -> None:
+    """/v1/responses: the same texts are redacted whether the request passes through to an
+    OpenAI provider or is translated for a Claude model (privacy runs before either)."""
+    gw: Gw = await make_gateway(privacy_chain())
+    client = gw.openai(await gw.create_key())
+    arguments = json.dumps({"to": wide(EMAIL), "note": f"call\n{PHONE}", "n": 3})
+    items: Any = [
+        {"role": "developer", "content": f"Escalate to {EMAIL}"},
+        {"role": "user", "content": [{"type": "input_text", "text": f"card {CARD}"}]},
+        {"type": "function_call", "call_id": "call_1", "name": "send", "arguments": arguments},
+        {
+            "type": "function_call_output",
+            "call_id": "call_1",
+            "output": [{"type": "input_text", "text": f"aws_secret_access_key={AWS}"}],
+        },
+        {"role": "user", "content": "thanks"},
+    ]
+    tools: Any = [
+        {"type": "function", "name": "send", "description": f"mails {EMAIL}", "parameters": {}}
+    ]
+    for model, path in (("gpt-5.4-mini", "/v1/responses"), ("claude-sonnet", "/v1/messages")):
+        raw = await client.responses.with_raw_response.create(
+            model=model, input=items, instructions=f"Reply to {EMAIL}", tools=tools
+        )
+        assert raw.headers["x-tollway-redacted"] == "card=1,email=4,phone=1,secret=1", model
+        last = await emulator.last()
+        assert last["path"] == path
+        sent = last["body"]
+        seen = json.dumps(sent, ensure_ascii=False)
+        for value in (EMAIL, wide(EMAIL), CARD, PHONE, AWS):
+            assert value not in seen, (model, value)
+        if path == "/v1/responses":
+            assert sent["instructions"] == "Reply to [EMAIL]"
+            assert sent["input"][0]["content"] == "Escalate to [EMAIL]"
+            assert sent["input"][1]["content"][0]["text"] == "card [CARD]"
+            assert json.loads(sent["input"][2]["arguments"]) == {
+                "to": "[EMAIL]",
+                "note": "call\n[PHONE]",
+                "n": 3,
+            }
+            assert sent["input"][3]["output"][0]["text"] == "aws_secret_access_key=[SECRET]"
+            assert sent["tools"][0]["description"] == "mails [EMAIL]"
+        else:
+            assert "Reply to [EMAIL]" in json.dumps(sent["system"])
+            tool_use = sent["messages"][1]["content"][0]
+            assert tool_use["input"] == {"to": "[EMAIL]", "note": "call\n[PHONE]", "n": 3}
+            assert "aws_secret_access_key=[SECRET]" in json.dumps(sent["messages"][2])
+            assert sent["tools"][0]["description"] == "mails [EMAIL]"
 
 
 async def test_signed_thinking_reaches_the_provider_unchanged(

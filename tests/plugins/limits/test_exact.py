@@ -3,6 +3,9 @@
 The oracle is a brute-force count over the admitted times (every interval of one period that
 starts at an admission), independent of the windows' own bookkeeping. The clock is injected:
 ``MemoryWindows(clock)``, and on Redis the time goes into the admission script's arguments.
+The property tests keep their times as integer milliseconds and give the windows seconds
+(``ms / 1000``): the oracle's sums and comparisons are then exact, where float seconds would
+round ``t - period`` to either side of an earlier arrival and judge the boundary wrongly.
 """
 
 from __future__ import annotations
@@ -38,9 +41,14 @@ class Clock:
         return self.t
 
 
-def most_in_one_period(times: list[float], period: float) -> int:
+def most_in_one_period(times: list[float] | list[int], period: float) -> int:
     """The largest number of admissions in any interval [t, t + period) (brute force)."""
     return max((sum(1 for u in times if t <= u < t + period) for t in times), default=0)
+
+
+def ms(seconds: float) -> int:
+    """An arrival drawn as float seconds, as the property tests keep it: whole milliseconds."""
+    return round(seconds * 1000)
 
 
 class Driver:
@@ -100,7 +108,6 @@ gaps = st.lists(
     max_examples=60,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
-    derandomize=True,  # reproducible; open: Redis refuses an arrival exactly one period on, wait 0
 )
 @given(
     gaps=gaps,
@@ -114,21 +121,41 @@ def test_never_more_than_the_limit_in_any_period(
     """Arbitrary arrivals: at most ``limit`` admitted in any interval of one period, a refused
     request fits after its wait, and the wait is never longer than the period."""
     bound = _fresh([(limit, period), (limit + 3, period * 2)])
-    t, admitted = round(start, 3), []
+    t, admitted = ms(start), []  # integer milliseconds: the oracle's arithmetic is exact
     for gap in gaps:
-        t = round(t + gap, 3)  # milliseconds, as the script stores microseconds exactly
-        res = driver.admit(bound, t)
+        t += ms(gap)
+        res = driver.admit(bound, t / 1000)
         if res.failed < 0:
             admitted.append(t)
             continue
-        amount, span, _ = bound.layers[res.failed]
-        assert 0 < res.wait <= span + 1e-6
+        amount, seconds, _ = bound.layers[res.failed]
+        span = ms(seconds)
+        assert 0 < res.wait <= seconds
+        wait = res.wait * 1000  # a whole number of milliseconds here: every arrival is one
+        assert wait == pytest.approx(round(wait), abs=1e-6)
         # a refusal is never needless: the layer it names was full in (t - span, t] ...
         assert sum(1 for u in admitted if u > t - span) >= amount
-        # ... and stays full until just before the wait it reports
-        assert sum(1 for u in admitted if u > t + res.wait - 1e-3 - span) >= amount
-    assert most_in_one_period(admitted, period) <= limit
-    assert most_in_one_period(admitted, period * 2) <= limit + 3
+        # ... and stays full until just before the wait it reports: it names the exact instant
+        assert sum(1 for u in admitted if u > t + round(wait) - 1 - span) >= amount
+        assert sum(1 for u in admitted if u > t + round(wait) - span) < amount
+    assert most_in_one_period(admitted, ms(period)) <= limit
+    assert most_in_one_period(admitted, ms(period * 2)) <= limit + 3
+
+
+@pytest.mark.parametrize("period", [1.0, 10.0, 60.0])
+@pytest.mark.parametrize("start", [0.476, 0.1, 1234.567, 9999.999, 1_750_000_000.123456])
+def test_an_arrival_exactly_one_period_later_is_admitted(
+    driver: Driver, start: float, period: float
+) -> None:
+    """The window is (now - period, now]: at exactly one period after an admission it has
+    left, in both stores. In float seconds 60.476 - 60 rounds below 0.476, which kept the first
+    one and refused the second with a wait of 0."""
+    bound = _fresh([(1, period)])
+    later = round(start + period, 6)
+    assert driver.admit(bound, start).failed == -1
+    refused = driver.admit(bound, round(later - 0.000001, 6))  # a microsecond early: full
+    assert refused.failed == 0 and refused.wait == pytest.approx(0.000001, abs=1e-9)
+    assert driver.admit(bound, later) == Admit(-1, 0, 0, period)
 
 
 def test_the_issue_example_five_per_minute(driver: Driver) -> None:
@@ -203,14 +230,14 @@ def test_refusals_change_no_window_on_redis_and_one_round_trip_each(redis_url: s
     d = Driver("redis", redis_url)
     client = redis.Redis.from_url(redis_url)
     assert d.remote is not None
-    sent: list[tuple[Any, ...]] = []
-    execute = d.remote.client.execute_command
+    sent: list[bytes] = []
+    call = d.remote.link.call
 
-    async def spy(*args: Any, **kwargs: Any) -> Any:
-        sent.append(args)
-        return await execute(*args, **kwargs)
+    async def spy(command: bytes) -> Any:  # every command the windows send goes through it
+        sent.append(command.split(b"\r\n")[2])  # the name: the first bulk string's value
+        return await call(command)
 
-    d.remote.client.execute_command = spy
+    d.remote.link.call = spy  # type: ignore[method-assign]
     try:
         bound = BoundLayers(_layers("r"))
         assert d.admit(bound, 5000.0).failed == -1  # the first call loads the script
@@ -226,7 +253,7 @@ def test_refusals_change_no_window_on_redis_and_one_round_trip_each(redis_url: s
         d.clock.t = 5070.0
         ok = d.loop.run_until_complete(d.remote.admit(bound))
         assert _evalsha_calls(client) - evalsha == 21
-        assert [a[0] for a in sent] == ["EVALSHA"] * 21  # nothing else went to the server
+        assert sent == [b"EVALSHA"] * 21  # nothing else went to the server
         # the numbers for the headers came back in the same trip: the plan layer (its three
         # earlier requests have left the minute), 2 left after this one
         assert (ok.failed, ok.layer, ok.remaining, ok.wait) == (-1, 5, 2, 60.0)
@@ -308,7 +335,6 @@ def test_counter_above_exact_up_to_stays_within_its_bound(
     max_examples=40,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
-    derandomize=True,
 )
 @given(gaps=gaps, limit=st.integers(1, 8), start=st.floats(0, 10_000))
 def test_counter_bound_holds_for_any_arrivals(
@@ -320,14 +346,49 @@ def test_counter_bound_holds_for_any_arrivals(
     if driver.remote is not None:
         driver.remote.exact_up_to = 0
     bound = _fresh([(limit, 10.0)])
-    t, admitted = round(start, 3), []
+    t, admitted = ms(start), []
     for gap in gaps:
-        t = round(t + gap, 3)
-        if driver.admit(bound, t).failed < 0:
+        t += ms(gap)
+        if driver.admit(bound, t / 1000).failed < 0:
             admitted.append(t)
-    assert most_in_one_period(admitted, 10.0) <= 2 * limit
-    for w in {math.floor(u / 10.0) for u in admitted}:
-        assert sum(1 for u in admitted if math.floor(u / 10.0) == w) <= limit
+    assert most_in_one_period(admitted, 10_000) <= 2 * limit
+    for w in {u // 10_000 for u in admitted}:
+        assert sum(1 for u in admitted if u // 10_000 == w) <= limit
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    gaps=gaps,
+    limits=st.lists(st.tuples(st.integers(1, 8), st.sampled_from([1.0, 10.0, 60.0])), max_size=3),
+    counted=st.lists(st.tuples(st.integers(1, 8), st.sampled_from([1.0, 10.0])), max_size=2),
+    start=st.floats(0, 2e9),
+    micro=st.booleans(),
+)
+def test_memory_and_redis_decide_alike(
+    redis_url: str,
+    gaps: list[float],
+    limits: list[tuple[int, float]],
+    counted: list[tuple[int, float]],
+    start: float,
+    micro: bool,
+) -> None:
+    """The same arrivals in process and on Redis: the same outcome, layer, remaining count and
+    wait for every request, to the microsecond, for the exact logs and the counters alike
+    (``micro``: arrivals anywhere on the microsecond grid, not only whole milliseconds)."""
+    exact = 8  # the logs are the limits up to 8, the counters (limit + 8) above
+    layers = [*limits, *((n + exact, p) for n, p in counted)] or [(1, 60.0)]
+    memory, remote = Driver("memory", None, exact), Driver("redis", redis_url, exact)
+    try:
+        bound_m, bound_r = _fresh(layers), _fresh(layers)
+        t = round(start, 6 if micro else 3)
+        for gap in gaps:
+            t = round(t + gap, 6 if micro else 3)
+            assert memory.admit(bound_m, t) == remote.admit(bound_r, t), t
+    finally:
+        memory.close()
+        remote.close()
 
 
 async def test_gateway_one_script_call_per_request_with_the_quota(

@@ -171,7 +171,7 @@ def test_a_segment_loaded_twice_counts_once(tmp_path: Path, monkeypatch: Any) ->
         monkeypatch.setattr(Path, "unlink", real_unlink)
         assert segment.exists()
         assert db.query("SELECT count(*) FROM spool_loads")[1] == [[1]]
-        assert db.ingest(segment) == 3  # recognised: rows not added again, file deleted
+        assert db.ingest(segment) == 0  # recognised: rows not added (nor counted) again
         assert not segment.exists()
         ids = db.query("SELECT request_id FROM usage ORDER BY 1")[1]
         assert ids == [[f"req_twice_{i}"] for i in range(3)]
