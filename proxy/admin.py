@@ -9,12 +9,13 @@ from __future__ import annotations
 import hmac
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
 
-from proxy import dashboard
+from proxy import dashboard, keyspec
 from proxy.analytics import (
     ANALYTICS,
     FRESH_AS_OF,
@@ -31,7 +32,8 @@ from proxy.analytics import (
 )
 from proxy.appkeys import GATEWAY, RESOURCES
 from proxy.errors import Reject, reject_body
-from proxy.policy import PolicyError
+from proxy.keystore import KeyRecord
+from proxy.policy import PolicyError, parse_duration
 from proxy.statewatch import is_state_error
 
 _MONTH = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
@@ -130,19 +132,130 @@ async def create_key(request: web.Request) -> web.StreamResponse:
             code="invalid_request",
             param="tier",
         )
-    rec, key = gw.keystore.create(user.strip(), tier)
+    unknown = set(data) - {"user", "tier", *keyspec.FIELDS}
+    if unknown:
+        field = sorted(unknown)[0]
+        raise Reject(400, f"unknown field {field!r}", code="invalid_request", param=field)
+    lifecycle = keyspec.parse(data, time.time())
+    _check_plan(request, tier, lifecycle)
+    rec, key = gw.keystore.create(user.strip(), tier, **lifecycle)
     if gw.keysync is not None:  # every instance must accept it before anyone holds it
         try:
             await gw.keysync.add(rec)
         except Exception as e:
             gw.keystore.revoke(rec.id)  # never a key that only this instance knows
             raise _state_unavailable(e, "no key was created") from None
-    return _json({"id": rec.id, "key": key, "user": rec.user, "tier": rec.tier}, status=201)
+    return _json({**_shown(request, rec), "key": key}, status=201)
+
+
+def _check_plan(request: web.Request, tier: str, values: dict[str, object]) -> None:
+    rt = request.app[GATEWAY].runtime
+    keyspec.check_plan(
+        rt.loaded.policy,
+        tier,
+        values.get("models"),  # type: ignore[arg-type]
+        values.get("features"),  # type: ignore[arg-type]
+        values.get("rpm"),  # type: ignore[arg-type]
+        rt.chain.model_names,
+    )
+
+
+def _shown(request: web.Request, rec: KeyRecord) -> dict[str, object]:
+    """A key as the admin API shows it: its record (never the hash or the secret) and, when
+    a retired secret is still accepted after a rotation, until when."""
+    grace = request.app[GATEWAY].keystore.grace_of(rec.id, time.time())
+    return {**rec.public(), "previous_key_valid_until": grace}
+
+
+def _key_of(request: web.Request) -> KeyRecord:
+    key_id = request.match_info["key_id"]
+    rec = request.app[GATEWAY].keystore.get(key_id)
+    if rec is None:
+        raise Reject(404, f"no key with id {key_id}", code="not_found")
+    return rec
 
 
 @admin_only
 async def list_keys(request: web.Request) -> web.StreamResponse:
-    return _json({"data": [r.public() for r in request.app[GATEWAY].keystore.list()]})
+    user = request.query.get("user")
+    recs = request.app[GATEWAY].keystore.list()
+    return _json({"data": [_shown(request, r) for r in recs if user is None or r.user == user]})
+
+
+@admin_only
+async def show_key(request: web.Request) -> web.StreamResponse:
+    return _json(_shown(request, _key_of(request)))
+
+
+@admin_only
+async def update_key(request: web.Request) -> web.StreamResponse:
+    """Change a key's attributes (only the fields sent; null clears one). Scopes and the rate
+    are checked against the key's plan as they will be after the change."""
+    gw = request.app[GATEWAY]
+    rec = _key_of(request)
+    if rec.source != "api":
+        raise Reject(400, "a key declared in the policy is changed there", code="invalid_request")
+    data = await _body(request)
+    unknown = set(data) - {"tier", *keyspec.FIELDS}
+    if unknown:
+        field = sorted(unknown)[0]
+        raise Reject(400, f"unknown field {field!r}", code="invalid_request", param=field)
+    changes = keyspec.parse(data, time.time())
+    if "tier" in data:
+        tiers = gw.runtime.loaded.policy.tiers
+        tier = data["tier"]
+        if not isinstance(tier, str) or (tiers and tier not in tiers):
+            raise Reject(
+                400,
+                f"'tier' must be one of: {', '.join(tiers) or 'any string'}",
+                code="invalid_request",
+                param="tier",
+            )
+        changes["tier"] = tier
+    merged = {"models": rec.models, "features": rec.features, "rpm": rec.rpm, **changes}
+    _check_plan(request, str(changes.get("tier", rec.tier)), merged)
+    before = gw.keystore.secrets_of(rec.id)
+    new = gw.keystore.update(rec.id, **changes)
+    assert new is not None
+    if gw.keysync is not None:
+        try:
+            await gw.keysync.add(new)
+        except Exception as e:
+            for old in before:  # back as it was: no change that only this instance knows
+                gw.keystore.apply_restore(old)
+            raise _state_unavailable(e, "the key was not changed") from None
+    return _json(_shown(request, new))
+
+
+@admin_only
+async def rotate_key(request: web.Request) -> web.StreamResponse:
+    """A new secret for the key (shown once); the old one is accepted for ``grace`` more
+    (default 24h, ``0`` ends it at once), then refused as expired by rotation."""
+    gw = request.app[GATEWAY]
+    rec = _key_of(request)
+    if rec.source != "api":
+        raise Reject(400, "a key declared in the policy is rotated there", code="invalid_request")
+    data = await _body(request)
+    unknown = set(data) - {"grace"}
+    if unknown:
+        field = sorted(unknown)[0]
+        raise Reject(400, f"unknown field {field!r}", code="invalid_request", param=field)
+    try:
+        grace = parse_duration(data.get("grace", "24h"))
+    except ValueError as e:
+        raise Reject(400, f"'grace' {e}", code="invalid_request", param="grace") from None
+    rotated = gw.keystore.rotate(rec.id, grace)
+    assert rotated is not None
+    new, old, key = rotated
+    if gw.keysync is not None:  # the new secret first: every instance knows it, then the old
+        try:
+            await gw.keysync.add(new, old)
+        except Exception as e:
+            gw.keystore.forget_secret(new)
+            gw.keystore.apply_restore(rec)
+            raise _state_unavailable(e, "the key was not rotated") from None
+    out = {**_shown(request, new), "key": key, "previous_key_valid_until": old.grace_until}
+    return _json(out, status=201)
 
 
 @admin_only
@@ -154,7 +267,7 @@ async def revoke_key(request: web.Request) -> web.StreamResponse:
         raise Reject(404, f"no key with id {key_id}", code="not_found")
     if gw.keysync is not None:  # everywhere first: a failure leaves the key valid everywhere
         try:
-            await gw.keysync.remove([rec])
+            await gw.keysync.remove(gw.keystore.secrets_of(key_id))
         except Exception as e:
             raise _state_unavailable(e, "the key was not revoked") from None
     gw.keystore.revoke(key_id)
@@ -263,6 +376,9 @@ def add_routes(
     app's ``with_request_id``)."""
     app.router.add_post("/admin/keys", wrap(create_key))
     app.router.add_get("/admin/keys", wrap(list_keys))
+    app.router.add_get("/admin/keys/{key_id}", wrap(show_key))
+    app.router.add_patch("/admin/keys/{key_id}", wrap(update_key))
+    app.router.add_post("/admin/keys/{key_id}/rotate", wrap(rotate_key))
     app.router.add_delete("/admin/keys/{key_id}", wrap(revoke_key))
     app.router.add_post("/admin/reload", wrap(reload_policy))
     app.router.add_post("/admin/sql", wrap(run_sql))

@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from proxy import admin, catalog
+from proxy import admin, catalog, selfservice
 from proxy.appkeys import GATEWAY, KEYSTORE, METRICS, RESOURCES
 from proxy.chain import Chain, compile_chain
 from proxy.errors import Reject, reject_body
@@ -34,6 +34,7 @@ CLIENT_ENDPOINTS = {
     "/v1/completions": ("completions", "openai"),
     "/v1/embeddings": ("embeddings", "openai"),
     "/v1/responses": ("responses", "openai"),
+    "/v1/responses/input_tokens": ("input_tokens", "openai"),
     "/v1/messages": ("messages", "anthropic"),
     "/v1/messages/count_tokens": ("count_tokens", "anthropic"),
 }
@@ -85,6 +86,7 @@ def create_app(
     app.router.add_get("/readyz", with_request_id(readyz))
     app.router.add_get("/metrics", with_request_id(metrics))
     admin.add_routes(app, with_request_id)
+    selfservice.add_routes(app, with_request_id)  # /v1/tollway/usage, /usage
     _add_plugin_routes(app, chain)
     app.router.add_route("*", "/{tail:.*}", with_request_id(not_found))
     return app

@@ -29,12 +29,14 @@ if TYPE_CHECKING:
 BUILTIN_PLUGINS: dict[str, str] = {
     "auth": "plugins.auth:AuthPlugin",
     "limits": "plugins.limits.plugin:LimitsPlugin",
+    "budgets": "plugins.budgets.plugin:BudgetsPlugin",
     "metering": "plugins.metering.plugin:MeteringPlugin",
     "privacy": "plugins.privacy:PrivacyPlugin",
     "routing": "plugins.routing:RoutingPlugin",
     "responses": "plugins.responses.plugin:ResponsesPlugin",
     "cache": "plugins.cache.plugin:CachePlugin",
     "batching": "plugins.batching.plugin:BatchingPlugin",
+    "webhooks": "plugins.webhooks.plugin:WebhooksPlugin",
 }
 """Built-in plugin name -> ``module:factory``; third parties use entry-point group 'tollway'."""
 
@@ -49,6 +51,7 @@ ASYNC_HOOKS = (
     "log",
     "forget_user",
     "dashboard_figures",
+    "account_report",
 )
 SYNC_HOOKS = ("response_chunk",)
 COLD_HOOKS = ("register_routes", "model_names", "cached_features", "data_files")
@@ -106,6 +109,7 @@ class Chain:
     forget_user: tuple[Hook, ...] = ()
     lifespans: tuple[Hook, ...] = ()
     dashboard_figures: tuple[Hook, ...] = ()
+    account_report: tuple[Hook, ...] = ()
     routes: dict[tuple[str, str], PluginRoute] = field(default_factory=dict)
     """The plugins' routes by ``(METHOD, path)``, read when a request to one arrives."""
     model_names: tuple[str, ...] = ()
@@ -406,6 +410,7 @@ def _compile(
         forget_user=fwd("forget_user"),
         lifespans=fwd("lifespan"),
         dashboard_figures=fwd("dashboard_figures"),
+        account_report=fwd("account_report"),
         cached_features=fwd("cached_features"),
         data_files=fwd("data_files"),
     )

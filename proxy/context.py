@@ -20,10 +20,13 @@ T = TypeVar("T")
 Dialect = Literal["openai", "anthropic"]
 """Which provider API shape a client speaks or a provider serves."""
 
-Endpoint = Literal["chat", "completions", "embeddings", "messages", "responses", "count_tokens"]
+Endpoint = Literal[
+    "chat", "completions", "embeddings", "messages", "responses", "count_tokens", "input_tokens"
+]
 
-UNBILLED_ENDPOINTS: frozenset[str] = frozenset({"count_tokens"})
-"""Endpoints whose requests cost nothing at the provider and are not sold: no monthly quota,
+UNBILLED_ENDPOINTS: frozenset[str] = frozenset({"count_tokens", "input_tokens"})
+"""Endpoints whose requests cost nothing at the provider and are not sold (the token counts:
+Anthropic's ``count_tokens``, the Responses API's ``input_tokens``): no monthly quota,
 no tokens-per-minute charge, a usage row with ``cost_usd`` and ``price_usd`` 0 (metered as
 zero-price calls); the request-rate limits still count them."""
 

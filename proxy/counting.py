@@ -15,7 +15,8 @@ usage row has the count as ``input_tokens``, no output, ``cost_usd`` and ``price
   PDFs) is not counted.
 
 Both run the ``upstream_request`` hooks first (a model outside the caller's plan is refused as
-for a message); an estimate's request has no URL, as it is never sent.
+for a message); an estimate's request has no URL, as it is never sent. The Responses API's
+count, ``POST /v1/responses/input_tokens``, is ``proxy.input_tokens``, built on this one.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from proxy.context import Dialect
 _OPENAI_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    402: "insufficient_quota",
     403: "permission_error",
     404: "not_found_error",
     408: "timeout_error",
@@ -30,6 +31,7 @@ _OPENAI_TYPES = {
 _ANTHROPIC_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    402: "billing_error",
     403: "permission_error",
     404: "not_found_error",
     413: "request_too_large",
@@ -64,6 +66,18 @@ class Reject(Exception):
         self.type = type
         self.param = param
         self.headers = headers or {}
+
+
+TRANSLATION_ERRORS = (TypeError, ValueError, KeyError, AttributeError, IndexError)
+"""What a translator (``proxy.translate``) raises on a body of a shape it does not expect."""
+
+
+def untranslatable_reply() -> Reject:
+    """The 502 of a provider reply the gateway cannot translate into the client's dialect:
+    the provider's fault, not the client's, and never a stack trace."""
+    return Reject(
+        502, "upstream provider returned a reply that cannot be translated", code="upstream_invalid"
+    )
 
 
 def error_type(status: int, dialect: Dialect) -> str:

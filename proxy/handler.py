@@ -19,10 +19,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy import choices, counting, relay, responses_api, translate, upstream
+from proxy import choices, counting, input_tokens, relay, responses_api, translate, upstream
 from proxy.appkeys import GATEWAY
 from proxy.body import read_body
 from proxy.context import (
+    UNBILLED_ENDPOINTS,
     Dialect,
     Endpoint,
     Principal,
@@ -270,9 +271,10 @@ async def serve(rt: Runtime, ctx: RequestContext) -> web.StreamResponse:
             code="model_not_found",
             param="model",
         )
-    if ctx.endpoint == "count_tokens":  # no reply to relay: the provider's count or an estimate
+    if ctx.endpoint in UNBILLED_ENDPOINTS:  # a token count: the provider's, or an estimate
+        count = counting.count_tokens if ctx.endpoint == "count_tokens" else input_tokens.count
         session = request.app[GATEWAY].session
-        return await counting.count_tokens(rt, ctx, route, partial(call_provider, session, rt, ctx))
+        return await count(rt, ctx, route, partial(call_provider, session, rt, ctx))
     req, wants_usage = build_upstream(rt, ctx, route)
     for hook in chain.upstream_request:
         await hook(ctx, req)

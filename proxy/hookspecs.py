@@ -266,3 +266,18 @@ async def dashboard_figures() -> Figures | None:
     plugin holds waiting, the autoscaling signal). The page renders what it gets. A hook that
     raises is logged and its figures left out; the rest of the answer is unaffected.
     """
+
+
+@hookspec
+async def account_report(principal: Principal, month: str) -> Mapping[str, object] | None:
+    """What this plugin tells a key holder about their own account (``GET /v1/tollway/usage``).
+
+    Called once per plugin of the live chain, in chain order, when a client asks for its own
+    usage with its gateway key, never on the request path. ``principal`` is the caller (from
+    its key: the core never takes a user from the request), ``month`` the current calendar
+    month, ``YYYY-MM`` (UTC). Return JSON-able sections by name, merged into the answer
+    (``{"quota": {...}}`` from the limits plugin, ``{"usage": ..., "bill": ...}`` from
+    metering, ``{"budget": {...}}`` from a budget plugin); a section an earlier plugin gave is
+    not replaced. Show only the caller's own data. A hook that raises is logged and its
+    sections are null in the answer, so one broken plugin never costs the caller the rest.
+    """

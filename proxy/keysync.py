@@ -22,11 +22,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import asdict
 from typing import Any
 
 import orjson
 
+from proxy import tasks
 from proxy.keystore import KeyRecord, KeyStore
 from proxy.statewatch import StateWatch, is_state_error
 
@@ -94,7 +94,7 @@ class KeySync:
             pipe.hgetall(self.revoked)
             raw, dead = await pipe.execute()
         missing, buried = self.store.merge(
-            [KeyRecord(**orjson.loads(v)) for v in raw.values()],
+            [KeyRecord.from_dict(orjson.loads(v)) for v in raw.values()],
             {k.decode(): float(v) for k, v in dead.items()},
         )
         tombstones = self.store.revoked
@@ -106,8 +106,8 @@ class KeySync:
                 pipe.hset(self.revoked, mapping=buried)
             if stale:
                 pipe.hdel(self.records, *stale)
-            for rec in missing:
-                pipe.hsetnx(self.records, rec.sha256, orjson.dumps(asdict(rec)))
+            for rec in missing:  # absent from the copy, or an older version there
+                pipe.hset(self.records, rec.sha256, orjson.dumps(rec.to_dict()))
             await pipe.execute()
         if missing or buried:
             log.info(
@@ -116,11 +116,13 @@ class KeySync:
                 len(buried),
             )
 
-    async def add(self, rec: KeyRecord) -> None:
-        """Publish a key created here (before its secret is shown to anyone)."""
-        data = orjson.dumps(asdict(rec))
-        await self.client.hset(self.records, rec.sha256, data)
-        await self.client.publish(self.channel, b"add " + data)
+    async def add(self, *recs: KeyRecord) -> None:
+        """Publish keys created or changed here (a new key before its secret is shown to
+        anyone; an update; a rotation's new and retired secrets, in that order)."""
+        for rec in recs:
+            data = orjson.dumps(rec.to_dict())
+            await self.client.hset(self.records, rec.sha256, data)
+            await self.client.publish(self.channel, b"add " + data)
 
     async def remove(self, recs: list[KeyRecord]) -> None:
         """Revoke keys everywhere."""
@@ -157,7 +159,7 @@ class KeySync:
                 continue
             op, _, payload = bytes(msg["data"]).partition(b" ")
             if op == b"add":
-                self.store.apply_remote(KeyRecord(**orjson.loads(payload)))
+                self.store.apply_remote(KeyRecord.from_dict(orjson.loads(payload)))
             elif op == b"del":
                 self.store.drop_remote(payload.decode())
 
@@ -175,9 +177,7 @@ class KeySync:
                     )
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for task in self._tasks:  # again if a cancellation is lost in redis-py (proxy.tasks)
+            await tasks.stop(task, "the key follower")
         await self._unsubscribe()
         await self.client.aclose()

@@ -272,6 +272,47 @@ Perk = Literal["priority_support", "custom_models", "dedicated_instances", "sla_
 ``custom``, the models' ``dedicated_provider``, and the ``sla`` view of the usage database."""
 
 
+class Budget(Strict):
+    """A monthly spending limit in money (``plugins.budgets``)."""
+
+    usd: float = Field(gt=0, description="USD a user may spend per calendar month (UTC).")
+    basis: Literal["price", "cost"] = Field(
+        "price",
+        description="What is counted: price (what the customer is billed per request, "
+        "price_usd) or cost (what the providers charge for the tokens, cost_usd).",
+    )
+    alerts: list[int] = Field(
+        default_factory=lambda: [50, 80, 100],
+        description="Percents of the budget whose crossing emits a budget.threshold event.",
+    )
+    hard: bool = Field(
+        True,
+        description="true: a request that would pass the budget is refused (402 "
+        "budget_exceeded); false: only the alerts.",
+    )
+
+    @field_validator("alerts")
+    @classmethod
+    def _percents(cls, v: list[int]) -> list[int]:
+        for pct in v:
+            if not 1 <= pct <= 1000:
+                raise ValueError(f"{pct} is not a percent from 1 to 1000")
+        return sorted(set(v))
+
+
+class Overage(Strict):
+    """Requests past the monthly quota go on and are billed, instead of a 429."""
+
+    price_per_request: float = Field(
+        0.0, ge=0, description="USD per request past the monthly quota (an invoice line)."
+    )
+    price_per_mtok: float = Field(
+        0.0,
+        ge=0,
+        description="USD per million tokens (input + output) of requests past the quota.",
+    )
+
+
 class Tier(Strict):
     requests_per_month: int | Literal["unlimited"] = Field(
         "unlimited", description="Monthly request quota (calendar month, UTC)."
@@ -289,6 +330,13 @@ class Tier(Strict):
     priority: int = Field(0, description="Admission-queue priority; higher is admitted first.")
     prices: dict[str, float] = Field(
         default_factory=dict, description="Per-feature price overrides (USD per request)."
+    )
+    budget: Budget | None = Field(
+        None, description="Monthly money budget of each user of the tier (budgets plugin)."
+    )
+    overage: Overage | None = Field(
+        None,
+        description="Bill requests past requests_per_month instead of refusing them (429).",
     )
 
 

@@ -23,6 +23,7 @@ from proxy import responses_api, sse, translate
 from proxy.chain import Chain, Hook
 from proxy.context import (
     STREAM_BROKEN,
+    UNBILLED_ENDPOINTS,
     Reply,
     RequestContext,
     Route,
@@ -30,7 +31,14 @@ from proxy.context import (
     StreamEvent,
     UpstreamResponse,
 )
-from proxy.errors import Reject, convert_error, error_body, reject_body
+from proxy.errors import (
+    TRANSLATION_ERRORS,
+    Reject,
+    convert_error,
+    error_body,
+    reject_body,
+    untranslatable_reply,
+)
 from proxy.tokens import (
     Tokens,
     count_reply_tokens,
@@ -206,12 +214,16 @@ async def relay_body(
                 502, "upstream provider returned a malformed reply", code="upstream_invalid"
             )
         tokens = reply_tokens(data, route.kind)
-        if tokens is None and ctx.endpoint == "count_tokens":  # a count has no usage object
+        if tokens is None and ctx.endpoint in UNBILLED_ENDPOINTS:  # a count: no usage object
             tokens = count_reply_tokens(data)
         _set_usage(ctx, tokens)
         changed = False
         if ctx.endpoint == "responses":  # passed through or translated: proxy.responses_api
             data, changed = responses_api.whole_reply(ctx, route, data)
+        elif ctx.endpoint == "input_tokens":  # proxy.input_tokens: Anthropic's count reshaped
+            changed = route.kind == "anthropic"
+            if changed:
+                data = responses_api.count_reply(ctx.usage.input_tokens)
         elif route.kind != ctx.dialect:
             fn = (
                 translate.messages_response_to_chat
@@ -220,12 +232,8 @@ async def relay_body(
             )
             try:
                 data = fn(data, ctx.model)
-            except (TypeError, ValueError, KeyError, AttributeError, IndexError):
-                raise Reject(
-                    502,
-                    "upstream provider returned a reply that cannot be translated",
-                    code="upstream_invalid",
-                ) from None
+            except TRANSLATION_ERRORS:
+                raise untranslatable_reply() from None
             changed = True
         if chain.response_body:
             data, edited = await _body_hooks(chain, ctx, data, len(chain.plugins))

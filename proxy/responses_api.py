@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from proxy import sse, translate
-from proxy.errors import Reject
+from proxy.context import StashKey
+from proxy.errors import TRANSLATION_ERRORS, Reject, untranslatable_reply
 from proxy.tokens import Tokens, anthropic_tokens, openai_tokens, responses_tokens
 
 if TYPE_CHECKING:
@@ -40,9 +41,46 @@ TERMINAL_FRAMES = (b"event: response.completed", b"event: response.incomplete")
 ran (as it does chat's ``[DONE]`` and Anthropic's ``message_stop``)."""
 
 
+COUNT_OBJECT = "response.input_tokens"
+"""The ``object`` of a ``POST /v1/responses/input_tokens`` reply (``proxy.input_tokens``)."""
+
+
+def count_reply(tokens: int) -> dict[str, Any]:
+    """A token count in the Responses API's shape: ``{"object": "response.input_tokens",
+    "input_tokens": N}``, what ``client.responses.input_tokens.count`` parses."""
+    return {"object": COUNT_OBJECT, "input_tokens": tokens}
+
+
 def new_response_id() -> str:
     """``resp_`` + 48 random hex digits: the id of a translated reply (OpenAI's look so)."""
     return "resp_" + os.urandom(24).hex()
+
+
+REISSUED: StashKey[dict[str, Any]] = StashKey()
+"""The Response a request was answered with under an id of its own (``reissue``), when the
+reply itself was made for another request: a cache hit, or a follower of a shared provider
+call. No provider knows that id, so a plugin that keeps Responses records it as kept by the
+gateway (``plugins.responses``)."""
+
+CONTINUES: StashKey[str] = StashKey()
+"""The ``previous_response_id`` a request continues when a plugin expanded it out of the body
+(``plugins.responses``): the reply still names it, and a reissued reply names this one rather
+than whatever the request that made the reply continued."""
+
+
+def reissue(
+    ctx: RequestContext, response: dict[str, Any], rid: str | None = None
+) -> dict[str, Any]:
+    """``response`` under ``rid`` (None: a fresh ``new_response_id``), noted in ``ctx.stash``.
+
+    A reply made for another request (a cache hit, a coalesced follower's) carries that
+    request's id: handed on as it is, two users, or two turns of one user, would hold one
+    id, and only the first could continue from it. A copy: the stored body stays as stored.
+    """
+    out = {**response, "id": rid or new_response_id()}
+    out["previous_response_id"] = ctx.body.get("previous_response_id") or ctx.stash.get(CONTINUES)
+    ctx.stash[REISSUED] = out
+    return out
 
 
 def upstream_body(
@@ -105,6 +143,8 @@ def whole_reply(
     if route.native_responses:
         if isinstance(usage, dict):
             _count(ctx, responses_tokens(usage))
+        if ctx.shared == "coalesced":  # another request's reply, and so its id
+            return reissue(ctx, data), True
         return data, False
     try:
         if isinstance(usage, dict):
@@ -115,12 +155,8 @@ def whole_reply(
         response = translate.chat_response_to_responses(
             data, ctx.body, new_response_id(), ctx.model, int(time.time())
         )
-    except (TypeError, ValueError, KeyError, AttributeError, IndexError):
-        raise Reject(
-            502,
-            "upstream provider returned a reply that cannot be translated",
-            code="upstream_invalid",
-        ) from None
+    except TRANSLATION_ERRORS:
+        raise untranslatable_reply() from None
     return response, True
 
 
@@ -227,10 +263,22 @@ class ResponsesEvents:
                 _count(self.ctx, responses_tokens(usage))
         elif kind in _FAILED_EVENTS:
             self.sent_error = True  # the client has the provider's own word on it
-        if self.hooks and data and data != sse.DONE:
+        if self.ctx.shared == "coalesced" and data and data != sse.DONE:
+            self._emit(self._reissued(obj if obj is not None else orjson.loads(data)), name, out)
+        elif self.hooks and data and data != sse.DONE:
             self._emit(obj if obj is not None else orjson.loads(data), name, out)
         else:
             out.append(raw + b"\n\n")
+
+    def _reissued(self, event: Any) -> Any:
+        """A follower's event of a shared native stream, its Response under the follower's
+        own id (the same id in every event: the first one with a Response draws it)."""
+        response = event.get("response") if isinstance(event, dict) else None
+        if isinstance(response, dict):
+            ctx = self.ctx
+            mine = ctx.stash.get(REISSUED)
+            event["response"] = reissue(ctx, response, mine["id"] if mine is not None else None)
+        return event
 
     def responses_error(self, message: str, code: str | None) -> bytes:
         """The frames that end a failed stream: a translated one closes its response as

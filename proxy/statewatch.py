@@ -34,6 +34,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from proxy import tasks
 from proxy.context import StashKey
 from proxy.errors import Reject
 
@@ -231,11 +232,9 @@ class StateWatch:
         self._affected = 0
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        # cancelled again if a cancellation is lost in redis-py (proxy.tasks)
+        await tasks.stop(self._task, "the shared state check")
+        self._task = None
         with contextlib.suppress(Exception):
             await self.client.aclose()
 

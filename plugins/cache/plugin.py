@@ -22,31 +22,23 @@ long over by the time they arrive, so this instance's coalescing could not share
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import secrets
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import orjson
 from aiohttp import web
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    SecretStr,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, field_validator
 
 from plugins.cache.replay import Assembler, replay
-from plugins.cache.store import CacheStore, parse_key
+from plugins.cache.store import CacheStore
+from proxy import responses_api
 from proxy.appkeys import METRICS, RESOURCES
 from proxy.context import Reply, RequestContext, Route, StashKey, StreamEvent, Usage
 from proxy.fingerprint import Scope, fingerprint
 from proxy.hookspecs import hookimpl
-from proxy.policy import Policy, errors_at, parse_duration, policy_of
+from proxy.policy import Policy, parse_duration
+from proxy.sealconfig import SealedConfig
 from proxy.statewatch import STATE_WATCH, StateWatch
 from proxy.tokens import reply_tokens
 
@@ -61,8 +53,9 @@ _ASSEMBLER: StashKey[Assembler] = StashKey()
 CACHEABLE = frozenset({"chat", "completions", "messages", "embeddings", "responses"})
 
 
-class CacheConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class CacheConfig(SealedConfig):
+    key_name: ClassVar[str] = "cache encryption key"
+    shared_by: ClassVar[str] = "backend"
     ttl: dict[str, float] = Field(
         default_factory=dict,
         description="TTL per feature (request type), e.g. {code_suggestions: 1h}.",
@@ -73,12 +66,6 @@ class CacheConfig(BaseModel):
     never: list[str] = Field(default_factory=list, description="Features that are never cached.")
     scope: Scope = Field(
         "user", description="Who may share an answer: user (default), tier, or global."
-    )
-    key: SecretStr | None = Field(
-        None, description="AES-256 key (64 hex chars or base64); new entries use it."
-    )
-    old_keys: list[SecretStr] = Field(
-        default_factory=list, description="Retired keys still accepted until their entries expire."
     )
     max_bytes: int = Field(256 * 2**20, ge=1024, description="Memory backend size bound (LRU).")
     backend: Literal["memory", "state"] = Field(
@@ -105,28 +92,8 @@ class CacheConfig(BaseModel):
     def _default(cls, v: Any) -> Any:
         return None if v is None else parse_duration(v)
 
-    @field_validator("key", "old_keys")
-    @classmethod
-    def _keys(cls, v: Any) -> Any:
-        for k in v if isinstance(v, list) else [v]:
-            if k is not None:
-                parse_key(k.get_secret_value())
-        return v
-
-    @model_validator(mode="after")
-    def _distributed_needs_key(self, info: ValidationInfo) -> CacheConfig:
-        # a per-process key would leave every other instance unable to decrypt an entry
-        policy = policy_of(info)
-        if policy is None or self.backend != "state" or self.key is not None:
-            return self
-        if not policy.state.url.startswith("memory://"):
-            message = "a shared cache backend needs config.key so instances can decrypt"
-            raise errors_at("CacheConfig", [(("backend",), message)])
-        return self
-
-
-def _key_id(key: bytes) -> str:
-    return hashlib.sha256(key).hexdigest()[:8]
+    def shared(self, policy: Policy) -> bool:
+        return self.backend == "state" and policy.state.distributed
 
 
 def _cache_control(value: str | None) -> tuple[bool, bool]:
@@ -178,17 +145,8 @@ class CachePlugin:
         self.ttl = dict(config.ttl)
         self.never = frozenset(config.never)
         self.url = policy.state.url if config.backend == "state" else "memory://"
-        if config.key is not None:
-            secrets_ = [config.key, *config.old_keys]
-            self.keys = [
-                (_key_id(k), k) for k in (parse_key(s.get_secret_value()) for s in secrets_)
-            ]
-        elif self.url.startswith("memory://"):
-            # entries live only in this process: a per-process key keeps them encrypted at rest
-            key = secrets.token_bytes(32)
-            self.keys = [(_key_id(key), key)]
-        else:
-            raise ValueError("a shared cache backend needs config.key so instances can decrypt")
+        # without a key, entries live only in this process: a per-process key seals them
+        self.keys = config.key_ring(shared=not self.url.startswith("memory://"))
         self.store: CacheStore | None = None
         self.watch: StateWatch | None = None  # Redis's health, with backend: state
 
@@ -256,6 +214,8 @@ class CachePlugin:
         ctx.cache = "hit"
         if coalesced:
             ctx.shared = "coalesced"
+        if ctx.endpoint == "responses":  # the stored Response's id is its first request's
+            body = responses_api.reissue(ctx, body)
         # read by the usage keys, so a stored body of either dialect counts right
         inp, out = reply_tokens(body) or (0, 0)
         ctx.usage = Usage(input_tokens=inp, output_tokens=out, reported=True)

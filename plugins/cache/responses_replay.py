@@ -8,8 +8,9 @@ apart again into the event sequence OpenAI streams, which the openai SDK's
 ``responses.stream`` folds back into the same Response: ``response.created`` and
 ``response.in_progress`` (the response in progress, no output yet), then per output item
 ``response.output_item.added``, its content parts or call arguments in pieces with their
-``.done`` events, ``response.output_item.done``, and the closing event with the usage. Ids,
-model and ``created_at`` are the stored ones. Items of other kinds (reasoning, hosted tool
+``.done`` events, ``response.output_item.done``, and the closing event with the usage. Item
+ids, model and ``created_at`` are the stored ones; the response id is the one ``body`` has (a
+hit's own, ``proxy.responses_api.reissue``, since the stored one is its first request's). Items of other kinds (reasoning, hosted tool
 calls) are replayed whole in their added and done events.
 """
 

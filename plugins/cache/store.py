@@ -22,20 +22,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from plugins.cache.backend import CacheBackend, open_backend
+from proxy.failurelog import FailureLog
 from proxy.sealing import FORMAT_VERSION, KEY_LEN, NONCE_LEN, TAG_LEN, Sealer
 from proxy.sealing import parse_key as _parse_key
 
 __all__ = ["FORMAT_VERSION", "KEY_LEN", "NONCE_LEN", "TAG_LEN", "CacheStore", "parse_key"]
 
 log = logging.getLogger(__name__)
-
-ERROR_LOG_EVERY = 10.0
-"""Seconds between two log lines about backend failures (the rest are counted)."""
 
 Claim = Literal["lead", "stored", "wait"]
 
@@ -86,8 +83,7 @@ class CacheStore:
     ) -> None:
         self._sealer = Sealer(keys, namespace)  # raises on an empty or malformed key ring
         self._stats = CacheStats()
-        self._error_logged = -ERROR_LOG_EVERY
-        self._errors_unlogged = 0
+        self._failures = FailureLog(log, "response cache")
         self._instance = os.urandom(8).hex().encode()  # who holds a flight lock
         # keys this instance has in flight -> (the answer to come, whether another instance
         # gave it): the first request for a key claims or watches in Redis, and its twins
@@ -117,23 +113,10 @@ class CacheStore:
         return self._sealer.open(key, blob)
 
     def _backend_error(self, op: str, exc: Exception) -> None:
+        # counted, and logged once per interval: a Redis outage fails every lookup, and each
+        # one is already a miss (the request goes to the provider)
         self._stats.errors += 1
-        # One line per interval, not per request: a Redis outage fails every lookup, and
-        # each one is already a miss (the request goes to the provider).
-        now = time.monotonic()
-        if now - self._error_logged < ERROR_LOG_EVERY:
-            self._errors_unlogged += 1
-            return
-        self._error_logged = now
-        more, self._errors_unlogged = self._errors_unlogged, 0
-        # Only the exception type: messages can embed keys or payloads.
-        log.warning(
-            "response cache %s failed on %s backend: %s (%d more failures since the last line)",
-            op,
-            self.backend.kind,
-            type(exc).__name__,
-            more,
-        )
+        self._failures.failed(op, self.backend.kind, exc)
 
     async def get(self, key: str, count: bool = True) -> bytes | None:
         """The cached plaintext, or None on miss, expiry, undecryptable entry or backend error.

@@ -1,13 +1,13 @@
 """limits: tiers (features, models, monthly quota, per-minute limits) and multi-layer rate limits.
 
 Checked in ``access``, before anything costs money, in this order: the tier's features, the
-monthly quota, then the rate-limit layers (per IP, per user, per tier; optional tokens per
-minute). Every layer is tested first and consumed only when all pass, so a rejected request
+monthly quota, then the rate-limit layers (per IP, per user, per tier, per API key with a rate
+of its own: ``Principal.attrs["rpm"]``; optional tokens per minute). Every layer is tested first and consumed only when all pass, so a rejected request
 counts against nothing. A request that ends in an error is given back to the monthly quota.
 Model allow-lists and the global admission queue are applied in ``upstream_request``, once the
 route is final (a routing plugin may have changed the model) and just before the provider call.
-A request of ``proxy.context.UNBILLED_ENDPOINTS`` (``count_tokens``: free at the provider, not
-sold) passes the features, the rate-limit layers and the model allow-list like any other, but
+A request of ``proxy.context.UNBILLED_ENDPOINTS`` (the token counts ``count_tokens`` and
+``input_tokens``: free at the provider, not sold) passes the features, the rate-limit layers and the model allow-list like any other, but
 takes no place in the monthly quota and is neither held back by nor charged to the
 tokens-per-minute limit (a count's figure is tokens read, none generated).
 
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,8 +49,15 @@ from plugins.limits.windows import (
     open_windows,
 )
 from proxy.appkeys import METRICS, RESOURCES
-from proxy.context import UNBILLED_ENDPOINTS, RequestContext, StashKey, UpstreamRequest
+from proxy.context import (
+    UNBILLED_ENDPOINTS,
+    Principal,
+    RequestContext,
+    StashKey,
+    UpstreamRequest,
+)
 from proxy.errors import Reject
+from proxy.events import EVENTS, Event, EventBus
 from proxy.figures import Figures
 from proxy.hookspecs import hookimpl
 from proxy.policy import Loc, Policy, errors_at, parse_duration
@@ -118,6 +125,19 @@ class LimitsConfig(BaseModel):
         "admitted request. Larger limits use a sliding-window counter (two integers, up to "
         "twice the limit in the worst interval). Not changed by a reload.",
     )
+    quota_alerts: list[int] = Field(
+        [80, 100],
+        description="Percents of a plan's monthly quota at which a user's count emits a "
+        "quota.threshold event (delivered by the webhooks plugin), once per user and month.",
+    )
+
+    @field_validator("quota_alerts")
+    @classmethod
+    def _percents(cls, v: list[int]) -> list[int]:
+        bad = [p for p in v if not 1 <= p <= 100]
+        if bad:
+            raise ValueError(f"quota_alerts are percents from 1 to 100, not {bad[0]}")
+        return v
 
     @field_validator("user", "ip")
     @classmethod
@@ -136,6 +156,12 @@ class TierRule:
     per_minute: limits.RateLimitItem | None
     tokens: limits.RateLimitItem | None
     priority: int
+    alerts: tuple[tuple[int, int], ...] = ()
+    """``(percent, count)`` of the monthly quota at which ``quota.threshold`` is emitted."""
+    alert_from: int | None = None
+    """The lowest of those counts: below it the request path compares one integer."""
+    overage: bool = False
+    """The tier bills requests past its quota (``tiers.X.overage``) instead of refusing them."""
 
 
 def _window(amount: int, seconds: float) -> limits.RateLimitItem:
@@ -144,8 +170,11 @@ def _window(amount: int, seconds: float) -> limits.RateLimitItem:
     return RateLimitItemPerSecond(amount, max(1, round(seconds)))
 
 
-def compile_tiers(policy: Policy, period: float) -> dict[str, TierRule]:
-    """Resolve ``includes`` chains into feature sets and build each tier's limit items."""
+def compile_tiers(
+    policy: Policy, period: float, alert_percents: Sequence[int] = (80, 100)
+) -> dict[str, TierRule]:
+    """Resolve ``includes`` chains into feature sets and build each tier's limit items and
+    quota alert counts (``ceil`` of each percent of the quota)."""
     out = {}
     tiers = policy.tiers
     for name, tier in tiers.items():
@@ -157,16 +186,24 @@ def compile_tiers(policy: Policy, period: float) -> dict[str, TierRule]:
             features.update(tiers[cur].features)
             cur = tiers[cur].includes
         monthly = tier.requests_per_month
+        alerts = (
+            tuple((p, math.ceil(int(monthly) * p / 100)) for p in sorted(set(alert_percents)))
+            if monthly != "unlimited"
+            else ()
+        )
         out[name] = TierRule(
             name=name,
             features=frozenset(features),
             models=policy.allowed_models(name),
             monthly=None if monthly == "unlimited" else int(monthly),
+            overage=tier.overage is not None,
             per_minute=_window(tier.requests_per_minute, period)
             if tier.requests_per_minute
             else None,
             tokens=_window(tier.tokens_per_minute, period) if tier.tokens_per_minute else None,
             priority=policy.priority(name),
+            alerts=alerts,
+            alert_from=alerts[0][1] if alerts else None,
         )
     return out
 
@@ -195,6 +232,9 @@ def _quota_refusal(rule: TierRule | None, monthly: int, reset: float, now: float
         headers={"Retry-After": str(math.ceil(reset - now))},
     )
 
+
+OVERAGE_COUNT = 2**52
+"""The quota a tier with ``overage`` is counted against: requests past the plan's go on."""
 
 LAYER_CACHE_SIZE = 10_000
 """Callers (user, address, tier) whose layer lists are kept; the cache is emptied when full."""
@@ -234,7 +274,7 @@ class LimitsPlugin:
         self.user_specs = [_spec(parse(s)) for s in config.user]
         self.ip_specs = [_spec(parse(s)) for s in config.ip]
         self.month = MonthCache()
-        self.tiers = compile_tiers(policy, self.tier_period)
+        self.tiers = compile_tiers(policy, self.tier_period, config.quota_alerts)
         self.known_features = set(policy.features).union(
             *(t.features for t in policy.tiers.values())
         )
@@ -248,15 +288,19 @@ class LimitsPlugin:
             Path(state_dir) / config.quota_file if state_dir and config.quota_file else None
         )
         self.limiter: Windows | None = None
-        self._layer_cache: dict[tuple[str, str, str | None], BoundLayers] = {}
+        self._layer_cache: dict[tuple[Any, ...], BoundLayers] = {}
         self.quota: Quota | None = None
         self.admission: Admission | None = None
         self.watch: StateWatch | None = None  # Redis's health (state.url: redis://)
+        self.events: EventBus | None = None
+        self._alerted: set[tuple[str, int]] = set()  # (user, percent) emitted this month
+        self._alerted_month = ""
 
     @hookimpl
     async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
         resources = app[RESOURCES]
         self.watch = resources.find(STATE_WATCH)
+        self.events = resources.get(EVENTS, EventBus)
         self.limiter = resources.get(WINDOWS, lambda: self._open_windows(resources))
         self.quota = resources.get(QUOTA, lambda: self._open_quota(resources))
         await self.quota.open()  # once: on Redis, puts this instance's shares back if lost
@@ -303,6 +347,27 @@ class LimitsPlugin:
         # requests waiting for a slot: the dashboard's autoscaling signal (scaling.queued)
         return Figures(queued=self.admission.queued) if self.admission is not None else None
 
+    @hookimpl
+    async def account_report(self, principal: Principal, month: str) -> dict[str, Any] | None:
+        """The caller's monthly quota for ``GET /v1/tollway/usage``: the same count the
+        quota check compares with (every instance's, on Redis). ``limit`` null: unlimited."""
+        rule = self.tiers.get(principal.tier or "")
+        if rule is None or self.quota is None:
+            return None
+        used = await self.quota.count(principal.user_id, month)
+        start = datetime.strptime(month, "%Y-%m").replace(tzinfo=UTC).timestamp()
+        reset = datetime.fromtimestamp(next_month_start(start), UTC)
+        per_minute = rule.per_minute.amount if rule.per_minute is not None else None
+        return {
+            "quota": {
+                "limit": rule.monthly,
+                "used": used,
+                "left": None if rule.monthly is None else max(0, rule.monthly - used),
+                "resets_at": reset.isoformat().replace("+00:00", "Z"),
+                "requests_per_minute": per_minute,
+            }
+        }
+
     def _open_windows(self, resources: Any) -> Windows:
         windows = open_windows(self.state_url, self.watch, self.config.exact_up_to)
         resources.on_close(windows.close)
@@ -314,17 +379,24 @@ class LimitsPlugin:
         resources.on_close(quota.close)
         return quota
 
-    def _layers(self, user: str, ip: str, rule: TierRule | None) -> BoundLayers:
+    def _layers(
+        self, user: str, ip: str, rule: TierRule | None, key_rpm: tuple[str, int] | None = None
+    ) -> BoundLayers:
         """The windows a request counts in; the same caller gets the same object back (its
         layers are built, and its counters looked up, only when the caller, its address or
-        its plan is new)."""
-        key = (user, ip, rule.name if rule is not None else None)
+        its plan is new). ``key_rpm``: (key id, requests per minute) of an API key with a
+        rate of its own (``Principal.attrs["rpm"]``), a layer of that key alone."""
+        tier = rule.name if rule is not None else None
+        key: tuple[Any, ...] = (user, ip, tier) if key_rpm is None else (user, ip, tier, key_rpm)
         bound = self._layer_cache.get(key)
         if bound is None:
             layers: list[Layer] = [(a, p, ("ip", ip)) for a, p in self.ip_specs]
             layers += [(a, p, ("user", user)) for a, p in self.user_specs]
             if rule is not None and rule.per_minute is not None:
                 layers.append((*_spec(rule.per_minute), ("plan", user)))
+            if key_rpm is not None:
+                period = float(max(1, round(self.tier_period)))  # as the plan's minute
+                layers.append((key_rpm[1], period, ("key", key_rpm[0])))
             if len(self._layer_cache) >= LAYER_CACHE_SIZE:
                 self._layer_cache.clear()
             bound = self._layer_cache[key] = BoundLayers(layers)
@@ -369,6 +441,8 @@ class LimitsPlugin:
         user = principal.user_id if principal else "anonymous"
         billed = ctx.endpoint not in UNBILLED_ENDPOINTS  # counting: the rate layers only
         monthly = rule.monthly if rule is not None and billed else None
+        if monthly is not None and rule is not None and rule.overage:
+            monthly = OVERAGE_COUNT  # counted as ever, never refused: the invoice bills it
         quota = self.quota
         watch = self.watch
         if watch is not None and not watch.available and watch.refuse:
@@ -402,7 +476,12 @@ class LimitsPlugin:
                     ("tokens", user),
                 )
                 raise self._refusal(tokens_layer, wait, "plan_token_limit_exceeded")
-            bound = self._layers(user, ctx.client_ip, rule)
+            key_rpm = None
+            if principal is not None and principal.attrs:  # an API key with its own rate
+                rpm = principal.attrs.get("rpm")
+                if rpm is not None and principal.key_id is not None:
+                    key_rpm = (principal.key_id, rpm)
+            bound = self._layers(user, ctx.client_ip, rule, key_rpm)
             layers = bound.layers
             if layers or shared is not None:
                 limiter = self.limiter
@@ -437,6 +516,38 @@ class LimitsPlugin:
             raise
         if monthly is not None:
             ctx.stash[_COUNTED] = month
+            alert_from = rule.alert_from if rule is not None else None
+            if alert_from is not None:
+                used = quota.count_now(user, month)
+                if used >= alert_from:
+                    self._quota_alert(user, month, used, rule)
+
+    def _quota_alert(self, user: str, month: str, used: int, rule: TierRule | None) -> None:
+        """Emit ``quota.threshold`` for each alert count ``used`` reached, once per user,
+        percent and month in this process (the delivering side keeps it once across
+        processes and instances: the dedupe ``quota:USER:MONTH:PERCENT``)."""
+        if rule is None or self.events is None:
+            return
+        if month != self._alerted_month:
+            self._alerted.clear()
+            self._alerted_month = month
+        for percent, count in rule.alerts:
+            if used >= count and (user, percent) not in self._alerted:
+                self._alerted.add((user, percent))
+                self.events.emit(
+                    Event(
+                        "quota.threshold",
+                        user,
+                        f"quota:{user}:{month}:{percent}",
+                        {
+                            "percent": percent,
+                            "used": used,
+                            "quota": rule.monthly,
+                            "month": month,
+                            "plan": rule.name,
+                        },
+                    )
+                )
 
     @hookimpl
     async def upstream_request(self, ctx: RequestContext, req: UpstreamRequest) -> None:

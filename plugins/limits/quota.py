@@ -88,12 +88,24 @@ class Quota(Protocol):
         month's count with it."""
         ...
 
+    def count_now(self, user: str, month: str) -> int:
+        """The month's count as this instance knows it, exact right after it took a place
+        (the shared count the place was taken with): what a threshold alert compares on the
+        request path. Synchronous, a dict lookup or two, no round trip (``count`` reads the
+        shared store)."""
+        ...
+
     async def give_back(self, user: str, month: str) -> None:
         """Uncount one request (refused by a later check, or failed: failures are not billed)."""
         ...
 
     async def forget(self, user: str) -> int:
         """Drop the user's counts; how many months had one. Raises if it could not."""
+        ...
+
+    async def count(self, user: str, month: str) -> int:
+        """The requests counted for ``user`` in ``month`` (every instance's, when shared): a
+        read for the key holder's own usage page, never made on the request path."""
         ...
 
     async def open(self) -> None:
@@ -145,12 +157,18 @@ class MonthlyQuota:
     async def take(self, user: str, month: str, limit: int) -> bool:
         return self.take_now(user, month, limit)
 
+    async def count(self, user: str, month: str) -> int:
+        return self.used(user, month)
+
     def script_part(self, user: str, month: str, limit: int) -> None:
         """Never: ``take_now`` always decides in process."""
         return None
 
     def taken(self, user: str, month: str, total: int) -> None:
         self.add(user, month)
+
+    def count_now(self, user: str, month: str) -> int:
+        return self.used(user, month)
 
     async def give_back(self, user: str, month: str) -> None:
         """A request refused by a later check, or that ended in an error, does not count."""
@@ -314,9 +332,29 @@ class RedisQuota:
             return None
         return self.prefix + user, [self._field(month), month, str(limit), str(QUOTA_TTL)]
 
+    async def count(self, user: str, month: str) -> int:
+        """The month's total over every instance's share (the sum ``_TAKE`` compares with the
+        limit); while Redis is unreachable, the total this instance decides alone with."""
+        if self._shared():
+            try:
+                fields = await self.client.hgetall(self.prefix + user)
+            except Exception as e:
+                self._lost(e)
+            else:
+                prefix = month.encode() + b"/"
+                return sum(
+                    int(v) for f, v in fields.items() if f == month.encode() or f.startswith(prefix)
+                )
+        return self._others.get((user, month), 0) + self.own.used(user, month)
+
     def taken(self, user: str, month: str, total: int) -> None:
         self.own.add(user, month)
         self._others[(user, month)] = total - self.own.used(user, month)
+
+    def count_now(self, user: str, month: str) -> int:
+        """The others' total as last seen plus this instance's own: the total the last take
+        returned, with this instance's requests since."""
+        return self._others.get((user, month), 0) + self.own.used(user, month)
 
     def _take_alone(self, user: str, month: str, limit: int) -> bool:
         """Redis unreachable: the others' total as last seen, plus this instance's own."""

@@ -37,6 +37,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from proxy.analytics import QueryBusy, QueryTimeout, ShuttingDown, export_target
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from plugins.metering.billing import PlanTerms
     from plugins.metering.database import UsageDB
 
 log = logging.getLogger("tollway.analytics")
@@ -165,11 +168,22 @@ class Analytics:
             ) from None
 
     async def invoice(
-        self, user: str, month: str, tier_costs: dict[str, float], current: str | None
+        self,
+        user: str,
+        month: str,
+        tier_costs: dict[str, float],
+        current: str | None,
+        terms: Mapping[str, PlanTerms] | None = None,
     ) -> dict[str, Any]:
         return await self._submit(
-            self._invoices, None, self.db.invoice, user, month, tier_costs, current
+            self._invoices, None, self.db.invoice, user, month, tier_costs, current, terms
         )
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """A fixed, parameterised read of the gateway's own (a key holder's usage page):
+        ``fn(*args, cur=...)`` on the invoices' threads (so admin queries never delay it),
+        stopped after ``query_timeout`` like an admin query (QueryTimeout)."""
+        return await self._submit(self._invoices, self.limits.timeout, fn, *args)
 
     async def export_parquet(self, name: str) -> tuple[str, int]:
         folder = export_target(self.export_dir, name)  # InvalidExportPath: the caller's 400

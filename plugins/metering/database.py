@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -28,6 +28,7 @@ from typing import Any
 import duckdb
 import orjson
 
+from plugins.metering.billing import PlanTerms, overage, plan_days, subscription_lines
 from proxy.analytics import QueryError, QueryTimeout, ReadOnlyQuery, ResultTooLarge, json_default
 
 MONEY = "DECIMAL(18, 9)"
@@ -62,6 +63,7 @@ SPOOL_COLUMNS: dict[str, str] = {
     "client_ip_hash": "VARCHAR",
     "shared": "VARCHAR",
     "upstream_request_id": "VARCHAR",  # absent from older segments: NULL
+    "labels": "MAP(VARCHAR, VARCHAR)",  # the key's labels; absent from older segments: NULL
 }
 
 # the usage columns after the key, as migration 1 created them (3 rebuilds the table with them)
@@ -113,6 +115,8 @@ MIGRATIONS: list[str] = [
     "ALTER TABLE plans ADD COLUMN sla BOOLEAN DEFAULT false;",
     # 6: the provider's id of the call that answered (support tickets); NULL for older rows
     "ALTER TABLE usage ADD COLUMN upstream_request_id VARCHAR;",
+    # 7: the labels of the key that made the request (project=web ...): labels['project'] in SQL
+    "ALTER TABLE usage ADD COLUMN labels MAP(VARCHAR, VARCHAR);",
 ]
 
 VIEWS = """
@@ -227,7 +231,7 @@ SELECT make_timestamp(CAST(ts * 1000000 AS BIGINT)) AS ts, request_id,
        coalesce(final, true) AS final, user_id,
        key_id, tier, feature, endpoint, provider, model, upstream_model, stream, status,
        error_code, cache, input_tokens, output_tokens, usage_estimated, latency_ms,
-       ttfb_ms, retries, client_ip_hash, shared, upstream_request_id,
+       ttfb_ms, retries, client_ip_hash, shared, upstream_request_id, labels,
        CASE WHEN cache = 'hit' OR shared = 'coalesced' THEN CAST(0 AS {MONEY})
             WHEN input_per_mtok IS NULL
                  OR (output_tokens > 0 AND output_per_mtok IS NULL) THEN NULL
@@ -504,12 +508,15 @@ class UsageDB:
         month: str,
         tier_costs: dict[str, float] | None = None,
         current_tier: str | None = None,
+        terms: Mapping[str, PlanTerms] | None = None,
         cur: duckdb.DuckDBPyConnection | None = None,
     ) -> dict[str, Any]:
         """The month's invoice: the tier's subscription line plus usage lines, exact to the cent.
 
         Usage lines group billable requests (status < 400, cache hits included) by service,
         endpoint, feature and unit price. The same inputs always give the same invoice.
+        ``terms``: the tiers' quotas and overage prices (``plugins.metering.billing``: overage
+        lines, and the subscription prorated by days when the plan changed in the month).
         """
         start = datetime.strptime(month, "%Y-%m").replace(tzinfo=UTC)
         end = (
@@ -535,6 +542,8 @@ class UsageDB:
                 "AND tier IS NOT NULL ORDER BY ts DESC LIMIT 1",
                 [user, start.replace(tzinfo=None), end.replace(tzinfo=None)],
             ).fetchone()
+            days = plan_days(cur, user, start, end)
+            over = overage(cur, user, start, end, terms) if terms else []
             if tier_costs is None:  # offline: the tier prices recorded by the last gateway run
                 tier_costs = {
                     t: float(c)
@@ -545,9 +554,49 @@ class UsageDB:
                 cur.close()
         tier = tier_row[0] if tier_row else current_tier
         lines: list[dict[str, Any]] = []
-        if tier is not None:
-            cost = Decimal(str(tier_costs.get(tier, 0)))
-            lines.append(_line(f"{tier} plan, {month}", "subscription", None, None, 1, cost, cost))
+        for text, cost in subscription_lines(
+            days or ([(tier, 1)] if tier else []), month, tier_costs
+        ):
+            lines.append(_line(text, "subscription", None, None, 1, cost, cost))
+        for plan, included, past, tokens in over:
+            t = (terms or {})[plan]
+            lines.append(
+                _line(
+                    f"{plan} plan quota: {included} of {t.quota} requests included",
+                    "quota",
+                    None,
+                    None,
+                    included,
+                    Decimal(0),
+                    Decimal(0),
+                )
+            )
+            if past:
+                unit = Decimal(str(t.per_request))
+                lines.append(
+                    _line(
+                        f"Overage: {past} requests past the {plan} plan's quota",
+                        "overage",
+                        None,
+                        None,
+                        past,
+                        unit,
+                        unit * past,
+                    )
+                )
+            if past and t.per_mtok:
+                per_token = Decimal(str(t.per_mtok)) / 1_000_000
+                lines.append(
+                    _line(
+                        f"Overage: {tokens} tokens of requests past the {plan} plan's quota",
+                        "overage_tokens",
+                        None,
+                        None,
+                        tokens,
+                        per_token,
+                        per_token * tokens,
+                    )
+                )
         for endpoint, feature, unit, qty, total in rows:
             lines.append(
                 _line(

@@ -25,12 +25,14 @@ Billing rules (written here because invoices depend on them):
   what the provider may charge for the tokens it produced: its counts where they arrived, else
   the same estimate as for an abandoned stream (``usage_estimated = true``). Complete streams
   are ``status < 400``; broken ones ``WHERE error_code = 'upstream_stream_error'``.
-- A request to an endpoint of ``proxy.context.UNBILLED_ENDPOINTS`` (``count_tokens``) costs
+- A request to an endpoint of ``proxy.context.UNBILLED_ENDPOINTS`` (``count_tokens``,
+  ``input_tokens``) costs
   nothing at the provider and is not sold: its row has ``cost_usd`` and ``price_usd`` 0 (the
   row's per-token prices are 0, so even a model without a price is not "unpriced") and the
   count as ``input_tokens``; a gateway estimate (no provider count) has ``usage_estimated =
   true``. Invoices show such requests as a zero line (quantity N, unit price 0), so a customer
   sees the calls made, and the monthly quota never counted them.
+- ``labels`` are the labels of the API key (``Principal.attrs["labels"]``; NULL without).
 - ``upstream_request_id`` is the provider's id of the call that answered (NULL for a cache hit,
   an estimate or a refusal), for taking a customer's ticket (``X-Request-Id``) to the provider.
 """
@@ -49,7 +51,6 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import orjson
 from aiohttp import web
 from pydantic import (
     BaseModel,
@@ -61,28 +62,29 @@ from pydantic import (
     model_validator,
 )
 
+from plugins.metering import account
 from plugins.metering.analytics import Analytics, QueryLimits
+from plugins.metering.billing import PlanTerms, plan_terms
 from plugins.metering.figures import figures
 from plugins.metering.ip_hash import IpHasher, key_file, load_or_create_key
 from plugins.metering.spool import Spool
 from plugins.metering.stream import StreamShipper
 from proxy.analytics import ANALYTICS, FRESH_AS_OF, export_target
 from proxy.appkeys import KEYSTORE, METRICS, RESOURCES
-from proxy.context import STREAM_BROKEN, UNBILLED_ENDPOINTS, RequestContext, StashKey
+from proxy.context import UNBILLED_ENDPOINTS, RequestContext, StashKey
 from proxy.hookspecs import hookimpl
 from proxy.policy import Policy, parse_duration, policy_of
+from proxy.pricing import billed_tokens, request_price
 from proxy.statewatch import is_state_error
 
 if TYPE_CHECKING:
     import argparse
 
     from plugins.metering.database import UsageDB
+    from proxy.context import Principal
     from proxy.figures import Figures
 
 log = logging.getLogger("tollway.metering")
-
-_ENDED_EARLY = frozenset({"client_disconnected", STREAM_BROKEN})
-"""A stream's ``error_code`` when it ended before its reply did: its tokens may be estimated."""
 
 _STORE: StashKey[UsageStore] = StashKey()
 _WRITTEN: StashKey[bool] = StashKey()
@@ -244,6 +246,7 @@ class UsageStore:
         self.pruned_at = 0.0
         self.pruned_rows = 0
         self.tier_costs: dict[str, float] = {}
+        self.plan_terms: dict[str, PlanTerms] = {}  # quotas and overage prices (invoices)
         self.loaded_rows = 0
         self.loaded_until = 0.0  # every row written before this time is loaded (or shipped)
         self.unpriced = 0
@@ -406,7 +409,7 @@ class UsageStore:
         if self._keystore is not None:
             tiers = [r.tier for r in self._keystore.list() if r.user == user]
             current = tiers[-1] if tiers else None
-        return await self._analytics.invoice(user, month, self.tier_costs, current)
+        return await self._analytics.invoice(user, month, self.tier_costs, current, self.plan_terms)
 
     async def export_parquet(self, folder: str) -> tuple[str, int]:
         export_target(self.export_dir, folder)  # a bad name is refused before any work
@@ -448,6 +451,7 @@ class MeteringPlugin:
                 resources.on_shutdown(store.analytics.stop_all)
         store._keystore = app[KEYSTORE]
         store.tier_costs = self.tier_costs
+        store.plan_terms = plan_terms(self.policy.tiers)
         if store.db is not None:  # with sink redis, analytics are the meter's
             await asyncio.to_thread(store.db.set_tier_prices, self.tier_costs, self.sla_tiers)
             resources.put(ANALYTICS, store)
@@ -509,6 +513,14 @@ class MeteringPlugin:
         return await figures(store)
 
     @hookimpl
+    async def account_report(self, principal: Principal, month: str) -> dict[str, Any] | None:
+        """The caller's usage, cache savings and bill this month (``GET /v1/tollway/usage``);
+        see ``plugins.metering.account``."""
+        if self.store is None:
+            return None
+        return await account.report(self.store, principal.user_id, month)
+
+    @hookimpl
     def data_files(self) -> dict[str, str]:
         # with sink redis the rows go to the stream: ``tollway meter`` keeps the database
         return {"usage": self.config.database} if self.config.sink == "duckdb" else {}
@@ -521,30 +533,13 @@ class MeteringPlugin:
         register(subparsers)
 
     def price(self, ctx: RequestContext) -> float:
-        if ctx.status >= 400 or ctx.status == 0:
-            return 0.0
-        feature = ctx.feature or ""
-        tier = ctx.principal.tier if ctx.principal else None
-        override = self.tier_prices.get(tier or "")
-        if override is not None and feature in override:
-            return override[feature]
-        return self.prices.get(feature, 0.0)
+        return request_price(ctx, self.prices, self.tier_prices)  # the budgets plugin's too
 
     def row(self, ctx: RequestContext) -> dict[str, Any]:
         route = ctx.route
         principal = ctx.principal
         usage = ctx.usage
-        inp, out, estimated = usage.input_tokens, usage.output_tokens, False
-        if ctx.stream and ctx.error_code in _ENDED_EARLY:
-            # the provider's closing counts win once they arrived (an Anthropic message_start
-            # carries only a placeholder output count, so it is not final)
-            if not usage.final:
-                out = max(out, usage.events)
-                if not inp:
-                    body = ctx.body  # chat and messages, legacy completions, or Responses
-                    prompt = body.get("messages") or body.get("prompt") or body.get("input")
-                    inp = len(orjson.dumps(prompt)) // 4
-                estimated = True
+        inp, out, estimated = billed_tokens(ctx)  # estimated for a stream that ended early
         in_price = route.input_per_mtok if route else None
         out_price = route.output_per_mtok if route else None
         price = self.price(ctx)
@@ -585,6 +580,7 @@ class MeteringPlugin:
             "client_ip_hash": self.ip_hash(ctx.client_ip) if self.ip_hash else None,
             "shared": ctx.shared,
             "upstream_request_id": ctx.upstream_request_id,
+            "labels": principal.attrs.get("labels") if principal else None,  # the key's
         }
 
     @hookimpl

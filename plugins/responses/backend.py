@@ -5,19 +5,21 @@ TTL, and knows which tenant wrote each one, so a user's records can be listed an
 (``DELETE /admin/users/{user}/data``). ``open_backend`` picks the implementation from the URL
 once, when the store is built.
 
-Why not the cache's backends: a plugin never imports another plugin, and these need less (no
-flight lock) and one more thing: ``put`` never replaces a live record (``SET NX``), so a reply
-replayed with an id already stored (a cache hit) cannot hand that id to another tenant.
+In memory it is the core's ``OwnedStore`` (``proxy.ownedstore``, the cache's in-process
+backend too). Why not the cache's Redis backend: a plugin never imports another plugin, and
+this one needs less (no flight lock) and one more thing: ``put`` never replaces a live record
+(``SET NX``), so an id already stored can never be handed to another tenant.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit
+
+from proxy.ownedstore import OwnedStore
 
 DEFAULT_REDIS_TIMEOUT = 0.5
 
@@ -68,104 +70,12 @@ class ResponsesBackend(Protocol):
         ...
 
 
-class MemoryBackend:
-    """In process, bounded by ``max_bytes`` (key + value lengths), least recently used out.
-
-    Expiry is lazy (checked on access, and when a value reaches the LRU end): no timers.
-    ``clock`` (monotonic seconds) is injectable so expiry can be tested without waiting.
-    """
-
-    kind = "memory"
-
-    def __init__(
-        self, max_bytes: int, namespace: str = "", clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        if max_bytes <= 0:
-            raise ValueError("max_bytes must be positive")
-        self.max_bytes = max_bytes
-        self.namespace = namespace
-        self.clock = clock
-        self._store: OrderedDict[str, tuple[bytes, float]] = OrderedDict()  # value, expiry
-        self.nbytes = 0
-        self.evictions = 0
-        self._owner_of: dict[str, str] = {}
-        self._owned: dict[str, set[str]] = {}
-
-    def raw(self) -> list[bytes]:
-        """Every value as held (tests check that no plaintext is among them)."""
-        return [value for value, _ in self._store.values()]
-
-    async def get(self, key: str) -> bytes | None:
-        skey = self.namespace + key
-        item = self._store.get(skey)
-        if item is None:
-            return None
-        if item[1] <= self.clock():
-            self._drop(skey)
-            return None
-        self._store.move_to_end(skey)
-        return item[0]
+class MemoryBackend(OwnedStore):
+    """In process (``proxy.ownedstore``), bounded by ``max_bytes`` (key + value lengths),
+    least recently used out; ``put`` keeps a live value rather than replacing it."""
 
     async def put(self, key: str, value: bytes, ttl: float, owner: str) -> bool:
-        if await self.get(key) is not None:
-            return False
-        skey = self.namespace + key
-        size = len(skey) + len(value)
-        if size > self.max_bytes:
-            return False
-        now = self.clock()
-        while self.nbytes + size > self.max_bytes:
-            old_key, (old_value, expires) = self._store.popitem(last=False)
-            self.nbytes -= len(old_key) + len(old_value)
-            self._disown(old_key)
-            if expires > now:  # dropping an expired value is not an eviction
-                self.evictions += 1
-        self._store[skey] = (value, now + ttl if ttl else math.inf)
-        self.nbytes += size
-        self._owner_of[skey] = owner
-        self._owned.setdefault(owner, set()).add(skey)
-        return True
-
-    async def delete(self, key: str, owner: str) -> int:
-        return self._drop(self.namespace + key)
-
-    async def owned(self, owner: str) -> list[str]:
-        cut = len(self.namespace)
-        return [skey[cut:] for skey in self._owned.get(owner, ())]
-
-    async def forget_owner(self, owner: str) -> int:
-        now = self.clock()
-        live = 0
-        for skey in list(self._owned.get(owner, ())):
-            item = self._store.get(skey)
-            live += item is not None and item[1] > now
-            self._drop(skey)
-        return live
-
-    def footprint(self) -> tuple[int, int, int]:
-        return len(self._store), self.nbytes, self.evictions
-
-    async def close(self) -> None:
-        self._store.clear()
-        self._owner_of.clear()
-        self._owned.clear()
-        self.nbytes = 0
-
-    def _drop(self, skey: str) -> int:
-        item = self._store.pop(skey, None)
-        if item is None:
-            return 0
-        self.nbytes -= len(skey) + len(item[0])
-        self._disown(skey)
-        return 1
-
-    def _disown(self, skey: str) -> None:
-        owner = self._owner_of.pop(skey, None)
-        if owner is not None:
-            keys = self._owned[owner]
-            keys.discard(skey)
-            if not keys:
-                del self._owned[owner]
+        return await self.set(key, value, ttl, owner, replace=False)
 
 
 class RedisBackend:

@@ -17,8 +17,9 @@ who keeps the Response object:
 On a request with ``previous_response_id`` the ``access`` hook checks the owner, then, unless
 the serving route is the very provider that keeps the previous response natively (and so are
 its fallbacks), expands the stored conversation into ``input`` (earlier turns first) and drops
-the id, so the request is self-contained; the reply still names the id it continued. This
-plugin sits after routing (it needs the route that will serve) and before the cache.
+the id, so the request is self-contained; the reply still names the id it continued. A token
+count (``POST /v1/responses/input_tokens``) with ``previous_response_id`` is expanded alike,
+so it counts the turn that would follow, and records nothing. This plugin sits after routing (it needs the route that will serve) and before the cache.
 
 Records are written in ``response_complete``, before the reply's last bytes go out: a client
 that continues the conversation the moment it has the reply, on this instance or another,
@@ -31,19 +32,11 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
 from aiohttp import web
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    SecretStr,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, field_validator
 
 from plugins.responses.conversation import Unavailable, conversation
 from plugins.responses.routes import ResponseRoutes
@@ -53,8 +46,9 @@ from proxy.appkeys import METRICS, RESOURCES
 from proxy.context import RequestContext, Route, StashKey, StreamEvent
 from proxy.errors import Reject
 from proxy.hookspecs import hookimpl
-from proxy.policy import Policy, errors_at, parse_duration, policy_of
-from proxy.sealing import key_id, parse_key
+from proxy.policy import Policy, parse_duration
+from proxy.responses_api import CONTINUES, REISSUED
+from proxy.sealconfig import SealedConfig
 from proxy.statewatch import STATE_WATCH, StateWatch, is_state_error
 from proxy.upstream import ProviderClient
 
@@ -72,26 +66,17 @@ class _Plan:
 
 
 _PLAN: StashKey[_Plan] = StashKey()
-_ECHO: StashKey[str] = StashKey()  # previous_response_id expanded away: the reply still names it
 _FINAL: StashKey[dict[str, Any]] = StashKey()  # the Response object the client got
 _FINAL_EVENTS = frozenset({"response.completed", "response.incomplete"})
 
 
-class ResponsesConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class ResponsesConfig(SealedConfig):
+    key_name: ClassVar[str] = "responses encryption key"
     ttl: float = Field(
         30 * 86400.0,
         gt=0,
         description="How long a stored response can be retrieved or continued (OpenAI keeps "
         "them 30 days); also the retention of the conversations kept.",
-    )
-    key: SecretStr | None = Field(
-        None,
-        description="AES-256 key (64 hex chars or base64) sealing records; required when "
-        "state.url is Redis. Without it each process makes its own.",
-    )
-    old_keys: list[SecretStr] = Field(
-        default_factory=list, description="Retired keys still accepted until their records expire."
     )
     max_bytes: int = Field(
         64 * 2**20, ge=1024, description="Memory store size bound (least recently used out)."
@@ -112,23 +97,6 @@ class ResponsesConfig(BaseModel):
     @classmethod
     def _duration(cls, v: Any) -> Any:
         return parse_duration(v)
-
-    @field_validator("key", "old_keys")
-    @classmethod
-    def _keys(cls, v: Any) -> Any:
-        for k in v if isinstance(v, list) else [v]:
-            if k is not None:
-                parse_key(k.get_secret_value(), "responses encryption key")
-        return v
-
-    @model_validator(mode="after")
-    def _shared_needs_key(self, info: ValidationInfo) -> ResponsesConfig:
-        # a per-process key would leave every other instance unable to open a record
-        policy = policy_of(info)
-        if policy is None or self.key is not None or not policy.state.distributed:
-            return self
-        message = "state.url is Redis: set config.key so every instance can open the records"
-        raise errors_at("ResponsesConfig", [(("key",), message)])
 
 
 def owner_of(ctx: RequestContext) -> str:
@@ -179,17 +147,7 @@ class ResponsesPlugin:
         self.config = config
         self.ttl = config.ttl
         self.url = policy.state.url
-        if config.key is not None:
-            secrets_ = [config.key, *config.old_keys]
-            keys = [parse_key(s.get_secret_value(), "responses encryption key") for s in secrets_]
-            self.keys = [(key_id(k), k) for k in keys]
-        elif policy.state.distributed:
-            raise ValueError("state.url is Redis: set config.key so every instance can open it")
-        else:
-            import secrets
-
-            key = secrets.token_bytes(32)  # records live only in this process
-            self.keys = [(key_id(key), key)]
+        self.keys = config.key_ring(shared=policy.state.distributed)
         # the providers that keep responses themselves: the routes ask them for theirs
         self.providers = {
             name: ProviderClient.build(name, p)
@@ -285,6 +243,10 @@ class ResponsesPlugin:
     @hookimpl
     async def access(self, ctx: RequestContext) -> None:
         if ctx.endpoint != "responses" or self.store is None:
+            if ctx.endpoint == "input_tokens" and self.store is not None:
+                prev = ctx.body.get("previous_response_id")  # a count of the next turn
+                if prev is not None:
+                    await self._continue(ctx, owner_of(ctx), prev, echo=False)
             return None
         body = ctx.body
         owner = owner_of(ctx)
@@ -296,7 +258,11 @@ class ResponsesPlugin:
             ctx.stash[_PLAN] = _Plan(owner, passed if isinstance(passed, str) else None)
         return None
 
-    async def _continue(self, ctx: RequestContext, owner: str, prev: Any) -> None:
+    async def _continue(
+        self, ctx: RequestContext, owner: str, prev: Any, echo: bool = True
+    ) -> None:
+        """Expand ``prev``'s conversation into ``input`` (unless it passes through); ``echo``:
+        the reply is a Response that names the id it continued (a token count is not)."""
         if not isinstance(prev, str) or not prev:
             raise Reject(
                 400,
@@ -324,20 +290,21 @@ class ResponsesPlugin:
         del body["previous_response_id"]
         body["input"] = [*earlier, *new]
         ctx.body = body
-        ctx.stash[_ECHO] = prev
+        if echo:
+            ctx.stash[CONTINUES] = prev
 
     # ---- response side ---------------------------------------------------------------------
 
     @hookimpl
     def response_chunk(self, ctx: RequestContext, event: StreamEvent) -> None:
         stash = ctx.stash
-        if _PLAN not in stash and _ECHO not in stash:
+        if _PLAN not in stash and CONTINUES not in stash:
             return
         data = event.data
         response = data.get("response")
         if not isinstance(response, dict):
             return
-        echo = stash.get(_ECHO)
+        echo = stash.get(CONTINUES)
         if echo is not None and response.get("previous_response_id") is None:
             response["previous_response_id"] = echo
         if data.get("type") in _FINAL_EVENTS and _PLAN in stash:
@@ -346,10 +313,10 @@ class ResponsesPlugin:
     @hookimpl
     async def response_body(self, ctx: RequestContext, body: dict[str, Any]) -> Any:
         stash = ctx.stash
-        if _PLAN not in stash and _ECHO not in stash:
+        if _PLAN not in stash and CONTINUES not in stash:
             return None
         changed = False
-        echo = stash.get(_ECHO)
+        echo = stash.get(CONTINUES)
         if echo is not None and body.get("previous_response_id") is None:
             body["previous_response_id"] = echo
             changed = True
@@ -363,7 +330,10 @@ class ResponsesPlugin:
         store = self.store
         if plan is None or store is None or ctx.status != 200 or ctx.error_code is not None:
             return
-        response = ctx.stash.get(_FINAL)
+        # a reply made for another request (a cache hit, a coalesced follower) went out under
+        # an id of this request's own, made by the gateway: the gateway keeps that Response
+        reissued = ctx.stash.get(REISSUED)
+        response = ctx.stash.get(_FINAL) or reissued
         route = ctx.route
         rid = response.get("id") if response is not None else None
         if response is None or route is None or not isinstance(rid, str) or not rid:
@@ -372,8 +342,7 @@ class ResponsesPlugin:
         if watch is not None and not watch.available:
             store.stats.errors += 1  # Redis is down: no write waits on its timeout
             return
-        # an answer from the cache was made by no provider for this id: the gateway keeps it
-        native = not self.translated(route) and ctx.cache != "hit"
+        native = not self.translated(route) and reissued is None
         keep = not native or self.config.native_content
         try:
             items = translate.responses_input_items(ctx.body) if keep else None

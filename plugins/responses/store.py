@@ -29,13 +29,12 @@ from typing import Any
 import orjson
 
 from plugins.responses.backend import ResponsesBackend, open_backend
+from proxy.failurelog import FailureLog
 from proxy.sealing import Sealer
 
 log = logging.getLogger("tollway.responses")
 
 NAMESPACE = "tollway:responses:"
-ERROR_LOG_EVERY = 10.0
-"""Seconds between two log lines about backend failures (the rest are counted)."""
 
 
 _ID = re.compile(r"[A-Za-z0-9_-]{1,256}")
@@ -58,7 +57,7 @@ class StoreStats:
 
     stored: int = 0
     oversize: int = 0
-    exists: int = 0  # a record with that id was already there (a replayed reply)
+    exists: int = 0  # a record with that id was already there (it stays as it was)
     decrypt_failures: int = 0
     errors: int = 0
 
@@ -78,8 +77,7 @@ class ResponseStore:
         self._sealer = Sealer(keys, NAMESPACE)
         self.max_record_bytes = max_record_bytes
         self.stats = StoreStats()
-        self._error_logged = -ERROR_LOG_EVERY
-        self._errors_unlogged = 0
+        self._failures = FailureLog(log, "stored responses")
         self.backend: ResponsesBackend = open_backend(url, NAMESPACE, max_bytes, clock)
         """Where the sealed records live (tests read the raw bytes through this)."""
 
@@ -89,21 +87,7 @@ class ResponseStore:
 
     def _failed(self, op: str, exc: Exception) -> None:
         self.stats.errors += 1
-        now = time.monotonic()
-        if now - self._error_logged < ERROR_LOG_EVERY:
-            self._errors_unlogged += 1
-            return
-        self._error_logged = now
-        more, self._errors_unlogged = self._errors_unlogged, 0
-        # only the exception type: a message could embed a payload
-        log.warning(
-            "stored responses: %s failed on the %s backend: %s (%d more failures since the "
-            "last line)",
-            op,
-            self.backend.kind,
-            type(exc).__name__,
-            more,
-        )
+        self._failures.failed(op, self.backend.kind, exc)
 
     async def get(self, response_id: str) -> dict[str, Any] | None:
         """The record of ``response_id``, or None (absent, expired, or not ours to open).

@@ -17,7 +17,7 @@ import os
 import sys
 
 from proxy.cli.data import cmd_export, cmd_invoice, cmd_report, cmd_sql
-from proxy.cli.keys import cmd_forget, cmd_keys
+from proxy.cli.keys import add_key_commands, cmd_forget, cmd_keys
 from proxy.cli.serve import cmd_check, cmd_demo, cmd_emulator, cmd_serve
 
 log = logging.getLogger("tollway")
@@ -64,21 +64,14 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
     e.add_argument("--api-key", default=None, help="require this key from callers")
     e.set_defaults(fn=cmd_emulator)
 
-    k = sub.add_parser("keys", help="create, list and revoke gateway API keys")
+    k = sub.add_parser("keys", help="create, list, show, update, rotate and revoke API keys")
     k.add_argument(
         "--url",
         default=os.environ.get("TOLLWAY_URL", "http://127.0.0.1:8080"),
         help="the running gateway (admin key from TOLLWAY_ADMIN_KEY)",
     )
     k.add_argument("--state-dir", default=None, help="edit a stopped gateway's key file instead")
-    ks = k.add_subparsers(dest="keys_cmd", required=True)
-    kc = ks.add_parser("create")
-    kc.add_argument("--user", required=True)
-    kc.add_argument("--tier", required=True)
-    kc.add_argument("--quiet", "-q", action="store_true", help="print only the key")
-    ks.add_parser("list")
-    kr = ks.add_parser("revoke")
-    kr.add_argument("id")
+    add_key_commands(k.add_subparsers(dest="keys_cmd", required=True))
     k.set_defaults(fn=cmd_keys)
 
     def data_cmd(name: str, help: str) -> argparse.ArgumentParser:

@@ -27,7 +27,8 @@ The modules, one concern each:
   arguments, alike in all three APIs;
 - ``chat``: OpenAI chat completions and legacy completions, whole and streamed;
 - ``messages``: Anthropic Messages, whole and streamed, and their token counting;
-- ``responses``: the OpenAI Responses API, whole and streamed, and its stored responses;
+- ``responses``: the OpenAI Responses API, whole and streamed, its stored responses and its
+  token counting (``/v1/responses/input_tokens``);
 - ``items``: reading a Responses request's input items, tools and output format;
 - ``schema``: a JSON value fitting a JSON schema (structured-output replies);
 - ``embeddings``: OpenAI embeddings;

@@ -122,6 +122,7 @@ def create_emulator_app(*, api_key: str | None = None) -> web.Application:
     app.router.add_post("/v1/embeddings", emu.route("openai", emu.embeddings))
     app.router.add_post("/v1/messages", emu.route("anthropic", emu.messages))
     app.router.add_post("/v1/responses", emu.route("openai", emu.responses))
+    app.router.add_post("/v1/responses/input_tokens", emu.route("openai", emu.input_tokens))
     responses = "/v1/responses/{id}"
     app.router.add_get(responses, emu.route("openai", emu.get_response, needs_body=False))
     app.router.add_delete(responses, emu.route("openai", emu.delete_response, needs_body=False))

@@ -7,7 +7,8 @@ item ``output_item.added`` / content deltas / ``output_item.done``, then
 ``event:`` line and a ``sequence_number``. With ``store`` (the default) the response is kept,
 bounded, for ``GET``/``DELETE /v1/responses/{id}``, ``GET .../input_items`` and for a later
 request's ``previous_response_id``, which continues that conversation (an unknown id is a 404,
-as the API answers).
+as the API answers). ``POST /v1/responses/input_tokens`` counts a request's input as the
+response would report it (``_input_tokens``), so a count predicts the usage that follows.
 
 The reply follows the emulator's rules: the echo of the last user message, function calls
 by the rule of ``tools`` (``tool_choice``, parallel calls), JSON fitting the schema
@@ -67,6 +68,39 @@ def _usage(input_tokens: int, output_tokens: int) -> Json:
     }
 
 
+def _input_tokens(instructions: str | None, conversation: list[Json]) -> int:
+    """A request's input tokens: the words of ``instructions`` and of every item of the
+    conversation (earlier turns included), at least 1; a response's usage and a count agree."""
+    words = len((instructions or "").split())
+    return max(1, words + sum(len(item_text(i).split()) for i in conversation))
+
+
+def _instructions(body: Json) -> str | None:
+    instructions = body.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise _BadRequest("Invalid type for 'instructions': expected a string.", "instructions")
+    return instructions
+
+
+# the fields of a count (the API's InputTokenCountParams); any other is an unknown parameter
+_COUNT_FIELDS = frozenset(
+    {
+        "model",
+        "input",
+        "instructions",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "reasoning",
+        "text",
+        "truncation",
+        "conversation",
+        "previous_response_id",
+        "personality",
+    }
+)
+
+
 def _flag(body: Json, name: str, default: bool) -> bool:
     value = body.get(name, default)
     if not isinstance(value, bool):
@@ -106,9 +140,7 @@ class _ResponsesEndpoint(_State):
         history = self._previous(body)
         if not items and not history:
             raise _BadRequest("Missing required parameter: 'input'.", "input")
-        instructions = body.get("instructions")
-        if instructions is not None and not isinstance(instructions, str):
-            raise _BadRequest("Invalid type for 'instructions': expected a string.", "instructions")
+        instructions = _instructions(body)
         limit = _positive(body, "max_output_tokens")
         if limit is not None and limit < _MIN_OUTPUT_TOKENS:
             raise _BadRequest(
@@ -122,8 +154,7 @@ class _ResponsesEndpoint(_State):
         search = check_tools(body)
         conversation = [*history, *items]
         user_text = last_user_text(conversation)
-        words_in = len((instructions or "").split())
-        input_tokens = max(1, words_in + sum(len(item_text(i).split()) for i in conversation))
+        input_tokens = _input_tokens(instructions, conversation)
         output, output_tokens, cut = self._output(body, conversation, user_text, fmt, search, ctl)
         rid = self.new_id("resp_")
         response = self._response(rid, body, model, output, fmt, store, cut)
@@ -134,6 +165,29 @@ class _ResponsesEndpoint(_State):
         if not stream:
             return _json(response)
         return await _stream(request, _events(response, output), ctl)
+
+    async def input_tokens(self, request: web.Request, body: Json, ctl: _Controls) -> web.Response:
+        """The input token count of a Responses request, every field optional as in the API:
+        ``{"object": "response.input_tokens", "input_tokens": n}``, what the response would
+        report as its ``usage.input_tokens``. A field a count does not take is refused."""
+        for key in body:
+            if key not in _COUNT_FIELDS:
+                raise _BadRequest(f"Unknown parameter: '{key}'.", key)
+        model = body.get("model")
+        if model is not None and (not isinstance(model, str) or not model):
+            raise _BadRequest("Invalid type for 'model': expected a string.", "model")
+        if body.get("conversation") is not None and body.get("previous_response_id") is not None:
+            raise _BadRequest(
+                "Mutually exclusive parameters: Ensure you are only providing one of: "
+                "'previous_response_id' or 'conversation'.",
+                "conversation",
+            )
+        items, history = input_items(body), self._previous(body)
+        instructions = _instructions(body)
+        check_tools(body)
+        text_format(body)
+        counted = _input_tokens(instructions, [*history, *items])
+        return _json({"object": "response.input_tokens", "input_tokens": counted})
 
     def _output(
         self,

@@ -185,7 +185,8 @@ def test_unused_phases_compile_to_nothing() -> None:
     chain = compile_chain(policy("chain:\n  - name: auth\n"))
     assert chain.names == ("auth",)
     assert len(chain.authenticate) == 1
-    assert chain.access == () and chain.response_chunk == () and chain.send_upstream == ()
+    assert len(chain.access) == 1  # auth checks a key's model scope once the body is read
+    assert chain.response_chunk == () and chain.send_upstream == () and chain.response_body == ()
 
 
 def test_disabled_plugin_is_skipped() -> None:

@@ -99,3 +99,63 @@ async def test_no_key_exists_on_one_instance_only(make_gateway: Any, redis_url: 
     finally:
         await sync.client.aclose()
         sync.client = working
+
+
+async def test_lifecycle_holds_on_every_instance(make_gateway: Any, redis_url: str) -> None:
+    """Scopes, the key's own rate, expiry, updates and rotation, with two gateways on one
+    Redis: what one instance's admin API decides, the other enforces."""
+    base = {**policy(redis_url), "features": {"basic_suggestions": {}, "confidence_analysis": {}}}
+    base["tiers"]["pro"]["features"] = ["confidence_analysis"]
+    chain = "chain:\n  - name: auth\n  - name: limits\n"
+    gw1 = await make_gateway(chain, base=base)
+    gw2 = await make_gateway(chain, base=base)
+    body = {"user": "ann", "tier": "pro", "scopes": {"models": ["gpt-5.4-mini"]}, "rpm": 2}
+    async with gw1.http.post(f"{gw1.url}/admin/keys", json=body, headers=ADMIN) as r:
+        made = await r.json()
+    key = made["key"]
+    await eventually(gw2, key, 200)  # 1 of the key's 2 a minute, on gw2
+    claude = {"model": "claude-sonnet", "max_tokens": 5, "messages": CHAT["messages"]}
+    async with gw2.http.post(
+        f"{gw2.url}/v1/messages", json=claude, headers={"x-api-key": key}
+    ) as r:
+        refused = await r.json()
+        assert r.status == 403 and refused["error"]["type"] == "permission_error"
+        assert "'claude-sonnet' is outside this API key's scopes" in refused["error"]["message"]
+    assert await status(gw1, key) == 200  # 2 of 2: one window for both instances
+    assert await status(gw2, key) == 429
+
+    # an update on gw2 (no rate of its own, more models) is enforced on gw1
+    change = {"rpm": None, "scopes": {"models": ["gpt-5.4-mini", "claude-sonnet"]}}
+    async with gw2.http.patch(
+        f"{gw2.url}/admin/keys/{made['id']}", json=change, headers=ADMIN
+    ) as r:
+        assert r.status == 200
+    await eventually(gw1, key, 200)
+
+    # a rotation on gw1: the new secret works on gw2; the old one until its grace ends
+    async with gw1.http.post(
+        f"{gw1.url}/admin/keys/{made['id']}/rotate", json={"grace": "1s"}, headers=ADMIN
+    ) as r:
+        rotated = await r.json()
+    await eventually(gw2, rotated["key"], 200)
+    await eventually(gw2, key, 401)  # the grace period ended
+    async with gw2.http.post(
+        f"{gw2.url}/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {key}"}
+    ) as r:
+        assert (await r.json())["error"]["code"] == "key_expired"
+    with redis.Redis.from_url(redis_url) as r:
+        stored = b"".join(r.hgetall("tollway:keys:records").values())
+    assert rotated["key"].encode() not in stored and key.encode() not in stored
+
+    # an expiry set on one instance is a time every instance compares with
+    async with gw1.http.patch(
+        f"{gw1.url}/admin/keys/{made['id']}", json={"expires_in": "1s"}, headers=ADMIN
+    ) as r:
+        assert r.status == 200
+    await eventually(gw2, rotated["key"], 401)
+    async with gw2.http.post(
+        f"{gw2.url}/v1/chat/completions",
+        json=CHAT,
+        headers={"Authorization": f"Bearer {rotated['key']}"},
+    ) as r:
+        assert "expired at" in (await r.json())["error"]["message"]

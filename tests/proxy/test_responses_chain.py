@@ -158,20 +158,26 @@ async def test_cache_hit_whole_and_replayed_as_a_stream(
     first = await client.responses.with_raw_response.create(model=model, input="cache me")
     again = await client.responses.with_raw_response.create(model=model, input="cache me")
     assert (first.headers["x-tollway-cache"], again.headers["x-tollway-cache"]) == ("miss", "hit")
-    assert Response.model_validate_json(again.content) == first.parse()
+    # the same Response under an id of the hit's own (the stored one is the first request's)
+    hit = Response.model_validate_json(again.content)
+    assert hit.id != first.parse().id and hit.id.startswith("resp_")
+    assert hit.model_copy(update={"id": first.parse().id}) == first.parse()
     events = await raw_events(gw, key, {"model": model, "input": "cache me"})
     assert events[-1][0] == "response.completed"
-    assert events[-1][1]["response"] == first.parse().model_dump(mode="json", exclude_unset=True)
+    closing = {**events[-1][1]["response"], "id": first.parse().id}
+    assert closing == first.parse().model_dump(mode="json", exclude_unset=True)
     async with client.responses.stream(model=model, input="cache me") as stream:
         replayed = await stream.get_final_response()
-    assert replayed.id == first.parse().id and replayed.output_text == "Echo: cache me"
+    assert (
+        replayed.id not in (first.parse().id, hit.id) and replayed.output_text == "Echo: cache me"
+    )
     assert (await emulator.stats())["by_path"] == {path: 1}
     # a streamed miss fills the cache for a whole hit too
     async with client.responses.stream(model=model, input="stream first") as stream:
         streamed = await stream.get_final_response()
     whole = await client.responses.with_raw_response.create(model=model, input="stream first")
     assert whole.headers["x-tollway-cache"] == "hit"
-    assert whole.parse().id == streamed.id and whole.parse().usage == streamed.usage
+    assert whole.parse().id != streamed.id and whole.parse().usage == streamed.usage
     assert (await emulator.stats())["by_path"] == {path: 2}
 
 
@@ -187,6 +193,7 @@ async def test_identical_requests_share_one_call(
         *(client.responses.create(model=model, input="twins", extra_headers=slow) for _ in range(3))
     )
     assert {r.output_text for r in whole} == {"Echo: twins"}
+    assert len({r.id for r in whole}) == 3  # one reply, an id per request
 
     async def streamed() -> str:
         async with client.responses.stream(

@@ -15,6 +15,13 @@ Then:
   got: 429s and 503s included (every request the chain answers has its row), none lost with
   the killed gateway, the killed meter or the emptied Redis, none twice;
 - no process printed a traceback or a prompt.
+
+A second cluster, with the shared cache in the chain, shows the rest of what several gateways
+on one Redis must hold together: a key issued through one gateway's admin API works on the
+others at once, one revoked on another stops everywhere within moments; refused requests
+(whichever layer refuses: the per-minute window or the monthly quota) leave every window and
+the quota as the admitted requests alone make them; 30 identical requests spread over the
+three gateways at 0 ms provider latency make exactly one provider call.
 """
 
 from __future__ import annotations
@@ -71,13 +78,15 @@ tiers:
   free: {{requests_per_minute: 5}}
   pro: {{requests_per_minute: 30}}
   capped: {{requests_per_minute: 1000, requests_per_month: {quota}}}
+  metered: {{requests_per_minute: 5, requests_per_month: 100}}
+  team: {{requests_per_minute: 1000}}
 chain:
   - name: auth
     config:
       keys:
 {keys}
   - name: limits
-  - name: metering
+{extra}  - name: metering
     config: {{sink: redis, database: {db}, spool_dir: {spool}, flush_interval: 100ms}}
 """
 
@@ -86,7 +95,11 @@ def api_key(user: str) -> str:
     return f"tw_scale_{user}_key_0123456789abcdef"
 
 
-def write_policy(path: Path, port: int, redis_url: str, emu: int, folder: Path) -> Path:
+def write_policy(
+    path: Path, port: int, redis_url: str, emu: int, folder: Path, extra: str = ""
+) -> Path:
+    """A gateway's (or the meter's) policy; ``extra``: chain entries between limits and
+    metering."""
     keys = "\n".join(
         f"        - {{id: k-{u}, user: {u}, tier: {plan}, "
         f"sha256: {hashlib.sha256(api_key(u).encode()).hexdigest()}}}"
@@ -103,6 +116,7 @@ def write_policy(path: Path, port: int, redis_url: str, emu: int, folder: Path) 
             keys=keys,
             db=folder / "usage.duckdb",
             spool=folder / "spool",
+            extra=extra,
         )
     )
     return path
@@ -170,7 +184,14 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
+def chain_extra() -> str:
+    """Chain entries the gateways run between limits and metering (none; a test that needs
+    more, the cache, parametrizes this)."""
+    return ""
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, chain_extra: str) -> Iterator[Cluster]:
     """Redis, the emulator, the meter and three gateways, started in parallel."""
     c = Cluster(tmp_path, free_port(), free_port())
     c.redis_proc = start_redis(redis_binary(), c.redis_port)
@@ -179,7 +200,12 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         for name in ("gw0", "gw1", "gw2", "meter"):
             c.ports[name] = free_port()
             c.policies[name] = write_policy(
-                tmp_path / f"{name}.yaml", c.ports[name], c.redis_url, c.emu_port, tmp_path / name
+                tmp_path / f"{name}.yaml",
+                c.ports[name],
+                c.redis_url,
+                c.emu_port,
+                tmp_path / name,
+                "" if name == "meter" else chain_extra,
             )
         c.meter()
         for name in ("gw0", "gw1", "gw2"):
@@ -404,6 +430,199 @@ async def test_three_gateways_one_meter_through_kills_and_a_redis_restart(
     assert len(by_id.keys() - want.keys()) <= len(lost)
     printed = "".join(p.text() for p in [*cluster.gone, *cluster.procs.values()])
     assert "Traceback" not in printed and "private-prompt" not in printed, printed
+
+
+CACHE = (
+    "  - name: cache\n"
+    f"    config: {{backend: state, key: '{'c' * 64}', default_ttl: 1h}}\n"
+    "  - name: batching\n"
+)
+GATEWAYS = ("gw0", "gw1", "gw2")
+KEY_BOUND = 2.0
+"""Seconds within which a key created or revoked on one gateway must be honoured by the others
+(announced over Redis: milliseconds, measured; the bound is for a busy machine)."""
+
+
+@dataclass
+class Answer:
+    """One request's outcome, as the OpenAI SDK saw it."""
+
+    status: int
+    headers: dict[str, str]
+    code: str | None = None
+    text: str = ""
+
+
+class Clients:
+    """OpenAI SDK clients by gateway and key, without retries."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.made: dict[tuple[str, str], openai.AsyncOpenAI] = {}
+
+    def __call__(self, gw: str, key: str) -> openai.AsyncOpenAI:
+        if (gw, key) not in self.made:
+            self.made[(gw, key)] = openai.AsyncOpenAI(
+                base_url=f"http://127.0.0.1:{self.cluster.ports[gw]}/v1",
+                api_key=key,
+                max_retries=0,
+                timeout=30,
+            )
+        return self.made[(gw, key)]
+
+    async def ask(self, gw: str, key: str, prompt: str = "hello") -> Answer:
+        try:
+            raw = await self(gw, key).chat.completions.with_raw_response.create(
+                model="gpt-5.4-mini",
+                messages=[{"role": "user", "content": prompt}],
+                extra_headers={"x-emulator-latency-ms": "0"},
+            )
+        except openai.APIStatusError as e:
+            code = (e.body or {}).get("code") if isinstance(e.body, dict) else None
+            return Answer(e.status_code, dict(e.response.headers), code)
+        text = raw.parse().choices[0].message.content or ""
+        return Answer(raw.status_code, dict(raw.headers), text=text)
+
+    async def close(self) -> None:
+        for client in self.made.values():
+            await client.close()
+
+
+async def admin(
+    http: aiohttp.ClientSession, cluster: Cluster, gw: str, method: str, path: str, body: Any = None
+) -> tuple[int, Any]:
+    url = f"http://127.0.0.1:{cluster.ports[gw]}{path}"
+    headers = {"Authorization": f"Bearer {ADMIN}"}
+    async with http.request(method, url, json=body, headers=headers) as r:
+        return r.status, await r.json()
+
+
+async def known_everywhere(http: aiohttp.ClientSession, cluster: Cluster, user: str) -> None:
+    """Wait until every gateway lists ``user``'s key (the admin API, so no request spends a
+    place in a window)."""
+
+    async def listed() -> bool:
+        for gw in GATEWAYS:
+            status, body = await admin(http, cluster, gw, "GET", f"/admin/keys?user={user}")
+            assert status == 200, body
+            if not body["data"]:
+                return False
+        return True
+
+    await until(listed, 10, cluster.output)
+
+
+async def answered_within(
+    clients: Clients, gw: str, key: str, status: int, since: float, bound: float
+) -> None:
+    """Ask ``gw`` until it answers ``status``, at most ``bound`` seconds after ``since``
+    (measured: the first request after the admin call is already answered so, ~0.2 s with
+    the client's first connection)."""
+    while True:
+        got = (await clients.ask(gw, key)).status
+        took = time.monotonic() - since
+        if got == status:
+            return
+        assert took < bound, f"{gw} still answered {got} after {took:.3f}s"
+        await asyncio.sleep(0.005)
+
+
+def window_and_quota(cluster: Cluster, user: str) -> tuple[int, int]:
+    """What Redis holds for ``user``: the admissions in the plan's per-minute window (an exact
+    log: one entry per admitted request) and the month's quota count (every instance's share)."""
+    with redis.Redis.from_url(cluster.redis_url) as client:
+        windows = list(client.scan_iter(match=f"tollway:rl:*:plan:{user}"))
+        assert len(windows) == 1 and client.type(windows[0]) == b"list", windows
+        logged = int(client.llen(windows[0]))
+        shares = client.hgetall(f"tollway:quota:{user}")
+    month = month_of(time.time())
+    return logged, sum(int(v) for f, v in shares.items() if f.decode().startswith(month))
+
+
+async def burst(clients: Clients, key: str, n: int) -> list[Answer]:
+    """``n`` requests at once, spread over the three gateways."""
+    return list(await asyncio.gather(*(clients.ask(GATEWAYS[i % 3], key) for i in range(n))))
+
+
+@pytest.mark.parametrize("chain_extra", [CACHE], ids=["cache"])
+async def test_three_gateways_share_keys_windows_and_one_provider_call(cluster: Cluster) -> None:
+    """The same cluster (with the shared cache): a key issued on one gateway works on the
+    others at once and a revoked one stops everywhere within moments; a burst of refused
+    requests leaves every window as the admitted requests alone make it, whichever layer
+    refuses; 30 identical requests over the three gateways make one provider call."""
+    clients = Clients(cluster)
+    emu = f"http://127.0.0.1:{cluster.emu_port}/_emulator"
+    try:
+        async with aiohttp.ClientSession() as http:
+            # -- a key issued on gw0 works on gw1 and gw2; revoked on gw1, it stops on all --
+            status, made = await admin(
+                http, cluster, "gw0", "POST", "/admin/keys", {"user": "kim", "tier": "team"}
+            )
+            issued = time.monotonic()
+            assert status == 201, made
+            for gw in ("gw1", "gw2"):
+                await answered_within(clients, gw, made["key"], 200, issued, KEY_BOUND)
+            status, _ = await admin(http, cluster, "gw1", "DELETE", f"/admin/keys/{made['id']}")
+            revoked = time.monotonic()
+            assert status == 200
+            assert (await clients.ask("gw1", made["key"])).status == 401  # at once where revoked
+            for gw in ("gw0", "gw2"):
+                await answered_within(clients, gw, made["key"], 401, revoked, KEY_BOUND)
+
+            # -- refused requests count in no window ---------------------------------------
+            keys = {}
+            for user, tier, gw in (("mia", "metered", "gw1"), ("cal", "capped", "gw2")):
+                status, made = await admin(
+                    http, cluster, gw, "POST", "/admin/keys", {"user": user, "tier": tier}
+                )
+                assert status == 201, made
+                keys[user] = made["key"]
+                await known_everywhere(http, cluster, user)
+            # the per-minute window refuses (5 a minute): the quota counts only the admitted
+            rate = await burst(clients, keys["mia"], 30)
+            admitted = [a for a in rate if a.status == 200]
+            assert len(admitted) == 5, Counter((a.status, a.code) for a in rate)
+            assert {a.code for a in rate if a.status != 200} == {"plan_rate_limit_exceeded"}
+            remaining = sorted(int(a.headers["x-ratelimit-remaining-requests"]) for a in admitted)
+            assert remaining == [0, 1, 2, 3, 4]  # each admission counted once, no refusal
+            assert window_and_quota(cluster, "mia") == (5, 5)
+            # the quota refuses (12 a month): the per-minute window logs only the admitted
+            quota = await burst(clients, keys["cal"], 30)
+            admitted = [a for a in quota if a.status == 200]
+            assert len(admitted) == QUOTA, Counter((a.status, a.code) for a in quota)
+            assert {a.code for a in quota if a.status != 200} == {"monthly_quota_exceeded"}
+            remaining = sorted(int(a.headers["x-ratelimit-remaining-requests"]) for a in admitted)
+            assert remaining == list(range(1000 - QUOTA, 1000))
+            assert window_and_quota(cluster, "cal") == (QUOTA, QUOTA)
+            # and refused one by one, after the bursts: still nothing counted
+            for gw in GATEWAYS:
+                assert (await clients.ask(gw, keys["mia"])).status == 429
+                assert (await clients.ask(gw, keys["cal"])).status == 429
+            assert window_and_quota(cluster, "mia") == (5, 5)
+            assert window_and_quota(cluster, "cal") == (QUOTA, QUOTA)
+
+            # -- identical requests over the three gateways: one provider call -------------
+            status, made = await admin(
+                http, cluster, "gw0", "POST", "/admin/keys", {"user": "tia", "tier": "team"}
+            )
+            assert status == 201, made
+            await known_everywhere(http, cluster, "tia")
+            for n in range(3):
+                async with http.post(f"{emu}/reset") as r:
+                    assert r.status == 200
+                prompt = f"secret-prompt round {n}: the same question from everywhere"
+                answers = await asyncio.gather(
+                    *(clients.ask(GATEWAYS[i % 3], made["key"], prompt) for i in range(30))
+                )
+                assert {a.status for a in answers} == {200}, [a.code for a in answers]
+                async with http.get(f"{emu}/stats") as r:
+                    calls = (await r.json())["requests"]
+                assert calls == 1, f"round {n}: {calls} provider calls"
+                assert len({a.text for a in answers}) == 1 and answers[0].text
+    finally:
+        await clients.close()
+    printed = "".join(p.text() for p in cluster.procs.values())
+    assert "Traceback" not in printed and "secret-prompt" not in printed, printed
 
 
 def start_meter_without_redis(tmp_path: Path) -> tuple[Proc, str, int]:

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import redis
 
 from plugins.metering.database import UsageDB
 from plugins.metering.stream import Meter
@@ -24,6 +25,8 @@ from tests.procs import ROOT, TOLLWAY, Proc, running, wait_for
 
 FREE = "tw_workers_free_key_0123456789"
 PRO = "tw_workers_pro_key_01234567890"
+CAPPED = "tw_workers_capped_key_012345678"
+QUOTA = 20  # the capped plan's requests a month
 POLICY = """\
 version: 1
 listen: {{host: 127.0.0.1, port: {port}, shutdown_timeout: 2s}}
@@ -37,12 +40,14 @@ models:
 tiers:
   free: {{requests_per_minute: 5}}
   pro: {{requests_per_minute: 1000}}
+  capped: {{requests_per_minute: 1000, requests_per_month: {quota}}}
 chain:
   - name: auth
     config:
       keys:
         - {{id: k1, user: u1, tier: free, sha256: {free}}}
         - {{id: k2, user: u2, tier: pro, sha256: {pro}}}
+        - {{id: k3, user: u3, tier: capped, sha256: {capped}}}
   - name: limits
   - name: metering
     config: {{sink: {sink}, database: {db}, flush_interval: {flush}}}
@@ -68,6 +73,8 @@ def write_policy(
             emu=emu,
             free=hashlib.sha256(FREE.encode()).hexdigest(),
             pro=hashlib.sha256(PRO.encode()).hexdigest(),
+            capped=hashlib.sha256(CAPPED.encode()).hexdigest(),
+            quota=QUOTA,
             sink=sink,
             flush=flush,
             db=tmp_path / "usage.duckdb",
@@ -132,6 +139,17 @@ def test_two_workers_exact_limits_restart_and_shutdown(
         statuses = sorted(s for s, _ in answers)
         assert statuses == [200] * 5 + [429] * 15, statuses  # exactly the plan's 5 a minute
         answered = [rid for _, rid in answers]  # a refused request has its usage row too
+        # the monthly quota, exact too: 40 at once, on 40 connections the kernel spreads over
+        # both workers, and each worker's share of the count is its own field in Redis
+        with ThreadPoolExecutor(20) as pool:
+            answers = list(pool.map(lambda _: ask(port, CAPPED), range(2 * QUOTA)))
+        statuses = sorted(s for s, _ in answers)
+        assert statuses == [200] * QUOTA + [429] * QUOTA, statuses
+        answered += [rid for _, rid in answers]
+        with redis.Redis.from_url(redis_url) as client:
+            shares = client.hgetall("tollway:quota:u3")
+        assert sum(int(v) for v in shares.values()) == QUOTA  # refused ones counted nothing
+        assert len(shares) == 2, shares  # both workers admitted some
 
         gw.popen.send_signal(signal.SIGHUP)  # reaches every worker
         wait_for(lambda: gw.text().splitlines().count("policy reloaded") == 2, 30, gw.text)

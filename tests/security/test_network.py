@@ -122,7 +122,7 @@ async def test_every_reply_of_the_gateway_carries_a_request_id(gw: Gw, key: str)
 async def test_options_lists_the_methods_and_wrong_methods_are_405_with_allow(gw: Gw) -> None:
     for path, allow in (
         ("/admin/keys", {"GET", "HEAD", "POST", "OPTIONS"}),
-        ("/admin/keys/k_123", {"DELETE", "OPTIONS"}),
+        ("/admin/keys/k_123", {"GET", "HEAD", "PATCH", "DELETE", "OPTIONS"}),
         ("/v1/chat/completions", {"POST", "OPTIONS"}),
         ("/v1/messages", {"POST", "OPTIONS"}),
     ):

@@ -1,0 +1,1 @@
+"""budgets: monthly money budgets per user and per key (``plugins.budgets.plugin``)."""

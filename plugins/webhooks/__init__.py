@@ -1,0 +1,1 @@
+"""webhooks: business events delivered as signed JSON POSTs (see ``plugin``)."""
