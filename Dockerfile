@@ -12,6 +12,8 @@ COPY --from=build /install /usr/local
 WORKDIR /app
 COPY policies.yaml ./policies.yaml
 RUN mkdir -p /app/data && chown tollway:tollway /app/data
+# state.dir and the usage database: mount a volume here; mount your policy over /app/policies.yaml
+VOLUME ["/app/data"]
 USER tollway
 ENV PYTHONUNBUFFERED=1
 EXPOSE 8080

@@ -9,6 +9,7 @@ an empty tuple and costs nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import inspect
@@ -21,6 +22,7 @@ import pluggy
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from proxy import hookspecs
+from proxy.context import ENDPOINTS
 from proxy.policy import LoadedPolicy, PolicyError, validation_context
 
 if TYPE_CHECKING:
@@ -37,6 +39,8 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "cache": "plugins.cache.plugin:CachePlugin",
     "batching": "plugins.batching.plugin:BatchingPlugin",
     "webhooks": "plugins.webhooks.plugin:WebhooksPlugin",
+    "otel": "plugins.otel.plugin:OtelPlugin",
+    "accesslog": "plugins.accesslog:AccessLogPlugin",
 }
 """Built-in plugin name -> ``module:factory``; third parties use entry-point group 'tollway'."""
 
@@ -116,9 +120,17 @@ class Chain:
     """Model names the plugins answer for themselves, listed by ``GET /v1/models``."""
     cached_features: tuple[Hook, ...] = ()
     data_files: tuple[Hook, ...] = ()
+    views: dict[str, Chain] = field(default_factory=dict)
+    """Per endpoint, when a hook is limited to some (``hookspecs.endpoints``): this chain with
+    its per-request tuples holding only that endpoint's hooks. Views are never started,
+    stopped or counted in flight: that is the chain's own business."""
     in_flight: int = 0
     retired: bool = False
     _open: list[AsyncIterator[None]] = field(default_factory=list)
+
+    def for_endpoint(self, endpoint: str) -> Chain:
+        """The hooks to run for a request to ``endpoint`` (one dict lookup per request)."""
+        return self.views.get(endpoint, self)
 
     async def start(self, app: web.Application) -> None:
         """Enter each plugin's lifespan in chain order; a failure names the plugin (and the
@@ -331,6 +343,8 @@ def _check_kinds(plugin: Any, pm: pluggy.PluginManager) -> list[str]:
     errors = []
     for impl in pm.get_hookcallers(plugin) or []:
         fn = next(i.function for i in impl.get_hookimpls() if i.plugin is plugin)
+        if hasattr(fn, "tollway_endpoints") and impl.name not in hookspecs.REQUEST_HOOKS:
+            errors.append(f"hook {impl.name} runs once, not per request: it has no endpoints")
         if impl.name in ASYNC_HOOKS and not inspect.iscoroutinefunction(fn):
             errors.append(f"hook {impl.name} must be 'async def'")
         elif impl.name in SYNC_HOOKS and inspect.iscoroutinefunction(fn):
@@ -394,19 +408,32 @@ def _compile(
     def rev(hook: str) -> tuple[tuple[int, Hook], ...]:
         return tuple(reversed(ordered(hook)))
 
-    return Chain(
+    request = {h: ordered(h) for h in hookspecs.REQUEST_HOOKS}
+
+    def phases(endpoint: str | None) -> dict[str, Any]:
+        """The per-request tuples; for ``endpoint``, without the hooks limited to others."""
+        kept = {
+            h: [
+                (i, fn)
+                for i, fn in impls
+                if endpoint is None or endpoint in getattr(fn, "tollway_endpoints", (endpoint,))
+            ]
+            for h, impls in request.items()
+        }
+        first = ("upstream_request", "send_upstream", "log")
+        out: dict[str, Any] = {h: tuple(fn for _, fn in kept[h]) for h in first}
+        out["access"] = tuple(kept["access"])
+        for h in ("response_headers", "response_chunk", "response_body"):
+            out[h] = tuple(reversed(kept[h]))
+        out["response_complete"] = tuple(fn for _, fn in reversed(kept["response_complete"]))
+        return out
+
+    chain = Chain(
         loaded=loaded,
         plugins=plugins,
         names=names,
         authenticate=fwd("authenticate"),
-        access=tuple(ordered("access")),
-        upstream_request=fwd("upstream_request"),
-        send_upstream=fwd("send_upstream"),
-        response_headers=rev("response_headers"),
-        response_chunk=rev("response_chunk"),
-        response_body=rev("response_body"),
-        response_complete=tuple(fn for _, fn in rev("response_complete")),
-        log=fwd("log"),
+        **phases(None),
         forget_user=fwd("forget_user"),
         lifespans=fwd("lifespan"),
         dashboard_figures=fwd("dashboard_figures"),
@@ -414,3 +441,7 @@ def _compile(
         cached_features=fwd("cached_features"),
         data_files=fwd("data_files"),
     )
+    limited = any(hasattr(fn, "tollway_endpoints") for impls in request.values() for _, fn in impls)
+    if limited:  # only then does a request pick a view: otherwise the chain is every view
+        chain.views = {e: dataclasses.replace(chain, **phases(e), views={}) for e in ENDPOINTS}
+    return chain

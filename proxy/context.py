@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, get_args
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -23,6 +23,8 @@ Dialect = Literal["openai", "anthropic"]
 Endpoint = Literal[
     "chat", "completions", "embeddings", "messages", "responses", "count_tokens", "input_tokens"
 ]
+ENDPOINTS: tuple[Endpoint, ...] = get_args(Endpoint)
+"""Every endpoint, for what is compiled once per endpoint (``proxy.chain.Chain.for_endpoint``)."""
 
 UNBILLED_ENDPOINTS: frozenset[str] = frozenset({"count_tokens", "input_tokens"})
 """Endpoints whose requests cost nothing at the provider and are not sold (the token counts:

@@ -21,6 +21,9 @@ count, ``POST /v1/responses/input_tokens``, is ``proxy.input_tokens``, built on 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from aiohttp import web
 
 from proxy import relay
@@ -43,19 +46,40 @@ async def count_tokens(
     rt: Runtime, ctx: RequestContext, route: Route, call: UpstreamCall
 ) -> web.StreamResponse:
     """Answer a count_tokens request whose request side has run: ``route`` will serve it."""
-    chain = rt.chain
     messages = ctx.body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise Reject(400, "messages: must be a non-empty list of messages", param="messages")
     ctx.fallbacks = ()
-    client = rt.providers[route.provider]
     native = route.kind == "anthropic"
     body = dict(ctx.body)
     body["model"] = route.upstream_model
+    url = rt.providers[route.provider].base_url + COUNT_PATH if native else ""
+    return await send_count(rt, ctx, route, call, url, body, _estimate_reply)
+
+
+def _estimate_reply(tokens: int) -> dict[str, Any]:
+    """An estimate in the shape of Anthropic's count."""
+    return {"input_tokens": tokens}
+
+
+async def send_count(
+    rt: Runtime,
+    ctx: RequestContext,
+    route: Route,
+    call: UpstreamCall,
+    url: str,
+    body: dict[str, object],
+    estimate_reply: Callable[[int], dict[str, Any]],
+) -> web.StreamResponse:
+    """Count ``body`` at the provider's ``url``, or estimate it when ``url`` is "" (the reply
+    body ``estimate_reply`` makes of the count, marked ``X-Tollway-Count: estimate``). The
+    ``upstream_request`` hooks run on both, so a model outside the caller's plan is refused
+    alike; a sent count passes the ``send_upstream`` hooks and is relayed like any reply."""
+    chain = rt.chain.for_endpoint(ctx.endpoint)
     req = UpstreamRequest(
         method="POST",
-        url=client.base_url + COUNT_PATH if native else "",
-        headers=client.headers(ctx.request.headers) if native else {},
+        url=url,
+        headers=rt.providers[route.provider].headers(ctx.request.headers) if url else {},
         body=body,
         provider=route.provider,
         kind=route.kind,
@@ -63,9 +87,9 @@ async def count_tokens(
     )
     for hook in chain.upstream_request:
         await hook(ctx, req)
-    if not native:
+    if not url:
         counted = ctx.usage.input_tokens = estimate_tokens(req.body)  # not reported: estimated
-        reply = Reply(body={"input_tokens": counted}, headers=dict(ESTIMATE_HEADERS))
+        reply = Reply(body=estimate_reply(counted), headers=dict(ESTIMATE_HEADERS))
         return await relay.send_reply(chain, ctx, reply, len(chain.plugins))
     resp = None
     for hook in chain.send_upstream:  # a plugin may take the call over (coalescing)
@@ -75,7 +99,7 @@ async def count_tokens(
     if resp is None:
         resp = await call(req)
     try:
-        return await relay.relay_body(chain, ctx, route, resp)
+        return await relay.relay_body(chain, ctx, route, resp)  # a translated count reshaped there
     finally:
         if resp.release is not None:
             resp.release()

@@ -34,9 +34,13 @@ from proxy.context import (
 )
 from proxy.edge import MAX_JSON_DEPTH, too_deep, undecodable_header
 from proxy.errors import Reject
+from proxy.failurelog import ErrorLog
 from proxy.runtime import Runtime
 
 log = logging.getLogger("tollway")
+ERRORS = ErrorLog(log)
+"""Internal errors and failing ``log`` hooks: a traceback for the first of each kind, then a
+count once per interval (an outage that fails every request must not flood the log)."""
 
 _ANONYMOUS = Principal(user_id="anonymous")
 _IDS_PER_DRAW = 512
@@ -257,7 +261,7 @@ async def serve(rt: Runtime, ctx: RequestContext) -> web.StreamResponse:
     ctx.stream = body.get("stream") is True
     ctx.route = rt.routes.get(model)
 
-    chain = rt.chain
+    chain = rt.chain.for_endpoint(ctx.endpoint)  # without the hooks limited to other endpoints
     for position, hook in chain.access:
         reply = await hook(ctx)
         if reply is not None:
@@ -368,7 +372,7 @@ async def _next_fallback(rt: Runtime, ctx: RequestContext) -> UpstreamRequest | 
         ctx.route = route  # hooks check the route that will serve
         try:
             req, _ = build_upstream(rt, ctx, route)
-            for hook in rt.chain.upstream_request:
+            for hook in rt.chain.for_endpoint(ctx.endpoint).upstream_request:
                 await hook(ctx, req)
         except Reject:
             ctx.route = previous
@@ -385,6 +389,7 @@ def make_handler(endpoint: Endpoint, dialect: Dialect) -> Any:
         rt = gw.runtime
         chain = rt.chain
         chain.in_flight += 1
+        hooks = chain.for_endpoint(endpoint)
         gw.metrics.in_flight += 1
         headers = request.headers
         # a header that is not UTF-8 is refused, and none of its values is used: its lone
@@ -404,25 +409,30 @@ def make_handler(endpoint: Endpoint, dialect: Dialect) -> Any:
                 raise Reject(400, f"header {bad} is not valid UTF-8", code="invalid_header")
             return await serve(rt, ctx)
         except Reject as e:
-            return await relay.send_error(chain, ctx, e)
+            return await relay.send_error(hooks, ctx, e)
         except (asyncio.CancelledError, ConnectionResetError):
             ctx.status = ctx.status or 499
             ctx.error_code = "client_disconnected"
             raise
         except Exception:
-            log.exception("internal error in request %s", ctx.request_id)
+            ERRORS.exception("", "internal error in request %s", ctx.request_id)
             return await relay.send_error(
-                chain, ctx, Reject(500, "internal gateway error", code="internal_error")
+                hooks, ctx, Reject(500, "internal gateway error", code="internal_error")
             )
         finally:
             ctx.timings.end = end = time.perf_counter()
             gw.metrics.in_flight -= 1
             gw.metrics.observe(endpoint, ctx.status, ctx.cache, end - ctx.timings.start)
-            for hook in chain.log:
+            for hook in hooks.log:
                 try:
                     await hook(ctx)
                 except Exception:
-                    log.exception("log hook failed for request %s", ctx.request_id)
+                    ERRORS.exception(
+                        chain.name_of(hook),
+                        "log hook of plugin %s failed for request %s",
+                        chain.name_of(hook),
+                        ctx.request_id,
+                    )
             chain.in_flight -= 1
             if chain.retired and chain.in_flight == 0:
                 gw.retire(chain)

@@ -32,10 +32,12 @@ state a plugin keeps from one phase to a later one goes in ``ctx.stash``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, TypeVar
 
 import pluggy
+
+from proxy.context import ENDPOINTS
 
 if TYPE_CHECKING:
     import argparse
@@ -57,6 +59,47 @@ if TYPE_CHECKING:
 PROJECT = "tollway"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
+
+REQUEST_HOOKS = (
+    "access",
+    "upstream_request",
+    "send_upstream",
+    "response_headers",
+    "response_chunk",
+    "response_body",
+    "response_complete",
+    "log",
+)
+"""The hooks called per request once the caller is known: the ones ``endpoints`` can limit.
+Not ``authenticate``: a key is valid or not whatever the endpoint (plugin routes check it too)."""
+
+_F = TypeVar("_F", bound="Callable[..., object]")
+
+
+def endpoints(*names: str) -> Callable[[_F], _F]:
+    """Call this request-path hook implementation only for requests to these endpoints.
+
+    ``@hookimpl`` on top, then ``@endpoints("responses", "input_tokens")``. The chain is
+    compiled once per endpoint, so on every other endpoint the hook is not in the tuples at all:
+    it costs nothing, not even a call that returns at once. That matters for
+    ``response_chunk``: the core parses each stream event only when some hook of that
+    endpoint's chain implements it. Names are ``proxy.context.Endpoint``'s (``chat``,
+    ``completions``, ``embeddings``, ``messages``, ``responses``, ``count_tokens``,
+    ``input_tokens``); only the hooks in ``REQUEST_HOOKS`` can be limited (another one marked
+    is refused at startup). A hook without this runs for every endpoint.
+    """
+    unknown = sorted(set(names) - set(ENDPOINTS))
+    if not names or unknown:
+        raise ValueError(
+            f"endpoints() takes names among {', '.join(ENDPOINTS)}; got {', '.join(unknown) or 'none'}"
+        )
+    chosen = frozenset(names)
+
+    def mark(fn: _F) -> _F:
+        fn.tollway_endpoints = chosen  # type: ignore[attr-defined]  # read by compile_chain
+        return fn
+
+    return mark
 
 
 @hookspec
@@ -142,7 +185,8 @@ def response_chunk(ctx: RequestContext, event: StreamEvent) -> None:
     """One SSE event of a streamed reply, in the client's dialect. Synchronous, CPU only.
 
     Runs per event, bottom to top; edit ``event.data`` in place or set ``event.drop``.
-    Only when some plugin implements this hook does the core parse each event.
+    Only when some plugin implements this hook for the request's endpoint does the core parse
+    each event: a plugin that edits one API's streams says so with ``@endpoints(...)``.
     """
 
 

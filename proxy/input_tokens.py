@@ -31,8 +31,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from proxy import counting, relay, responses_api
-from proxy.context import Reply, RequestContext, Route, UpstreamCall, UpstreamRequest
+from proxy import counting, responses_api
+from proxy.context import RequestContext, Route, UpstreamCall
 from proxy.errors import Reject
 from proxy.runtime import Runtime
 
@@ -112,37 +112,8 @@ def _count_request(rt: Runtime, ctx: RequestContext, route: Route) -> tuple[str,
 async def count(
     rt: Runtime, ctx: RequestContext, route: Route, call: UpstreamCall
 ) -> web.StreamResponse:
-    """Answer an input_tokens request whose request side has run: ``route`` will serve it."""
-    chain = rt.chain
+    """Answer an input_tokens request whose request side has run: ``route`` will serve it
+    (Anthropic's count reshaped into the Responses API's on the way back)."""
     ctx.fallbacks = ()
     url, body = _count_request(rt, ctx, route)
-    client = rt.providers[route.provider]
-    req = UpstreamRequest(
-        method="POST",
-        url=url,
-        headers=client.headers(ctx.request.headers) if url else {},
-        body=body,
-        provider=route.provider,
-        kind=route.kind,
-        stream=False,
-    )
-    for hook in chain.upstream_request:  # a model outside the caller's plan is refused here
-        await hook(ctx, req)
-    if not url:
-        counted = ctx.usage.input_tokens = counting.estimate_tokens(req.body)  # not reported
-        reply = Reply(
-            body=responses_api.count_reply(counted), headers=dict(counting.ESTIMATE_HEADERS)
-        )
-        return await relay.send_reply(chain, ctx, reply, len(chain.plugins))
-    resp = None
-    for hook in chain.send_upstream:  # a plugin may take the call over (coalescing)
-        resp = await hook(ctx, req, call)
-        if resp is not None:
-            break
-    if resp is None:
-        resp = await call(req)
-    try:
-        return await relay.relay_body(chain, ctx, route, resp)  # Anthropic's reshaped there
-    finally:
-        if resp.release is not None:
-            resp.release()
+    return await counting.send_count(rt, ctx, route, call, url, body, responses_api.count_reply)

@@ -2,8 +2,9 @@
 
 Streams are relayed event by event as they arrive (one socket write per upstream read); JSON is
 parsed only where needed: the few events carrying usage, every event when translating between
-dialects, and every event only if some plugin implements ``response_chunk``. Responses are
-written and finished here, before ``log`` hooks run, so logging never delays a reply.
+dialects, and every event only if some plugin implements ``response_chunk`` for the request's
+endpoint (``proxy.hookspecs.endpoints``). Responses are written and finished here, before
+``log`` hooks run, so logging never delays a reply.
 
 A response-side hook that raises (anything but a Reject) turns the reply into a 500
 ``internal_error``; on the way to an error reply hooks cannot stop it: a failure there is

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import fcntl
 import os
+import secrets
 from pathlib import Path
 
 LOCK_NAME = "tollway.lock"
+INSTANCE_FILE = "instance-id"
 
 
 class StateDirInUse(Exception):
@@ -37,3 +39,19 @@ def hold(folder: str | Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def instance_id(folder: Path | None) -> str:
+    """This instance's stable name on shared state (its quota and budget shares, its webhook
+    claims): kept in ``folder/instance-id``, written by whichever part asks first, so every
+    part names the instance alike and a restart keeps the name; new per process without a
+    folder. Each instance needs a ``state.dir`` of its own (``hold``)."""
+    if folder is None:
+        return "i-" + secrets.token_hex(6)
+    path = folder / INSTANCE_FILE
+    if path.exists():
+        return path.read_text().strip()
+    folder.mkdir(parents=True, exist_ok=True)
+    name = "i-" + secrets.token_hex(6)
+    path.write_text(name + "\n")
+    return name

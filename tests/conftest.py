@@ -6,6 +6,7 @@ against in-process servers that still speak real HTTP over TCP sockets.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
@@ -252,7 +253,14 @@ async def make_gateway(emulator: Emulator, tmp_path: Path) -> AsyncIterator[Call
             access_log=None,
             header_timeout=loaded.policy.listen.header_timeout,
         )
-        runner, url = await start_site(app, runner)
+        try:
+            runner, url = await start_site(app, runner)
+        except BaseException:
+            # a plugin that fails to start: close what the contexts before it opened (the
+            # upstream session), as the process exit does for `tollway serve`
+            with contextlib.suppress(Exception):
+                await app.cleanup()
+            raise
         runners.append(runner)
         return Gw(url, app, http, clients)
 

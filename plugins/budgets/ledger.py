@@ -9,8 +9,9 @@ a request only while ``spent + reserved + estimate <= budget``, so the month can
 budget only by what requests in flight turned out to cost beyond their estimates.
 
 ``MemoryLedger`` keeps it in process (the hot path touches a dict, no coroutine). Spent amounts
-are written to ``state.dir/budgets.json`` once a second when they changed (as the limits
-plugin keeps its monthly counts), so a restart keeps the month's spending.
+are written to ``state.dir/budgets.json`` once a second when they changed
+(``proxy.shares.MonthlyCounts``, as the limits plugin keeps its monthly counts), so a restart
+keeps the month's spending.
 
 ``RedisLedger`` shares it between instances (``state.url: redis://``): one hash per account,
 ``tollway:budget:ACCOUNT``, with two fields per month and instance (``2026-12/s/i-3f..``:
@@ -18,138 +19,30 @@ spent by that instance, ``2026-12/r/i-3f..``: its reservations in flight). A res
 script (sum the month's fields, refuse or add the estimate), a settlement another. As for the
 monthly quota, Redis holds a copy: each instance keeps its own spent share in its file and puts
 it back when Redis comes back empty (``restore``: a share is raised to the file's, never
-lowered; its reservation set to what is in flight here). A restarted instance zeroes its own
-reservation fields, so a crash leaves none behind (with a ``state.dir``: the instance keeps its
-name). While Redis is unreachable an instance decides alone (the others' total as last seen
-plus its own), or refuses, per ``state.on_unavailable``.
+lowered; its reservation set to what is in flight here; repeated while amounts decided alone
+changed meanwhile). A restarted instance zeroes its own reservation fields, so a crash leaves
+none behind, and first raises its file's spent amounts to its own spent shares in Redis: the
+file is written once a second, so after a crash Redis may hold the last second of spending the
+file missed, which a later empty Redis would otherwise forget (with a ``state.dir``: the
+instance keeps its name). While Redis is unreachable an instance decides alone (the others'
+total as last seen plus its own), or refuses, per ``state.on_unavailable``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import calendar
-import contextlib
-import os
-import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-import orjson
-
+from proxy.months import MonthCache as MonthCache  # re-exported: the plugin takes it from here
+from proxy.shares import SHARE_TTL, MonthlyCounts, RedisShares
+from proxy.statedir import instance_id
 from proxy.statewatch import StateWatch, is_state_error
-
-TTL = 62 * 86400
-"""Seconds an account's Redis amounts outlive their last change (this month's and the last)."""
 
 NANO = 1_000_000_000
 """Nano-USD per dollar."""
 
 ADMITTED = -1
-
-
-def month_of(ts: float) -> str:
-    """``YYYY-MM`` of a UNIX time, in UTC."""
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m")
-
-
-def next_month_start(ts: float) -> float:
-    """UNIX time of the next calendar month's first instant (UTC): a budget's reset."""
-    d = datetime.fromtimestamp(ts, UTC)
-    year, month = (d.year + 1, 1) if d.month == 12 else (d.year, d.month + 1)
-    return float(calendar.timegm((year, month, 1, 0, 0, 0)))
-
-
-class MonthCache:
-    """The current UTC month and its end, recomputed only when the month changes."""
-
-    def __init__(self) -> None:
-        self._until = 0.0
-        self._value = ("", 0.0)
-
-    def current(self, now: float) -> tuple[str, float]:
-        if now >= self._until or now < self._until - 32 * 86400:
-            reset = next_month_start(now)
-            self._value, self._until = (month_of(now), reset), reset
-        return self._value
-
-
-def instance_id(folder: Path | None) -> str:
-    """This instance's stable name for its shares: ``folder/instance-id``, the file the limits
-    plugin's quota shares are named by too (written by whichever starts first), or new per
-    process without a folder."""
-    if folder is None:
-        return "i-" + secrets.token_hex(6)
-    path = folder / "instance-id"
-    if path.exists():
-        return path.read_text().strip()
-    folder.mkdir(parents=True, exist_ok=True)
-    name = "i-" + secrets.token_hex(6)
-    path.write_text(name + "\n")
-    return name
-
-
-class MonthlyAmounts:
-    """Integers per (account, month), written to ``path`` once a second when they changed
-    (atomic replace; this month and the last kept); None keeps them in memory only."""
-
-    def __init__(self, path: Path | None, flush_every: float = 1.0) -> None:
-        self.path = path
-        self.flush_every = flush_every
-        self._amounts: dict[str, dict[str, int]] = {}
-        self._dirty = False
-        self._task: asyncio.Task[None] | None = None
-        if path is not None and path.exists():
-            data = orjson.loads(path.read_bytes())
-            self._amounts = {m: {a: int(n) for a, n in acc.items()} for m, acc in data.items()}
-
-    def used(self, account: str, month: str) -> int:
-        accounts = self._amounts.get(month)
-        return accounts.get(account, 0) if accounts is not None else 0
-
-    def add(self, account: str, month: str, n: int) -> None:
-        accounts = self._amounts.get(month)
-        if accounts is None:
-            accounts = self._amounts[month] = {}
-        accounts[account] = max(0, accounts.get(account, 0) + n)
-        self._dirty = True
-
-    def snapshot(self) -> dict[str, dict[str, int]]:
-        return {m: dict(accounts) for m, accounts in self._amounts.items()}
-
-    async def forget(self, account: str) -> int:
-        n = sum(acc.pop(account, None) is not None for acc in self._amounts.values())
-        self._dirty = self._dirty or n > 0
-        return n
-
-    def flush(self) -> None:
-        if self.path is None or not self._dirty:
-            return
-        self._dirty = False
-        keep = sorted(self._amounts)[-2:]
-        self._amounts = {m: self._amounts[m] for m in keep}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_bytes(orjson.dumps(self._amounts))
-        os.replace(tmp, self.path)
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.flush_every)
-            await asyncio.to_thread(self.flush)
-
-    def start(self) -> None:
-        if self.path is not None and self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        self.flush()
 
 
 @dataclass(slots=True)
@@ -198,11 +91,11 @@ class Ledger(Protocol):
 
 
 class MemoryLedger:
-    """In process: spent per (account, month) persisted by ``MonthlyQuota``; reservations in
+    """In process: spent per (account, month) persisted by ``MonthlyCounts``; reservations in
     memory only (they end with the process, and so do the requests they belong to)."""
 
     def __init__(self, path: Path | None) -> None:
-        self.spent = MonthlyAmounts(path)
+        self.spent = MonthlyCounts(path)
         self.reserved: dict[tuple[str, str], int] = {}
 
     def total(self, account: str, month: str) -> int:
@@ -309,17 +202,24 @@ return out
 """
 
 # KEYS[1]: an account's hash. ARGV: spent field, own spent, reserved field, own reserved, ttl.
+# Nothing in flight here: no reservation field (what a crashed process left is dropped too).
 _RESTORE = """
 local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 if tonumber(ARGV[2]) > cur then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
-redis.call('HSET', KEYS[1], ARGV[3], ARGV[4])
+if tonumber(ARGV[4]) > 0 then
+  redis.call('HSET', KEYS[1], ARGV[3], ARGV[4])
+else
+  redis.call('HDEL', KEYS[1], ARGV[3])
+end
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 """
 
 
-class RedisLedger:
+class RedisLedger(RedisShares[MemoryLedger]):
     """Shared by instances on Redis; this instance's shares kept in ``own`` (see the module
     docstring)."""
+
+    SHARE_INFIX = "/s/"  # the spent share is the durable one (reservations end with a process)
 
     def __init__(
         self,
@@ -329,29 +229,16 @@ class RedisLedger:
         watch: StateWatch | None,
         prefix: str = "tollway:budget:",
     ) -> None:
-        import redis.asyncio as aioredis  # only a Redis deployment loads redis-py
-
-        self.client: Any = aioredis.from_url(url)
-        self.own = own
-        self.instance = instance
-        self.watch = watch
-        self.prefix = prefix
-        self._others: dict[tuple[str, str], int] = {}  # others' spent + reserved, last seen
-        self._opened = False
+        super().__init__(url, own, instance, watch, prefix)  # _others: spent + reserved
         self._reserve = self.client.register_script(_RESERVE)
         self._settle = self.client.register_script(_SETTLE)
         self._restore = self.client.register_script(_RESTORE)
 
-    def _shared(self) -> bool:
-        return self.watch is None or self.watch.available
-
-    def _lost(self, exc: Exception) -> None:
-        if self.watch is None or not is_state_error(exc):
-            raise exc
-        self.watch.failed(exc)
+    def _counts(self) -> MonthlyCounts:
+        return self.own.spent
 
     def _args(self, month: str) -> list[Any]:
-        return [month, self.instance, TTL]
+        return [month, self.instance, SHARE_TTL]
 
     def reserve_now(self, month: str, charges: list[Charge]) -> tuple[int, int] | None:
         return None if self._shared() else self._reserve_alone(month, charges)
@@ -363,6 +250,7 @@ class RedisLedger:
                 if total + c.estimate > c.limit:
                     return i, total
         self.own.hold(month, charges)
+        self._changes += 1
         return ADMITTED, 0
 
     async def reserve(self, month: str, charges: list[Charge]) -> tuple[int, int]:
@@ -403,6 +291,7 @@ class RedisLedger:
                 self._lost(e)  # the watch puts the shares back once Redis is there again
             else:
                 return [int(t) for t in totals]
+        self._changes += 1
         return [
             self._others.get((c.account, month), 0) + n for c, n in zip(charges, own, strict=True)
         ]
@@ -429,18 +318,11 @@ class RedisLedger:
     async def forget(self, accounts: list[str]) -> int:
         n = 0
         for account in accounts:
-            fields = await self.client.hkeys(self.prefix + account)
-            await self.client.delete(self.prefix + account)
-            n = max(n, len({f.split(b"/", 1)[0] for f in fields}))
-        n = max(n, await self.own.forget(accounts))
-        for k in [k for k in self._others if k[0] in accounts]:
-            del self._others[k]
-        return n
+            n = max(n, await self._drop(account))
+        return max(n, await self.own.forget(accounts))
 
-    async def restore(self) -> None:
-        """Put this instance's shares back: spent raised to its own, reservations set to what
-        is in flight here (after Redis lost its data, or an outage)."""
-        counts = self.own.spent.snapshot()
+    async def _put_back(self, counts: dict[str, dict[str, int]]) -> None:
+        """Spent raised to this instance's own, reservations set to what is in flight here."""
         keys = {(a, m) for m, accounts in counts.items() for a in accounts}
         keys |= set(self.own.reserved)
         if not keys:
@@ -450,11 +332,11 @@ class RedisLedger:
                 await self._restore(
                     keys=[self.prefix + account],
                     args=[
-                        f"{month}/s/{self.instance}",
-                        self.own.spent.used(account, month),
+                        self._field(month),
+                        counts.get(month, {}).get(account, 0),
                         f"{month}/r/{self.instance}",
                         self.own.reserved.get((account, month), 0),
-                        TTL,
+                        SHARE_TTL,
                     ],
                     client=pipe,
                 )
@@ -475,20 +357,9 @@ class RedisLedger:
             if stale:
                 await self.client.hdel(key, *stale)
 
-    async def open(self) -> None:
-        if self._opened:
-            return
-        self._opened = True
-        await self.own.open()
-        try:
-            await self._drop_stale_reservations()
-            await self.restore()
-        except Exception as e:
-            self._lost(e)
-
-    async def close(self) -> None:
-        await self.own.close()
-        await self.client.aclose()
+    async def _seed(self) -> None:
+        await self._drop_stale_reservations()
+        await self.restore()
 
 
 def open_ledger(

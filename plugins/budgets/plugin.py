@@ -323,10 +323,24 @@ class BudgetsPlugin:
         res = ledger.reserve_now(month, charges)
         if res is None:
             res = await ledger.reserve(month, charges)
+            if watch is not None and watch.refuse and not watch.available:
+                # Redis was lost during this reservation, so it was decided alone: refuse it
+                # as every later request is, holding nothing
+                if res[0] == ADMITTED:
+                    await self._release(month, charges)
+                raise watch.reject()
         if res[0] != ADMITTED:
             index = res[0]
             self._refuse(rules[index], charges[index], res[1], month, reset, p)
         ctx.stash[_HELD] = (month, charges, rules)
+
+    async def _release(self, month: str, charges: list[Charge]) -> None:
+        """Give back a reservation of a request that will not be served (settled to 0)."""
+        ledger = self.ledger
+        assert ledger is not None
+        nothing = [0] * len(charges)
+        if ledger.settle_now(month, charges, nothing) is None:
+            await ledger.settle(month, charges, nothing)
 
     def _refuse(
         self, r: Rule, c: Charge, total: int, month: str, reset: float, p: Principal

@@ -37,7 +37,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from plugins.limits.admission import Admission, QueueFull, QueueTimeout
-from plugins.limits.quota import Quota, month_of, next_month_start, open_quota
+from plugins.limits.quota import Quota, open_quota
 from plugins.limits.windows import (
     EXACT_UP_TO,
     QUOTA_REFUSED,
@@ -60,6 +60,7 @@ from proxy.errors import Reject
 from proxy.events import EVENTS, Event, EventBus
 from proxy.figures import Figures
 from proxy.hookspecs import hookimpl
+from proxy.months import MonthCache, next_month_start
 from proxy.policy import Loc, Policy, errors_at, parse_duration
 from proxy.statewatch import STATE_WATCH, StateWatch
 
@@ -242,20 +243,6 @@ LAYER_CACHE_SIZE = 10_000
 
 def _spec(item: limits.RateLimitItem) -> tuple[int, float]:
     return item.amount, float(item.get_expiry())
-
-
-class MonthCache:
-    """The current UTC month and its end, recomputed only when the month changes."""
-
-    def __init__(self) -> None:
-        self._until = 0.0
-        self._value = ("", 0.0)
-
-    def current(self, now: float) -> tuple[str, float]:
-        if now >= self._until or now < self._until - 32 * 86400:
-            reset = next_month_start(now)
-            self._value, self._until = (month_of(now), reset), reset
-        return self._value
 
 
 class LimitsPlugin:

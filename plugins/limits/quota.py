@@ -32,33 +32,12 @@ decides alone, and otherwise defers to ``await take(...)``.
 
 from __future__ import annotations
 
-import asyncio
-import calendar
-import contextlib
-import os
-import secrets
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-import orjson
-
-from proxy.statewatch import StateWatch, is_state_error
-
-QUOTA_TTL = 62 * 86400
-"""Seconds a user's Redis counts outlive their last request (this month's and the last)."""
-
-
-def month_of(ts: float) -> str:
-    """``YYYY-MM`` of a UNIX time, in UTC."""
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m")
-
-
-def next_month_start(ts: float) -> float:
-    """UNIX time of the first instant of the next calendar month (UTC): the quota reset."""
-    d = datetime.fromtimestamp(ts, UTC)
-    year, month = (d.year + 1, 1) if d.month == 12 else (d.year, d.month + 1)
-    return float(calendar.timegm((year, month, 1, 0, 0, 0)))
+from proxy.shares import SHARE_TTL, MonthlyCounts, RedisShares
+from proxy.statedir import instance_id
+from proxy.statewatch import StateWatch
 
 
 class Quota(Protocol):
@@ -117,30 +96,8 @@ class Quota(Protocol):
         ...
 
 
-class MonthlyQuota:
+class MonthlyQuota(MonthlyCounts):
     """Requests per (user, month); persisted to ``path`` (None keeps them in memory only)."""
-
-    def __init__(self, path: Path | None, flush_every: float = 1.0) -> None:
-        self.path = path
-        self.flush_every = flush_every
-        self._counts: dict[str, dict[str, int]] = {}
-        self._dirty = False
-        self._task: asyncio.Task[None] | None = None
-        if path is not None and path.exists():
-            data = orjson.loads(path.read_bytes())
-            self._counts = {m: {u: int(n) for u, n in users.items()} for m, users in data.items()}
-
-    def used(self, user: str, month: str) -> int:
-        return self._counts.get(month, {}).get(user, 0)
-
-    def add(self, user: str, month: str, n: int = 1) -> None:
-        users = self._counts.setdefault(month, {})
-        users[user] = max(0, users.get(user, 0) + n)
-        self._dirty = True
-
-    def snapshot(self) -> dict[str, dict[str, int]]:
-        """A copy of the counts, ``{month: {user: count}}``."""
-        return {m: dict(users) for m, users in self._counts.items()}
 
     def take_now(self, user: str, month: str, limit: int) -> bool:
         """Always decided here: one dict lookup (``Quota.take_now``)."""
@@ -174,57 +131,8 @@ class MonthlyQuota:
         """A request refused by a later check, or that ended in an error, does not count."""
         self.add(user, month, -1)
 
-    async def forget(self, user: str) -> int:
-        """Drop the user's counts; returns how many months had one."""
-        n = sum(users.pop(user, None) is not None for users in self._counts.values())
-        self._dirty = self._dirty or n > 0
-        return n
-
-    def flush(self) -> None:
-        """Write the counts if they changed (atomic replace; only this and the last month)."""
-        if self.path is None or not self._dirty:
-            return
-        self._dirty = False
-        keep = sorted(self._counts)[-2:]
-        self._counts = {m: self._counts[m] for m in keep}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_bytes(orjson.dumps(self._counts))
-        os.replace(tmp, self.path)
-
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.flush_every)
-            await asyncio.to_thread(self.flush)
-
-    def start(self) -> None:
-        if self.path is not None and self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self.run())
-
     async def open(self) -> None:
         self.start()
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        self.flush()
-
-
-def instance_id(folder: Path | None) -> str:
-    """This instance's stable name for its quota shares: kept in ``folder/instance-id``
-    (each instance needs a state.dir of its own), or new per process without a folder."""
-    if folder is None:
-        return "i-" + secrets.token_hex(6)
-    path = folder / "instance-id"
-    if path.exists():
-        return path.read_text().strip()
-    folder.mkdir(parents=True, exist_ok=True)
-    name = "i-" + secrets.token_hex(6)
-    path.write_text(name + "\n")
-    return name
 
 
 # KEYS[1] user hash; ARGV: own field, month, limit, ttl. Returns the month's total after
@@ -259,7 +167,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 """
 
 
-class RedisQuota:
+class RedisQuota(RedisShares[MonthlyQuota]):
     """Monthly counts on Redis, one hash per user (a field per month and instance)."""
 
     def __init__(
@@ -270,36 +178,19 @@ class RedisQuota:
         watch: StateWatch | None = None,
         prefix: str = "tollway:quota:",
     ) -> None:
-        import redis.asyncio as aioredis  # only a Redis deployment loads redis-py
-
-        self.client: Any = aioredis.from_url(url)
-        self.prefix = prefix
-        self.own = own if own is not None else MonthlyQuota(None)
-        self.instance = instance or instance_id(None)
-        self.watch = watch
-        # the month's total of the other instances as last seen: what a decision made alone
-        # (Redis unreachable) adds this instance's own count to
-        self._others: dict[tuple[str, str], int] = {}
-        self._changes = 0  # own counts changed while Redis was unreachable or being re-seeded
-        self._opened = False
-        # the own counts as this process found them, until it has caught up with its shares in
-        # Redis (``_catch_up``)
-        self._base: dict[str, dict[str, int]] | None = None
+        super().__init__(
+            url,
+            own if own is not None else MonthlyQuota(None),
+            instance or instance_id(None),
+            watch,
+            prefix,
+        )
         self._take = self.client.register_script(_TAKE)
         self._give_back = self.client.register_script(_GIVE_BACK)
         self._restore = self.client.register_script(_RESTORE)
 
-    def _field(self, month: str) -> str:
-        return f"{month}/{self.instance}"
-
-    def _shared(self) -> bool:
-        return self.watch is None or self.watch.available
-
-    def _lost(self, exc: Exception) -> None:
-        """A Redis call failed: an outage (decide alone from now on) or a bug (raise)."""
-        if self.watch is None or not is_state_error(exc):
-            raise exc
-        self.watch.failed(exc)
+    def _counts(self) -> MonthlyQuota:
+        return self.own
 
     def take_now(self, user: str, month: str, limit: int) -> bool | None:
         """None while Redis is reachable (the shared count decides: ``take``); decided here
@@ -313,7 +204,7 @@ class RedisQuota:
                 total = int(
                     await self._take(
                         keys=[self.prefix + user],
-                        args=[self._field(month), month, limit, QUOTA_TTL],
+                        args=[self._field(month), month, limit, SHARE_TTL],
                     )
                 )
             except Exception as e:
@@ -330,7 +221,7 @@ class RedisQuota:
         counts the place the same way; None while deciding alone."""
         if not self._shared():
             return None
-        return self.prefix + user, [self._field(month), month, str(limit), str(QUOTA_TTL)]
+        return self.prefix + user, [self._field(month), month, str(limit), str(SHARE_TTL)]
 
     async def count(self, user: str, month: str) -> int:
         """The month's total over every instance's share (the sum ``_TAKE`` compares with the
@@ -375,85 +266,26 @@ class RedisQuota:
                 self._lost(e)
         self._changes += 1
 
-    async def _catch_up(self) -> None:
-        """Once, at this process's first contact with Redis: raise the own counts by what
-        Redis holds of this instance beyond them (its shares: only this instance writes its
-        fields). A previous process of this instance may have been killed before writing its
-        last second of counts to the file; Redis still has them. Added to the counts rather
-        than set, so requests counted alone since this process started (Redis unreachable)
-        are kept too."""
-        if self._base is None:
+    async def _put_back(self, counts: dict[str, dict[str, int]]) -> None:
+        """Raise each field to the instance's own count (``_RESTORE``)."""
+        if not counts:
             return
-        keys = [k async for k in self.client.scan_iter(match=self.prefix + "*", count=1000)]
-        suffix = ("/" + self.instance).encode()
-        if keys:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    pipe.hgetall(key)
-                shares = await pipe.execute(raise_on_error=False)
-            for key, fields in zip(keys, shares, strict=True):
-                if not isinstance(fields, dict):
-                    continue  # not a quota hash
-                user = key[len(self.prefix) :].decode()
-                for f, v in fields.items():
-                    if f.endswith(suffix):
-                        month = f[: -len(suffix)].decode()
-                        ahead = int(v) - self._base.get(month, {}).get(user, 0)
-                        if ahead > 0:
-                            self.own.add(user, month, ahead)
-        self._base = None
-
-    async def restore(self) -> None:
-        """Put this instance's shares back (after Redis lost them, or an outage): each field
-        is raised to the instance's own count. Repeated while requests counted alone changed
-        the counts meanwhile, so the shares are complete when the state is shared again.
-        First, once per process, the own counts catch up with Redis (``_catch_up``)."""
-        await self._catch_up()
-        for _ in range(3):
-            changes = self._changes
-            counts = self.own.snapshot()
-            for k in [k for k in self._others if k[1] not in counts]:
-                del self._others[k]  # months the own file no longer keeps
-            if counts:
-                async with self.client.pipeline(transaction=False) as pipe:
-                    for month, users in counts.items():
-                        for user, n in users.items():
-                            await self._restore(
-                                keys=[self.prefix + user],
-                                args=[self._field(month), n, QUOTA_TTL],
-                                client=pipe,
-                            )
-                    await pipe.execute()
-            if self._changes == changes:
-                return
+        async with self.client.pipeline(transaction=False) as pipe:
+            for month, users in counts.items():
+                for user, n in users.items():
+                    await self._restore(
+                        keys=[self.prefix + user],
+                        args=[self._field(month), n, SHARE_TTL],
+                        client=pipe,
+                    )
+            await pipe.execute()
 
     async def forget(self, user: str) -> int:
         """Drop the user's counts; returns how many months had one. Raises when Redis is
         unreachable: a deletion must not be reported done when it was not."""
-        key = self.prefix + user
-        fields = await self.client.hkeys(key)
-        await self.client.delete(key)
+        n = await self._drop(user)
         await self.own.forget(user)
-        for k in [k for k in self._others if k[0] == user]:
-            del self._others[k]
-        return len({f.split(b"/", 1)[0] for f in fields})
-
-    async def open(self) -> None:
-        """Start keeping the own counts and put the shares back (idempotent: a reload's
-        chain gets the same object)."""
-        if self._opened:
-            return
-        self._opened = True
-        self._base = self.own.snapshot()
-        self.own.start()
-        try:
-            await self.restore()  # Redis may have lost them while this instance was down
-        except Exception as e:
-            self._lost(e)  # starts an outage: the watch restores once Redis is back
-
-    async def close(self) -> None:
-        await self.own.close()
-        await self.client.aclose()
+        return n
 
 
 def open_quota(

@@ -117,6 +117,13 @@ MIGRATIONS: list[str] = [
     "ALTER TABLE usage ADD COLUMN upstream_request_id VARCHAR;",
     # 7: the labels of the key that made the request (project=web ...): labels['project'] in SQL
     "ALTER TABLE usage ADD COLUMN labels MAP(VARCHAR, VARCHAR);",
+    # 8: each tier's quota and overage prices (NULL: no overage), so an invoice rendered from
+    # the file alone (`tollway invoice --db`) bills overage as the gateway and the meter do
+    f"""
+    ALTER TABLE plans ADD COLUMN quota BIGINT;
+    ALTER TABLE plans ADD COLUMN overage_per_request {MONEY};
+    ALTER TABLE plans ADD COLUMN overage_per_mtok {MONEY};
+    """,
 ]
 
 VIEWS = """
@@ -455,17 +462,45 @@ class UsageDB:
                 self.con.execute("DELETE FROM spool_loads WHERE segment = ?", [mark])
         return rows
 
-    def set_tier_prices(self, prices: dict[str, float], sla: frozenset[str] = frozenset()) -> None:
-        """Record each tier's monthly cost (the policy's), used by MRR and invoices, and
-        whether it has the sla_guarantee perk (the ``sla`` view)."""
+    def set_tier_prices(
+        self,
+        prices: dict[str, float],
+        sla: frozenset[str] = frozenset(),
+        terms: Mapping[str, PlanTerms] | None = None,
+    ) -> None:
+        """Record each tier's monthly cost (the policy's), used by MRR and invoices, whether
+        it has the sla_guarantee perk (the ``sla`` view), and its quota and overage prices
+        (``terms``: what an invoice rendered offline bills, see ``recorded_terms``)."""
+        terms = terms or {}
         with self._write_lock:
             for tier, cost in prices.items():
+                t = terms.get(tier)
                 self.con.execute(
-                    f"INSERT INTO plans (tier, monthly_cost, sla) VALUES (?, CAST(? AS {MONEY}), ?) "
+                    "INSERT INTO plans (tier, monthly_cost, sla, quota, overage_per_request, "
+                    f"overage_per_mtok) VALUES (?, CAST(? AS {MONEY}), ?, ?, "
+                    f"CAST(? AS {MONEY}), CAST(? AS {MONEY})) "
                     "ON CONFLICT (tier) DO UPDATE SET monthly_cost = excluded.monthly_cost, "
-                    "sla = excluded.sla",
-                    [tier, cost, tier in sla],
+                    "sla = excluded.sla, quota = excluded.quota, "
+                    "overage_per_request = excluded.overage_per_request, "
+                    "overage_per_mtok = excluded.overage_per_mtok",
+                    [
+                        tier,
+                        cost,
+                        tier in sla,
+                        t.quota if t else None,
+                        str(t.per_request) if t else None,
+                        str(t.per_mtok) if t else None,
+                    ],
                 )
+
+    @staticmethod
+    def recorded_terms(cur: duckdb.DuckDBPyConnection) -> dict[str, PlanTerms]:
+        """The tiers' overage terms as the last gateway or meter run recorded them."""
+        rows = cur.execute(
+            "SELECT tier, quota, overage_per_request, overage_per_mtok FROM plans "
+            "WHERE quota IS NOT NULL AND overage_per_request IS NOT NULL"
+        ).fetchall()
+        return {t: PlanTerms(int(q), float(r), float(m or 0)) for t, q, r, m in rows}
 
     def query(
         self,
@@ -516,7 +551,9 @@ class UsageDB:
         Usage lines group billable requests (status < 400, cache hits included) by service,
         endpoint, feature and unit price. The same inputs always give the same invoice.
         ``terms``: the tiers' quotas and overage prices (``plugins.metering.billing``: overage
-        lines, and the subscription prorated by days when the plan changed in the month).
+        lines, and the subscription prorated by days when the plan changed in the month);
+        None (offline): those the last gateway or meter run recorded (``set_tier_prices``), as
+        for ``tier_costs``, so the file alone gives the invoice a running process gives.
         """
         start = datetime.strptime(month, "%Y-%m").replace(tzinfo=UTC)
         end = (
@@ -543,6 +580,8 @@ class UsageDB:
                 [user, start.replace(tzinfo=None), end.replace(tzinfo=None)],
             ).fetchone()
             days = plan_days(cur, user, start, end)
+            if terms is None:  # offline: the tiers' terms recorded by the last gateway run
+                terms = self.recorded_terms(cur)
             over = overage(cur, user, start, end, terms) if terms else []
             if tier_costs is None:  # offline: the tier prices recorded by the last gateway run
                 tier_costs = {

@@ -4,7 +4,10 @@ run as many instances (``metering.sink: redis``; see ``plugins.metering.stream``
 It consumes the usage stream into DuckDB in a thread of its own and serves the usage part of
 the admin API (``/admin/sql``, ``/admin/invoices/{user}``, ``/admin/export``, behind the same
 admin key, with the core's own handlers), so ``tollway sql --url http://METER`` and invoices
-work as with one gateway. Imported only when the command runs (``plugins.metering.cli``).
+work as with one gateway. Its invoices bill the tiers' prices, quotas and overage terms of its
+``--policy`` (the gateways' policy), which it also records in the database, so an invoice is
+the same from a gateway, from the meter, or from ``tollway invoice --db`` on the meter's file.
+Imported only when the command runs (``plugins.metering.cli``).
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
 from aiohttp import web
 
 from plugins.metering.analytics import Analytics
+from plugins.metering.billing import PlanTerms, plan_terms
 from plugins.metering.plugin import MeteringConfig
 from plugins.metering.stream import Meter
 from proxy import admin
@@ -43,10 +48,17 @@ class MeterBackend:
     database; a query first takes in what the stream holds, as a gateway loads its spool.
     Queries, invoices and exports run with the gateway's limits (``plugins.metering.analytics``)."""
 
-    def __init__(self, meter: Meter, tier_costs: dict[str, float], analytics: Analytics) -> None:
+    def __init__(
+        self,
+        meter: Meter,
+        tier_costs: dict[str, float],
+        analytics: Analytics,
+        terms: Mapping[str, PlanTerms],
+    ) -> None:
         self.meter = meter
         self.db = meter.db
         self.tier_costs = tier_costs
+        self.terms = terms  # the tiers' quotas and overage prices: the gateways' invoice terms
         self.analytics = analytics
 
     async def sql(self, query: str) -> tuple[list[str], list[list[Any]]]:
@@ -56,7 +68,7 @@ class MeterBackend:
 
     async def invoice(self, user: str, month: str) -> dict[str, Any]:
         await asyncio.to_thread(self.meter.drain)
-        return await self.analytics.invoice(user, month, self.tier_costs, None)
+        return await self.analytics.invoice(user, month, self.tier_costs, None, self.terms)
 
     async def export_parquet(self, folder: str) -> tuple[str, int]:
         export_target(self.analytics.export_dir, folder)  # a bad name is refused first
@@ -75,14 +87,15 @@ def build_meter_app(loaded: LoadedPolicy, name: str | None = None) -> tuple[web.
         raise ValueError("tollway meter reads the usage stream of state.url: redis://...")
     meter = Meter(config.open_database(), policy.state.url, name)
     tier_costs = policy.tier_costs()
-    meter.db.set_tier_prices(tier_costs, policy.tiers_with("sla_guarantee"))
+    terms = plan_terms(policy.tiers)  # overage on invoices, as the gateway bills it
+    meter.db.set_tier_prices(tier_costs, policy.tiers_with("sla_guarantee"), terms)
     # the admin handlers, with a gateway that has no chain: same key check, same answers
     gw = Gateway(Runtime.build(loaded, Chain(loaded=loaded, plugins=(), names=())), KeyStore())
     app = web.Application()
     app[GATEWAY] = gw
     app[RESOURCES] = resources = Resources()
     analytics = Analytics(meter.db, config.query_limits(), config.export_dir)
-    resources.put(ANALYTICS, MeterBackend(meter, tier_costs, analytics))
+    resources.put(ANALYTICS, MeterBackend(meter, tier_costs, analytics, terms))
     app.router.add_post("/admin/sql", admin.run_sql)
     app.router.add_get("/admin/invoices/{user}", admin.get_invoice)
     app.router.add_post("/admin/export", admin.export)

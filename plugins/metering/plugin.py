@@ -453,7 +453,9 @@ class MeteringPlugin:
         store.tier_costs = self.tier_costs
         store.plan_terms = plan_terms(self.policy.tiers)
         if store.db is not None:  # with sink redis, analytics are the meter's
-            await asyncio.to_thread(store.db.set_tier_prices, self.tier_costs, self.sla_tiers)
+            await asyncio.to_thread(
+                store.db.set_tier_prices, self.tier_costs, self.sla_tiers, store.plan_terms
+            )
             resources.put(ANALYTICS, store)
         self.store = store
         app[METRICS].add(

@@ -45,7 +45,7 @@ from proxy import translate
 from proxy.appkeys import METRICS, RESOURCES
 from proxy.context import RequestContext, Route, StashKey, StreamEvent
 from proxy.errors import Reject
-from proxy.hookspecs import hookimpl
+from proxy.hookspecs import endpoints, hookimpl
 from proxy.policy import Policy, parse_duration
 from proxy.responses_api import CONTINUES, REISSUED
 from proxy.sealconfig import SealedConfig
@@ -241,6 +241,7 @@ class ResponsesPlugin:
         return all(not self.translated(f) and f.provider == provider for f in ctx.fallbacks)
 
     @hookimpl
+    @endpoints("responses", "input_tokens")  # chat and messages requests never call it
     async def access(self, ctx: RequestContext) -> None:
         if ctx.endpoint != "responses" or self.store is None:
             if ctx.endpoint == "input_tokens" and self.store is not None:
@@ -296,6 +297,7 @@ class ResponsesPlugin:
     # ---- response side ---------------------------------------------------------------------
 
     @hookimpl
+    @endpoints("responses")  # a chat or messages stream is not parsed for this plugin
     def response_chunk(self, ctx: RequestContext, event: StreamEvent) -> None:
         stash = ctx.stash
         if _PLAN not in stash and CONTINUES not in stash:
@@ -311,6 +313,7 @@ class ResponsesPlugin:
             stash[_FINAL] = response
 
     @hookimpl
+    @endpoints("responses")
     async def response_body(self, ctx: RequestContext, body: dict[str, Any]) -> Any:
         stash = ctx.stash
         if _PLAN not in stash and CONTINUES not in stash:
@@ -325,6 +328,7 @@ class ResponsesPlugin:
         return body if changed else None
 
     @hookimpl
+    @endpoints("responses")
     async def response_complete(self, ctx: RequestContext) -> None:
         plan = ctx.stash.get(_PLAN)
         store = self.store

@@ -5,7 +5,7 @@ shared quota). Each queues it in its own file, then claims it with ``SET tollway
 INSTANCE NX EX keep_delivered``: the instance whose SET succeeds delivers it, the others settle
 it as a ``duplicate``. A claim found holding this instance's own name is this instance's (a
 restart between the claim and the delivery), so the instance name comes from
-``state.dir/instance-id``, the file the quota shares use too.
+``state.dir/instance-id`` (``proxy.statedir.instance_id``), the name the quota shares use too.
 
 Redis holds the claims as a copy: when it comes back empty (a restart without persistence, a
 flush) the watch's ``on_recover`` puts back every claim this instance holds (settled as
@@ -17,29 +17,13 @@ While Redis is unreachable a claim is undecided: the delivery waits and is claim
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 from proxy.statewatch import StateWatch, is_state_error
 
 PREFIX = "tollway:webhook:"
-
-
-def instance_name(folder: Path | None) -> str:
-    """This instance's stable name (``folder/instance-id``, shared with the quota shares), or a
-    new one per process without a folder."""
-    if folder is None:
-        return "i-" + secrets.token_hex(6)
-    path = folder / "instance-id"
-    if path.exists():
-        return path.read_text().strip()
-    folder.mkdir(parents=True, exist_ok=True)
-    name = "i-" + secrets.token_hex(6)
-    path.write_text(name + "\n")
-    return name
 
 
 class RedisClaims:

@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from plugins.webhooks.claims import RedisClaims, instance_name
+from plugins.webhooks.claims import RedisClaims
 from plugins.webhooks.config import WebhooksConfig
 from plugins.webhooks.journal import Journal
 from plugins.webhooks.outbox import Outbox
@@ -25,6 +25,7 @@ from proxy.events import EVENTS, Event, EventBus
 from proxy.figures import Card, Figures
 from proxy.hookspecs import hookimpl
 from proxy.policy import Policy
+from proxy.statedir import instance_id
 from proxy.statewatch import STATE_WATCH
 
 OUTBOX: StashKey[Outbox] = StashKey()
@@ -50,7 +51,7 @@ class WebhooksPlugin:
         watch = resources.find(STATE_WATCH)
         if self.redis_url is not None:
             claims = RedisClaims(
-                self.redis_url, instance_name(self.state_dir), c.keep_delivered, watch
+                self.redis_url, instance_id(self.state_dir), c.keep_delivered, watch
             )
         outbox = Outbox(c, Journal(path, c.keep_delivered), claims)
         if claims is not None and watch is not None:

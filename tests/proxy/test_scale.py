@@ -43,7 +43,7 @@ import openai
 import pytest
 import redis
 
-from plugins.limits.quota import month_of
+from proxy.months import month_of
 from proxy.statewatch import REPORT_EVERY
 from tests.conftest import free_port, redis_binary
 from tests.procs import TOLLWAY, Proc, start_redis, stop_redis, until

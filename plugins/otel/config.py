@@ -1,0 +1,54 @@
+"""The otel plugin's config: where spans go and what they may hold."""
+
+from __future__ import annotations
+
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+
+class OtelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    endpoint: str = Field(
+        "http://127.0.0.1:4318/v1/traces",
+        description="The OTLP/HTTP traces URL of a collector (protobuf is POSTed there).",
+    )
+    headers: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description="Headers sent with each export (a collector's API key: use $env or $file).",
+    )
+    service_name: str = Field("tollway", description="The resource's service.name.")
+    sample_ratio: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of new traces recorded; a client's sampled traceparent is followed.",
+    )
+    schedule_delay: float = Field(
+        5.0, gt=0, description="Seconds between exports of the batch of finished spans."
+    )
+    max_queue_size: int = Field(
+        2048,
+        ge=1,
+        description="Finished spans kept waiting for export; beyond it they are dropped.",
+    )
+    export_timeout: float = Field(10.0, gt=0, description="Seconds an export may take.")
+    user: Literal["none", "hash", "raw"] = Field(
+        "hash",
+        description="How the caller appears on spans (tollway.user): left out, a SHA-256 prefix "
+        "of the user id, or the user id itself.",
+    )
+    capture_content: bool = Field(
+        False,
+        description="Record prompts and whole completions (gen_ai.input.messages, "
+        "gen_ai.output.messages). Place the plugin after privacy so it sees redacted requests.",
+    )
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("endpoint must be an http:// or https:// URL")
+        return v
