@@ -28,6 +28,7 @@ import orjson
 
 from proxy import tasks
 from proxy.keystore import KeyRecord, KeyStore
+from proxy.redisurl import redis_url
 from proxy.statewatch import StateWatch, is_state_error
 
 log = logging.getLogger("tollway.keys")
@@ -45,7 +46,7 @@ class KeySync:
         import redis.asyncio as aioredis  # only a Redis deployment loads redis-py
 
         self.store = store
-        self.client: Any = aioredis.from_url(url)
+        self.client: Any = aioredis.from_url(redis_url(url))
         self.watch = watch
         self.records = prefix + "records"
         self.revoked = prefix + "revoked"

@@ -37,6 +37,7 @@ from typing import Any
 from proxy import tasks
 from proxy.context import StashKey
 from proxy.errors import Reject
+from proxy.redisurl import redis_url
 
 log = logging.getLogger("tollway.state")
 
@@ -85,7 +86,7 @@ class StateWatch:
         self._settle_until = 0.0
         self._lost_data = False
         self.client: Any = aioredis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout
+            redis_url(url), socket_timeout=timeout, socket_connect_timeout=timeout
         )
         self.refuse = on_unavailable == "refuse"
         self.available = True

@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from proxy.redisurl import redis_url as normal_url
 from proxy.statewatch import StateWatch, is_state_error
 
 KEY = "tollway:budget-users"
@@ -59,7 +60,7 @@ class UserBudgets:
         if redis_url is not None:
             import redis.asyncio as aioredis
 
-            self.client = aioredis.from_url(redis_url)
+            self.client = aioredis.from_url(normal_url(redis_url))
             self._restore = self.client.register_script(_RESTORE)
             if watch is not None:
                 watch.on_recover(self.restore)

@@ -48,6 +48,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
+from proxy.redisurl import redis_url
 from proxy.statewatch import StateWatch, is_state_error
 
 if TYPE_CHECKING:
@@ -546,7 +547,9 @@ class RedisWindows:
 
         from proxy.resp import RespLink, Script, bulk  # loads redis-py and hiredis
 
-        self._storage: Any = storage_from_string(f"async+{url}", implementation="redispy")
+        self._storage: Any = storage_from_string(
+            f"async+{redis_url(url)}", implementation="redispy"
+        )
         self.limiter = SlidingWindowCounterRateLimiter(self._storage)
         self.exact_up_to = exact_up_to
         self.clock = clock  # None: the Redis server's clock (one clock for every instance)

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from plugins.metering.outage import RedisOutage
+from proxy.redisurl import redis_url
 from proxy.statewatch import EPOCH_KEY, claim_epoch, is_state_error
 
 if TYPE_CHECKING:
@@ -105,7 +106,7 @@ def _id(entry_id: str) -> tuple[int, int]:
 def _redis(url: str) -> Any:
     import redis  # only a Redis deployment loads redis-py
 
-    return redis.Redis.from_url(url)
+    return redis.Redis.from_url(redis_url(url))
 
 
 class StreamShipper:

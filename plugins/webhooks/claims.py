@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from proxy.redisurl import redis_url
 from proxy.statewatch import StateWatch, is_state_error
 
 PREFIX = "tollway:webhook:"
@@ -32,7 +33,9 @@ class RedisClaims:
     def __init__(self, url: str, instance: str, keep: float, watch: StateWatch | None) -> None:
         import redis.asyncio as aioredis  # only a Redis deployment loads redis-py
 
-        self.client: Any = aioredis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        self.client: Any = aioredis.from_url(
+            redis_url(url), socket_timeout=5, socket_connect_timeout=5
+        )
         self.instance = instance
         self.keep = max(1, int(keep))
         self.watch = watch
