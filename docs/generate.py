@@ -37,7 +37,7 @@ from pydantic_core import PydanticUndefined  # noqa: E402
 
 from proxy import hookspecs  # noqa: E402
 from proxy.chain import BUILTIN_PLUGINS, EmptyConfig  # noqa: E402
-from proxy.policy import Policy  # noqa: E402
+from proxy.policy import Policy, parse_duration  # noqa: E402
 from proxy.translate import fields  # noqa: E402
 
 BLOCK = re.compile(
@@ -99,8 +99,12 @@ def _names(code: types.CodeType) -> set[str]:
 
 
 def durations(model: type[BaseModel]) -> frozenset[str]:
-    """The fields a validator parses with ``parse_duration`` (written ``100ms``, ``7d``...)."""
+    """The fields parsed with ``parse_duration`` (written ``100ms``, ``7d``...): typed
+    ``Seconds`` (its ``BeforeValidator`` is in the field's metadata) or by a validator."""
     out: set[str] = set()
+    for name, field in model.model_fields.items():
+        if any(getattr(m, "func", None) is parse_duration for m in field.metadata):
+            out.add(name)
     for dec in model.__pydantic_decorators__.field_validators.values():
         code = getattr(dec.func, "__code__", None)
         if code is not None and "parse_duration" in _names(code):

@@ -38,7 +38,7 @@ from proxy.events import EVENTS, Event, EventBus
 from proxy.hookspecs import hookimpl
 from proxy.keyspec import when
 from proxy.keystore import KeyRecord, KeyStore
-from proxy.policy import Policy, parse_duration, policy_of
+from proxy.policy import Policy, Seconds, policy_of
 
 log = logging.getLogger("tollway")
 
@@ -79,17 +79,12 @@ class AuthConfig(BaseModel):
     keys: list[DeclaredKey] = Field(
         default_factory=list, description="Keys managed as code, by hash (never the secret)."
     )
-    expiry_check: float = Field(
+    expiry_check: Seconds = Field(
         60.0,
         gt=0,
         description="How often every key's expiry is looked at, to emit key.expiring "
         "(7 days and 1 day before) and key.expired events.",
     )
-
-    @field_validator("expiry_check", mode="before")
-    @classmethod
-    def _duration(cls, v: Any) -> float:
-        return parse_duration(v)
 
 
 def _scope_refusal(what: str, name: str | None, allowed: tuple[str, ...], param: str) -> Reject:

@@ -19,11 +19,12 @@ import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -91,6 +92,11 @@ def parse_duration(value: Any) -> float:
     return seconds
 
 
+Seconds = Annotated[float, BeforeValidator(parse_duration)]
+"""A duration field: seconds, or ``"100ms"``, ``"30s"``, ``"1h"``, ``"7d"`` (``parse_duration``).
+Pydantic keeps the plain ``float`` as the field's annotation, so docs show its type as before."""
+
+
 class Strict(BaseModel):
     """Base for every policy section: unknown keys are errors, values are immutable."""
 
@@ -114,16 +120,16 @@ class Listen(Strict):
         description="Content-Encodings accepted on request bodies (inflated with the "
         "max_body_bytes bound, sent to the provider plain); others are a 415. [] refuses all.",
     )
-    header_timeout: float = Field(
+    header_timeout: Seconds = Field(
         10.0,
         gt=0,
         description="Seconds a client has to send a request's complete headers, counted from "
         "the connection's opening or the first byte of the request; then it is closed.",
     )
-    keepalive_timeout: float = Field(
+    keepalive_timeout: Seconds = Field(
         75.0, gt=0, description="Seconds an idle keep-alive connection is kept open."
     )
-    shutdown_timeout: float = Field(
+    shutdown_timeout: Seconds = Field(
         10.0,
         gt=0,
         description="Seconds SIGTERM/SIGINT lets in-flight requests finish before they are "
@@ -140,11 +146,6 @@ class Listen(Strict):
         for net in v:
             ipaddress.ip_network(net, strict=False)  # ValueError names the bad entry
         return v
-
-    @field_validator("header_timeout", "keepalive_timeout", "shutdown_timeout", mode="before")
-    @classmethod
-    def _duration(cls, v: Any) -> float:
-        return parse_duration(v)
 
 
 class Admin(Strict):
@@ -166,17 +167,12 @@ class State(Strict):
         "quotas alone, answers keys from memory, bypasses the cache) or refuse (a limited "
         "request is a 503 state_unavailable with Retry-After).",
     )
-    check_interval: float = Field(
+    check_interval: Seconds = Field(
         1.0,
         gt=0,
         description="Seconds between an instance's checks of Redis: how soon it notices an "
         "outage's end or a restart that emptied Redis, and re-seeds it.",
     )
-
-    @field_validator("check_interval", mode="before")
-    @classmethod
-    def _duration(cls, v: Any) -> float:
-        return parse_duration(v)
 
     @property
     def distributed(self) -> bool:
@@ -185,26 +181,16 @@ class State(Strict):
 
 
 class Timeouts(Strict):
-    connect: float = Field(5.0, gt=0, description="Seconds to open a provider connection.")
-    read: float = Field(
+    connect: Seconds = Field(5.0, gt=0, description="Seconds to open a provider connection.")
+    read: Seconds = Field(
         300.0, gt=0, description="Seconds to wait for the first byte and between stream chunks."
     )
-
-    @field_validator("connect", "read", mode="before")
-    @classmethod
-    def _duration(cls, v: Any) -> float:
-        return parse_duration(v)
 
 
 class Retries(Strict):
     attempts: int = Field(2, ge=0, le=10, description="Retries after the first try (0 = none).")
-    backoff: float = Field(0.2, ge=0, description="Base of the exponential backoff, seconds.")
-    max_backoff: float = Field(8.0, ge=0, description="Cap on one wait, Retry-After included.")
-
-    @field_validator("backoff", "max_backoff", mode="before")
-    @classmethod
-    def _duration(cls, v: Any) -> float:
-        return parse_duration(v)
+    backoff: Seconds = Field(0.2, ge=0, description="Base of the exponential backoff, seconds.")
+    max_backoff: Seconds = Field(8.0, ge=0, description="Cap on one wait, Retry-After included.")
 
 
 class Provider(Strict):

@@ -30,10 +30,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from plugins.batching.coalesce import Coalescer, flight_key
 from plugins.batching.embeddings import Batcher, batch_key
@@ -41,7 +40,7 @@ from proxy.appkeys import METRICS
 from proxy.context import RequestContext, UpstreamCall, UpstreamRequest, UpstreamResponse
 from proxy.fingerprint import Scope, fingerprint
 from proxy.hookspecs import hookimpl
-from proxy.policy import Policy, parse_duration
+from proxy.policy import Policy, Seconds
 
 log = logging.getLogger("tollway.batching")
 
@@ -53,14 +52,9 @@ class BatchingConfig(BaseModel):
         "user",
         description="Who may share a call or a merged embeddings batch: user, tier or global.",
     )
-    window: float = Field(0.1, ge=0, description="How long an embeddings batch waits to fill.")
+    window: Seconds = Field(0.1, ge=0, description="How long an embeddings batch waits to fill.")
     max_inputs: int = Field(64, ge=1, description="Most inputs in one merged embeddings call.")
     embeddings: bool = Field(True, description="Merge small embeddings requests.")
-
-    @field_validator("window", mode="before")
-    @classmethod
-    def _duration(cls, v: Any) -> float:
-        return parse_duration(v)
 
 
 class BatchingPlugin:

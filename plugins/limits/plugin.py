@@ -61,7 +61,7 @@ from proxy.events import EVENTS, Event, EventBus
 from proxy.figures import Figures
 from proxy.hookspecs import hookimpl
 from proxy.months import MonthCache, next_month_start
-from proxy.policy import Loc, Policy, errors_at, parse_duration
+from proxy.policy import Loc, Policy, Seconds, errors_at
 from proxy.statewatch import STATE_WATCH, StateWatch
 
 if TYPE_CHECKING:
@@ -98,12 +98,7 @@ class GlobalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     concurrent_requests: int = Field(500, ge=1, description="Upstream requests in flight at once.")
     queue_max_size: int = Field(1000, ge=0, description="Requests that may wait for a slot.")
-    queue_timeout: float = Field(30.0, ge=0, description="Longest wait for a slot (then 503).")
-
-    @field_validator("queue_timeout", mode="before")
-    @classmethod
-    def _duration(cls, v: Any) -> float:
-        return parse_duration(v)
+    queue_timeout: Seconds = Field(30.0, ge=0, description="Longest wait for a slot (then 503).")
 
 
 class LimitsConfig(BaseModel):

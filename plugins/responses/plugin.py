@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 
 import aiohttp
 from aiohttp import web
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from plugins.responses.conversation import Unavailable, conversation
 from plugins.responses.routes import ResponseRoutes
@@ -46,7 +46,7 @@ from proxy.appkeys import METRICS, RESOURCES
 from proxy.context import RequestContext, Route, StashKey, StreamEvent
 from proxy.errors import Reject
 from proxy.hookspecs import endpoints, hookimpl
-from proxy.policy import Policy, parse_duration
+from proxy.policy import Policy, Seconds
 from proxy.responses_api import CONTINUES, REISSUED
 from proxy.sealconfig import SealedConfig
 from proxy.statewatch import STATE_WATCH, StateWatch, is_state_error
@@ -72,7 +72,7 @@ _FINAL_EVENTS = frozenset({"response.completed", "response.incomplete"})
 
 class ResponsesConfig(SealedConfig):
     key_name: ClassVar[str] = "responses encryption key"
-    ttl: float = Field(
+    ttl: Seconds = Field(
         30 * 86400.0,
         gt=0,
         description="How long a stored response can be retrieved or continued (OpenAI keeps "
@@ -92,11 +92,6 @@ class ResponsesConfig(SealedConfig):
         description="Also keep the conversation of responses an OpenAI provider keeps itself, "
         "so it can continue on a translated model; false keeps only whose they are.",
     )
-
-    @field_validator("ttl", mode="before")
-    @classmethod
-    def _duration(cls, v: Any) -> Any:
-        return parse_duration(v)
 
 
 def owner_of(ctx: RequestContext) -> str:

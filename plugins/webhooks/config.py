@@ -5,12 +5,11 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import re
-from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from proxy.policy import parse_duration
+from proxy.policy import Seconds
 
 KNOWN_KINDS = (
     "budget.threshold",
@@ -39,7 +38,7 @@ class Endpoint(BaseModel):
         description="Event kinds this endpoint receives; shell-style patterns such as "
         "budget.* or quota.threshold.",
     )
-    timeout: float = Field(
+    timeout: Seconds = Field(
         10.0, gt=0, description="Longest wait for the receiver's answer to one attempt."
     )
 
@@ -66,11 +65,6 @@ class Endpoint(BaseModel):
                 )
         return v
 
-    @field_validator("timeout", mode="before")
-    @classmethod
-    def _duration(cls, v: Any) -> float:
-        return parse_duration(v)
-
     @property
     def key(self) -> str:
         """The endpoint's stable name in the queue file and in Redis: its URL's digest, so a
@@ -90,15 +84,10 @@ class Endpoint(BaseModel):
 
 class Backoff(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    initial: float = Field(
+    initial: Seconds = Field(
         1.0, gt=0, description="Wait before the second attempt; doubled after each failure."
     )
-    max: float = Field(600.0, gt=0, description="Longest wait between two attempts.")
-
-    @field_validator("initial", "max", mode="before")
-    @classmethod
-    def _duration(cls, v: Any) -> float:
-        return parse_duration(v)
+    max: Seconds = Field(600.0, gt=0, description="Longest wait between two attempts.")
 
 
 class WebhooksConfig(BaseModel):
@@ -122,17 +111,12 @@ class WebhooksConfig(BaseModel):
         description="Append-only file under state.dir holding undelivered events and the "
         "ids already delivered (null, or no state.dir: memory only).",
     )
-    keep_delivered: float = Field(
+    keep_delivered: Seconds = Field(
         62 * 86400.0,
         gt=0,
         description="How long an event's id is remembered as delivered (an event noticed "
         "again within it is not sent again).",
     )
-
-    @field_validator("keep_delivered", mode="before")
-    @classmethod
-    def _duration(cls, v: Any) -> float:
-        return parse_duration(v)
 
     @field_validator("endpoints")
     @classmethod
