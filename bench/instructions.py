@@ -18,8 +18,12 @@ server runs ~50x slower, so the loader's segments are smaller than at full speed
 per row is higher than in production; the event-loop column is unaffected.
 
     .venv/bin/python bench/instructions.py [--requests 300] [--policy FILE] [--hit]
+        [--stream] [--prefix N ...] [--out FILE]
 
-Needs valgrind (Debian: ``apt-get install valgrind``). Writes bench/instructions.md.
+``--stream`` counts streamed chat completions (the relay's SSE path) instead; ``--prefix N``
+(repeatable) only the gateways of those chain prefixes (0: the empty chain).
+Needs valgrind (Debian: ``apt-get install valgrind``). Writes bench/instructions.md (or
+``--out``).
 """
 
 from __future__ import annotations
@@ -52,8 +56,15 @@ HIT_FEATURE = "confidence_analysis"
 HIT_BODY = {"model": "gpt-5.4-mini", "messages": [{"role": "user", "content": "explain this"}]}
 
 
-async def send(url: str, key: str, n: int, tag: str, hit: bool = False) -> None:
-    """``n`` requests, 4 at a time; every one distinct unless ``hit`` (then one repeated)."""
+async def send(
+    url: str, key: str, n: int, tag: str, hit: bool = False, stream: bool = False
+) -> None:
+    """``n`` requests, 4 at a time; every one distinct unless ``hit`` (then one repeated).
+
+    ``stream``: streamed chat completions (``max_tokens`` 64, ~20 SSE events each) read to
+    the end, the relay path of the streaming TTFB rows; the default feature has no cache TTL,
+    so the cache bypasses them as it does the non-streamed requests.
+    """
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     if hit:
         headers["X-Tollway-Feature"] = HIT_FEATURE
@@ -63,7 +74,8 @@ async def send(url: str, key: str, n: int, tag: str, hit: bool = False) -> None:
         nonlocal sent
         while sent < n:
             sent += 1
-            body = HIT_BODY if hit else unique_body(f"{tag}-{sent}")
+            extra: dict[str, Any] = {"stream": True, "max_tokens": 64} if stream else {}
+            body = HIT_BODY if hit else unique_body(f"{tag}-{sent}", **extra)
             async with s.post(url, data=json.dumps(body), headers=headers) as r:
                 await r.read()
                 if r.status != 200:
@@ -122,6 +134,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--policy", type=Path, default=ROOT / "policies.yaml")
     parser.add_argument("--hit", action="store_true", help="also count cache hits")
+    parser.add_argument(
+        "--stream", action="store_true", help="streamed chat completions instead of plain ones"
+    )
+    parser.add_argument(
+        "--prefix",
+        type=int,
+        action="append",
+        help="only these chain prefixes (item counts; repeatable; default: every prefix)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "bench" / "instructions.md", help="report file"
+    )
     args = parser.parse_args(argv)
     if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
         print("needs valgrind (apt-get install valgrind)", file=sys.stderr)
@@ -144,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                 if ready:
                     wait_ready(f"{url}/readyz", 300)
                 n = 200 if phase == "warm" else args.requests
-                asyncio.run(send(url + path, key, n, phase, hit))
+                asyncio.run(send(url + path, key, n, phase, hit, args.stream))
                 return n
 
             return run
@@ -158,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             ("emulator, answering directly", *count(procs, "emu", emulator, env, tmp, direct))
         )
         items = len(base.get("chain") or [])
-        runs = [(n, False) for n in range(items + 1)] + ([(items, True)] if args.hit else [])
+        prefixes = range(items + 1) if args.prefix is None else sorted(set(args.prefix))
+        runs = [(n, False) for n in prefixes] + ([(items, True)] if args.hit else [])
         for n, hit in runs:
             folder = tmp / f"gw{n}{'-hit' if hit else ''}"
             path, names, _ = write_variant(base, n, folder, tmp / "keys" / "keys.json")
@@ -177,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"`bench/instructions.py`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
         f"tollway {git_revision()}, {args.requests} requests per server (4 concurrent, each "
-        "distinct unless a cache hit), after 200 warm-up requests. Thousands of instructions "
+        f"distinct unless a cache hit){', streamed' if args.stream else ''}, after 200 "
+        "warm-up requests. Thousands of instructions "
         "per request; *added* is the step from the row above. Deterministic to ~0.1 % between "
         "runs; kernel time, cache misses and waiting are not in it (see the script's docstring).",
         "",
@@ -192,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         if label == "bare proxy" or (label.startswith("gateway") and "hits" not in label):
             prev = main_k
     text = "\n".join(lines) + "\n"
-    (ROOT / "bench" / "instructions.md").write_text(text)
+    args.out.write_text(text)
     print(text)
     return 0
 

@@ -6,6 +6,7 @@ session first, then the chain's plugin lifespans, closed in reverse on shutdown.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -14,7 +15,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from proxy import admin, catalog, selfservice
+from proxy import admin, catalog, selfservice, tasks
+from proxy import keystore as keystore_module
 from proxy.appkeys import GATEWAY, KEYSTORE, METRICS, RESOURCES
 from proxy.chain import Chain, compile_chain
 from proxy.errors import Reject, reject_body
@@ -75,6 +77,7 @@ def create_app(
         app[RESOURCES].put(STATE_WATCH, watch)  # limits and quotas fall back on what it reports
         gw.keysync = KeySync(keystore, state.url, watch)
         app.cleanup_ctx.append(_key_sync)
+    app.cleanup_ctx.append(_key_prune)
     app.cleanup_ctx.append(_chain_lifespan)
     app.on_shutdown.append(_shutdown_begins)
     for path, (endpoint, dialect) in CLIENT_ENDPOINTS.items():
@@ -171,10 +174,32 @@ async def _key_sync(app: web.Application) -> AsyncIterator[None]:
     watch = app[RESOURCES].find(STATE_WATCH)
     assert sync is not None and watch is not None
     await watch.start()
+    app[RESOURCES].on_shutdown(watch.pause)  # no re-seeding while the plugins close
     await sync.start()  # every issued key is known before the gateway serves
     yield
     await sync.stop()
     await watch.stop()
+
+
+async def _prune_keys(app: web.Application) -> None:
+    """Every ``PRUNE_EVERY`` seconds: drop retired secrets whose grace period ended, here and
+    in Redis (the request path only compares ``grace_until``; this keeps storage from
+    growing with every rotation)."""
+    gw = app[GATEWAY]
+    while True:
+        await asyncio.sleep(keystore_module.PRUNE_EVERY)
+        try:
+            spent = gw.keystore.prune()
+            if spent and gw.keysync is not None:
+                await gw.keysync.forget(spent)  # else the next sync drops them from Redis
+        except Exception as e:  # a full disk, an unreachable Redis: try again next time
+            log.warning("pruning retired key secrets failed (%s)", type(e).__name__)
+
+
+async def _key_prune(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.get_running_loop().create_task(_prune_keys(app))
+    yield
+    await tasks.stop(task, "the key pruner")
 
 
 async def _chain_lifespan(app: web.Application) -> AsyncIterator[None]:

@@ -107,6 +107,9 @@ class Chain:
     send_upstream: tuple[Hook, ...] = ()
     response_headers: tuple[tuple[int, Hook], ...] = ()
     response_chunk: tuple[tuple[int, Hook], ...] = ()
+    chunks_always: bool = False
+    """Some ``response_chunk`` hook here is not ``@on_demand``: every stream's events are
+    parsed for it; otherwise only those of a request with ``ctx.parse_events``."""
     response_body: tuple[tuple[int, Hook], ...] = ()
     response_complete: tuple[Hook, ...] = ()
     log: tuple[Hook, ...] = ()
@@ -345,6 +348,8 @@ def _check_kinds(plugin: Any, pm: pluggy.PluginManager) -> list[str]:
         fn = next(i.function for i in impl.get_hookimpls() if i.plugin is plugin)
         if hasattr(fn, "tollway_endpoints") and impl.name not in hookspecs.REQUEST_HOOKS:
             errors.append(f"hook {impl.name} runs once, not per request: it has no endpoints")
+        if hasattr(fn, "tollway_on_demand") and impl.name != "response_chunk":
+            errors.append(f"hook {impl.name} cannot be @on_demand: only response_chunk can")
         if impl.name in ASYNC_HOOKS and not inspect.iscoroutinefunction(fn):
             errors.append(f"hook {impl.name} must be 'async def'")
         elif impl.name in SYNC_HOOKS and inspect.iscoroutinefunction(fn):
@@ -426,6 +431,9 @@ def _compile(
         for h in ("response_headers", "response_chunk", "response_body"):
             out[h] = tuple(reversed(kept[h]))
         out["response_complete"] = tuple(fn for _, fn in reversed(kept["response_complete"]))
+        out["chunks_always"] = any(
+            not getattr(fn, "tollway_on_demand", False) for _, fn in kept["response_chunk"]
+        )
         return out
 
     chain = Chain(

@@ -132,13 +132,38 @@ class StreamEvent:
     drop: bool = False
 
 
+Phase = tuple[str, float, float, dict[str, Any] | None]
+"""A timed phase of a request: (name, start, end, attributes); see ``Timings.phase``."""
+
+
 @dataclass(slots=True)
 class Timings:
-    """Monotonic timestamps (``time.perf_counter``) of the request's milestones."""
+    """Monotonic timestamps (``time.perf_counter``) of the request's milestones.
+
+    ``phases``: the timed steps plugins and the core recorded with ``phase`` (a queue wait, a
+    cache lookup, a provider try that was retried), in the order they ended; None until the
+    first, so a request without any allocates nothing.
+    """
 
     start: float = 0.0
     first_byte: float = 0.0
     end: float = 0.0
+    phases: list[Phase] | None = None
+
+    def phase(
+        self, name: str, start: float, end: float, attrs: dict[str, Any] | None = None
+    ) -> None:
+        """Record that this request spent ``start``..``end`` (``perf_counter``) in ``name``.
+
+        Only a tuple is appended: recording costs nothing measurable, so any plugin may time
+        what it waits for without a hook of its own; readers (the otel plugin turns each into
+        a child span) do the work after the reply. ``name`` is dotted, owner first
+        (``cache.lookup``); ``attrs`` values are str, bool, int or float (or lists of one).
+        """
+        if self.phases is None:
+            self.phases = [(name, start, end, attrs)]
+        else:
+            self.phases.append((name, start, end, attrs))
 
     def latency_ms(self) -> float:
         end = self.end or time.perf_counter()
@@ -215,6 +240,9 @@ class RequestContext:
     client_ip: str
     body: dict[str, Any] = field(default_factory=dict)
     stream: bool = False
+    parse_events: bool = False
+    """Set by a plugin (in ``access``) whose ``response_chunk`` is ``@on_demand`` and needs
+    this request's stream events: only then are they parsed for such hooks."""
     model: str = ""
     principal: Principal | None = None
     feature: str | None = None
@@ -229,4 +257,11 @@ class RequestContext:
     timings: Timings = field(default_factory=Timings)
     shared: str | None = None
     upstream_request_id: str | None = None
+    finish_reasons: tuple[str, ...] = ()
+    """Why a streamed reply stopped, one reason per choice, in the provider's words
+    (``stop``, ``length``, ``end_turn``...); with ``response_model`` and ``response_id`` (the
+    model and id its events name), read by the core from the few events it parses anyway.
+    A whole reply's are in its body (``response_body``)."""
+    response_model: str | None = None
+    response_id: str | None = None
     stash: Stash = field(default_factory=Stash)

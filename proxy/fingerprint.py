@@ -32,15 +32,16 @@ def scope_id(ctx: RequestContext, scope: Scope) -> str:
 
 
 _MEMO: StashKey[tuple[str, str, str]] = StashKey()
+_CANON: StashKey[tuple[str, str, bytes]] = StashKey()
 
 
-def fingerprint(ctx: RequestContext, scope: Scope) -> str:
-    """SHA-256 over the scope, endpoint, serving model and the canonical answer-changing body.
-
-    Computed once per request and scope (the cache and coalescing both ask for it).
-    """
+def canonical(ctx: RequestContext, scope: Scope) -> bytes:
+    """The bytes ``fingerprint`` hashes: the scope, endpoint, serving model and the
+    answer-changing body as sorted-key JSON. Two requests share an answer exactly when these
+    are equal, so a key that stays in this process (request coalescing) is these bytes
+    themselves: no SHA-256 and no hex per request. Computed once per request and scope."""
     model = ctx.route.model if ctx.route is not None else ctx.model
-    memo = ctx.stash.get(_MEMO)
+    memo = ctx.stash.get(_CANON)
     if memo is not None and memo[0] == scope and memo[1] == model:
         return memo[2]
     body: dict[str, Any] = ctx.body
@@ -48,6 +49,20 @@ def fingerprint(ctx: RequestContext, scope: Scope) -> str:
     blob = orjson.dumps(
         [scope_id(ctx, scope), ctx.endpoint, model, canon], option=orjson.OPT_SORT_KEYS
     )
-    digest = hashlib.sha256(blob).hexdigest()
+    ctx.stash[_CANON] = (scope, model, blob)
+    return blob
+
+
+def fingerprint(ctx: RequestContext, scope: Scope) -> str:
+    """SHA-256 over ``canonical``: a fixed-size key for a store shared beyond this process
+    and this request's lifetime (the cache's entries, its flight locks in Redis).
+
+    Computed once per request and scope.
+    """
+    model = ctx.route.model if ctx.route is not None else ctx.model
+    memo = ctx.stash.get(_MEMO)
+    if memo is not None and memo[0] == scope and memo[1] == model:
+        return memo[2]
+    digest = hashlib.sha256(canonical(ctx, scope)).hexdigest()
     ctx.stash[_MEMO] = (scope, model, digest)
     return digest

@@ -22,6 +22,7 @@ from aiohttp import web
 from proxy import choices, counting, input_tokens, relay, responses_api, translate, upstream
 from proxy.appkeys import GATEWAY
 from proxy.body import read_body
+from proxy.chain import Chain
 from proxy.context import (
     UNBILLED_ENDPOINTS,
     Dialect,
@@ -158,7 +159,11 @@ async def read_json(
 
 
 async def authenticate(rt: Runtime, ctx: RequestContext) -> Principal:
-    hooks = rt.chain.authenticate
+    """The caller of a request outside the client endpoints (``GET /v1/models``, ...)."""
+    return await _authenticate(rt.chain.authenticate, ctx)
+
+
+async def _authenticate(hooks: tuple[Any, ...], ctx: RequestContext) -> Principal:
     if not hooks:
         return _ANONYMOUS
     for hook in hooks:
@@ -245,13 +250,19 @@ def build_upstream(rt: Runtime, ctx: RequestContext, route: Route) -> tuple[Upst
     return req, wants_usage
 
 
-async def serve(rt: Runtime, ctx: RequestContext) -> web.StreamResponse:
-    """Run the request side, call the provider, relay the reply."""
+async def serve(rt: Runtime, ctx: RequestContext, chain: Chain) -> web.StreamResponse:
+    """Run the request side, call the provider, relay the reply.
+
+    ``chain`` is the request's endpoint view (``Chain.for_endpoint``) of the chain ``handle``
+    counted it in: looked up once per request, and the same chain for every phase even if a
+    reload swaps ``rt.chain`` meanwhile.
+    """
     request = ctx.request
     # The key is checked on the headers alone, before the body is read: an unauthenticated
     # caller costs no upload, no inflating and no parsing (authenticate hooks see no body).
     # without authenticate hooks everyone is anonymous: no coroutine to find that out
-    ctx.principal = await authenticate(rt, ctx) if rt.chain.authenticate else _ANONYMOUS
+    auth = chain.authenticate
+    ctx.principal = await _authenticate(auth, ctx) if auth else _ANONYMOUS
     body = await read_json(request, rt.max_body, rt.loaded.policy.listen.request_encodings)
     model = body.get("model")
     if not isinstance(model, str) or not model:
@@ -261,7 +272,6 @@ async def serve(rt: Runtime, ctx: RequestContext) -> web.StreamResponse:
     ctx.stream = body.get("stream") is True
     ctx.route = rt.routes.get(model)
 
-    chain = rt.chain.for_endpoint(ctx.endpoint)  # without the hooks limited to other endpoints
     for position, hook in chain.access:
         reply = await hook(ctx)
         if reply is not None:
@@ -278,7 +288,7 @@ async def serve(rt: Runtime, ctx: RequestContext) -> web.StreamResponse:
     if ctx.endpoint in UNBILLED_ENDPOINTS:  # a token count: the provider's, or an estimate
         count = counting.count_tokens if ctx.endpoint == "count_tokens" else input_tokens.count
         session = request.app[GATEWAY].session
-        return await count(rt, ctx, route, partial(call_provider, session, rt, ctx))
+        return await count(rt, ctx, route, partial(call_provider, session, rt, ctx, chain))
     req, wants_usage = build_upstream(rt, ctx, route)
     for hook in chain.upstream_request:
         await hook(ctx, req)
@@ -288,13 +298,13 @@ async def serve(rt: Runtime, ctx: RequestContext) -> web.StreamResponse:
     resp = None
     if chain.send_upstream:
         # an argument, never stored on ctx: no cycle for the collector (see UpstreamCall)
-        call = partial(call_provider, session, rt, ctx)
+        call = partial(call_provider, session, rt, ctx, chain)
         for hook in chain.send_upstream:
             resp = await hook(ctx, req, call)
             if resp is not None:
                 break
     if resp is None:
-        resp = await call_provider(session, rt, ctx, req)
+        resp = await call_provider(session, rt, ctx, chain, req)
     if resp.route is not None:  # a fallback answered (for this request or the one it shared)
         ctx.route = route = resp.route
     try:
@@ -307,7 +317,7 @@ async def serve(rt: Runtime, ctx: RequestContext) -> web.StreamResponse:
 
 
 async def call_provider(
-    session: Any, rt: Runtime, ctx: RequestContext, req: UpstreamRequest
+    session: Any, rt: Runtime, ctx: RequestContext, chain: Chain, req: UpstreamRequest
 ) -> UpstreamResponse:
     """The core's provider call (pooled session, timeouts, retries), then the fallbacks.
 
@@ -338,7 +348,7 @@ async def call_provider(
         ):
             break
         failed = ctx.route
-        nxt = await _next_fallback(rt, ctx)
+        nxt = await _next_fallback(rt, ctx, chain)
         if nxt is None:  # none left: the last failure is the answer
             if resp is None:
                 assert failure is not None
@@ -359,7 +369,7 @@ async def call_provider(
     return resp
 
 
-async def _next_fallback(rt: Runtime, ctx: RequestContext) -> UpstreamRequest | None:
+async def _next_fallback(rt: Runtime, ctx: RequestContext, chain: Chain) -> UpstreamRequest | None:
     """The request for the next usable fallback route (``ctx.route`` becomes it), or None.
 
     A route that cannot take the request (its provider lacks the endpoint, or an
@@ -372,7 +382,7 @@ async def _next_fallback(rt: Runtime, ctx: RequestContext) -> UpstreamRequest | 
         ctx.route = route  # hooks check the route that will serve
         try:
             req, _ = build_upstream(rt, ctx, route)
-            for hook in rt.chain.for_endpoint(ctx.endpoint).upstream_request:
+            for hook in chain.upstream_request:
                 await hook(ctx, req)
         except Reject:
             ctx.route = previous
@@ -407,7 +417,7 @@ def make_handler(endpoint: Endpoint, dialect: Dialect) -> Any:
         try:
             if bad is not None:
                 raise Reject(400, f"header {bad} is not valid UTF-8", code="invalid_header")
-            return await serve(rt, ctx)
+            return await serve(rt, ctx, hooks)
         except Reject as e:
             return await relay.send_error(hooks, ctx, e)
         except (asyncio.CancelledError, ConnectionResetError):

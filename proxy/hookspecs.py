@@ -102,6 +102,22 @@ def endpoints(*names: str) -> Callable[[_F], _F]:
     return mark
 
 
+def on_demand(fn: _F) -> _F:
+    """Run this ``response_chunk`` only for requests that asked for their stream's events.
+
+    ``@hookimpl`` on top, then ``@on_demand``. Parsing every event of a stream (and writing
+    it again) is most of what a hook costs a stream; a plugin that needs the events of some
+    requests only (a cache records a stream it may store, not one it bypasses) marks its hook
+    and sets ``ctx.parse_events = True`` for those, in ``access``. On a request no plugin
+    asked for, with only on-demand hooks in the endpoint's chain, the core relays the events
+    as they came, unparsed, and calls no ``response_chunk`` hook. When the core parses the
+    events (some plugin asked, or another hook is not on demand), every hook runs, on-demand
+    ones too: they check their own ``ctx.stash``. Only ``response_chunk`` can be marked.
+    """
+    fn.tollway_on_demand = True  # type: ignore[attr-defined]  # read by compile_chain
+    return fn
+
+
 @hookspec
 def lifespan(app: web.Application) -> AsyncIterator[None]:
     """Open and close the plugin's resources (databases, background workers).
@@ -186,7 +202,8 @@ def response_chunk(ctx: RequestContext, event: StreamEvent) -> None:
 
     Runs per event, bottom to top; edit ``event.data`` in place or set ``event.drop``.
     Only when some plugin implements this hook for the request's endpoint does the core parse
-    each event: a plugin that edits one API's streams says so with ``@endpoints(...)``.
+    each event: a plugin that edits one API's streams says so with ``@endpoints(...)``, and one
+    that needs some requests' events only with ``@on_demand`` (then ``ctx.parse_events``).
     """
 
 
@@ -304,11 +321,15 @@ async def dashboard_figures() -> Figures | None:
     """What this plugin shows on the dashboard (``GET /dashboard``, ``GET /admin/stats``).
 
     Called once per plugin of the live chain, in chain order, each time ``/admin/stats`` is
-    polled (every two seconds while someone looks at the page), never on the request path.
+    polled (every five seconds while someone looks at the page), never on the request path.
     Return ``proxy.figures.Figures``: cards (a named value and its format), tables (named
-    rows), JSON sections added to ``/admin/stats`` as they are, and ``queued`` (requests the
-    plugin holds waiting, the autoscaling signal). The page renders what it gets. A hook that
-    raises is logged and its figures left out; the rest of the answer is unaffected.
+    rows), history charts (``Chart``: a window label such as ``hour`` or ``day``, the
+    points' start times and step, one ``Series`` of values per line, None for no data),
+    JSON sections added to ``/admin/stats`` as they are, and ``queued`` (requests the
+    plugin holds waiting, the autoscaling signal). The page renders what it gets, charts as
+    inline SVG, one window at a time; a name already on the page is dropped, and so is a
+    chart whose series do not have one value per time (logged). A hook that raises is
+    logged and its figures left out; the rest of the answer is unaffected.
     """
 
 

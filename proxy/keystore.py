@@ -16,7 +16,13 @@ labels copied into usage rows, and a monthly budget the budget plugin enforces. 
 ``updated``, and the newer version of a record wins wherever two meet (a sync, an
 announcement). Rotation gives a key a new secret under the same id: the old secret's record
 stays, retired (``grace_until``), and is accepted until its grace period ends, then refused as
-expired by rotation. Files of older versions (no lifecycle fields) load as before.
+expired by rotation. Once its grace period has ended a retired secret is of no use to anyone,
+so it is pruned (``prune``): when the file is loaded, at the next rotation, every
+``PRUNE_EVERY`` seconds (off the request path), and wherever two copies meet (a sync, an
+announcement: an expired one is never taken in, nor put back into Redis). No tombstone is
+needed: the expiry is in the record itself, so every instance reaches the same verdict. The
+``auth`` plugin refuses an expired one by its ``grace_until`` whether or not it was pruned
+yet. Files of older versions (no lifecycle fields) load as before.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from typing import Any
 import orjson
 
 KEY_PREFIX = "tw_"
+PRUNE_EVERY = 60.0
+"""Seconds between two prunings of retired secrets whose grace period ended."""
 
 
 def hash_key(key: str) -> str:
@@ -113,6 +121,10 @@ class KeyRecord:
         """A secret replaced by a rotation (accepted until ``grace_until``)."""
         return self.grace_until is not None
 
+    def spent(self, now: float) -> bool:
+        """A retired secret whose grace period has ended: refused, and pruned."""
+        return self.grace_until is not None and self.grace_until <= now
+
     def public(self) -> dict[str, object]:
         """What the admin API may show: never the hash."""
         return {
@@ -150,9 +162,17 @@ class KeyStore:
             if isinstance(data, list):  # the format before tombstones: a list of records
                 data = {"keys": data}
             self._revoked = {str(s): float(t) for s, t in data.get("revoked", {}).items()}
+            now = time.time()
+            spent = False
             for item in data.get("keys", []):
                 if item["sha256"] not in self._revoked:
-                    self._add(KeyRecord.from_dict(item))
+                    rec = KeyRecord.from_dict(item)
+                    if rec.spent(now):
+                        spent = True
+                    else:
+                        self._add(rec)
+            if spent:
+                self._save()
 
     def _add(self, rec: KeyRecord) -> None:
         """Index a record: every secret by hash; by id, the key's current secret (a retired
@@ -198,6 +218,21 @@ class KeyStore:
         self._remove(rec)
         if rec.source == "api":
             self._revoked.setdefault(rec.sha256, time.time() if when is None else when)
+
+    def _prune(self, now: float) -> list[KeyRecord]:
+        """Drop the retired secrets whose grace period ended (not saved: the caller saves)."""
+        spent = [r for r in self._by_hash.values() if r.spent(now)]
+        for rec in spent:
+            self._remove(rec)
+        return spent
+
+    def prune(self, now: float | None = None) -> list[KeyRecord]:
+        """Drop the retired secrets whose grace period ended, and save if there were any;
+        returns them (``proxy.keysync`` removes them from Redis too)."""
+        spent = self._prune(time.time() if now is None else now)
+        if spent:
+            self._save()
+        return spent
 
     def _save(self) -> None:
         if self.path is None:
@@ -256,7 +291,8 @@ class KeyStore:
         data.update(sha256=hash_key(key), updated=now, rotated_at=now)
         new = KeyRecord.from_dict(data)
         old = KeyRecord.from_dict({**rec.to_dict(), "updated": now, "grace_until": now + grace})
-        self._add(new)
+        self._prune(time.time())  # earlier rotations' secrets; this one's is refused as
+        self._add(new)  # rotated (not unknown) until the next pruning, even with no grace
         self._add(old)
         self._save()
         return new, old, key
@@ -350,11 +386,14 @@ class KeyStore:
                 self._remove(rec)
                 changed = True
         in_copy: dict[str, float] = {}
+        now = time.time()
         for rec in records:
             in_copy[rec.sha256] = rec.updated
-            if rec.sha256 not in self._revoked and self._newer(rec):
+            if rec.sha256 not in self._revoked and not rec.spent(now) and self._newer(rec):
                 self._add(rec)
                 changed = True
+        if self._prune(now):
+            changed = True
         if changed:
             self._save()
         missing = [
@@ -366,7 +405,7 @@ class KeyStore:
         return missing, buried
 
     def apply_remote(self, rec: KeyRecord) -> None:
-        if rec.sha256 not in self._revoked and self._newer(rec):
+        if rec.sha256 not in self._revoked and not rec.spent(time.time()) and self._newer(rec):
             self._add(rec)
             self._save()
 

@@ -13,7 +13,9 @@ Redis has, and puts back the records and tombstones Redis lacks. A tombstone win
 record, so an empty Redis (restarted without persistence) is re-seeded with every issued key
 and brings back no revoked one. A sync runs at start, after every re-subscription (the
 connection broke: announcements may have been missed), when the state watch reports a restart
-or the end of an outage (``proxy.statewatch``), and every ``resync`` seconds.
+or the end of an outage (``proxy.statewatch``), and every ``resync`` seconds. Retired secrets
+whose grace period ended are pruned from Redis as from the files (``proxy.keystore``): by
+every sync, and by the instance that pruned them locally (``forget``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import orjson
 
 from proxy import tasks
 from proxy.keystore import KeyRecord, KeyStore
-from proxy.redisurl import redis_url
+from proxy.redisurl import redis_url, timeouts
 from proxy.statewatch import StateWatch, is_state_error
 
 log = logging.getLogger("tollway.keys")
@@ -46,7 +48,7 @@ class KeySync:
         import redis.asyncio as aioredis  # only a Redis deployment loads redis-py
 
         self.store = store
-        self.client: Any = aioredis.from_url(redis_url(url))
+        self.client: Any = aioredis.from_url(redis_url(url), **timeouts(url))
         self.watch = watch
         self.records = prefix + "records"
         self.revoked = prefix + "revoked"
@@ -94,12 +96,13 @@ class KeySync:
             pipe.hgetall(self.records)
             pipe.hgetall(self.revoked)
             raw, dead = await pipe.execute()
+        copy = {k: KeyRecord.from_dict(orjson.loads(v)) for k, v in raw.items()}
         missing, buried = self.store.merge(
-            [KeyRecord.from_dict(orjson.loads(v)) for v in raw.values()],
-            {k.decode(): float(v) for k, v in dead.items()},
+            copy.values(), {k.decode(): float(v) for k, v in dead.items()}
         )
         tombstones = self.store.revoked
-        stale = [k for k in raw if k.decode() in tombstones]
+        now = time.time()
+        stale = [k for k, rec in copy.items() if k.decode() in tombstones or rec.spent(now)]
         if not (missing or buried or stale):
             return
         async with self.client.pipeline(transaction=True) as pipe:
@@ -124,6 +127,12 @@ class KeySync:
             data = orjson.dumps(rec.to_dict())
             await self.client.hset(self.records, rec.sha256, data)
             await self.client.publish(self.channel, b"add " + data)
+
+    async def forget(self, recs: list[KeyRecord]) -> None:
+        """Drop retired secrets this instance pruned (grace ended) from Redis; no tombstone
+        and no announcement: every instance prunes them by their own expiry."""
+        if recs:
+            await self.client.hdel(self.records, *(r.sha256 for r in recs))
 
     async def remove(self, recs: list[KeyRecord]) -> None:
         """Revoke keys everywhere."""

@@ -4,13 +4,19 @@ The request path only increments integers in a dict (no prometheus_client call, 
 ``GET /metrics`` turns them, and whatever the plugins registered, into the exposition format.
 A plugin registers a source in its ``lifespan`` with ``app[METRICS].add(name, fn)``: ``fn()``
 returns ``{metric_name: (kind, help, value or {labels_tuple: value}, label_names)}``. Registering
-the same name again (a policy reload) replaces the old source.
+the same name again (a policy reload) replaces the old source. A ``histogram`` sample's value
+is ``Histogram.value()``: buckets counted by whoever observes, turned into a family at scrape
+time like the rest.
+
+``tollway meter`` serves the same registry without the request counters (``core=False``):
+its figures are all sources, and one exposition path serves both processes.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 Sample = tuple[str, str, Any, tuple[str, ...]]
@@ -24,7 +30,8 @@ class Metrics:
     does not carry it in memory.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, core: bool = True) -> None:
+        self.core = core  # the request counters below are exposed (a gateway's registry)
         self.requests: defaultdict[tuple[str, int, str], int] = defaultdict(int)
         self.latency_sum: defaultdict[str, float] = defaultdict(float)
         self.in_flight = 0
@@ -47,6 +54,13 @@ class Metrics:
         return out
 
     def collect(self) -> Iterator[Any]:
+        if self.core:
+            yield from self._core()
+        for source in list(self._sources.values()):
+            for name, (kind, help_, value, labels) in source().items():
+                yield _family(name, kind, help_, value, labels)
+
+    def _core(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         req = CounterMetricFamily(
@@ -70,9 +84,6 @@ class Metrics:
         yield GaugeMetricFamily(
             "tollway_requests_in_flight", "Requests being served now.", value=self.in_flight
         )
-        for source in list(self._sources.values()):
-            for name, (kind, help_, value, labels) in source().items():
-                yield _family(name, kind, help_, value, labels)
 
     def render(self) -> bytes:
         from prometheus_client import CollectorRegistry, generate_latest
@@ -83,9 +94,38 @@ class Metrics:
         return generate_latest(self._registry)  # type: ignore[no-any-return]
 
 
-def _family(name: str, kind: str, help_: str, value: Any, labels: tuple[str, ...]) -> Any:
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+class Histogram:
+    """Observations counted into fixed buckets with plain integers (no prometheus_client call,
+    no lock: one thread observes), exposed as a ``histogram`` sample at scrape time."""
 
+    def __init__(self, bounds: Iterable[float]) -> None:
+        self.bounds = tuple(sorted(bounds))
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one: above every bound
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # le: value <= bound
+        self.sum += value
+
+    def value(self) -> tuple[list[tuple[str, int]], float]:
+        """Cumulative ``(le, count)`` buckets ending with ``+Inf``, and the sum."""
+        buckets, total = [], 0
+        for le, n in zip([*map(repr, self.bounds), "+Inf"], list(self.counts), strict=True):
+            total += n
+            buckets.append((le, total))
+        return buckets, self.sum
+
+
+def _family(name: str, kind: str, help_: str, value: Any, labels: tuple[str, ...]) -> Any:
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+    )
+
+    if kind == "histogram":
+        buckets, total = value
+        return HistogramMetricFamily(name, help_, buckets=buckets, sum_value=total)
     cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
     if not labels:
         return cls(name, help_, value=value)

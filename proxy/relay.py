@@ -3,7 +3,8 @@
 Streams are relayed event by event as they arrive (one socket write per upstream read); JSON is
 parsed only where needed: the few events carrying usage, every event when translating between
 dialects, and every event only if some plugin implements ``response_chunk`` for the request's
-endpoint (``proxy.hookspecs.endpoints``). Responses are written and finished here, before
+endpoint (``proxy.hookspecs.endpoints``) and either is not ``@on_demand`` or asked for this
+request's events (``ctx.parse_events``). Responses are written and finished here, before
 ``log`` hooks run, so logging never delays a reply.
 
 A response-side hook that raises (anything but a Reject) turns the reply into a 500
@@ -40,6 +41,7 @@ from proxy.errors import (
     reject_body,
     untranslatable_reply,
 )
+from proxy.failurelog import ErrorLog
 from proxy.tokens import (
     Tokens,
     count_reply_tokens,
@@ -51,6 +53,9 @@ from proxy.tokens import (
 from proxy.upstream import UPSTREAM_ID
 
 log = logging.getLogger("tollway")
+HOOK_ERRORS = ErrorLog(log)
+"""Failing response-side hooks: a tenant can make every request fail a plugin's hook, so
+each (plugin, hook, exception type) is logged with its traceback once, then counted."""
 
 _JSON = "application/json"
 _FAILED: StashKey[set[str]] = StashKey()
@@ -78,8 +83,10 @@ def base_headers(ctx: RequestContext) -> dict[str, str]:
 
 
 def _hook_failed(chain: Chain, ctx: RequestContext, hook: Hook) -> None:
-    """Log a hook's exception (being handled) once per request and plugin: the plugin, the
-    hook, the request id and the traceback; never the request or reply body."""
+    """Log a hook's exception (being handled) at most once per request and plugin, and
+    without flooding (``HOOK_ERRORS``): the first of a kind with the plugin, the hook, the
+    request id and the traceback; later ones as one line per interval with their count and
+    the latest request id. Never the request or reply body, nor the exception's message."""
     name = chain.name_of(hook)
     failed = ctx.stash.get(_FAILED)
     if failed is None:
@@ -88,7 +95,13 @@ def _hook_failed(chain: Chain, ctx: RequestContext, hook: Hook) -> None:
         return
     failed.add(name)
     hook_name = getattr(hook, "__name__", "hook")
-    log.exception("plugin %s failed in %s for request %s", name, hook_name, ctx.request_id)
+    HOOK_ERRORS.exception(
+        f"{name}.{hook_name}",
+        "plugin %s failed in %s for request %s",
+        name,
+        hook_name,
+        ctx.request_id,
+    )
 
 
 def _internal(chain: Chain, ctx: RequestContext, hook: Hook) -> Reject:
@@ -187,6 +200,56 @@ def _set_usage(ctx: RequestContext, tokens: Tokens | None, final: bool = True) -
         ctx.usage.input_tokens, ctx.usage.output_tokens = tokens
         ctx.usage.reported = True
         ctx.usage.final = ctx.usage.final or final
+
+
+_ANTHROPIC_ENDS = ("message_start", "message_delta")
+"""The Anthropic events naming the reply (model, id) and why it stopped: parsed anyway."""
+
+
+def _anthropic_end(ctx: RequestContext, name: str | None, event: Any) -> None:
+    """The served model and id (message_start) or the stop reason (message_delta)."""
+    if name == "message_start":
+        msg = event.get("message")
+        if isinstance(msg, dict):
+            model, rid = msg.get("model"), msg.get("id")
+            if isinstance(model, str):
+                ctx.response_model = model
+            if isinstance(rid, str):
+                ctx.response_id = rid
+    elif name == "message_delta":
+        delta = event.get("delta")
+        reason = delta.get("stop_reason") if isinstance(delta, dict) else None
+        if isinstance(reason, str):
+            ctx.finish_reasons = (reason,)
+
+
+def _openai_end(ctx: RequestContext, chunk: Any) -> None:
+    """A parsed chat chunk that ends a choice: its finish reason, the model and the id."""
+    choices = chunk.get("choices") if isinstance(chunk, dict) else None
+    if not choices:
+        return
+    for choice in choices:
+        reason = choice.get("finish_reason") if isinstance(choice, dict) else None
+        if isinstance(reason, str):
+            ctx.finish_reasons += (reason,)
+            model, rid = chunk.get("model"), chunk.get("id")
+            if isinstance(model, str):
+                ctx.response_model = model
+            if isinstance(rid, str):
+                ctx.response_id = rid
+
+
+def _openai_raw_end(ctx: RequestContext, data: bytes) -> None:
+    """``_openai_end`` for an unparsed chunk: every chunk says ``"finish_reason": null`` but
+    the one ending a choice, so a substring test spares parsing all the others."""
+    i = data.find(b'"finish_reason"')
+    if i < 0 or data[i + 15 : i + 24].lstrip(b": ").startswith(b"null"):
+        return
+    try:
+        chunk = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return
+    _openai_end(ctx, chunk)
 
 
 async def relay_body(
@@ -298,7 +361,8 @@ class _StreamState(responses_api.ResponsesEvents):
         self.sent_error = False  # the provider's own error event went to the client
         self.route = route
         self.wants_usage = wants_usage
-        self.hooks = chain.response_chunk
+        # on-demand hooks only (a cache bypassing this request): the events stay unparsed
+        self.hooks = chain.response_chunk if chain.chunks_always or ctx.parse_events else ()
         self.to_chat = (
             # always with usage: hooks (a cache assembling the reply) need it; the usage chunk
             # is withheld below from a client that did not ask for it
@@ -349,7 +413,10 @@ class _StreamState(responses_api.ResponsesEvents):
             if name is None and not data:
                 return
             final = name == "message_delta"
-            for chunk in self.to_chat.feed(name, orjson.loads(data)):
+            event = orjson.loads(data)
+            if name in _ANTHROPIC_ENDS:
+                _anthropic_end(ctx, name, event)
+            for chunk in self.to_chat.feed(name, event):
                 usage_only = not chunk.get("choices") and chunk.get("usage") is not None
                 if not usage_only or self.wants_usage:
                     if not self.wants_usage:
@@ -367,6 +434,7 @@ class _StreamState(responses_api.ResponsesEvents):
             elif data:
                 chunk = orjson.loads(data)
                 final = isinstance(chunk.get("usage"), dict)
+                _openai_end(ctx, chunk)
                 for ev_name, ev in self.to_messages.feed(chunk):
                     self._emit(ev, ev_name, out)
             _set_usage(ctx, self.to_messages.usage, final)
@@ -375,6 +443,7 @@ class _StreamState(responses_api.ResponsesEvents):
         if self.route.kind == "anthropic":
             if name in ("message_start", "message_delta"):
                 obj = orjson.loads(data)
+                _anthropic_end(ctx, name, obj)
                 u = ctx.usage
                 if read_anthropic_event(name, obj, u):
                     u.reported = True
@@ -383,6 +452,7 @@ class _StreamState(responses_api.ResponsesEvents):
         elif data != sse.DONE:
             if self.hooks:
                 obj = orjson.loads(data)
+                _openai_end(ctx, obj)
                 usage = obj.get("usage")
                 if isinstance(usage, dict):
                     _set_usage(ctx, openai_tokens(usage))
@@ -390,6 +460,7 @@ class _StreamState(responses_api.ResponsesEvents):
                         self._emit(obj, name, out, withhold=True)
                         return
             else:
+                _openai_raw_end(ctx, data)
                 tokens = openai_chunk_tokens(data)
                 if tokens is not None:
                     _set_usage(ctx, tokens)

@@ -32,7 +32,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import orjson
 
-from proxy.redisurl import redis_url
+from proxy.redisurl import redis_url, timeouts
 from proxy.statewatch import StateWatch, is_state_error
 
 SHARE_TTL = 62 * 86400
@@ -135,7 +135,7 @@ class RedisShares(Generic[OwnT]):
     ) -> None:
         import redis.asyncio as aioredis  # only a Redis deployment loads redis-py
 
-        self.client: Any = aioredis.from_url(redis_url(url))
+        self.client: Any = aioredis.from_url(redis_url(url), **timeouts(url))
         self.own = own
         self.instance = instance
         self.watch = watch

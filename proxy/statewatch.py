@@ -10,14 +10,23 @@ back, without adding anything to a request's path:
   the state answer without it (``state.on_unavailable``: per-instance limits, or 503);
 * a restart (or a flush) is noticed by the check: the sentinel key ``tollway:epoch`` holds a
   random value set by the first instance that finds it missing, so a changed or missing value
-  means Redis lost its data;
+  means Redis lost its data. The scripts that decide (rate windows and monthly quota, budget
+  reservations) are given the epoch this watch last saw and decide nothing when Redis holds
+  another or none (one GET inside the script): the connection of a request may reach a
+  restarted Redis before this check does, and must not decide on its empty counts. The caller
+  answers as in an outage (``EpochChanged``, a state error) and the check runs at once;
 * either way the registered ``on_recover`` callbacks re-seed Redis from the durable records
   before ``available`` turns True again;
 * after a restart every instance puts back its own records at its next check, so for a while
   the shared counts lack the shares of the instances that have not checked yet (a monthly
   quota would hand them out again): each instance stays unavailable for ``settle`` seconds
   after it re-seeded (two check intervals and a check's timeout), re-seeding again at each
-  check, and so decides alone or refuses meanwhile, as in an outage.
+  check, and so decides alone or refuses meanwhile, as in an outage;
+* likewise after an outage with ``on_unavailable: serve``: every instance decided alone
+  meanwhile and puts what it counted (a quota's places, a budget's spending) back at its own
+  next check, so each waits ``settle`` seconds before deciding on the shared counts again, and
+  its first decision then sees every instance's outage. (With ``refuse`` nothing was decided
+  alone: the shared counts are whole at once.)
 
 The outage is logged once when it starts, then at most once per ``REPORT_EVERY`` seconds with
 the number of affected requests, and once when it ends: never a line (or a traceback) per
@@ -48,6 +57,16 @@ REPORT_EVERY = 10.0
 _STATE_ERRORS: tuple[type[BaseException], ...] | None = None
 
 
+class EpochChanged(Exception):
+    """A call found the sentinel changed or missing: Redis lost its data (a restart, a flush)
+    since this instance last checked, so what it holds must not decide anything before the
+    watch has re-seeded it. ``seen`` is the epoch the call expected."""
+
+    def __init__(self, seen: bytes) -> None:
+        super().__init__("shared state lost its data (its epoch changed)")
+        self.seen = seen
+
+
 def claim_epoch(pipe: Any) -> None:
     """Queue the epoch rule first on ``pipe``, a transaction (``MULTI``) of a sync or an
     asyncio client: the sentinel gets a random value if it is missing (the first instance to
@@ -59,6 +78,17 @@ def claim_epoch(pipe: Any) -> None:
     pipe.get(EPOCH_KEY)
 
 
+def epoch_guard(answer: str) -> str:
+    """The first lines of a script that decides on the shared counts: its last argument is
+    the epoch the caller's watch last saw (empty: none known), and when the sentinel holds
+    another or none (Redis lost its data since) it returns ``answer`` at once, before any
+    write. One GET inside the script: nothing more on the wire."""
+    return (
+        "local epoch = ARGV[#ARGV]\n"
+        f"if epoch ~= '' and redis.call('GET', '{EPOCH_KEY}') ~= epoch then return {answer} end\n"
+    )
+
+
 def is_state_error(exc: BaseException) -> bool:
     """Whether ``exc`` means the shared state cannot be reached (as opposed to a bug or a
     refused command): connection refused or reset, a timeout, Redis still loading its data."""
@@ -67,7 +97,12 @@ def is_state_error(exc: BaseException) -> bool:
         from redis import exceptions  # only a Redis deployment gets here
 
         # not OSError at large: a full disk or a bad path is not an unreachable Redis
-        _STATE_ERRORS = (exceptions.ConnectionError, exceptions.TimeoutError, ConnectionError)
+        _STATE_ERRORS = (
+            exceptions.ConnectionError,
+            exceptions.TimeoutError,
+            ConnectionError,
+            EpochChanged,
+        )
     return isinstance(exc, _STATE_ERRORS)
 
 
@@ -85,6 +120,7 @@ class StateWatch:
         self.settle = 2 * check_interval + timeout
         self._settle_until = 0.0
         self._lost_data = False
+        self._reached = True  # Redis answered a check since the last outage began
         self.client: Any = aioredis.from_url(
             redis_url(url), socket_timeout=timeout, socket_connect_timeout=timeout
         )
@@ -99,6 +135,7 @@ class StateWatch:
         self._down_since = 0.0
         self._reported = 0.0
         self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()  # a call failed (or found the epoch changed): check now
 
     def on_recover(self, fn: Callable[[], Awaitable[object]]) -> None:
         """Run ``fn`` after an outage or a restart, before the state counts as available."""
@@ -107,15 +144,27 @@ class StateWatch:
     # ---- called by users of the state (cheap: no I/O) ----------------------------------
 
     def failed(self, exc: BaseException) -> None:
-        """A call to the shared state failed with a state error: the outage starts now."""
+        """A call to the shared state failed with a state error: the outage starts now, and
+        the check runs at once (Redis may be back already, restarted: the sooner it is
+        re-seeded the better). A changed epoch (``EpochChanged``) wakes the check every time,
+        unless the check has re-seeded since the call was sent (the call's epoch is not the
+        watch's)."""
+        if isinstance(exc, EpochChanged):
+            if exc.seen != self.epoch:
+                return
+            self._wake.set()
         if not self.available:
             return
+        self._wake.set()
         self.available = False
+        self._reached = False
         self.outages += 1
         self._down_since = self._reported = time.monotonic()
         log.warning(
-            "shared state (state.url) unreachable (%s); %s until it is back",
-            type(exc).__name__,
+            "%s; %s until it is back",
+            "shared state (state.url) lost its data (restart or flush), re-seeding it"
+            if isinstance(exc, EpochChanged)
+            else f"shared state (state.url) unreachable ({type(exc).__name__})",
             "refusing requests that need it with 503"
             if self.refuse
             else "each instance enforces limits and quotas alone",
@@ -156,7 +205,9 @@ class StateWatch:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self.interval)
+            with contextlib.suppress(TimeoutError):  # woken early by a failed call
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            self._wake.clear()
             try:
                 await self.check()
             except asyncio.CancelledError:
@@ -178,6 +229,11 @@ class StateWatch:
         if restarted:
             self._settle_until = time.monotonic() + self.settle
             self._lost_data = True
+        elif not self._reached and not self.refuse:
+            # back after an outage: the other instances decided alone too (serve), and put
+            # what they counted meanwhile back only at their next check
+            self._settle_until = time.monotonic() + self.settle
+        self._reached = True
         if self.available and not restarted:
             return
         try:
@@ -232,10 +288,16 @@ class StateWatch:
         self._total_affected += self._affected
         self._affected = 0
 
-    async def stop(self) -> None:
+    async def pause(self) -> None:
+        """Stop checking: when a shutdown begins, before the users of the state close their
+        clients (a check re-seeding through a closed client opens a connection nobody
+        closes)."""
         # cancelled again if a cancellation is lost in redis-py (proxy.tasks)
         await tasks.stop(self._task, "the shared state check")
         self._task = None
+
+    async def stop(self) -> None:
+        await self.pause()
         with contextlib.suppress(Exception):
             await self.client.aclose()
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from multidict import CIMultiDictProxy
@@ -226,12 +228,14 @@ async def send(
     """
     attempt = 0
     while True:
+        tried = time.perf_counter()
         try:
             resp = await session.request(
                 req.method, req.url, data=payload, headers=req.headers, timeout=client.timeout
             )
         except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as e:
             if attempt < client.attempts:
+                _retried(ctx, tried, attempt, client.name, 0, type(e).__name__)
                 await asyncio.sleep(_backoff(attempt, client.backoff, client.max_backoff))
                 attempt += 1
                 ctx.retries = attempt
@@ -247,6 +251,7 @@ async def send(
                 wait = _backoff(attempt, client.backoff, client.max_backoff)
             if wait <= client.max_backoff:
                 resp.release()
+                _retried(ctx, tried, attempt, client.name, resp.status, None)
                 await asyncio.sleep(wait)
                 attempt += 1
                 ctx.retries = attempt
@@ -265,6 +270,20 @@ async def send(
             raise _failure(client, e, "closed the connection") from e
         resp.release()
         return UpstreamResponse(status=resp.status, headers=relay_headers(resp.headers), body=body)
+
+
+def _retried(
+    ctx: RequestContext, start: float, attempt: int, provider: str, status: int, error: str | None
+) -> None:
+    """Record a provider try that is about to be retried as an ``upstream.try`` phase (the
+    try that answers is the provider call itself: a request without retries records none)."""
+    attrs: dict[str, Any] = {
+        "tollway.provider": provider,
+        "tollway.attempt": attempt + 1,
+        "http.response.status_code": status,
+        "error.type": error or str(status),
+    }
+    ctx.timings.phase("upstream.try", start, time.perf_counter(), attrs)
 
 
 async def _chunks(resp: aiohttp.ClientResponse, client: ProviderClient) -> AsyncIterator[bytes]:

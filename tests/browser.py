@@ -3,17 +3,21 @@
 ``--dump-dom`` (tests/proxy/test_dashboard.py) renders a page from its URL alone; a form that
 must be filled in, then submitted, needs a driver. This one speaks the DevTools protocol over
 aiohttp's WebSocket client (no extra package): navigate, type as a keyboard would
-(``Input.insertText``), evaluate JavaScript and read the result.
+(``Input.insertText``), evaluate JavaScript and read the result, size the window, pin the time
+zone and take a screenshot (``png_pixels`` reads it back with the standard library alone).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
 import os
 import shutil
+import struct
 import time
+import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -78,6 +82,77 @@ class Page:
         """Focus the element and type ``text`` into it as keyboard input."""
         await self.eval(f"document.getElementById({element_id!r}).focus()")
         await self.send("Input.insertText", text=text)
+
+    async def viewport(self, width: int, height: int, timezone: str | None = None) -> None:
+        """Lay the page out in a ``width`` x ``height`` window (1 device pixel per CSS pixel,
+        so a screenshot's pixels are the page's coordinates); ``timezone`` (an IANA name)
+        makes local times in the page independent of the machine's."""
+        await self.send(
+            "Emulation.setDeviceMetricsOverride",
+            width=width,
+            height=height,
+            deviceScaleFactor=1,
+            mobile=False,
+        )
+        if timezone is not None:
+            await self.send("Emulation.setTimezoneOverride", timezoneId=timezone)
+
+    async def box(self, selector: str) -> dict[str, float]:
+        """The bounding box (x, y, width, height in CSS pixels) of the first match, once it
+        is laid out with a size (waited for)."""
+        return await self.until(  # type: ignore[no-any-return]
+            f"(() => {{ const e = document.querySelector({selector!r}); if (!e) return null;"
+            " const r = e.getBoundingClientRect(); return r.width && r.height ?"
+            " {x: r.x, y: r.y, width: r.width, height: r.height} : null; })()"
+        )
+
+    async def screenshot(self) -> bytes:
+        """The viewport as PNG bytes."""
+        r = await self.send("Page.captureScreenshot", format="png")
+        return base64.b64decode(r["data"])
+
+
+def png_pixels(png: bytes) -> tuple[int, int, list[list[tuple[int, ...]]]]:
+    """Width, height and the rows of pixels of an 8-bit RGB(A) PNG (what Chromium writes),
+    decoded with zlib alone: enough to check a screenshot drew something, not a general
+    decoder (no palette, no interlace)."""
+    assert png[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    pos, idat, header = 8, b"", b""
+    while pos < len(png):
+        (length,) = struct.unpack(">I", png[pos : pos + 4])
+        kind, data = png[pos + 4 : pos + 8], png[pos + 8 : pos + 8 + length]
+        if kind == b"IHDR":
+            header = data
+        elif kind == b"IDAT":
+            idat += data
+        pos += 12 + length
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", header)
+    assert depth == 8 and colour in (2, 6) and not interlace, "not an 8-bit RGB(A) PNG"
+    bpp = 3 if colour == 2 else 4
+    raw, stride = zlib.decompress(idat), width * bpp
+    rows: list[list[tuple[int, ...]]] = []
+    prev = bytearray(stride)
+    for r in range(height):
+        kind, line = (
+            raw[r * (stride + 1)],
+            bytearray(raw[r * (stride + 1) + 1 : (r + 1) * (stride + 1)]),
+        )
+        for i in range(stride):  # undo the row's filter (PNG spec, section 9)
+            a = line[i - bpp] if i >= bpp else 0
+            b, c = prev[i], prev[i - bpp] if i >= bpp else 0
+            if kind == 1:
+                line[i] = (line[i] + a) & 255
+            elif kind == 2:
+                line[i] = (line[i] + b) & 255
+            elif kind == 3:
+                line[i] = (line[i] + (a + b) // 2) & 255
+            elif kind == 4:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                line[i] = (line[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+        rows.append([tuple(line[i : i + 3]) for i in range(0, stride, bpp)])
+        prev = line
+    return width, height, rows
 
 
 @contextlib.asynccontextmanager

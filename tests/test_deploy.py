@@ -1,6 +1,7 @@
 """The deployments in deploy/: valid against the Kubernetes and compose-spec schemas (offline,
 from the schemas the test extra's packages ship), saying what the product plan says (probes,
-autoscaling, the meter), and naming only metrics a running gateway really exposes."""
+autoscaling, the meter), and naming only metrics a running gateway (or, ``tollway_meter_*``, a
+running meter) really exposes."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import jsonschema
 import kubernetes_validate
 import pytest
@@ -19,11 +21,13 @@ import yaml
 
 from proxy.policy import PolicyError, load_text
 from tests.conftest import ADMIN_KEY
+from tests.procs import until
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 KUBE = DEPLOY / "kubernetes"
 KUBE_VERSION = "1.31"  # the oldest Kubernetes the manifests are checked against
 METRIC = re.compile(r"\btollway_[a-z_]+\b")
+METER_METRIC = "tollway_meter_"  # the prefix of what the meter exposes, not a gateway
 SEALING_KEY = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="  # 32 bytes, base64
 SECRETS = {
     "TOLLWAY_ADMIN_KEY": ADMIN_KEY,
@@ -133,6 +137,11 @@ def test_compose_runs_gateways_meter_and_monitoring() -> None:
     targets = scraped["scrape_configs"][0]["static_configs"][0]["targets"]
     names = [n for n, s in services.items() if s in gateways]
     assert sorted(targets) == sorted(f"{n}:8080" for n in names)
+    # the meter is scraped too, as a job of its own (the alerts tell it from the gateways)
+    jobs = {c["job_name"]: c for c in scraped["scrape_configs"]}
+    meter_port = services["meter"]["command"][services["meter"]["command"].index("--port") + 1]
+    assert jobs["tollway-meter"]["static_configs"][0]["targets"] == [f"meter:{meter_port}"]
+    assert jobs["tollway-meter"]["metrics_path"] == "/metrics"
 
 
 def test_kubernetes_follows_the_scaling_plan() -> None:
@@ -169,6 +178,13 @@ def test_kubernetes_meter_is_one_pod_with_a_volume() -> None:
     assert container["args"][:2] == ["tollway", "meter"]
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert mounts[claims[0]] == "/app/data"  # where the policy's data/usage.duckdb lands
+    # scraped as the gateways are, on the meter's own port
+    scrape = meter["template"]["metadata"]["annotations"]
+    gateway = one("Deployment", "tollway-gateway")["spec"]["template"]["metadata"]["annotations"]
+    assert set(scrape) == set(gateway) and scrape["prometheus.io/path"] == "/metrics"
+    assert scrape["prometheus.io/scrape"] == "true"
+    assert container["ports"][0]["containerPort"] == int(scrape["prometheus.io/port"])
+    assert container["args"][container["args"].index("--port") + 1] == scrape["prometheus.io/port"]
 
 
 def test_kubernetes_policy_and_secrets_match_the_policy() -> None:
@@ -230,9 +246,46 @@ async def test_every_metric_named_is_exposed(
         assert r.status == 200
         text = await r.text()
     exposed = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line[:1] != "#"}
-    named = dashboard_metrics()
+    named = {m for m in dashboard_metrics() if not m.startswith(METER_METRIC)}
     assert {"tollway_requests_total", "tollway_admission_queue_length"} <= named
     assert sorted(named - exposed) == []
+
+
+async def test_every_meter_metric_named_is_exposed(
+    redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The meter of deploy/policies.yaml (its consumer thread, its app) over the suite's
+    redis-server: every ``tollway_meter_*`` name the alerts and the dashboard use is scraped."""
+    from tests.plugins.metering.conftest import running_meter
+
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    data = deploy_policy()
+    data["state"] = {"url": redis_url, "dir": str(tmp_path / "state")}
+    for item in data["chain"]:
+        if item["name"] == "metering":
+            item["config"]["database"] = str(tmp_path / "usage.duckdb")
+    named = {m for m in dashboard_metrics() if m.startswith(METER_METRIC)}
+    assert {
+        "tollway_meter_oldest_unloaded_age_seconds",
+        "tollway_meter_redis_available",
+        "tollway_meter_rows_loaded_total",
+    } <= named
+    async with running_meter(yaml.safe_dump(data)) as (site, _), aiohttp.ClientSession() as http:
+
+        async def exposed() -> set[str]:
+            async with http.get(f"{site}/metrics") as r:
+                assert r.status == 200
+                text = await r.text()
+            return {
+                line.split("{")[0].split(" ")[0] for line in text.splitlines() if line[:1] != "#"
+            }
+
+        async def all_named() -> bool:  # the backlog's figures: once the consumer measured it
+            return named <= await exposed()
+
+        await until(all_named, 10.0)
+        assert sorted(named - await exposed()) == []
 
 
 def test_dashboard_is_grafana_json() -> None:

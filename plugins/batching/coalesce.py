@@ -105,12 +105,12 @@ class WholeFlight:
                 fut.set_result(outcome)
 
 
-FlightKey = tuple[str, frozenset[tuple[str, str]], bool]
-"""What identical requests share: the answer's fingerprint (tenant scope included), the
-forwarded headers, and whether it is streamed."""
+FlightKey = tuple[bytes, frozenset[tuple[str, str]], bool]
+"""What identical requests share: the answer's canonical bytes (``proxy.fingerprint.canonical``,
+tenant scope included), the forwarded headers, and whether it is streamed."""
 
 
-def flight_key(fp: str, req: UpstreamRequest) -> FlightKey:
+def flight_key(fp: bytes, req: UpstreamRequest) -> FlightKey:
     """A request's coalescing key; a frozenset, so the clients' header order does not matter."""
     return (fp, frozenset(req.headers.items()), req.stream)
 

@@ -38,7 +38,7 @@ from plugins.batching.coalesce import Coalescer, flight_key
 from plugins.batching.embeddings import Batcher, batch_key
 from proxy.appkeys import METRICS
 from proxy.context import RequestContext, UpstreamCall, UpstreamRequest, UpstreamResponse
-from proxy.fingerprint import Scope, fingerprint
+from proxy.fingerprint import Scope, canonical
 from proxy.hookspecs import hookimpl
 from proxy.policy import Policy, Seconds
 
@@ -108,7 +108,8 @@ class BatchingPlugin:
                 if bkey is not None:
                     return await self.batcher.send(bkey, ctx, req, call, inputs)
         if self.config.coalesce:
-            key = flight_key(fingerprint(ctx, self.config.scope), req)
+            # an in-process key: the canonical bytes, not their SHA-256 (the cache's key)
+            key = flight_key(canonical(ctx, self.config.scope), req)
             if not req.stream:
                 return await self.coalescer.send_whole(key, ctx, req, call)
             # a stream is shared live: its call runs in a task of its own, so a disconnecting

@@ -25,7 +25,11 @@ none behind, and first raises its file's spent amounts to its own spent shares i
 file is written once a second, so after a crash Redis may hold the last second of spending the
 file missed, which a later empty Redis would otherwise forget (with a ``state.dir``: the
 instance keeps its name). While Redis is unreachable an instance decides alone (the others'
-total as last seen plus its own), or refuses, per ``state.on_unavailable``.
+total as last seen, from its last settlement or refusal, plus its own), or refuses, per
+``state.on_unavailable``: alone, the month can pass a budget by what the others spend while
+cut off (``refuse``: never). A reservation refuses to decide on a Redis whose epoch is not the
+one the watch last saw (``proxy.statewatch.epoch_guard``): emptied by a restart, it would
+find the month unspent.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from typing import Any, Protocol
 from proxy.months import MonthCache as MonthCache  # re-exported: the plugin takes it from here
 from proxy.shares import SHARE_TTL, MonthlyCounts, RedisShares
 from proxy.statedir import instance_id
-from proxy.statewatch import StateWatch, is_state_error
+from proxy.statewatch import EpochChanged, StateWatch, epoch_guard, is_state_error
 
 NANO = 1_000_000_000
 """Nano-USD per dollar."""
@@ -157,9 +161,12 @@ class MemoryLedger:
 
 
 # KEYS: the accounts' hashes. ARGV: month, instance, ttl, then per account: limit (-1: none),
-# estimate. Returns {0, 0} with every estimate reserved, or {i, total}: account i (1-based)
-# would pass its limit (spent + reserved of every instance), nothing reserved.
-_RESERVE = """
+# estimate, then the epoch (proxy.statewatch.epoch_guard). Returns {0, 0} with every estimate
+# reserved, or {i, total}: account i (1-based) would pass its limit (spent + reserved of every
+# instance), nothing reserved; {-1, 0}: Redis lost its data since the epoch, nothing decided.
+_RESERVE = (
+    epoch_guard("{-1, 0}")
+    + """
 local prefix = ARGV[1] .. '/'
 for i = 1, #KEYS do
   local limit = tonumber(ARGV[2 + 2 * i])
@@ -179,6 +186,7 @@ for i = 1, #KEYS do
 end
 return {0, 0}
 """
+)
 
 # KEYS: the accounts' hashes. ARGV: month, instance, ttl, then per account: estimate, actual.
 # Returns each account's spent total of the month (every instance's share) after it.
@@ -258,10 +266,14 @@ class RedisLedger(RedisShares[MemoryLedger]):
             args = self._args(month)
             for c in charges:
                 args += [c.limit, c.estimate]
+            epoch = None if self.watch is None else self.watch.epoch
+            args.append(epoch or b"")
             try:
                 index, total = await self._reserve(
                     keys=[self.prefix + c.account for c in charges], args=args
                 )
+                if index == -1 and epoch:  # emptied by a restart the watch has not seen yet
+                    raise EpochChanged(epoch)
             except Exception as e:
                 self._lost(e)
             else:
@@ -290,7 +302,13 @@ class RedisLedger(RedisShares[MemoryLedger]):
             except Exception as e:
                 self._lost(e)  # the watch puts the shares back once Redis is there again
             else:
-                return [int(t) for t in totals]
+                out = [int(t) for t in totals]
+                # the others' spending as last seen: what deciding alone starts from, should
+                # Redis become unreachable (without it, only refusals would tell)
+                others = self._others
+                for c, t, n in zip(charges, out, own, strict=True):
+                    others[(c.account, month)] = max(0, t - n)
+                return out
         self._changes += 1
         return [
             self._others.get((c.account, month), 0) + n for c, n in zip(charges, own, strict=True)

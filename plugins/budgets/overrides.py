@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 
 from proxy.redisurl import redis_url as normal_url
+from proxy.redisurl import timeouts
 from proxy.statewatch import StateWatch, is_state_error
 
 KEY = "tollway:budget-users"
@@ -60,7 +61,7 @@ class UserBudgets:
         if redis_url is not None:
             import redis.asyncio as aioredis
 
-            self.client = aioredis.from_url(normal_url(redis_url))
+            self.client = aioredis.from_url(normal_url(redis_url), **timeouts(redis_url))
             self._restore = self.client.register_script(_RESTORE)
             if watch is not None:
                 watch.on_recover(self.restore)

@@ -23,6 +23,7 @@ long over by the time they arrive, so this instance's coalescing could not share
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar, Literal
 
@@ -36,7 +37,7 @@ from proxy import responses_api
 from proxy.appkeys import METRICS, RESOURCES
 from proxy.context import Reply, RequestContext, Route, StashKey, StreamEvent, Usage
 from proxy.fingerprint import Scope, fingerprint
-from proxy.hookspecs import hookimpl
+from proxy.hookspecs import hookimpl, on_demand
 from proxy.policy import Policy, parse_duration
 from proxy.sealconfig import SealedConfig
 from proxy.statewatch import STATE_WATCH, StateWatch
@@ -48,6 +49,10 @@ STORE: StashKey[CacheStore] = StashKey()
 _PLAN: StashKey[tuple[str, float, bool, Route]] = StashKey()  # key, ttl, may store, route
 _BODY: StashKey[dict[str, Any]] = StashKey()
 _LEADER: StashKey[str] = StashKey()  # the flight lock this request holds (distributed store)
+# the attributes of a ``cache.lookup`` phase (shared: phases are only read)
+_HIT = {"tollway.cache": "hit"}
+_COALESCED = {"tollway.cache": "hit", "tollway.shared": "coalesced"}
+_MISS = {"tollway.cache": "miss"}
 _ASSEMBLER: StashKey[Assembler] = StashKey()
 
 CACHEABLE = frozenset({"chat", "completions", "messages", "embeddings", "responses"})
@@ -190,23 +195,20 @@ class CachePlugin:
         key = fingerprint(ctx, self.config.scope)
         ctx.stash[_PLAN] = (key, ttl, not no_store, ctx.route)
         ctx.cache = "miss"
+        if ctx.stream and not no_store:  # a stream it may store: record its events
+            ctx.parse_events = True
         if no_cache:
             return None
-        store = self.store
-        raw = await store.get(key)
-        coalesced = False
+        looked = time.perf_counter()
+        raw, coalesced = await self._lookup(ctx, self.store, key, no_store)
+        ctx.timings.phase(
+            "cache.lookup",
+            looked,
+            time.perf_counter(),
+            _MISS if raw is None else _COALESCED if coalesced else _HIT,
+        )
         if raw is None:
-            if not (self.config.coalesce_instances and store.distributed and not no_store):
-                return None
-            claim, raw = await store.claim(key, self.config.flight_timeout)
-            if claim == "lead":
-                ctx.stash[_LEADER] = key  # released in log, whatever happens
-                return None
-            if claim == "wait":
-                raw = await store.await_flight(key, self.config.flight_timeout)
-                coalesced = True
-            if raw is None:
-                return None  # the flight ended without an answer to share: ask the provider
+            return None
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -225,7 +227,26 @@ class CachePlugin:
             return Reply(events=replay(ctx.endpoint, body, include_usage=wants))
         return Reply(body=body)
 
+    async def _lookup(
+        self, ctx: RequestContext, store: CacheStore, key: str, no_store: bool
+    ) -> tuple[bytes | None, bool]:
+        """The stored answer or None (then ask the provider), and whether it came from another
+        request's flight (coalesced): a miss may join or lead a flight across instances."""
+        raw = await store.get(key)
+        if raw is not None:
+            return raw, False
+        if not (self.config.coalesce_instances and store.distributed and not no_store):
+            return None, False
+        claim, raw = await store.claim(key, self.config.flight_timeout)
+        if claim == "lead":
+            ctx.stash[_LEADER] = key  # released in log, whatever happens
+            return None, False
+        if claim == "wait":  # None: the flight ended without an answer to share
+            return await store.await_flight(key, self.config.flight_timeout), True
+        return raw, False
+
     @hookimpl
+    @on_demand  # a bypassed or no-store stream is relayed unparsed
     def response_chunk(self, ctx: RequestContext, event: StreamEvent) -> None:
         plan = ctx.stash.get(_PLAN)
         if plan is None or not plan[2] or ctx.cache != "miss":

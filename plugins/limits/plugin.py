@@ -74,6 +74,8 @@ QUOTA: StashKey[Quota] = StashKey()
 ADMISSION: StashKey[Admission] = StashKey()
 _COUNTED: StashKey[str] = StashKey()
 _SLOT: StashKey[bool] = StashKey()
+_ADMITTED = {"tollway.admitted": True}
+"""The attributes of a ``limits.queue`` phase that ended with a slot (one shared dict)."""
 _RATE: StashKey[tuple[int, int, float]] = StashKey()
 """The admitting layer's limit, remaining count and seconds to its reset, decided in ``access``
 and written as the reply's ``x-ratelimit-*`` headers by ``response_headers``."""
@@ -547,16 +549,22 @@ class LimitsPlugin:
         if adm is None or _SLOT in ctx.stash:
             return  # a fallback's request runs this hook again: one admission slot a request
         if not adm.try_acquire():  # a free slot is taken without awaiting a coroutine
+            # only a request that queues records its wait: the fast path stays untimed
+            waited = time.perf_counter()
             try:
                 await adm.acquire(rule.priority if rule else 0)
             except (QueueFull, QueueTimeout) as e:
                 reason = "queue is full" if isinstance(e, QueueFull) else "queue wait timed out"
+                ctx.timings.phase(
+                    "limits.queue", waited, time.perf_counter(), {"tollway.admitted": False}
+                )
                 raise Reject(
                     503,
                     f"the gateway is overloaded ({reason}); retry shortly",
                     code="server_overloaded",
                     headers={"Retry-After": "1"},
                 ) from None
+            ctx.timings.phase("limits.queue", waited, time.perf_counter(), _ADMITTED)
         ctx.stash[_SLOT] = True
 
     @hookimpl

@@ -37,7 +37,7 @@ from typing import Protocol
 
 from proxy.shares import SHARE_TTL, MonthlyCounts, RedisShares
 from proxy.statedir import instance_id
-from proxy.statewatch import StateWatch
+from proxy.statewatch import EpochChanged, StateWatch, epoch_guard
 
 
 class Quota(Protocol):
@@ -125,7 +125,9 @@ class MonthlyQuota(MonthlyCounts):
         self.add(user, month)
 
     def count_now(self, user: str, month: str) -> int:
-        return self.used(user, month)
+        # ``used``, inlined: asked on every request whose plan has quota alerts
+        users = self._counts.get(month)
+        return users.get(user, 0) if users is not None else 0
 
     async def give_back(self, user: str, month: str) -> None:
         """A request refused by a later check, or that ended in an error, does not count."""
@@ -135,10 +137,13 @@ class MonthlyQuota(MonthlyCounts):
         self.start()
 
 
-# KEYS[1] user hash; ARGV: own field, month, limit, ttl. Returns the month's total after
-# counting this request, or -1 (nothing counted) when that would pass the limit. A field named
+# KEYS[1] user hash; ARGV: own field, month, limit, ttl, epoch (proxy.statewatch.epoch_guard).
+# Returns the month's total after counting this request, or -1 (nothing counted) when that
+# would pass the limit, -2 (nothing counted) when Redis lost its data since. A field named
 # just MONTH is a count kept before per-instance shares existed: it still counts.
-_TAKE = """
+_TAKE = (
+    epoch_guard("-2")
+    + """
 redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 local total, month, prefix = 0, ARGV[2], ARGV[2] .. '/'
@@ -153,6 +158,7 @@ if total > tonumber(ARGV[3]) then
 end
 return total
 """
+)
 
 _GIVE_BACK = """
 if redis.call('HINCRBY', KEYS[1], ARGV[1], -1) < 0 then redis.call('HSET', KEYS[1], ARGV[1], 0) end
@@ -200,13 +206,16 @@ class RedisQuota(RedisShares[MonthlyQuota]):
     async def take(self, user: str, month: str, limit: int) -> bool:
         """Count one request if the quota allows it; False (and nothing counted) otherwise."""
         if self._shared():
+            epoch = None if self.watch is None else self.watch.epoch
             try:
                 total = int(
                     await self._take(
                         keys=[self.prefix + user],
-                        args=[self._field(month), month, limit, SHARE_TTL],
+                        args=[self._field(month), month, limit, SHARE_TTL, epoch or b""],
                     )
                 )
+                if total == -2 and epoch:  # emptied by a restart the watch has not seen yet
+                    raise EpochChanged(epoch)
             except Exception as e:
                 self._lost(e)
             else:

@@ -48,8 +48,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-from proxy.redisurl import redis_url
-from proxy.statewatch import StateWatch, is_state_error
+from proxy.redisurl import redis_url, timeouts
+from proxy.statewatch import EpochChanged, StateWatch, is_state_error
 
 if TYPE_CHECKING:
     # the library is imported where Redis windows are built: importing ``limits`` loads its
@@ -91,6 +91,8 @@ class Admit(NamedTuple):
 QUOTA_REFUSED = -2
 """``Admit.failed`` when the monthly quota given to ``admit`` refused (nothing counted)."""
 UNDECIDED = -3
+EPOCH_CHANGED = -4
+"""The admission script's answer when the epoch is not the one given (nothing counted)."""
 """``Admit.failed`` when the windows could not take the quota given to ``admit`` (nothing
 counted): the caller takes the quota itself, then admits without it."""
 
@@ -257,6 +259,10 @@ class MemoryWindows:
         if bound.generation != self.generation:
             self._resolve(bound, now)
         best, best_left = -1, math.inf
+        # the admitting layer's counter (None: an exact log), period and time into its window,
+        # kept as found: its reset needs no key built and looked up again
+        best_st: list[float] | None = None
+        best_span = best_elapsed = 0.0
         for amount, period, log, i in bound.logs:
             cutoff = now - period  # drop the admissions that left the period: amortised O(1)
             while log and log[0] <= cutoff:
@@ -265,10 +271,11 @@ class MemoryWindows:
             if left < best_left:
                 if left < 0:
                     return self._refuse(bound, now, cost)
-                best, best_left = i, left
+                best, best_left, best_span = i, left, period
         for period, members in bound.groups:  # layers of one period share their window maths
             index = now // period
-            weight = 1 - (now - index * period) / period  # of the previous window's count
+            elapsed = now - index * period
+            weight = 1 - elapsed / period  # of the previous window's count
             for amount, st, i in members:
                 if st[0] != index:  # _roll, inlined: this runs per layer per request
                     st[1] = st[2] if st[0] == index - 1 else 0
@@ -278,7 +285,13 @@ class MemoryWindows:
                 if left < best_left:
                     if left < 0:
                         return self._refuse(bound, now, cost)
-                    best, best_left = i, left
+                    best, best_left, best_st, best_span, best_elapsed = (
+                        i,
+                        left,
+                        st,
+                        period,
+                        elapsed,
+                    )
         if best < 0:
             return _ADMIT_EMPTY
         if cost == 1:
@@ -289,13 +302,10 @@ class MemoryWindows:
                 log.extend([now] * cost)
         for st in bound.counters:
             st[2] += cost
-        amount, seconds, ids = bound.layers[best]
-        span = micros(seconds)
-        if amount <= self.exact_up_to:
-            wait = span  # the whole log is free again once this request leaves it
+        if best_st is None:
+            wait = best_span  # the whole log is free again once this request leaves it
         else:
-            elapsed = now - now // span * span
-            wait = self._full_reset(self._counts[(amount, seconds, ids)], span, elapsed)
+            wait = self._full_reset(best_st, best_span, best_elapsed)
         return Admit(-1, best, math.floor(best_left), wait / MICROS)
 
     def _refuse(self, bound: BoundLayers, now: float, cost: int) -> Admit:
@@ -423,6 +433,11 @@ _ADMIT_SCRIPT = """
 -- index of the refusing layer that frees up last, -1 admitted, -2 the quota refused; layer
 -- names the numbers' layer (that one, or the most constraining after the count, -1 none);
 -- wait is whole microseconds, rounded up; the quota total counts this request (-1 no quota).
+-- The last ARGV is the epoch (proxy.statewatch) the instance knows ('' = none): a different or
+-- missing sentinel means Redis lost its data since, so nothing is decided on what it holds
+-- now: {-4, ...} (one GET, before any write; the key is fixed, so not among KEYS).
+local epoch = ARGV[#ARGV]
+if epoch ~= '' and redis.call('GET', 'tollway:epoch') ~= epoch then return {-4, -1, 0, 0, -1} end
 local now = tonumber(ARGV[1])
 if not now then
   local t = redis.call('TIME')
@@ -521,8 +536,9 @@ class RemoteLayers(NamedTuple):
     n_keys: int
     keys: bytes
     n_args: int
-    args: bytes  # the per-layer arguments (after ARGV[1..5])
+    args: bytes  # the per-layer arguments (after ARGV[1..5]), then the epoch
     plain: bytes
+    epoch: bytes | None  # the watch's epoch the arguments end with
 
 
 _NO_NOW_NO_QUOTA = b"$0\r\n\r\n" * 5  # ARGV[1..5], empty: the server's clock, no quota
@@ -548,7 +564,7 @@ class RedisWindows:
         from proxy.resp import RespLink, Script, bulk  # loads redis-py and hiredis
 
         self._storage: Any = storage_from_string(
-            f"async+{redis_url(url)}", implementation="redispy"
+            f"async+{redis_url(url)}", implementation="redispy", **timeouts(url)
         )
         self.limiter = SlidingWindowCounterRateLimiter(self._storage)
         self.exact_up_to = exact_up_to
@@ -556,14 +572,18 @@ class RedisWindows:
         self.link = RespLink(url)
         self.script = Script(_ADMIT_SCRIPT)
         self._bulk = bulk
+        # set by FailoverWindows: the script refuses to decide on a Redis whose epoch is not
+        # the one this watch last saw (emptied by a restart its check has not noticed yet)
+        self.watch: StateWatch | None = None
 
     def admit_now(self, bound: BoundLayers) -> None:
         """Never decided without Redis: see ``admit``."""
         return None
 
-    def _remote(self, bound: BoundLayers) -> RemoteLayers:
+    def _remote(self, bound: BoundLayers, epoch: bytes | None) -> RemoteLayers:
         """The script's keys and per-layer arguments for a caller, built and packed once per
-        caller, with the whole usual command: nothing is encoded per request."""
+        caller (and again when the epoch changes), with the whole usual command: nothing is
+        encoded per request."""
         keys: list[bytes] = []
         args: list[bytes] = []
         for amount, period, ids in bound.layers:
@@ -572,6 +592,7 @@ class RedisWindows:
             keys.append(f"tollway:rl:{kind}:{amount}/{period:g}:{':'.join(ids)}".encode())
             span = str(int(micros(period))).encode()
             args += (str(amount).encode(), span, b"1" if exact else b"0")
+        args.append(epoch or b"")
         bulk = self._bulk
         packed_keys, packed_args = b"".join(map(bulk, keys)), b"".join(map(bulk, args))
         plain = packed_keys + _NO_NOW_NO_QUOTA + packed_args
@@ -581,13 +602,18 @@ class RedisWindows:
             len(args),
             packed_args,
             self.script.command(len(keys), 5 + len(args), plain),
+            epoch,
         )
         return bound.remote
 
     async def admit(self, bound: BoundLayers, quota: QuotaPart | None = None) -> Admit:
         """All layers (and the quota) in one round trip: checked, then counted only if every
-        one admits."""
-        remote = bound.remote or self._remote(bound)
+        one admits. ``EpochChanged`` when Redis lost its data since the watch last checked."""
+        watch = self.watch
+        epoch = None if watch is None else watch.epoch
+        remote = bound.remote
+        if remote is None or remote.epoch is not epoch:
+            remote = self._remote(bound, epoch)
         if quota is None and self.clock is None:
             command = remote.plain  # the usual call, packed once per caller
         else:
@@ -602,6 +628,8 @@ class RedisWindows:
             command = self.script.command(n_keys, len(extra) + remote.n_args, packed)
         res = await self.link.evalsha(self.script, command)
         failed, layer, remaining, wait, total = res
+        if failed == EPOCH_CHANGED and epoch:
+            raise EpochChanged(epoch)
         return Admit(int(failed), int(layer), int(remaining), int(wait) / MICROS, int(total))
 
     async def test(self, item: limits.RateLimitItem, *ids: str, cost: int = 1) -> bool:
@@ -632,6 +660,8 @@ class FailoverWindows:
         self.remote = remote
         self.local = MemoryWindows(exact_up_to=exact_up_to)
         self.watch = watch
+        if isinstance(remote, RedisWindows):
+            remote.watch = watch
 
     def _lost(self, exc: Exception) -> None:
         if not is_state_error(exc):

@@ -133,6 +133,7 @@ class Analytics:
         self._active: dict[_Running, asyncio.Future[Any]] = {}
         self._watchers: set[asyncio.Task[None]] = set()
         self.stopping = False  # a shutdown began: calls are stopped and refused
+        self.queries = 0  # started (past check_capacity); the meter's /metrics counts them
         self.timeouts = 0
         self.refused = 0
 
@@ -149,6 +150,7 @@ class Analytics:
 
     async def sql(self, query: str) -> tuple[list[str], list[list[Any]]]:
         self.check_capacity()
+        self.queries += 1
         lim = self.limits
         try:
             return await self._submit(

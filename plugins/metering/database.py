@@ -28,6 +28,7 @@ from typing import Any
 import duckdb
 import orjson
 
+from plugins.metering import rollups
 from plugins.metering.billing import PlanTerms, overage, plan_days, subscription_lines
 from proxy.analytics import QueryError, QueryTimeout, ReadOnlyQuery, ResultTooLarge, json_default
 
@@ -124,6 +125,9 @@ MIGRATIONS: list[str] = [
     ALTER TABLE plans ADD COLUMN overage_per_request {MONEY};
     ALTER TABLE plans ADD COLUMN overage_per_mtok {MONEY};
     """,
+    # 9: per-minute, per-day and per-user-day rollups for the dashboard, kept in the load's
+    # transaction (plugins.metering.rollups), built here from the rows already loaded
+    rollups.MIGRATION,
 ]
 
 VIEWS = """
@@ -232,8 +236,10 @@ ORDER BY p.month;
 """
 
 _COLUMNS = ", ".join(f"'{k}': '{v}'" for k, v in SPOOL_COLUMNS.items())
-_INGEST = f"""
-INSERT INTO usage BY NAME
+# a segment's rows as usage rows, read once into a temporary table: usage and the rollups are
+# inserted from it (reading the JSON again would cost as much as the insert)
+_STAGE = f"""
+CREATE TEMP TABLE {rollups.STAGE} AS
 SELECT make_timestamp(CAST(ts * 1000000 AS BIGINT)) AS ts, request_id,
        coalesce(final, true) AS final, user_id,
        key_id, tier, feature, endpoint, provider, model, upstream_model, stream, status,
@@ -447,8 +453,13 @@ class UsageDB:
                         f"SELECT 1 FROM {marks} WHERE segment = ?", [mark]
                     ).fetchone()
                     if done is None:  # resolved: allowed_directories compares the path as given
-                        inserted = cur.execute(_INGEST, [os.path.realpath(segment)]).fetchone()
+                        cur.execute(_STAGE, [os.path.realpath(segment)])
+                        inserted = cur.execute(
+                            f"INSERT INTO usage BY NAME SELECT * FROM {rollups.STAGE}"
+                        ).fetchone()
                         rows = int(inserted[0]) if inserted else 0
+                        rollups.add(cur, rollups.STAGE)
+                        cur.execute(f"DROP TABLE {rollups.STAGE}")
                         cur.execute(f"INSERT INTO {marks} VALUES (?, ?, now())", [mark, rows])
                     cur.execute("COMMIT")
                 except Exception:
@@ -691,19 +702,28 @@ class UsageDB:
     def delete_rows(self, user: str | None = None, before: float | None = None) -> int:
         """Delete a user's usage rows, or rows older than ``before`` (epoch seconds); returns
         how many. A deletion request and data retention (the usage table holds no prompt text,
-        but user ids and hashed addresses are personal data)."""
+        but user ids and hashed addresses are personal data). The rollups follow in the same
+        transaction: a user's ``user_days`` go (the per-minute counts name no user and stay);
+        retention deletes the rollups' minutes and days before ``before`` as well."""
         if (user is None) == (before is None):
             raise ValueError("delete_rows needs exactly one of user and before")
         with self._write_lock:
             cur = self.con.cursor()
             try:
+                cur.execute("BEGIN")
                 if user is not None:
                     row = cur.execute("DELETE FROM usage WHERE user_id = ?", [user]).fetchone()
+                    rollups.forget_user(cur, user)
                 else:
                     row = cur.execute(
                         "DELETE FROM usage WHERE ts < make_timestamp(CAST(? * 1e6 AS BIGINT))",
                         [before],
                     ).fetchone()
+                    rollups.cut(cur, float(before or 0))
+                cur.execute("COMMIT")
+            except Exception:
+                cur.execute("ROLLBACK")
+                raise
             finally:
                 cur.close()
         return int(row[0]) if row else 0

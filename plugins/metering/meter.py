@@ -7,6 +7,10 @@ admin key, with the core's own handlers), so ``tollway sql --url http://METER`` 
 work as with one gateway. Its invoices bill the tiers' prices, quotas and overage terms of its
 ``--policy`` (the gateways' policy), which it also records in the database, so an invoice is
 the same from a gateway, from the meter, or from ``tollway invoice --db`` on the meter's file.
+It serves Prometheus ``GET /metrics`` too (``plugins.metering.meter_metrics``), and the
+dashboard (``GET /dashboard``, the gateways' page): with sink redis the gateways keep no usage
+database, so the history, money and top tables are the meter's, computed from its database by
+the metering plugin's own figures code (``plugins.metering.figures``, cached the same way).
 Imported only when the command runs (``plugins.metering.cli``).
 """
 
@@ -22,19 +26,25 @@ from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from plugins.metering.analytics import Analytics
 from plugins.metering.billing import PlanTerms, plan_terms
+from plugins.metering.figures import Dashboard
+from plugins.metering.meter_metrics import meter_metrics
 from plugins.metering.plugin import MeteringConfig
 from plugins.metering.stream import Meter
-from proxy import admin
+from proxy import admin, dashboard
 from proxy.analytics import ANALYTICS, FRESH_AS_OF, export_target
-from proxy.appkeys import GATEWAY, RESOURCES
+from proxy.app import metrics
+from proxy.appkeys import GATEWAY, METRICS, RESOURCES
 from proxy.chain import Chain
 from proxy.cli.runner import start_site
+from proxy.figures import Card, Figures
 from proxy.gateway import Gateway
 from proxy.keystore import KeyStore
+from proxy.metrics import Metrics
 from proxy.policy import LoadedPolicy
 from proxy.resources import Resources
 from proxy.runtime import Runtime
@@ -99,8 +109,16 @@ def build_meter_app(loaded: LoadedPolicy, name: str | None = None) -> tuple[web.
     app.router.add_post("/admin/sql", admin.run_sql)
     app.router.add_get("/admin/invoices/{user}", admin.get_invoice)
     app.router.add_post("/admin/export", admin.export)
-    app.router.add_get("/admin/stats", admin.admin_only(partial(_stats, meter)))
+    source = MeterUsage(meter, analytics)
+    app.router.add_get(
+        "/admin/stats", admin.admin_only(partial(_stats, meter, source, Dashboard()))
+    )
+    app.router.add_get("/dashboard", dashboard.page)
     app.router.add_get("/healthz", _ok)
+    # Prometheus, without a key as on a gateway: the meter's own figures, no request counters
+    app[METRICS] = registry = Metrics(core=False)
+    registry.add("meter", partial(meter_metrics, meter, analytics))
+    app.router.add_get("/metrics", metrics)
     return app, meter
 
 
@@ -108,10 +126,34 @@ _STREAM_FIGURES = ("stream_entries", "oldest_unloaded_age_s", "gateways_shipping
 """What ``Meter.freshness`` reads from Redis: null in ``/admin/stats`` while it is unreachable."""
 
 
-async def _stats(meter: Meter, request: web.Request) -> web.Response:
+class MeterUsage:
+    """The meter's database as the dashboard figures' source (``figures.UsageSource``): what
+    the stream holds is loaded first, as a gateway loads its spool; without Redis the figures
+    are those of what is loaded (the page still shows the history, the outage is in ``redis``)."""
+
+    def __init__(self, meter: Meter, analytics: Analytics) -> None:
+        self.meter = meter
+        self.analytics = analytics
+
+    async def flush(self) -> None:
+        if not self.meter.outage.available:  # no connection attempt per poll during an outage
+            return
+        try:
+            await asyncio.to_thread(self.meter.drain)
+        except Exception as e:
+            if not is_state_error(e):
+                raise
+
+
+async def _stats(
+    meter: Meter, source: MeterUsage, figures_cache: Dashboard, request: web.Request
+) -> web.Response:
     """How fresh the meter's answers are (``Meter.freshness``), what it loaded, and whether it
     reaches Redis. During an outage the consumer's last attempt answers (not another connection
-    attempt per poll): ``redis: unavailable`` and for how long, the stream's figures null."""
+    attempt per poll): ``redis: unavailable`` and for how long, the stream's figures null.
+    With them, for the dashboard page: three cards of the meter's own (Redis, rows loaded,
+    entries waiting) and the metering plugin's figures (cards, tables, charts and the ``usage``
+    section) from the meter's database, computed at most once per ``CACHE_SECONDS``."""
     figures: dict[str, Any] = dict.fromkeys(_STREAM_FIGURES)
     reachable = meter.outage.available
     if reachable:
@@ -128,7 +170,15 @@ async def _stats(meter: Meter, request: web.Request) -> web.Response:
         **figures,
         "loaded_rows": meter.loaded_rows,
     }
-    return web.json_response(body)
+    own = Figures(
+        cards=(
+            Card("meter_redis", "Redis (usage stream)", body["redis"], "text"),
+            Card("meter_loaded_rows", "rows loaded by the meter", meter.loaded_rows),
+            Card("meter_stream_entries", "stream entries waiting", body["stream_entries"]),
+        )
+    )
+    dashboard.add_figures(body, [own, await figures_cache.figures(source)])
+    return web.Response(body=orjson.dumps(body, default=str), content_type="application/json")
 
 
 async def _ok(request: web.Request) -> web.Response:
@@ -144,6 +194,7 @@ def consume(meter: Meter, stop: threading.Event) -> None:
     while not stop.is_set():
         try:
             meter.step(block_ms=500)
+            meter.measure()  # the backlog /metrics reports
         except Exception as e:
             if is_state_error(e):
                 stop.wait(meter.outage.failed(e))  # set by a shutdown: returns at once

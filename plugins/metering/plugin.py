@@ -65,7 +65,7 @@ from pydantic import (
 from plugins.metering import account
 from plugins.metering.analytics import Analytics, QueryLimits
 from plugins.metering.billing import PlanTerms, plan_terms
-from plugins.metering.figures import figures
+from plugins.metering.figures import Dashboard
 from plugins.metering.ip_hash import IpHasher, key_file, load_or_create_key
 from plugins.metering.spool import Spool
 from plugins.metering.stream import StreamShipper
@@ -431,6 +431,7 @@ class MeteringPlugin:
         self.sla_tiers = policy.tiers_with("sla_guarantee")
         self.store: UsageStore | None = None
         self.ip_hash: IpHasher | None = None  # set in lifespan (reads or creates the key)
+        self.dashboard = Dashboard()  # figures computed once per interval for every poll
 
     @hookimpl
     async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
@@ -512,7 +513,7 @@ class MeteringPlugin:
         store = self.store
         if store is None or store.db is None:  # sink redis: the meter holds the usage views
             return None
-        return await figures(store)
+        return await self.dashboard.figures(store)
 
     @hookimpl
     async def account_report(self, principal: Principal, month: str) -> dict[str, Any] | None:
@@ -544,14 +545,15 @@ class MeteringPlugin:
         inp, out, estimated = billed_tokens(ctx)  # estimated for a stream that ended early
         in_price = route.input_per_mtok if route else None
         out_price = route.output_per_mtok if route else None
-        price = self.price(ctx)
+        price = request_price(ctx, self.prices, self.tier_prices)  # as self.price, one call less
         if ctx.endpoint in UNBILLED_ENDPOINTS:  # a token count: free, and not sold
             in_price = out_price = price = 0.0
             estimated = ctx.status < 400 and not usage.reported  # the gateway's estimate
         # a cache hit or a coalesced follower cost the provider nothing: record what it saved
         hit = ctx.cache == "hit" or ctx.shared == "coalesced"
-        latency = ctx.timings.latency_ms()
-        ttfb = ctx.timings.ttfb_ms()
+        t = ctx.timings  # Timings.latency_ms and ttfb_ms, inlined (one row per request)
+        latency = ((t.end or time.perf_counter()) - t.start) * 1000.0
+        ttfb = (t.first_byte - t.start) * 1000.0 if t.first_byte else None
         return {
             "ts": time.time(),
             "request_id": ctx.request_id,

@@ -42,7 +42,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from plugins.metering.outage import RedisOutage
-from proxy.redisurl import redis_url
+from proxy.metrics import Histogram
+from proxy.redisurl import redis_url, timeouts
 from proxy.statewatch import EPOCH_KEY, claim_epoch, is_state_error
 
 if TYPE_CHECKING:
@@ -62,6 +63,10 @@ GROUP = "meters"
 CHUNK_ROWS = 1000
 CLAIM_IDLE_MS = 60_000
 """An entry another meter read but did not acknowledge for this long is taken over."""
+LOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+"""Seconds to load one chunk (``CHUNK_ROWS`` rows at most): milliseconds when all is well."""
+MEASURE_EVERY = 1.0
+"""Seconds between two measurements of the backlog by the consumer (``Meter.measure``)."""
 
 
 _PUBLISH_LOADED = """
@@ -106,7 +111,9 @@ def _id(entry_id: str) -> tuple[int, int]:
 def _redis(url: str) -> Any:
     import redis  # only a Redis deployment loads redis-py
 
-    return redis.Redis.from_url(redis_url(url))
+    # a frozen Redis must not stall the loader thread for good; a consumer's blocking read
+    # (XREADGROUP BLOCK, up to a second) waits on the server, so the default allows for it
+    return redis.Redis.from_url(redis_url(url), **timeouts(url, default=5.0))
 
 
 class StreamShipper:
@@ -203,7 +210,14 @@ class Meter:
         if db.spool_dir is not None:
             db.spool_dir.mkdir(parents=True, exist_ok=True)
         self.folder = Path(tempfile.mkdtemp(prefix="meter-", dir=db.spool_dir))
+        # figures of ``tollway meter``'s /metrics, written by whoever handles entries (under
+        # ``_handling``) and read as they are at scrape time
         self.loaded_rows = 0
+        self.chunks_loaded = 0
+        self.load_errors = 0
+        self.load_seconds = Histogram(LOAD_BUCKETS)
+        self.backlog: dict[str, float | int | None] | None = None  # ``measure``'s last figures
+        self.measured_at = 0.0  # time.monotonic() of that measurement
         self._publish_loaded = self.client.register_script(_PUBLISH_LOADED)
         # The consumer thread and a query's drain (another thread) share this consumer name,
         # so a drain reading "our pending entries" also gets those the consumer's blocking
@@ -307,7 +321,15 @@ class Meter:
             fd, name = tempfile.mkstemp(dir=self.folder, prefix=entry_id.decode(), suffix=".jsonl")
             with os.fdopen(fd, "wb") as f:
                 f.write(rows + b"\n")
-            self.loaded_rows += self.db.ingest(Path(name), stream=True)  # idempotent; deletes it
+            started = time.perf_counter()
+            try:
+                added = self.db.ingest(Path(name), stream=True)  # idempotent; deletes it
+            except Exception:
+                self.load_errors += 1
+                raise
+            self.load_seconds.observe(time.perf_counter() - started)
+            self.loaded_rows += added
+            self.chunks_loaded += 1
         forget = fields.get(b"forget")
         if forget is not None:
             n = self.db.delete_rows(user=forget.decode())
@@ -347,6 +369,16 @@ class Meter:
             "gateways_shipping": len(shipped),
             "fresh_as_of": min([now, *shipped]),
         }
+
+    def measure(self, every: float = MEASURE_EVERY) -> None:
+        """Take ``freshness`` again if the last one is ``every`` seconds old: run by the
+        consumer thread, so ``/metrics`` reads figures at most that old and never waits on
+        Redis itself (a frozen Redis holds this thread, not a scrape)."""
+        now = time.monotonic()
+        if self.backlog is not None and now - self.measured_at < every:
+            return
+        self.backlog = self.freshness()
+        self.measured_at = time.monotonic()
 
     def close(self) -> None:
         self.client.close()

@@ -1,1 +1,1 @@
-"""otel: OpenTelemetry traces of each request (GenAI semantic conventions), over OTLP/HTTP."""
+"""otel: OpenTelemetry traces of each request (GenAI semantic conventions), over OTLP."""

@@ -7,16 +7,32 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+Protocol = Literal["http/protobuf", "grpc"]
+
+DEFAULT_ENDPOINTS: dict[Protocol, str] = {
+    "http/protobuf": "http://127.0.0.1:4318/v1/traces",
+    "grpc": "http://127.0.0.1:4317",
+}
+"""A local collector's traces address per protocol (OpenTelemetry's default ports)."""
+
 
 class OtelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    endpoint: str = Field(
-        "http://127.0.0.1:4318/v1/traces",
-        description="The OTLP/HTTP traces URL of a collector (protobuf is POSTed there).",
+    protocol: Protocol = Field(
+        "http/protobuf",
+        description="OTLP transport: http/protobuf (POST to the traces URL) or grpc (the "
+        "TraceService; needs opentelemetry-exporter-otlp-proto-grpc, in the otel extra).",
+    )
+    endpoint: str | None = Field(
+        None,
+        description="The collector: for http/protobuf its traces URL (default "
+        "http://127.0.0.1:4318/v1/traces), for grpc its address (default "
+        "http://127.0.0.1:4317; https:// for TLS).",
     )
     headers: dict[str, SecretStr] = Field(
         default_factory=dict,
-        description="Headers sent with each export (a collector's API key: use $env or $file).",
+        description="Headers sent with each export, gRPC metadata with grpc (a collector's API "
+        "key: use $env or $file).",
     )
     service_name: str = Field("tollway", description="The resource's service.name.")
     sample_ratio: float = Field(
@@ -47,8 +63,13 @@ class OtelConfig(BaseModel):
 
     @field_validator("endpoint")
     @classmethod
-    def _endpoint(cls, v: str) -> str:
-        parts = urlsplit(v)
+    def _endpoint(cls, v: str | None) -> str | None:
+        parts = urlsplit(v or "http://default")
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError("endpoint must be an http:// or https:// URL")
         return v
+
+    @property
+    def url(self) -> str:
+        """Where spans go: ``endpoint``, or the protocol's local default."""
+        return self.endpoint or DEFAULT_ENDPOINTS[self.protocol]

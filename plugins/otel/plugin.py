@@ -1,17 +1,17 @@
-"""otel: an OpenTelemetry trace of every request, exported over OTLP/HTTP (off unless listed).
+"""otel: an OpenTelemetry trace of every request, exported over OTLP (off unless listed).
 
 A span per request following the GenAI semantic conventions, with child spans for the provider
-call (one per route tried: fallbacks) and the stream (time to first byte); see
-``plugins.otel.spans``. The client's W3C ``traceparent`` is followed and a new one, naming the
+call (one per route tried: fallbacks), the stream (time to first byte) and each timed phase
+the core and plugins recorded (``ctx.timings.phase``); see ``plugins.otel.spans``. OTLP/HTTP
+by default, gRPC with ``protocol: grpc``. The client's W3C ``traceparent`` is followed and a new one, naming the
 provider call's span, goes to the provider. The SDK is imported when a chain enables the
 plugin, never otherwise (``pip install 'tollway[otel]'``).
 
 Where it sits in ``chain:`` decides what its spans see. Its ``access`` hook opens the request
 span: placed after ``privacy``, the request it records is the redacted one (what
 ``capture_content: true`` puts on spans); a request answered or refused above it (a cache hit,
-a 429) still gets its span, opened from the request's start time by the ``log`` hook. Phases
-inside other plugins (a limits queue wait, a cache lookup) have no hook of their own, so they
-appear as the gap between the request span's start and its provider call.
+a 429) still gets its span, dated from the request's start by the ``log`` hook. The hooks
+only note times and values; the spans are built in ``log``, after the last byte.
 """
 
 from __future__ import annotations
@@ -37,14 +37,15 @@ class OtelPlugin:
     Config = OtelConfig
 
     def __init__(self, config: OtelConfig, policy: Policy) -> None:
+        self.config = config
         try:
             from plugins.otel.spans import Traces
+
+            self.traces: Traces = Traces(config)  # imports the gRPC exporter if asked for
         except ImportError as e:
             raise ValueError(
                 f"the otel plugin needs OpenTelemetry: pip install 'tollway[otel]' ({e})"
             ) from None
-        self.config = config
-        self.traces: Traces = Traces(config)
 
     @hookimpl
     async def lifespan(self, app: web.Application) -> AsyncIterator[None]:

@@ -1,4 +1,4 @@
-"""The spans of one request, built with the OpenTelemetry SDK and exported over OTLP/HTTP.
+"""The spans of one request, recorded as plain values and built once, after the reply.
 
 Imported only when a chain enables the otel plugin (``OtelPlugin.__init__``), so a gateway
 without it never loads the SDK. Spans follow the OpenTelemetry GenAI semantic conventions:
@@ -9,30 +9,40 @@ without it never loads the SDK. Spans follow the OpenTelemetry GenAI semantic co
   gets its own span; the one it replaced ends in error), whose context is passed to the
   provider as ``traceparent``; the core's retries are counted on it (``tollway.retries``);
 - a stream: a ``stream`` span from the provider's headers to the last byte, with a
-  ``first_byte`` event (time to first byte).
+  ``first_byte`` event (time to first byte);
+- the phases the core and plugins recorded (``ctx.timings.phase``: a limits queue wait, a
+  cache lookup, a provider try that was retried): an INTERNAL span each, with its own times.
 
-Timestamps come from the core's ``ctx.timings`` (``perf_counter``), converted to wall-clock
-nanoseconds with one offset taken per request. Spans are handed to a ``BatchSpanProcessor``,
-whose own thread exports them: the event loop only queues finished spans.
+Why not the SDK's ``Tracer``: ``start_span``/``set_attribute`` validate and copy every
+attribute under a lock, and that cost most of the plugin's time on the event loop. During the
+request the hooks only note perf_counter readings and values in a slotted ``Trace``; the
+``log`` hook, after the last byte, builds ``ReadableSpan`` objects with plain attribute dicts
+(every value here is a str, bool, int, float or a list of str) and hands them to the
+``BatchSpanProcessor``, whose own thread encodes and exports them. Sampling keeps the SDK's
+``ParentBased(TraceIdRatioBased)`` rule: a client's sampled flag is followed, a new trace is
+kept when its id falls under the ratio's bound; an unsampled request only passes on a
+traceparent (flag 00) and builds nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode, set_span_in_context
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
 from plugins.otel.config import OtelConfig
+from plugins.otel.export import exporter
 from proxy.context import RequestContext, StashKey, UpstreamRequest
 
 OPERATIONS = {
@@ -46,7 +56,6 @@ OPERATIONS = {
 }
 """GenAI ``gen_ai.operation.name`` of each client endpoint (the token counts have none)."""
 
-_PROPAGATOR = TraceContextTextMapPropagator()
 _PARAMS = (
     ("max_tokens", "gen_ai.request.max_tokens"),
     ("max_completion_tokens", "gen_ai.request.max_tokens"),
@@ -54,63 +63,111 @@ _PARAMS = (
     ("temperature", "gen_ai.request.temperature"),
     ("top_p", "gen_ai.request.top_p"),
 )
+_TRACEPARENT = re.compile(r"[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
+"""W3C trace context, as the SDK's propagator reads it."""
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_UNSET = Status(StatusCode.UNSET)
+_ATTR_TYPES = (str, bool, int, float)
+
+
+class Call:
+    """One provider call (a route tried): its span id, times and attributes."""
+
+    __slots__ = ("attrs", "end", "error", "span_id", "start", "status")
+
+    def __init__(self, span_id: int, start: float, attrs: dict[str, Any] | None) -> None:
+        self.span_id = span_id
+        self.start = start
+        self.end = 0.0
+        self.attrs = attrs
+        self.error: str | None = None
+        self.status = 0  # the provider's, when it answered (a stream may fail later)
 
 
 class Trace:
-    """One request's open spans and its clock offset (kept in ``ctx.stash``)."""
+    """One request's trace context and what its spans will say (kept in ``ctx.stash``).
 
-    __slots__ = ("model", "offset", "provider", "span", "stream")
+    ``attrs`` is None for an unsampled request: nothing is recorded, only propagated.
+    """
 
-    def __init__(self, span: Span, offset: int) -> None:
-        self.span = span
-        self.offset = offset  # wall-clock ns minus perf_counter ns
-        self.provider: Span | None = None
-        self.stream: Span | None = None
-        self.model = False  # the reply named the model that served (gen_ai.response.model)
+    __slots__ = (
+        "attrs",
+        "calls",
+        "events",
+        "parent",
+        "sampled",
+        "span_id",
+        "state",
+        "stream",
+        "trace_id",
+    )
 
-    def ns(self, perf: float) -> int:
-        """A ``perf_counter`` reading as wall-clock nanoseconds."""
-        return int(perf * 1e9) + self.offset
+    def __init__(
+        self, trace_id: int, span_id: int, parent: int, sampled: bool, state: str | None
+    ) -> None:
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.parent = parent  # the client's span id, 0 for a new trace
+        self.sampled = sampled
+        self.state = state  # the client's tracestate header, passed on as it came
+        self.attrs: dict[str, Any] | None = None
+        self.calls: list[Call] = []
+        self.events: list[tuple[str, float, dict[str, Any]]] = []  # (name, perf, attrs)
+        self.stream = 0.0  # perf_counter when a stream's headers came
+
+    def open_call(self) -> Call | None:
+        calls = self.calls
+        return calls[-1] if calls and not calls[-1].end else None
 
 
 TRACE: StashKey[Trace] = StashKey()
 
 
 class Traces:
-    """Builds the spans of requests and owns the exporter."""
+    """Records requests' traces and owns the exporter."""
 
     def __init__(self, config: OtelConfig) -> None:
         self.config = config
-        exporter = OTLPSpanExporter(
-            endpoint=config.endpoint,
-            headers={k: v.get_secret_value() for k, v in config.headers.items()},
-            timeout=config.export_timeout,
-        )
+        self.resource = Resource.create({"service.name": config.service_name})
+        self.scope = InstrumentationScope("tollway")
         self.processor = BatchSpanProcessor(
-            exporter,
+            exporter(config, self.resource, self.scope.name),
             max_queue_size=config.max_queue_size,
             schedule_delay_millis=config.schedule_delay * 1000,
             export_timeout_millis=config.export_timeout * 1000,
         )
-        self.provider = TracerProvider(
-            resource=Resource.create({"service.name": config.service_name}),
-            sampler=ParentBased(TraceIdRatioBased(config.sample_ratio)),
-            shutdown_on_exit=False,  # the lifespan shuts it down; atexit would pin each reload's
-        )
-        self.provider.add_span_processor(self.processor)
-        self.tracer = self.provider.get_tracer("tollway")
+        self.ids = RandomIdGenerator()
+        self.bound = TraceIdRatioBased.get_bound_for_rate(config.sample_ratio)
+        # per-request work done once: a provider's host, a user's hash (both bounded)
+        self.hosts: dict[str, str] = {}
+        self.users: dict[str, str] = {}
 
     def shutdown(self) -> None:
         """Export what is queued and stop the exporter's thread (blocking: run it off-loop)."""
-        self.provider.shutdown()
+        self.processor.shutdown()
 
     def begin(self, ctx: RequestContext) -> Trace:
-        """Open the request's span (from the request's start), under the client's trace."""
-        offset = time.time_ns() - time.perf_counter_ns()
-        parent = _PROPAGATOR.extract(ctx.request.headers)
-        op = OPERATIONS.get(ctx.endpoint, ctx.endpoint)
+        """The request's trace: the client's (its sampled flag followed) or a new one."""
+        headers = ctx.request.headers
+        found = _TRACEPARENT.fullmatch(headers.get("traceparent", ""))
+        trace_id = parent = 0
+        sampled = False
+        if found is not None:
+            version, tid, sid, flags, rest = found.groups()
+            if version != "ff" and not (version == "00" and rest):
+                trace_id, parent = int(tid, 16), int(sid, 16)
+                sampled = bool(int(flags, 16) & 1)
+        if not trace_id or not parent:  # none, or invalid: a new trace, sampled by ratio
+            trace_id, parent = self.ids.generate_trace_id(), 0
+            sampled = (trace_id & TraceIdRatioBased.TRACE_ID_LIMIT) < self.bound
+        state = headers.get("tracestate") if parent else None
+        trace = ctx.stash[TRACE] = Trace(
+            trace_id, self.ids.generate_span_id(), parent, sampled, state
+        )
+        if not sampled:
+            return trace
         attrs: dict[str, Any] = {
-            "gen_ai.operation.name": op,
+            "gen_ai.operation.name": OPERATIONS.get(ctx.endpoint, ctx.endpoint),
             "http.request.method": ctx.request.method,
             "url.path": ctx.request.path,
             "tollway.request_id": ctx.request_id,
@@ -127,95 +184,112 @@ class Traces:
                     attrs[name] = value
             if self.config.capture_content:
                 attrs["gen_ai.input.messages"] = _content(body)
-        span = self.tracer.start_span(
-            f"{op} {ctx.model}" if ctx.model else op,
-            context=parent,
-            kind=SpanKind.SERVER,
-            attributes=attrs,
-            start_time=int(ctx.timings.start * 1e9) + offset,
-        )
-        trace = ctx.stash[TRACE] = Trace(span, offset)
+        trace.attrs = attrs
         return trace
 
     def provider_call(self, ctx: RequestContext, req: UpstreamRequest) -> None:
-        """Open a provider call's span and pass its context to the provider."""
+        """Note a provider call's start and pass its span's context to the provider."""
         trace = ctx.stash.get(TRACE) or self.begin(ctx)
-        if trace.provider is not None:  # a fallback replaces the call that failed
-            trace.provider.set_status(Status(StatusCode.ERROR, "fallback"))
-            trace.provider.set_attribute("error.type", "fallback")
-            trace.provider.end()
-            trace.span.add_event("fallback", {"tollway.provider": req.provider})
-        route = ctx.route
-        upstream = route.upstream_model if route is not None else ""
-        op = OPERATIONS.get(ctx.endpoint, ctx.endpoint)
-        span = trace.provider = self.tracer.start_span(
-            f"{op} {upstream}",
-            context=set_span_in_context(trace.span),
-            kind=SpanKind.CLIENT,
-            attributes={
-                "gen_ai.operation.name": op,
+        now = time.perf_counter()
+        failed = trace.open_call()
+        if failed is not None:  # a fallback replaces the call that failed
+            failed.end = now
+            failed.error = "fallback"
+            if trace.attrs is not None:
+                trace.events.append(("fallback", now, {"tollway.provider": req.provider}))
+        span_id = self.ids.generate_span_id()
+        attrs: dict[str, Any] | None = None
+        if trace.attrs is not None:
+            route = ctx.route
+            attrs = {
+                "gen_ai.operation.name": trace.attrs["gen_ai.operation.name"],
                 "gen_ai.provider.name": req.kind,
                 "gen_ai.system": req.kind,
-                "gen_ai.request.model": upstream,
-                "server.address": urlsplit(req.url).hostname or "",
+                "gen_ai.request.model": route.upstream_model if route is not None else "",
+                "server.address": self._host(req.url),
                 "tollway.provider": req.provider,
-            },
-        )
-        _PROPAGATOR.inject(req.headers, context=set_span_in_context(span))
+            }
+        trace.calls.append(Call(span_id, now, attrs))
+        flags = "01" if trace.sampled else "00"
+        req.headers["traceparent"] = f"00-{trace.trace_id:032x}-{span_id:016x}-{flags}"
+        if trace.state:
+            req.headers["tracestate"] = trace.state
 
     def headers(self, ctx: RequestContext) -> None:
-        """The provider answered (or failed): end its span; a stream's span starts here."""
+        """The provider answered (or failed): its call ends; a stream's span starts here."""
         trace = ctx.stash.get(TRACE)
-        if trace is None or trace.provider is None:
+        if trace is None or trace.attrs is None:
             return
-        self._end_provider(ctx, trace)
+        call = trace.open_call()
+        if call is None:
+            return
+        call.end = now = time.perf_counter()
+        call.status = ctx.status
         if ctx.stream and ctx.status < 300:
-            trace.stream = self.tracer.start_span(
-                "stream", context=set_span_in_context(trace.span), kind=SpanKind.INTERNAL
-            )
+            trace.stream = now
 
     def body(self, ctx: RequestContext, body: dict[str, Any]) -> None:
         """A whole reply: the served model, finish reasons and (if asked) the completion."""
         trace = ctx.stash.get(TRACE)
-        if trace is None:
+        if trace is None or trace.attrs is None:
             return
-        span = trace.span
+        attrs = trace.attrs
         model = body.get("model")
         if isinstance(model, str):
-            span.set_attribute("gen_ai.response.model", model)
-            trace.model = True
+            attrs["gen_ai.response.model"] = model
         reasons = _finish_reasons(body)
         if reasons:
-            span.set_attribute("gen_ai.response.finish_reasons", reasons)
+            attrs["gen_ai.response.finish_reasons"] = reasons
         rid = body.get("id")
         if isinstance(rid, str):
-            span.set_attribute("gen_ai.response.id", rid)
+            attrs["gen_ai.response.id"] = rid
         if self.config.capture_content:
-            span.set_attribute("gen_ai.output.messages", _output(body))
+            attrs["gen_ai.output.messages"] = _output(body)
 
     def finish(self, ctx: RequestContext) -> None:
-        """After the last byte: the outcome on the request's span, and every span ended."""
+        """After the last byte: every span of a sampled request built and queued for export."""
         trace = ctx.stash.get(TRACE) or self.begin(ctx)
-        end = trace.ns(ctx.timings.end or time.perf_counter())
-        if trace.provider is not None:  # never answered: cancelled or failed before headers
-            self._end_provider(ctx, trace)
-        first = ctx.timings.first_byte
-        if trace.stream is not None:
-            if first:
-                trace.stream.add_event("first_byte", timestamp=trace.ns(first))
-            trace.stream.end(end)
-        span = trace.span
+        attrs = trace.attrs
+        if attrs is None:
+            return
+        now = time.perf_counter()
+        offset = time.time_ns() - int(now * 1e9)  # perf_counter -> wall-clock nanoseconds
+        end = ctx.timings.end or now
         status = ctx.status
-        attrs: dict[str, Any] = {"http.response.status_code": status}
+        state = TraceState.from_header([trace.state]) if trace.state else None
+        this = SpanContext(trace.trace_id, trace.span_id, False, _SAMPLED, state)
+        parent = (
+            SpanContext(trace.trace_id, trace.parent, True, _SAMPLED, state)
+            if trace.parent
+            else None
+        )
+        on_end = self.processor.on_end
+        for call in trace.calls:
+            on_end(self._call(ctx, trace, call, this, state, offset, now))
+        first = ctx.timings.first_byte
+        if trace.stream:
+            marks = (Event("first_byte", None, int(first * 1e9) + offset),) if first else ()
+            on_end(self._span("stream", trace, this, state, trace.stream, end, offset, marks))
+        for name, start, stop, extra in ctx.timings.phases or ():
+            phase = self._span(name, trace, this, state, start, stop, offset, (), _clean(extra))
+            on_end(phase)
+
         route = ctx.route
         if route is not None:
             attrs["tollway.model"] = route.model
             if not ctx.model:  # refused before the body was read: name the route at least
                 attrs["gen_ai.request.model"] = route.model
-            if not trace.model:
-                attrs["gen_ai.response.model"] = route.upstream_model
             attrs["gen_ai.provider.name"] = route.kind
             attrs["gen_ai.system"] = route.kind
+        if "gen_ai.response.model" not in attrs:
+            model = ctx.response_model or (route.upstream_model if route is not None else None)
+            if model:
+                attrs["gen_ai.response.model"] = model
+        if ctx.finish_reasons and "gen_ai.response.finish_reasons" not in attrs:
+            attrs["gen_ai.response.finish_reasons"] = list(ctx.finish_reasons)
+        if ctx.response_id and "gen_ai.response.id" not in attrs:
+            attrs["gen_ai.response.id"] = ctx.response_id
+        attrs["http.response.status_code"] = status
         usage = ctx.usage
         if usage.reported:
             attrs["gen_ai.usage.input_tokens"] = usage.input_tokens
@@ -236,8 +310,7 @@ class Traces:
         if principal is not None:
             mode = self.config.user
             if mode == "hash":
-                digest = hashlib.sha256(principal.user_id.encode()).hexdigest()[:16]
-                attrs["tollway.user"] = digest
+                attrs["tollway.user"] = self._user_hash(principal.user_id)
             elif mode == "raw":
                 attrs["tollway.user"] = principal.user_id
             if principal.tier is not None:
@@ -246,27 +319,130 @@ class Traces:
                 attrs["tollway.key_id"] = principal.key_id
         if ctx.error_code:
             attrs["error.type"] = ctx.error_code
-        span.set_attributes(attrs)
-        if status >= 500 or status == 0:
-            span.set_status(Status(StatusCode.ERROR, ctx.error_code or str(status)))
-        span.end(end)
+        failed = status >= 500 or status == 0
+        events = tuple(
+            Event(name, extra, int(at * 1e9) + offset) for name, at, extra in trace.events
+        )
+        name = attrs["gen_ai.operation.name"]
+        on_end(
+            ReadableSpan(
+                f"{name} {ctx.model}" if ctx.model else name,
+                context=this,
+                parent=parent,
+                resource=self.resource,
+                attributes=attrs,
+                events=events,
+                kind=SpanKind.SERVER,
+                status=Status(StatusCode.ERROR, ctx.error_code or str(status))
+                if failed
+                else _UNSET,
+                start_time=int(ctx.timings.start * 1e9) + offset,
+                end_time=int(end * 1e9) + offset,
+                instrumentation_scope=self.scope,
+            )
+        )
 
-    @staticmethod
-    def _end_provider(ctx: RequestContext, trace: Trace) -> None:
-        span = trace.provider
-        assert span is not None
-        trace.provider = None
-        status = ctx.status
-        attrs: dict[str, Any] = {"http.response.status_code": status}
-        if ctx.retries:
-            attrs["tollway.retries"] = ctx.retries
-        if ctx.upstream_request_id:
-            attrs["tollway.upstream_request_id"] = ctx.upstream_request_id
-        if status >= 400 or status == 0:
-            attrs["error.type"] = ctx.error_code or str(status)
-            span.set_status(Status(StatusCode.ERROR, ctx.error_code or str(status)))
-        span.set_attributes(attrs)
-        span.end()
+    def _host(self, url: str) -> str:
+        end = url.find("/", 8)  # the end of scheme://host:port
+        base = url if end < 0 else url[:end]
+        host = self.hosts.get(base)
+        if host is None:
+            if len(self.hosts) > 1000:
+                self.hosts.clear()
+            host = self.hosts[base] = urlsplit(url).hostname or ""
+        return host
+
+    def _user_hash(self, user_id: str) -> str:
+        """A SHA-256 prefix of the user id (a caller's requests come in runs: kept)."""
+        digest = self.users.get(user_id)
+        if digest is None:
+            if len(self.users) > 10000:
+                self.users.clear()
+            digest = hashlib.sha256(user_id.encode()).hexdigest()[:16]
+            self.users[user_id] = digest
+        return digest
+
+    def _call(
+        self,
+        ctx: RequestContext,
+        trace: Trace,
+        call: Call,
+        parent: SpanContext,
+        state: TraceState | None,
+        offset: int,
+        now: float,
+    ) -> ReadableSpan:
+        """A provider call's span; one still open never answered (cancelled, or failed)."""
+        attrs = call.attrs or {}
+        end = call.end or now
+        status = call.status or ctx.status
+        error = call.error
+        if error is None:  # the call that answered (or the last one, failed)
+            attrs["http.response.status_code"] = status
+            if ctx.retries:
+                attrs["tollway.retries"] = ctx.retries
+            if ctx.upstream_request_id:
+                attrs["tollway.upstream_request_id"] = ctx.upstream_request_id
+            if status >= 400 or status == 0:
+                error = ctx.error_code or str(status)
+        if error is not None:
+            attrs["error.type"] = error
+        upstream = attrs.get("gen_ai.request.model", "")
+        return ReadableSpan(
+            f"{attrs.get('gen_ai.operation.name', '')} {upstream}",
+            context=SpanContext(trace.trace_id, call.span_id, False, _SAMPLED, state),
+            parent=parent,
+            resource=self.resource,
+            attributes=attrs,
+            kind=SpanKind.CLIENT,
+            status=Status(StatusCode.ERROR, error) if error is not None else _UNSET,
+            start_time=int(call.start * 1e9) + offset,
+            end_time=int(end * 1e9) + offset,
+            instrumentation_scope=self.scope,
+        )
+
+    def _span(
+        self,
+        name: str,
+        trace: Trace,
+        parent: SpanContext,
+        state: TraceState | None,
+        start: float,
+        end: float,
+        offset: int,
+        events: tuple[Event, ...] = (),
+        attrs: dict[str, Any] | None = None,
+    ) -> ReadableSpan:
+        """An INTERNAL child of the request span (the stream, a recorded phase)."""
+        error = attrs.get("error.type") if attrs else None
+        return ReadableSpan(
+            name,
+            context=SpanContext(
+                trace.trace_id, self.ids.generate_span_id(), False, _SAMPLED, state
+            ),
+            parent=parent,
+            resource=self.resource,
+            attributes=attrs or {},
+            events=events,
+            kind=SpanKind.INTERNAL,
+            status=Status(StatusCode.ERROR, str(error)) if error is not None else _UNSET,
+            start_time=int(start * 1e9) + offset,
+            end_time=int(end * 1e9) + offset,
+            instrumentation_scope=self.scope,
+        )
+
+
+def _clean(attrs: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A phase's attributes that OTLP can carry: any plugin records phases, and one value of
+    another type would fail the whole batch in the exporter's thread."""
+    if not attrs:
+        return None
+    return {
+        k: v
+        for k, v in attrs.items()
+        if isinstance(v, _ATTR_TYPES)
+        or (isinstance(v, list | tuple) and all(isinstance(x, _ATTR_TYPES) for x in v))
+    }
 
 
 def _finish_reasons(body: dict[str, Any]) -> list[str]:

@@ -432,7 +432,9 @@ async def test_cli_offline_on_a_stopped_gateways_files(tmp_path: Path) -> None:
         "keys", "--state-dir", str(tmp_path), "rotate", key_id, "--grace", "0"
     )
     assert code == 0, out
+    saved = orjson.loads((tmp_path / "keys.json").read_bytes())["keys"]
+    assert [k["grace_until"] is not None for k in saved].count(True) == 1  # the old secret
     store = KeyStore(tmp_path / "keys.json")
-    assert len(store.secrets_of(key_id)) == 2
+    assert len(store.secrets_of(key_id)) == 1  # its grace (none) ended: pruned at load
     rec = store.get(key_id)
     assert rec is not None and rec.labels == {"project": "api"} and rec.rotated_at is not None

@@ -64,7 +64,7 @@ def relayed(kind: Dialect, dialect: Dialect, events: list[bytes], hooks: bool = 
         request_id="r", endpoint="chat", dialect=dialect, request=None, client_ip="127.0.0.1"
     )
     chunk_hooks = ((0, lambda ctx, event: None),) if hooks else ()
-    chain = SimpleNamespace(response_chunk=chunk_hooks)
+    chain = SimpleNamespace(response_chunk=chunk_hooks, chunks_always=hooks)
     route = Route(model="m", provider="p", upstream_model="m", kind=kind)
     state = _StreamState(chain, ctx, route, wants_usage=False)  # type: ignore[arg-type]
     for raw in events:

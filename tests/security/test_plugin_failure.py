@@ -2,20 +2,27 @@
 
 Hooks run on the error path too (``send_error``): a hook failing there used to escape the
 handler, so the client got ``500 Internal Server Error`` as text instead of the provider's
-error, and the failure was not tied to a request id. Now the failure is logged once per
-request (plugin, hook, request id, no body), and the client gets a provider-shaped reply.
+error, and the failure was not tied to a request id. Now the client gets a provider-shaped
+reply, and the failure is logged at most once per request (plugin, hook, request id, no body)
+and without flooding: a tenant who makes every request fail a hook gets the first failure
+logged with its traceback, then one line per interval counting the rest (``relay.HOOK_ERRORS``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
+from collections.abc import Iterator
 from typing import Any
 
 import anthropic
 import openai
 import pytest
 
+from proxy import relay
 from proxy.context import RequestContext, StreamEvent
+from proxy.failurelog import ErrorLog
 from proxy.hookspecs import hookimpl
 from tests.conftest import Gw
 
@@ -25,6 +32,14 @@ CHAT = {"model": "gpt-5.4-mini", "messages": [{"role": "user", "content": PROMPT
 
 class Boom(RuntimeError):
     pass
+
+
+@pytest.fixture(autouse=True)
+def fresh_error_log(monkeypatch: pytest.MonkeyPatch) -> Iterator[ErrorLog]:
+    """Each test starts with no failure kind known (the log is the process's)."""
+    errors = ErrorLog(relay.log)
+    monkeypatch.setattr(relay, "HOOK_ERRORS", errors)
+    yield errors
 
 
 def boom_plugin(fail: set[str], calls: list[str]) -> type:
@@ -113,7 +128,8 @@ async def test_a_failing_hook_on_the_error_path_keeps_the_providers_error(
         "type": "error",
         "error": {"type": "not_found_error", "message": ainfo.value.body["error"]["message"]},  # type: ignore[index]
     }
-    assert len(failures(caplog, ainfo.value.response.headers["X-Request-Id"])) == 1
+    # the same plugin, hook and exception again within the interval: counted, not logged
+    assert not failures(caplog, ainfo.value.response.headers["X-Request-Id"])
 
     # no key at all: the 401 is shaped too
     async with gw.http.post(f"{gw.url}/v1/chat/completions", json=CHAT) as r:
@@ -173,3 +189,48 @@ async def test_a_failing_hook_in_a_stream_ends_it_with_an_error_event(
         stream = await gw.openai(key).chat.completions.create(**CHAT, stream=True)  # type: ignore[call-overload]
         async for _ in stream:
             pass
+
+
+async def test_a_flood_of_failing_requests_cannot_flood_the_log(
+    make_gateway: Any, caplog: pytest.LogCaptureFixture, fresh_error_log: ErrorLog
+) -> None:
+    """300 requests that each make a hook fail: the first is logged with its traceback and
+    request id, the rest are counted; after the interval one line gives their number and the
+    latest request id. No line carries the prompt or the key."""
+    fresh_error_log.every = 1.0
+    calls: list[str] = []
+    gw = await gateway(make_gateway, {"response_body"}, calls)
+    key = await gw.create_key()
+    caplog.set_level(logging.INFO, logger="tollway")
+    headers = {"Authorization": f"Bearer {key}"}
+
+    async def post() -> str:
+        async with gw.http.post(f"{gw.url}/v1/chat/completions", json=CHAT, headers=headers) as r:
+            assert r.status == 500 and (await r.json())["error"]["code"] == "internal_error"
+            return r.headers["X-Request-Id"]
+
+    ids = [await post()]
+    for _ in range(23):
+        ids += await asyncio.gather(*(post() for _ in range(13)))
+    assert len(ids) == 300 and calls.count("response_body") == 300
+    lines = [r for r in caplog.records if "plugin boom failed" in r.getMessage()]
+    assert len(lines) <= 2, [r.getMessage() for r in lines]  # 300 failures, a line or two
+    first = lines[0]
+    assert ids[0] in first.getMessage() and "response_body" in first.getMessage()
+    assert first.exc_info is not None and first.exc_info[0] is Boom
+
+    await asyncio.sleep(1.1)  # the interval ends: the next failure is a counting line
+    last = await post()
+    lines = [r for r in caplog.records if "plugin boom failed" in r.getMessage()]
+    assert len(lines) <= 3
+    periodic = lines[-1]
+    assert periodic.exc_info is None and last in periodic.getMessage()
+    assert "Boom again (" in periodic.getMessage()
+    # every one of the 301 failures has a line of its own or is counted in a later one
+    counted = [re.search(r"\((\d+) more since the last line", r.getMessage()) for r in lines[1:]]
+    assert sum(int(m.group(1)) for m in counted if m) + len(lines) == 301
+    for record in caplog.records:
+        text = record.getMessage()
+        if record.exc_info:
+            text += logging.Formatter().formatException(record.exc_info)
+        assert PROMPT not in text and key not in text

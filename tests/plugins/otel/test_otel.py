@@ -4,6 +4,8 @@ export requests with opentelemetry-proto) gets the spans of requests sent throug
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -19,8 +21,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from tests.conftest import Emulator, Gw, config_error, start_site
-from tests.procs import fresh_interpreter
+from tests.conftest import Emulator, Gw, config_error, free_port, start_site
+from tests.procs import fresh_interpreter, running, until
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -215,3 +217,308 @@ def test_sdk_not_imported_unless_enabled() -> None:
         "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))\n"
     )
     assert fresh_interpreter(script) == "[]"
+
+
+@pytest.mark.parametrize("parsed", [False, True], ids=["relayed-raw", "events-parsed"])
+async def test_openai_stream_has_finish_reasons_model_and_id(
+    make_gateway: Any, collector: tuple[Received, str], parsed: bool
+) -> None:
+    """Read from the one chunk ending the choice, whether the relay passes the stream on
+    unparsed or parses every event (a cache recording a stream it may store)."""
+    got, endpoint = collector
+    cache = [{"name": "cache", "config": {"key": "a" * 64, "default_ttl": "1h"}}]
+    gw: Gw = await make_gateway(chain(endpoint) + (cache if parsed else []))
+    client = gw.openai(await gw.create_key())
+    stream = await client.chat.completions.create(
+        model="gpt-5.4-mini", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    chunks = [c async for c in stream]
+    reasons = [ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason]
+    assert reasons
+    await got.wait(3)
+    a = attrs(got.named("chat gpt-5.4-mini"))
+    assert a["gen_ai.response.finish_reasons"] == reasons
+    assert a["gen_ai.response.id"] == chunks[-1].id
+    assert a["gen_ai.response.model"] == chunks[-1].model
+
+
+async def test_anthropic_stream_has_stop_reason_model_and_id(
+    make_gateway: Any, collector: tuple[Received, str]
+) -> None:
+    got, endpoint = collector
+    gw: Gw = await make_gateway(chain(endpoint))
+    client = gw.anthropic(await gw.create_key())
+    async with client.messages.stream(
+        model="claude-sonnet", max_tokens=64, messages=[{"role": "user", "content": "hi"}]
+    ) as stream:
+        final = await stream.get_final_message()
+    await got.wait(3)
+    a = attrs(got.named("chat claude-sonnet"))
+    assert final.stop_reason is not None
+    assert a["gen_ai.response.finish_reasons"] == [final.stop_reason]
+    assert a["gen_ai.response.id"] == final.id
+    assert a["gen_ai.response.model"] == final.model
+
+
+def children(got: Received, parent: Span, name: str) -> list[Span]:
+    return [s for s in got.spans if s.name == name and s.parent_span_id == parent.span_id]
+
+
+async def test_cache_lookup_and_retries_are_child_spans(
+    make_gateway: Any, collector: tuple[Received, str]
+) -> None:
+    """Phases recorded by a plugin (the cache's lookup) and by the core (a provider try that
+    was retried) become INTERNAL children of the request span, with their own times."""
+    got, endpoint = collector
+    cache = {"name": "cache", "config": {"key": "a" * 64, "default_ttl": "1h"}}
+    gw: Gw = await make_gateway([*chain(endpoint), cache])
+    client = gw.openai(await gw.create_key())
+    ask: dict[str, Any] = {
+        "model": "gpt-5.4-mini",
+        "messages": [{"role": "user", "content": "cache me"}],
+    }
+    await client.chat.completions.create(
+        **ask,
+        extra_headers={
+            "x-emulator-fail-times": "1",
+            "x-emulator-key": f"otel-retry-{time.time()}",
+            "x-emulator-status": "503",
+        },
+    )
+    await client.chat.completions.create(**ask)
+    await got.wait(6)  # 2 requests, 1 provider call, 2 lookups, 1 retried try
+    first, second = sorted(
+        (s for s in got.spans if s.kind == Span.SPAN_KIND_SERVER),
+        key=lambda s: s.start_time_unix_nano,
+    )
+    assert attrs(first)["tollway.cache"] == "miss" and attrs(second)["tollway.cache"] == "hit"
+    for span, outcome in ((first, "miss"), (second, "hit")):
+        (lookup,) = children(got, span, "cache.lookup")
+        assert lookup.kind == Span.SPAN_KIND_INTERNAL
+        assert attrs(lookup) == {"tollway.cache": outcome}
+        assert span.start_time_unix_nano <= lookup.start_time_unix_nano
+        assert lookup.start_time_unix_nano <= lookup.end_time_unix_nano
+        assert lookup.end_time_unix_nano <= span.end_time_unix_nano
+    (tried,) = children(got, first, "upstream.try")
+    t = attrs(tried)
+    assert t["http.response.status_code"] == 503 and t["tollway.attempt"] == 1
+    assert t["error.type"] == "503" and t["tollway.provider"] == "openai"
+    assert tried.status.code == tried.status.STATUS_CODE_ERROR
+    call = got.named("chat gpt-5.4-mini", Span.SPAN_KIND_CLIENT)
+    assert attrs(call)["tollway.retries"] == 1
+    assert tried.end_time_unix_nano <= call.end_time_unix_nano
+    assert not children(got, second, "upstream.try")
+
+
+async def test_limits_queue_wait_is_a_child_span(
+    make_gateway: Any, collector: tuple[Received, str]
+) -> None:
+    """With one upstream slot, the second of two concurrent requests waits for it: that
+    wait, and only it, is a ``limits.queue`` span as long as the first request's call."""
+    got, endpoint = collector
+    limits = {"name": "limits", "config": {"global": {"concurrent_requests": 1}}}
+    gw: Gw = await make_gateway([chain(endpoint)[0], limits, *chain(endpoint)[1:]])
+    client = gw.openai(await gw.create_key())
+    slow = {"x-emulator-latency-ms": "300"}
+    await asyncio.gather(
+        *(
+            client.chat.completions.create(
+                model="gpt-5.4-mini",
+                messages=[{"role": "user", "content": f"hi {i}"}],
+                extra_headers=slow,
+            )
+            for i in range(2)
+        )
+    )
+    await got.wait(5)
+    (queued,) = [s for s in got.spans if s.name == "limits.queue"]
+    assert attrs(queued) == {"tollway.admitted": True}
+    waited_ms = (queued.end_time_unix_nano - queued.start_time_unix_nano) / 1e6
+    assert waited_ms >= 250
+    parent = next(s for s in got.spans if s.span_id == queued.parent_span_id)
+    assert parent.kind == Span.SPAN_KIND_SERVER
+
+
+async def test_unsampled_trace_is_propagated_not_exported(
+    make_gateway: Any, collector: tuple[Received, str], emulator: Emulator
+) -> None:
+    """A client's unsampled traceparent is passed on (flag 00, a new parent id) and nothing
+    is exported; with sample_ratio 0 a new trace is propagated unsampled too."""
+    got, endpoint = collector
+    gw: Gw = await make_gateway(chain(endpoint, sample_ratio=0.0))
+    client = gw.openai(await gw.create_key())
+    ask: dict[str, Any] = {"model": "gpt-5.4-mini", "messages": [{"role": "user", "content": "hi"}]}
+    await client.chat.completions.create(
+        **ask,
+        extra_headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-00"},
+    )
+    version, trace, parent, flags = (await emulator.last())["headers"]["traceparent"].split("-")
+    assert (version, trace, flags) == ("00", TRACE_ID, "00") and parent != PARENT_ID
+    await client.chat.completions.create(**ask)
+    version, trace, parent, flags = (await emulator.last())["headers"]["traceparent"].split("-")
+    assert trace != TRACE_ID and len(trace) == 32 and flags == "00"
+    # a sampled client trace is still followed at ratio 0 (ParentBased)
+    await client.chat.completions.create(
+        **ask,
+        extra_headers={"traceparent": TRACEPARENT},
+    )
+    spans = await got.wait(2)
+    await asyncio.sleep(0.3)  # the unsampled requests' spans would have come by now
+    assert len(spans) == 2 and {s.trace_id.hex() for s in spans} == {TRACE_ID}
+
+
+async def test_translated_stream_has_the_providers_stop_reason(
+    make_gateway: Any, collector: tuple[Received, str]
+) -> None:
+    """An OpenAI client streaming a Claude model: the reason is the provider's own."""
+    got, endpoint = collector
+    gw: Gw = await make_gateway(chain(endpoint))
+    client = gw.openai(await gw.create_key())
+    stream = await client.chat.completions.create(
+        model="claude-sonnet", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    reasons = [ch.finish_reason async for c in stream for ch in c.choices if ch.finish_reason]
+    assert reasons == ["stop"]
+    await got.wait(3)
+    a = attrs(got.named("chat claude-sonnet"))
+    assert a["gen_ai.response.finish_reasons"] == ["end_turn"]
+    assert a["gen_ai.response.model"] == "claude-sonnet-5"
+    assert a["gen_ai.response.id"].startswith("msg_")
+
+
+async def test_grpc_export_reaches_a_trace_service_with_its_metadata(
+    make_gateway: Any, emulator: Emulator
+) -> None:
+    """``protocol: grpc``: a real OTLP/gRPC receiver process (grpcio serving the TraceService
+    of opentelemetry-proto) decodes the spans; the configured headers arrive as metadata."""
+    port = free_port()
+    receiver = [sys.executable, "-m", "tests.plugins.otel.grpc_receiver", str(port)]
+    with running(receiver, "listening on") as proc:
+        headers = {"X-Collector-Key": "grpc-secret"}
+        grpc = chain(f"http://127.0.0.1:{port}", protocol="grpc", headers=headers)
+        gw: Gw = await make_gateway(grpc)
+        client = gw.openai(await gw.create_key())
+        reply = await client.chat.completions.create(
+            model="gpt-5.4-mini",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=20,
+            extra_headers={"traceparent": TRACEPARENT},
+        )
+
+        def spans() -> list[dict[str, Any]]:
+            return [
+                json.loads(line[5:]) for line in proc.text().splitlines() if line[:5] == "SPAN "
+            ]
+
+        await until(lambda: len(spans()) >= 2, what=lambda: proc.tail())
+    server, call = sorted(spans(), key=lambda s: s["kind"])  # SERVER (2) before CLIENT (3)
+    assert server["name"] == "chat gpt-5.4-mini" and server["kind"] == Span.SPAN_KIND_SERVER
+    assert server["trace_id"] == call["trace_id"] == TRACE_ID
+    assert server["parent_span_id"] == PARENT_ID and call["parent_span_id"] == server["span_id"]
+    a = server["attributes"]
+    assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.provider.name"] == "openai"
+    assert a["gen_ai.request.model"] == "gpt-5.4-mini" and a["gen_ai.request.max_tokens"] == 20
+    assert a["gen_ai.response.model"] == reply.model
+    assert reply.usage is not None
+    assert a["gen_ai.usage.output_tokens"] == reply.usage.completion_tokens
+    assert server["service"] == "tollway"
+    assert server["metadata"]["x-collector-key"] == "grpc-secret"
+
+
+def test_protocol_is_checked() -> None:
+    err = config_error("otel", "{protocol: thrift}")
+    assert "chain[0] (otel).config.protocol" in err and "grpc" in err
+
+
+def test_encoder_writes_what_the_sdk_encoder_writes() -> None:
+    """The direct protobuf encoder against the SDK's own, decoded and compared field by
+    field: every attribute type, events, a remote parent with tracestate, error statuses."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import Event, ReadableSpan
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+    from opentelemetry.trace import (
+        SpanContext,
+        SpanKind,
+        Status,
+        StatusCode,
+        TraceFlags,
+        TraceState,
+    )
+
+    from plugins.otel.export import Encoder
+
+    resource = Resource.create({"service.name": "tollway"})
+    scope = InstrumentationScope("tollway")
+    sampled = TraceFlags(TraceFlags.SAMPLED)
+    state = TraceState([("vendor", "opaque-1")])
+    remote = SpanContext(2**127 + 5, 2**63 + 7, True, sampled, state)
+    spans = []
+    for i, kind in enumerate([SpanKind.SERVER, SpanKind.CLIENT, SpanKind.INTERNAL] * 2):
+        attrs: dict[str, Any] = {
+            "s": "naïve ✓ text",
+            "empty": "",
+            "yes": True,
+            "no": False,
+            "one": 1,  # equal to True as a dict key: must stay an int
+            "big": 2**62,
+            "negative": -42,
+            "f": 0.125 * i,
+            "reasons": ["stop", "length"],
+            "ints": [1, -2],
+            "i": i,
+        }
+        spans.append(
+            ReadableSpan(
+                f"span {i} ✓",
+                context=SpanContext(remote.trace_id, 1000 + i, False, sampled, state),
+                parent=remote if i % 3 == 0 else SpanContext(remote.trace_id, 999, False),
+                resource=resource,
+                attributes=attrs,
+                events=(Event("first_byte", None, 1_700_000_000_000_000_001 + i),)
+                + ((Event("fallback", {"tollway.provider": "b"}, 5),) if i == 1 else ()),
+                kind=kind,
+                status=(
+                    Status(StatusCode.ERROR, "upstream_503")
+                    if i == 1
+                    else Status(StatusCode.ERROR)
+                    if i == 2
+                    else Status(StatusCode.UNSET)
+                ),
+                start_time=1_700_000_000_000_000_000 + i,
+                end_time=1_700_000_000_500_000_000 + i,
+                instrumentation_scope=scope,
+            )
+        )
+    ours = ExportTraceServiceRequest.FromString(Encoder(resource, "tollway").encode(spans))
+    theirs = ExportTraceServiceRequest.FromString(encode_spans(spans).SerializeToString())
+    assert ours == theirs
+    assert len(ours.resource_spans[0].scope_spans[0].spans) == 6
+
+
+async def test_export_is_retried_when_the_collector_is_unavailable(
+    make_gateway: Any,
+) -> None:
+    """A 503 from the collector is retried (in the exporter's thread): the spans arrive."""
+    got = Received()
+    answers = [503]
+
+    async def handle(request: web.Request) -> web.Response:
+        if answers:
+            await request.read()
+            return web.Response(status=answers.pop())
+        return await got.handle(request)
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", handle)
+    runner, url = await start_site(app)
+    try:
+        gw: Gw = await make_gateway(chain(f"{url}/v1/traces"))
+        client = gw.openai(await gw.create_key())
+        await client.chat.completions.create(
+            model="gpt-5.4-mini", messages=[{"role": "user", "content": "hi"}]
+        )
+        await got.wait(2)
+        assert not answers
+    finally:
+        await runner.cleanup()
