@@ -239,17 +239,40 @@ def _openai_end(ctx: RequestContext, chunk: Any) -> None:
                 ctx.response_id = rid
 
 
-def _openai_raw_end(ctx: RequestContext, data: bytes) -> None:
-    """``_openai_end`` for an unparsed chunk: every chunk says ``"finish_reason": null`` but
-    the one ending a choice, so a substring test spares parsing all the others."""
-    i = data.find(b'"finish_reason"')
-    if i < 0 or data[i + 15 : i + 24].lstrip(b": ").startswith(b"null"):
-        return
-    try:
-        chunk = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return
-    _openai_end(ctx, chunk)
+_END_BYTES = 4096
+"""Bytes per choice searched for the finish chunks at the end of an unparsed stream."""
+
+
+def _raw_ends(ctx: RequestContext, reads: tuple[bytes, ...]) -> None:
+    """The finish reasons, model and id of an unparsed OpenAI stream, from its last reads.
+
+    Each choice's final chunk follows its content, then only the usage chunk and ``[DONE]``
+    come, so they are in the last reads even of a stream paced one event per read. Only their
+    last ``_END_BYTES`` per choice are searched, from the end, in C (``rfind``), stopping at
+    the first ``"finish_reason": null``: an unpaced stream arrives in a few large reads, and
+    looking at each of its lines (or all its bytes) cost a relayed stream 3-10 % more
+    instructions. A final chunk longer than that, or with several choices one that ended
+    before another's last content, is missed: finish reasons are for traces, not billing.
+    """
+    n = ctx.body.get("n")
+    window = _END_BYTES * (n if isinstance(n, int) and 1 <= n <= 16 else 1)
+    tail = b"".join([r[-window:] for r in reads])[-window:]
+    found: list[bytes] = []
+    end = len(tail)
+    while (i := tail.rfind(b'"finish_reason"', 0, end)) >= 0:
+        if tail[i + 15 : i + 24].lstrip(b": ").startswith(b"null"):
+            break
+        start = tail.rfind(b"\n", 0, i) + 1
+        stop = tail.find(b"\n", i)
+        found.append(tail[start : stop if stop >= 0 else len(tail)])
+        end = start
+    for line in reversed(found):
+        if line.startswith(b"data:"):
+            try:
+                chunk = orjson.loads(line[5:])
+            except orjson.JSONDecodeError:  # cut at the start of ``tail``
+                continue
+            _openai_end(ctx, chunk)
 
 
 async def relay_body(
@@ -351,6 +374,7 @@ class _StreamState(responses_api.ResponsesEvents):
         "to_chat",
         "to_messages",
         "to_responses",
+        "unparsed_openai",
         "wants_usage",
     )
 
@@ -377,6 +401,15 @@ class _StreamState(responses_api.ResponsesEvents):
         )
         self.to_responses = (  # /v1/responses on a translated route: chat -> Responses events
             self.responses_translator(ctx, route) if ctx.endpoint == "responses" else None
+        )
+        # OpenAI events relayed as they came (``process``'s last branch): no event is parsed
+        # for its finish reason; ``_raw_ends`` reads the last reads once the stream ended
+        self.unparsed_openai = (
+            not self.hooks
+            and route.kind != "anthropic"
+            and self.to_messages is None
+            and self.to_responses is None
+            and ctx.endpoint != "responses"
         )
 
     def _emit(self, data: Any, name: str | None, out: list[bytes], withhold: bool = False) -> None:
@@ -460,7 +493,6 @@ class _StreamState(responses_api.ResponsesEvents):
                         self._emit(obj, name, out, withhold=True)
                         return
             else:
-                _openai_raw_end(ctx, data)
                 tokens = openai_chunk_tokens(data)
                 if tokens is not None:
                     _set_usage(ctx, tokens)
@@ -499,8 +531,12 @@ async def relay_stream(
     splitter = sse.EventSplitter()
     frames: list[bytes] = []
     held: list[bytes] = []  # the terminal event, sent after response_complete
+    # the last four reads: an unparsed stream's finish reasons are there (locals: each read
+    # costs a few instructions, where even a substring test per event cost ~6 % of a stream)
+    r3 = r2 = r1 = b""
     try:
         async for chunk in resp.chunks:
+            r3, r2, r1 = r2, r1, chunk
             for raw in splitter.feed(chunk):
                 process(raw, frames)
             if held:  # anything after a terminal event: it was not the end after all
@@ -527,6 +563,8 @@ async def relay_stream(
             )
         if state.to_chat is not None and state.to_responses is None:
             frames.append(sse.frame(sse.DONE))
+        if state.unparsed_openai:
+            _raw_ends(ctx, (r3, r2, r1))
         frames[:0] = held
         if chain.response_complete:
             await _complete(chain, ctx)

@@ -230,11 +230,16 @@ async def test_openai_stream_has_finish_reasons_model_and_id(
     gw: Gw = await make_gateway(chain(endpoint) + (cache if parsed else []))
     client = gw.openai(await gw.create_key())
     stream = await client.chat.completions.create(
-        model="gpt-5.4-mini", messages=[{"role": "user", "content": "hi"}], stream=True
+        model="gpt-5.4-mini",
+        messages=[{"role": "user", "content": "hi " * 50}],
+        max_tokens=300,
+        stream=True,
+        stream_options={"include_usage": True},  # the finish chunk is not the last one
+        extra_headers={"x-emulator-chunk-delay-ms": "2"},  # each event a read of its own
     )
     chunks = [c async for c in stream]
     reasons = [ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason]
-    assert reasons
+    assert reasons and len(chunks) > 20
     await got.wait(3)
     a = attrs(got.named("chat gpt-5.4-mini"))
     assert a["gen_ai.response.finish_reasons"] == reasons
