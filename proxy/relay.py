@@ -240,22 +240,22 @@ def _openai_end(ctx: RequestContext, chunk: Any) -> None:
 
 
 _END_BYTES = 4096
-"""Bytes per choice searched for the finish chunks at the end of an unparsed stream."""
+"""Bytes searched for the finish chunk at the end of an unparsed stream."""
 
 
 def _raw_ends(ctx: RequestContext, reads: tuple[bytes, ...]) -> None:
     """The finish reasons, model and id of an unparsed OpenAI stream, from its last reads.
 
-    Each choice's final chunk follows its content, then only the usage chunk and ``[DONE]``
+    The choice's final chunk follows its content, then only the usage chunk and ``[DONE]``
     come, so they are in the last reads even of a stream paced one event per read. Only their
-    last ``_END_BYTES`` per choice are searched, from the end, in C (``rfind``), stopping at
-    the first ``"finish_reason": null``: an unpaced stream arrives in a few large reads, and
-    looking at each of its lines (or all its bytes) cost a relayed stream 3-10 % more
-    instructions. A final chunk longer than that, or with several choices one that ended
-    before another's last content, is missed: finish reasons are for traces, not billing.
+    last ``_END_BYTES`` are searched, from the end, in C (``rfind``), stopping at the first
+    ``"finish_reason": null``: an unpaced stream arrives in a few large reads, and looking at
+    each of its lines (or all its bytes) cost a relayed stream 3-10 % more instructions. A
+    final chunk longer than that is missed: finish reasons are for traces, not billing. A
+    request for several choices (``n``) is read per event instead (``_StreamState.
+    process_choices``): one choice may end long before the others' last content.
     """
-    n = ctx.body.get("n")
-    window = _END_BYTES * (n if isinstance(n, int) and 1 <= n <= 16 else 1)
+    window = _END_BYTES
     tail = b"".join([r[-window:] for r in reads])[-window:]
     found: list[bytes] = []
     end = len(tail)
@@ -430,6 +430,18 @@ class _StreamState(responses_api.ResponsesEvents):
         if not withhold:
             out.append(sse.frame_json(data, name))
 
+    def process_choices(self, raw: bytes, out: list[bytes]) -> None:
+        """``process``, then the finish reason of an unparsed event that ends a choice: a
+        stream of several choices (``n``) may end one long before its last reads, where
+        ``_raw_ends`` looks. Chosen per stream, so a stream of one choice pays nothing."""
+        self.process(raw, out)
+        i = raw.find(b'"finish_reason"')
+        if i >= 0 and not raw[i + 15 : i + 24].lstrip(b": ").startswith(b"null"):
+            try:
+                _openai_end(self.ctx, orjson.loads(sse.parse_event(raw)[1]))
+            except orjson.JSONDecodeError:  # relayed as it came; a trace detail is all it costs
+                pass
+
     def process(self, raw: bytes, out: list[bytes]) -> None:
         """Turn one provider event into zero or more client frames appended to ``out``."""
         name, data = sse.parse_event(raw)
@@ -528,6 +540,9 @@ async def relay_stream(
     await out.prepare(ctx.request)
     state = _StreamState(chain, ctx, route, wants_usage)
     process = state.process_responses if ctx.endpoint == "responses" else state.process
+    if state.unparsed_openai and ctx.body.get("n") not in (None, 1):
+        state.unparsed_openai = False  # several choices: each one's end read as it passes
+        process = state.process_choices
     splitter = sse.EventSplitter()
     frames: list[bytes] = []
     held: list[bytes] = []  # the terminal event, sent after response_complete

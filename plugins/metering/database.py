@@ -237,10 +237,13 @@ ORDER BY p.month;
 
 _COLUMNS = ", ".join(f"'{k}': '{v}'" for k, v in SPOOL_COLUMNS.items())
 # a segment's rows as usage rows, read once into a temporary table: usage and the rollups are
-# inserted from it (reading the JSON again would cost as much as the insert)
+# inserted from it (reading the JSON again would cost as much as the insert). A row whose time
+# is missing, not a number or outside years 1970-9999 (a segment written by hand or damaged)
+# takes the load's time: failing the whole segment would hold back every row after it
 _STAGE = f"""
 CREATE TEMP TABLE {rollups.STAGE} AS
-SELECT make_timestamp(CAST(ts * 1000000 AS BIGINT)) AS ts, request_id,
+SELECT make_timestamp(CAST(coalesce(CASE WHEN ts >= 0 AND ts < 253402300800 THEN ts END,
+                                     epoch(now())) * 1000000 AS BIGINT)) AS ts, request_id,
        coalesce(final, true) AS final, user_id,
        key_id, tier, feature, endpoint, provider, model, upstream_model, stream, status,
        error_code, cache, input_tokens, output_tokens, usage_estimated, latency_ms,

@@ -77,14 +77,14 @@ SELECT sum(requests) FILTER (WHERE day = $today),
        coalesce(sum(errors), 0), coalesce(sum(rate_limited), 0), coalesce(sum(cache_hits), 0),
        coalesce(sum(cache_lookups), 0), coalesce(sum(unpriced), 0),
        sum(latency_ms_sum), sum(latency_count)
-FROM usage_days WHERE day >= $month
+FROM usage_days WHERE day >= $month AND day < $next
 """
 """Today's and this month's totals."""
 
 TOP_BY = """
 SELECT nullif({key}, '') AS {key}, sum(requests) AS requests,
        sum(revenue_usd) AS revenue_usd, sum(cost_usd) AS cost_usd
-FROM usage_days WHERE day >= $month
+FROM usage_days WHERE day >= $month AND day < $next
 GROUP BY ALL ORDER BY requests DESC, {key} LIMIT {top}
 """
 """This month's busiest features or models."""
@@ -93,7 +93,7 @@ USERS = f"""
 SELECT user_id, nullif(arg_max(tier, day), '') AS tier, sum(requests) AS requests,
        coalesce(sum(requests) FILTER (WHERE day = $today), 0) AS today_requests,
        sum(revenue_usd) AS revenue_usd, sum(cost_usd) AS cost_usd
-FROM user_days WHERE day >= $month
+FROM user_days WHERE day >= $month AND day < $next
 GROUP BY user_id ORDER BY requests DESC, user_id LIMIT {TOP}
 """
 """This month's top users, with their tier (of their latest day) and today's requests."""
@@ -101,7 +101,7 @@ GROUP BY user_id ORDER BY requests DESC, user_id LIMIT {TOP}
 MONTH_USERS = """
 WITH cur AS (
     SELECT user_id, arg_max(tier, day) AS tier, count(*) AS days
-    FROM user_days WHERE day >= $month GROUP BY user_id
+    FROM user_days WHERE day >= $month AND day < $next GROUP BY user_id
 ),
 prev AS (
     SELECT DISTINCT user_id FROM user_days WHERE day >= $previous AND day < $month
@@ -262,16 +262,19 @@ def compute(now: float, *, cur: duckdb.DuckDBPyConnection) -> Figures:
     today = _utc(now).date()
     month = _month_start(today)
     previous = _month_start(date.fromordinal(month.toordinal() - 1))
-    days = {"today": today, "month": month}
+    # rows of a later month (an instance whose clock runs ahead) wait for their month
+    following = _month_start(date.fromordinal(month.toordinal() + 31))
+    days = {"today": today, "month": month, "next": following}
+    this_month = {"month": month, "next": following}
     cur.execute("BEGIN TRANSACTION READ ONLY")
     try:
         windows = [_window(cur, name, step, points, now) for name, step, points in WINDOWS]
         totals = cur.execute(TOTALS, days).fetchone()
         assert totals is not None
-        features = _records(cur, TOP_BY.format(key="feature", top=TOP), {"month": month})
-        models = _records(cur, TOP_BY.format(key="model", top=TOP), {"month": month})
+        features = _records(cur, TOP_BY.format(key="feature", top=TOP), this_month)
+        models = _records(cur, TOP_BY.format(key="model", top=TOP), this_month)
         users = _records(cur, USERS, days)
-        month_users = cur.execute(MONTH_USERS, {"month": month, "previous": previous}).fetchone()
+        month_users = cur.execute(MONTH_USERS, {**this_month, "previous": previous}).fetchone()
         assert month_users is not None
     finally:
         cur.execute("ROLLBACK")
@@ -396,6 +399,13 @@ class Dashboard:
         self._at = -math.inf
         self._lock = asyncio.Lock()
         self.computed = 0  # computations so far (the cache's effect is measurable)
+
+    async def forget(self) -> None:
+        """Drop the cached figures (a user was erased: the next poll must not show them);
+        after a computation under way, which may have read the user's rows."""
+        async with self._lock:
+            self._figures = None
+            self._at = -math.inf
 
     async def figures(self, store: UsageSource) -> Figures:
         """The cached figures, or new ones (pending rows loaded first). When the database

@@ -24,7 +24,9 @@ the default batch, ~1.5-2 µs more, as the fixed cost of six more statements is 
 rows).
 
 A primary key column cannot be NULL in DuckDB, so a missing endpoint, feature, model or tier is
-stored as ``''`` (a request refused before its model was known...). The error definition is
+stored as ``''`` (a request refused before its model was known...); so is a feature or model
+refused as unknown (``unknown_feature``, ``model_not_found``): the client chose that name, and
+counting each under its own key would let one client add a row here per request. The error definition is
 the kpis view's: status >= 500 or a provider error (``error_code LIKE 'upstream%'``).
 
 Latency percentiles come from the histogram: bucket ``b`` holds latencies in
@@ -117,8 +119,15 @@ _AGGREGATES = {
 }
 _USER_AGGREGATES = {k: _AGGREGATES[k] for k in ("requests", "answered", "revenue_usd", "cost_usd")}
 
-BUCKET = f"CAST(floor(ln(greatest(latency_ms, {LOW_MS}) / {LOW_MS}) / ln({RATIO})) AS SMALLINT)"
-"""The latency bucket of a usage row (SQL)."""
+HIGH_MS = 1e12
+"""Where the last bucket begins: a latency above it (or not finite: a segment written by hand)
+is counted there, since a bucket past SMALLINT would fail the whole segment's load."""
+
+BUCKET = (
+    f"CAST(floor(ln(least(greatest(latency_ms, {LOW_MS}), {HIGH_MS}) / {LOW_MS}) / ln({RATIO}))"
+    " AS SMALLINT)"
+)
+"""The latency bucket of a usage row (SQL); NaN is the greatest DOUBLE to least and greatest."""
 
 
 def bucket_ms(bucket: int) -> float:
@@ -129,6 +138,15 @@ def bucket_ms(bucket: int) -> float:
 MINUTES = "segment_minutes"
 """The temporary table of a load's rows counted per minute and key: ``usage_minutes`` and
 ``usage_days`` are both added from it (the days from its few rows, not the segment's many)."""
+
+
+_REFUSED_NAMES = {
+    "feature": "CASE WHEN error_code = 'unknown_feature' THEN '' ELSE coalesce(feature, '') END",
+    "model": "CASE WHEN error_code = 'model_not_found' THEN '' ELSE coalesce(model, '') END",
+}
+"""A feature or model refused as unknown is a name the client made up (any header or JSON
+string, up to the body's size, at no rate limit): counted under ``''``, as one key, so a client
+cannot grow the minute and day tables a row per request. ``usage`` keeps the name sent."""
 
 
 def _upsert(table: str, head: dict[str, str], sums: dict[str, str], source: str) -> str:
@@ -150,7 +168,7 @@ def statements(source: str, where: str = "") -> list[str]:
     minutes.
     """
     also = f"{where} AND" if where else "WHERE"
-    keys = {k: f"coalesce({k}, '')" for k in _KEYS}
+    keys = {k: f"coalesce({k}, '')" for k in _KEYS} | _REFUSED_NAMES
     minute = {"minute": "date_trunc('minute', ts)"} | keys
     head = ", ".join(f"{e} AS {c}" for c, e in minute.items())
     counts = ", ".join(f"{e} AS {c}" for c, e in _AGGREGATES.items())

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
 import time
 from typing import Any
 from urllib.parse import urlsplit
@@ -133,6 +134,8 @@ class Traces:
         self.processor = BatchSpanProcessor(
             exporter(config, self.resource, self.scope.name),
             max_queue_size=config.max_queue_size,
+            # the SDK's default batch (512) may not exceed the queue: a smaller queue is valid
+            max_export_batch_size=min(512, config.max_queue_size),
             schedule_delay_millis=config.schedule_delay * 1000,
             export_timeout_millis=config.export_timeout * 1000,
         )
@@ -143,8 +146,16 @@ class Traces:
         self.users: dict[str, str] = {}
 
     def shutdown(self) -> None:
-        """Export what is queued and stop the exporter's thread (blocking: run it off-loop)."""
-        self.processor.shutdown()
+        """Export what is queued and stop the exporter's thread, within ``export_timeout``
+        (blocking: run it off-loop).
+
+        The SDK's shutdown waits up to 30 s, one ``export_timeout`` per batch still queued
+        after the export under way: with a collector that hangs, a gateway stopping would wait
+        that long (past a usual 30 s grace period). It runs in a daemon thread, given
+        ``export_timeout``; what is not exported by then is dropped with the process."""
+        stop = threading.Thread(target=self.processor.shutdown, name="otel-shutdown", daemon=True)
+        stop.start()
+        stop.join(self.config.export_timeout)
 
     def begin(self, ctx: RequestContext) -> Trace:
         """The request's trace: the client's (its sampled flag followed) or a new one."""

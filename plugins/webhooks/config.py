@@ -118,6 +118,14 @@ class WebhooksConfig(BaseModel):
         "again within it is not sent again).",
     )
 
+    lease: Seconds = Field(
+        30.0,
+        ge=1,
+        description="With state.url: how long a delivery owed by one instance stays with it "
+        "without being renewed (every third of it) before a live instance takes it over "
+        "(the holder died).",
+    )
+
     @field_validator("endpoints")
     @classmethod
     def _unique(cls, v: list[Endpoint]) -> list[Endpoint]:

@@ -82,10 +82,10 @@ class Journal:
         self._prune(time.time())
 
     def _apply(self, rec: dict[str, Any]) -> None:
-        if "q" in rec:
+        if "q" in rec:  # after a settled line only when taken over from another instance
             key = rec["q"]
-            if key not in self.settled:
-                self.owed[key] = Owed(key, rec["ep"], rec["event"], float(rec["at"]))
+            self.settled.pop(key, None)
+            self.owed[key] = Owed(key, rec["ep"], rec["event"], float(rec["at"]))
         else:
             key = rec["d"]
             self.owed.pop(key, None)
@@ -96,6 +96,7 @@ class Journal:
         return key in self.owed or key in self.settled
 
     def queue(self, owed: Owed) -> None:
+        self.settled.pop(owed.key, None)
         self.owed[owed.key] = owed
         self._write({"q": owed.key, "ep": owed.endpoint, "event": owed.event, "at": owed.at})
 

@@ -16,6 +16,13 @@ The outbox outlives a policy reload (``proxy.resources``): the new chain's plugi
 new endpoints, and what is owed carries over (an endpoint keyed by its URL, so a changed secret
 signs the next attempt). A delivery whose endpoint a reload removed stays owed in the file and is
 attempted if the endpoint comes back.
+
+With Redis state (``state.url``) the claim mirrors each delivery into a shared outbox in Redis,
+leased to its holder (``plugins.webhooks.claims``): the upkeep task renews this instance's
+leases every third of ``lease``, removes what it settled, and takes over the deliveries whose
+lease ran out because their holder died, so what a dead instance owed is delivered by a live
+one, attempted at once and then on the same backoff, its attempts counted on from the dead
+instance's.
 """
 
 from __future__ import annotations
@@ -71,6 +78,12 @@ def payload(event: Event) -> dict[str, Any]:
     }
 
 
+def record(owed: Owed) -> bytes:
+    """A delivery as the shared outbox in Redis holds it (what another instance needs to
+    take it over)."""
+    return orjson.dumps({"ep": owed.endpoint, "event": owed.event, "at": owed.at})
+
+
 def retry_after(value: str | None, now: float) -> float | None:
     """Seconds from a ``Retry-After`` header (delta seconds or an HTTP date)."""
     if not value:
@@ -112,6 +125,7 @@ class Counters:
     retries: int = 0
     duplicates: int = 0
     dropped: int = 0
+    taken_over: int = 0
     per_endpoint: dict[str, EndpointStats] = field(default_factory=dict)
 
 
@@ -131,6 +145,9 @@ class Outbox:
         self._deliveries: dict[str, Delivery] = {}
         self._running: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
+        self._upkeep_task: asyncio.Task[None] | None = None
+        self._done: set[str] = set()
+        """Keys settled here whose mirror in Redis is still to be removed."""
         self._session: aiohttp.ClientSession | None = None
         self.configure(config)
 
@@ -179,6 +196,8 @@ class Outbox:
             with contextlib.suppress(Exception):  # unreachable: the watch re-seeds later
                 await self.reseed()
         self._task = asyncio.get_running_loop().create_task(self._run())
+        if self.claims is not None:
+            self._upkeep_task = asyncio.get_running_loop().create_task(self._upkeep())
         self._schedule_owed()
 
     async def reseed(self) -> None:
@@ -186,8 +205,50 @@ class Outbox:
         if self.claims is None:
             return
         held = [(k, at) for k, (at, how) in self.journal.settled.items() if how != "duplicate"]
-        held += [(k, time.time()) for k, d in self._deliveries.items() if d.claimed]
-        await self.claims.reseed(held)
+        mine = [(k, d) for k, d in self._deliveries.items() if d.claimed]
+        held += [(k, time.time()) for k, _ in mine]
+        await self.claims.reseed(held, [(k, record(d.owed)) for k, d in mine])
+
+    async def _upkeep(self) -> None:
+        """Distributed state only: every third of ``lease``, tell Redis what was settled,
+        renew the leases of what this instance holds, take over what a dead one held."""
+        assert self.claims is not None
+        claims = self.claims
+        while True:
+            await asyncio.sleep(claims.lease / 3)
+            if not claims.reachable:
+                continue  # nobody can take anything meanwhile; the watch reports the outage
+            try:
+                await self._keep_up(claims)
+            except Exception as e:
+                try:
+                    claims.failed(e)
+                except Exception:
+                    log.exception("webhooks: the shared outbox's upkeep failed")
+
+    async def _keep_up(self, claims: RedisClaims) -> None:
+        if self._done:
+            done = list(self._done)
+            await claims.done(done)
+            self._done.difference_update(done)
+        held = {k: d.attempts for k, d in self._deliveries.items() if d.claimed}
+        for key in await claims.renew(held):
+            # another instance took it (this one was too slow to renew): its delivery now
+            if self._deliveries.pop(key, None) is not None:
+                self.counters.duplicates += 1
+                self.journal.settle(key, "duplicate")
+                self._wake.set()
+        now = asyncio.get_running_loop().time()
+        for key, rec, attempts in await claims.take():
+            if key in self._deliveries:  # this instance's own lease, taken back
+                continue
+            data = orjson.loads(rec)
+            owed = Owed(key, data["ep"], data["event"], float(data["at"]))
+            self.journal.queue(owed)
+            self.counters.taken_over += 1
+            log.info("webhooks: took over a delivery of %s", data["event"]["kind"])
+            self._deliveries[key] = Delivery(owed, orjson.dumps(owed.event), attempts, True)
+            self._push(now, key)
 
     def _schedule_owed(self) -> None:
         now = asyncio.get_running_loop().time()
@@ -258,6 +319,8 @@ class Outbox:
     def _settle(self, delivery: Delivery, how: str) -> None:
         key = delivery.owed.key
         self._deliveries.pop(key, None)
+        if delivery.claimed:
+            self._done.add(key)
         self.journal.settle(key, how)
         self._wake.set()  # the worker writes the line
 
@@ -273,7 +336,7 @@ class Outbox:
             self._deliveries.pop(delivery.owed.key, None)
             return
         if self.claims is not None and not delivery.claimed:
-            won = await self.claims.claim(delivery.owed.key)
+            won = await self.claims.claim(delivery.owed.key, record(delivery.owed))
             if won is None:  # Redis unreachable: not an attempt, ask again later
                 self._push(loop.time() + self._backoff(1), delivery.owed.key)
                 return
@@ -355,6 +418,8 @@ class Outbox:
         """Stop the worker; attempts in flight get ``CLOSE_GRACE`` seconds; write the rest."""
         await tasks.stop(self._task, "the webhooks worker")
         self._task = None
+        await tasks.stop(self._upkeep_task, "the webhooks upkeep")
+        self._upkeep_task = None
         if self._running:
             _, late = await asyncio.wait(set(self._running), timeout=CLOSE_GRACE)
             for task in late:  # a claim talks to Redis: its cancel may need repeating
@@ -366,6 +431,9 @@ class Outbox:
             await self._session.close()
             self._session = None
         if self.claims is not None:
+            if self._done and self.claims.reachable:  # else another instance delivers again
+                with contextlib.suppress(Exception):
+                    await self.claims.done(list(self._done))
             await self.claims.close()
 
     def _intake_at_close(self) -> None:
@@ -390,6 +458,7 @@ class Outbox:
             "retries": c.retries,
             "duplicates": c.duplicates,
             "dropped": c.dropped,
+            "taken_over": c.taken_over,
             "endpoints": [
                 {
                     "url": e.shown,
@@ -442,6 +511,13 @@ class Outbox:
                 "Events not delivered again: already delivered, owed, or claimed by another "
                 "instance.",
                 c.duplicates,
+                (),
+            ),
+            "tollway_webhook_taken_over": (
+                "counter",
+                "Webhook deliveries taken over from an instance that stopped renewing their "
+                "lease (with state.url).",
+                c.taken_over,
                 (),
             ),
         }

@@ -51,7 +51,7 @@ class WebhooksPlugin:
         watch = resources.find(STATE_WATCH)
         if self.redis_url is not None:
             claims = RedisClaims(
-                self.redis_url, instance_id(self.state_dir), c.keep_delivered, watch
+                self.redis_url, instance_id(self.state_dir), c.keep_delivered, watch, c.lease
             )
         outbox = Outbox(c, Journal(path, c.keep_delivered), claims)
         if claims is not None and watch is not None:

@@ -80,6 +80,38 @@ async def test_forget_a_user(make_gateway: Any, emulator: Emulator, tmp_path: Pa
         }
 
 
+async def stats_users(gw: Gw) -> list[str]:
+    async with gw.http.get(f"{gw.url}/admin/stats", headers=ADMIN) as r:
+        assert r.status == 200
+        stats = await r.json()
+    (table,) = [t for t in stats["tables"] if t["name"] == "top_users"]
+    assert [u["user_id"] for u in stats["usage"]["top_users"]] == [
+        row["user_id"] for row in table["rows"]
+    ]
+    return [row["user_id"] for row in table["rows"]]
+
+
+async def test_a_forgotten_user_leaves_the_dashboard_at_once(
+    make_gateway: Any, tmp_path: Path
+) -> None:
+    """The dashboard's figures are computed once per few seconds for every poll: a user
+    forgotten in between is not shown from that cache afterwards."""
+    gw: Gw = await make_gateway(chain(tmp_path / "usage.duckdb"))
+    for user in ("ann", "bob"):
+        await ask(gw, await gw.create_key(user), f"{user} one")
+    assert sorted(await stats_users(gw)) == ["ann", "bob"]
+    async with gw.http.delete(f"{gw.url}/admin/users/ann/data", headers=ADMIN) as r:
+        assert r.status == 200
+    assert await stats_users(gw) == ["bob"]
+    assert await sql_rows(gw, "SELECT count(*) FROM user_days WHERE user_id = 'ann'") == [[0]]
+
+
+async def sql_rows(gw: Gw, query: str) -> list[list[Any]]:
+    async with gw.http.post(f"{gw.url}/admin/sql", json={"query": query}, headers=ADMIN) as r:
+        assert r.status == 200
+        return (await r.json())["rows"]  # type: ignore[no-any-return]
+
+
 async def test_usage_retention(make_gateway: Any, tmp_path: Path) -> None:
     gw: Gw = await make_gateway(chain(tmp_path / "usage.duckdb", retention="30d"))
     key = await gw.create_key("cy")

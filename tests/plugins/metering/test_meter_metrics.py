@@ -21,7 +21,8 @@ from tests.conftest import ADMIN_KEY, free_port, policy, policy_text, redis_bina
 from tests.procs import TOLLWAY, Proc, start_redis, stop_redis, until
 
 MSG = [{"role": "user", "content": "count me"}]
-BACKLOG = 60  # stream entries pushed at once: a few seconds of loading, several measurements
+BACKLOG = 200  # stream entries pushed at once: seconds of loading (a load per entry, 20 a
+# step, the backlog measured at most once a second after a step), several measurements
 OLD = 120.0  # seconds: how old the backlog's rows are
 
 

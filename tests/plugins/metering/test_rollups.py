@@ -83,7 +83,12 @@ COUNTS = """count(*), count(*) FILTER (WHERE status >= 500 OR error_code LIKE 'u
     count(latency_ms) FILTER (WHERE status < 400)"""
 STORED = """requests, errors, rate_limited, answered, cache_hits, cache_lookups, unpriced,
     input_tokens, output_tokens, revenue_usd, cost_usd, round(latency_ms_sum, 6), latency_count"""
-KEYS = "coalesce(endpoint, ''), coalesce(feature, ''), coalesce(model, ''), coalesce(tier, '')"
+KEYS = (  # a feature or model refused as unknown: the client's invention, under ''
+    "coalesce(endpoint, ''), "
+    "CASE WHEN error_code = 'unknown_feature' THEN '' ELSE coalesce(feature, '') END, "
+    "CASE WHEN error_code = 'model_not_found' THEN '' ELSE coalesce(model, '') END, "
+    "coalesce(tier, '')"
+)
 RAW = {
     "usage_minutes": (
         f"SELECT date_trunc('minute', ts), {KEYS}, {COUNTS} FROM usage GROUP BY ALL",
@@ -200,6 +205,63 @@ def test_erasure_and_retention_follow_into_the_rollups(loaded: tuple[UsageDB, Pa
     cut = datetime.fromtimestamp(cutoff, UTC).replace(tzinfo=None)
     assert row[0] == cut.replace(second=0, microsecond=0) and row[1] == cut.date()
     fresh.close()
+
+
+def test_a_latency_past_the_histogram_still_loads(tmp_path: Path) -> None:
+    """A latency too large for a bucket (or not finite: JSON as DuckDB reads it, NaN and
+    Infinity included) is counted in the last bucket, not a failure of the segment's load,
+    which would hold back every row after it (a stream chunk is retried for ever)."""
+    spool = tmp_path / "u.spool"
+    spool.mkdir()
+    db = UsageDB(tmp_path / "u.duckdb", spool_dir=spool)
+    rows = make_rows(20, 3, NOW - 600, NOW)
+    for r in rows:
+        r["status"], r["latency_ms"] = 200, 12.5
+    rows[1]["latency_ms"] = 1e308
+    lines = [orjson.dumps(r) for r in rows]
+    for i, value in ((2, b"NaN"), (3, b"Infinity")):
+        lines[i] = lines[i].replace(b'"latency_ms":12.5', b'"latency_ms":' + value)
+    segment = spool / "000000000001.jsonl"
+    segment.write_bytes(b"\n".join(lines) + b"\n")
+    assert db.ingest(segment, stream=True) == 20
+    assert not segment.exists()
+    odd = db.con.execute("SELECT count(*) FROM usage WHERE NOT isfinite(latency_ms)").fetchone()
+    assert odd == (2,)
+    (top,) = db.con.execute("SELECT max(bucket) FROM latency_minutes").fetchone() or (None,)
+    expected = math.floor(math.log(rollups.HIGH_MS / rollups.LOW_MS) / math.log(rollups.RATIO))
+    assert top == expected
+    counted = db.con.execute("SELECT sum(requests) FROM latency_minutes").fetchone()
+    assert counted == (20,)
+    db.close()
+
+
+def test_rows_of_a_later_month_wait_for_it(tmp_path: Path) -> None:
+    """An instance whose clock runs ahead writes rows dated next month: this month's figures
+    (totals, MRR, top tables, active users) leave them out, next month's count them."""
+    spool = tmp_path / "u.spool"
+    spool.mkdir()
+    db = UsageDB(tmp_path / "u.duckdb", spool_dir=spool)
+    now_rows = make_rows(50, 21, NOW - 3600, NOW)
+    ahead = make_rows(30, 22, NOW + 40 * 86400, NOW + 41 * 86400)
+    for r in ahead:
+        r["user_id"], r["tier"], r["feature"], r["model"] = "zed", "pro", "later", "m-later"
+    assert db.ingest(write_segment(spool, "000000000001.jsonl", now_rows + ahead)) == 80
+
+    def usage(at: float) -> dict[str, Any]:
+        fig = compute(at, cur=db.con.cursor())
+        return fig.sections["usage"]  # type: ignore[no-any-return]
+
+    this = usage(NOW)
+    assert this["business"]["requests"] == this["kpis"]["requests"] == 50
+    assert "zed" not in {u["user_id"] for u in this["top_users"]}
+    assert "later" not in {f["feature"] for f in this["top_features"]}
+    assert "m-later" not in {m["model"] for m in this["top_models"]}
+    users = {r["user_id"] for r in now_rows if r["user_id"] is not None}
+    assert this["business"]["active_users"] == len(users)
+    later = usage(NOW + 41 * 86400)
+    assert later["business"]["requests"] == 30
+    assert [u["user_id"] for u in later["top_users"]] == ["zed"]
+    db.close()
 
 
 def test_migration_9_builds_the_rollups_from_existing_rows(tmp_path: Path) -> None:
@@ -467,3 +529,28 @@ def test_ingest_cost_per_row_stays_reasonable(tmp_path: Path) -> None:
         best = min(best, (time.perf_counter() - t) / 20_000 * 1e6)
     db.close()
     assert best < 40, f"{best:.1f} µs a row"
+
+
+def test_a_row_without_a_usable_time_is_loaded_at_the_loads_time(tmp_path: Path) -> None:
+    """A missing, null, non-numeric or impossible ``ts`` (a damaged or hand-written segment)
+    must not fail the segment's load, which would hold back every row after it: the row is
+    kept, billed, and dated when it was loaded."""
+    spool = tmp_path / "u.spool"
+    spool.mkdir()
+    db = UsageDB(tmp_path / "u.duckdb", spool_dir=spool)
+    rows = make_rows(6, 5, NOW - 600, NOW)
+    del rows[1]["ts"]
+    rows[2]["ts"] = None
+    rows[3]["ts"] = "yesterday"
+    rows[4]["ts"] = 1e300
+    rows[5]["ts"] = -5.0
+    segment = write_segment(spool, "000000000001.jsonl", rows)
+    before = time.time()
+    assert db.ingest(segment) == 6
+    dated = db.con.execute("SELECT request_id, epoch(ts) FROM usage ORDER BY request_id").fetchall()
+    by_id = dict(dated)
+    assert abs(by_id[rows[0]["request_id"]] - rows[0]["ts"]) < 1e-3
+    for r in rows[1:]:
+        assert before - 5 <= by_id[r["request_id"]] <= time.time() + 5
+    assert_rollups_match(db.con)
+    db.close()

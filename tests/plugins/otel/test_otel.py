@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -21,6 +23,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
+from plugins.otel.plugin import OtelPlugin
 from tests.conftest import Emulator, Gw, config_error, free_port, start_site
 from tests.procs import fresh_interpreter, running, until
 
@@ -219,12 +222,14 @@ def test_sdk_not_imported_unless_enabled() -> None:
     assert fresh_interpreter(script) == "[]"
 
 
+@pytest.mark.parametrize("n", [1, 3], ids=["one-choice", "three-choices"])
 @pytest.mark.parametrize("parsed", [False, True], ids=["relayed-raw", "events-parsed"])
 async def test_openai_stream_has_finish_reasons_model_and_id(
-    make_gateway: Any, collector: tuple[Received, str], parsed: bool
+    make_gateway: Any, collector: tuple[Received, str], parsed: bool, n: int
 ) -> None:
-    """Read from the one chunk ending the choice, whether the relay passes the stream on
-    unparsed or parses every event (a cache recording a stream it may store)."""
+    """Read from the chunk ending each choice, whether the relay passes the stream on
+    unparsed or parses every event (a cache recording a stream it may store). With several
+    choices the first ones end long before the stream does."""
     got, endpoint = collector
     cache = [{"name": "cache", "config": {"key": "a" * 64, "default_ttl": "1h"}}]
     gw: Gw = await make_gateway(chain(endpoint) + (cache if parsed else []))
@@ -233,13 +238,14 @@ async def test_openai_stream_has_finish_reasons_model_and_id(
         model="gpt-5.4-mini",
         messages=[{"role": "user", "content": "hi " * 50}],
         max_tokens=300,
+        n=n,
         stream=True,
         stream_options={"include_usage": True},  # the finish chunk is not the last one
         extra_headers={"x-emulator-chunk-delay-ms": "2"},  # each event a read of its own
     )
     chunks = [c async for c in stream]
     reasons = [ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason]
-    assert reasons and len(chunks) > 20
+    assert len(reasons) == n and len(chunks) > 20 * n
     await got.wait(3)
     a = attrs(got.named("chat gpt-5.4-mini"))
     assert a["gen_ai.response.finish_reasons"] == reasons
@@ -527,3 +533,35 @@ async def test_export_is_retried_when_the_collector_is_unavailable(
         assert not answers
     finally:
         await runner.cleanup()
+
+
+async def test_a_hung_collector_costs_no_requests_logs_or_a_long_stop(
+    make_gateway: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A collector that accepts connections and never answers: requests are served at their
+    usual pace, the full queue (smaller than the SDK's default batch of 512, which is allowed)
+    drops spans with a log line or two, not one per request, and stopping the plugin waits at
+    most ``export_timeout`` (the SDK's own shutdown waits one per queued batch after the export
+    under way, up to 30 s)."""
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(64)  # never accepted: the exporter's POST waits for its timeout
+    try:
+        endpoint = f"http://127.0.0.1:{hung.getsockname()[1]}/v1/traces"
+        gw: Gw = await make_gateway(chain(endpoint, max_queue_size=8, export_timeout=1.0))
+        client = gw.openai(await gw.create_key())
+        caplog.set_level(logging.INFO)
+        started = time.monotonic()
+        for _ in range(40):
+            await client.chat.completions.create(
+                model="gpt-5.4-mini", messages=[{"role": "user", "content": "hi"}]
+            )
+        assert time.monotonic() - started < 5.0
+        lines = [r.getMessage() for r in caplog.records if not r.name.startswith("httpx")]
+        assert sum("dropping" in m for m in lines) <= 2, lines
+        (otel,) = [p for p in gw.gateway.runtime.chain.plugins if isinstance(p, OtelPlugin)]
+        started = time.monotonic()
+        await asyncio.to_thread(otel.traces.shutdown)  # as its lifespan ends
+        assert time.monotonic() - started < 1.5
+    finally:
+        hung.close()

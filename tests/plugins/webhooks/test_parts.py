@@ -107,3 +107,25 @@ async def test_journal_replays_skips_a_torn_line_and_compacts(
     old = Journal(path, keep=0.0)
     old.load()
     assert not old.settled
+
+
+async def test_journal_a_delivery_taken_over_after_losing_its_claim_is_owed(
+    tmp_path: Path,
+) -> None:
+    """This instance settled a delivery as a duplicate (another one claimed it), then took it
+    over when that one died: owed again, in memory and after a restart."""
+    path = tmp_path / "webhooks.jsonl"
+    j = Journal(path, keep=3600)
+    j.queue(Owed("k", "ep", {"id": "e"}, time.time()))
+    j.settle("k", "duplicate")
+    j.queue(Owed("k", "ep", {"id": "e"}, time.time()))  # taken over
+    await j.sync()
+    assert list(j.owed) == ["k"] and "k" not in j.settled
+    again = Journal(path, keep=3600)
+    again.load()
+    assert list(again.owed) == ["k"] and "k" not in again.settled
+    again.settle("k", "delivered")
+    await again.sync()
+    third = Journal(path, keep=3600)
+    third.load()
+    assert not third.owed and third.settled["k"][1] == "delivered"
