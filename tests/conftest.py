@@ -247,7 +247,7 @@ async def make_gateway(emulator: Emulator, tmp_path: Path) -> AsyncIterator[Call
         loaded = load_text(text, base=tmp_path, path=path)
         app = create_app(loaded, extra_plugins=extra_plugins)
         # the connection handling `tollway serve` uses: header deadline, JSON protocol errors
-        runner = GatewayRunner(
+        runner: web.AppRunner = GatewayRunner(
             app,
             handler_cancellation=True,
             access_log=None,

@@ -7,6 +7,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from proxy.policy import Seconds
+
 Protocol = Literal["http/protobuf", "grpc"]
 
 DEFAULT_ENDPOINTS: dict[Protocol, str] = {
@@ -41,15 +43,15 @@ class OtelConfig(BaseModel):
         le=1.0,
         description="Share of new traces recorded; a client's sampled traceparent is followed.",
     )
-    schedule_delay: float = Field(
-        5.0, gt=0, description="Seconds between exports of the batch of finished spans."
+    schedule_delay: Seconds = Field(
+        5.0, gt=0, description="Time between exports of the batch of finished spans (5s, 500ms)."
     )
     max_queue_size: int = Field(
         2048,
         ge=1,
         description="Finished spans kept waiting for export; beyond it they are dropped.",
     )
-    export_timeout: float = Field(10.0, gt=0, description="Seconds an export may take.")
+    export_timeout: Seconds = Field(10.0, gt=0, description="How long an export may take (10s).")
     user: Literal["none", "hash", "raw"] = Field(
         "hash",
         description="How the caller appears on spans (tollway.user): left out, a SHA-256 prefix "
