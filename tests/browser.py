@@ -28,6 +28,19 @@ import pytest
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+HEADLESS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
+"""A quiet headless Chromium: no GPU, no network of its own, nothing but the page."""
+
+
 def need_chromium() -> str:
     """The browser's path; skips the test without one (fails it when ``CI=true``)."""
     if CHROMIUM is None:
@@ -162,14 +175,7 @@ async def chromium(profile: Path) -> AsyncIterator[Page]:
     profile.mkdir(parents=True, exist_ok=True)
     proc = await asyncio.create_subprocess_exec(
         binary,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
+        *HEADLESS,
         "--remote-debugging-port=0",  # the port it took is written to DevToolsActivePort
         f"--user-data-dir={profile}",
         "about:blank",

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import html
-import os
 import re
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -18,11 +16,10 @@ import pytest
 from proxy.dashboard import scaling
 from proxy.figures import Card, Chart, Figures, Series
 from proxy.hookspecs import hookimpl
-from tests.browser import chromium, png_pixels
+from tests.browser import HEADLESS, chromium, need_chromium, png_pixels
 from tests.conftest import ADMIN_KEY, Gw
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def chain(db: Path) -> str:
@@ -35,20 +32,9 @@ def chain(db: Path) -> str:
 
 async def render(url: str, profile: Path) -> str:
     """The page's DOM after its script ran (Chromium's virtual time lets two polls happen)."""
-    if CHROMIUM is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI=true but no chromium (apt-get install chromium)")
-        pytest.skip("no chromium")
     proc = await asyncio.create_subprocess_exec(
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
+        need_chromium(),
+        *HEADLESS,
         f"--user-data-dir={profile}",
         "--virtual-time-budget=12000",  # two polls, five seconds apart
         "--dump-dom",
